@@ -1,0 +1,73 @@
+//! One connection's receive side: frames decoded in place from the receive buffer,
+//! checked as early as their header allows, and reassembled into messages.
+
+use super::codec::{Decoded, DecoderConfig, parse_header};
+use super::error::ProtocolError;
+use super::fragment::{Assembler, Event};
+use super::mask::unmask;
+
+/// The result of one step over the receive buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step<'a> {
+    /// A frame was consumed (`usize` bytes from the start of the buffer) and amounted to
+    /// this event.
+    Event(Event<'a>, usize),
+    /// The next frame is not all there: the buffer must hold at least `needed` bytes.
+    /// Its header, when present, has already been checked.
+    NeedMore {
+        /// Total bytes needed from the start of the buffer.
+        needed: u64,
+    },
+}
+
+/// Decodes frames and reassembles messages for one connection.
+#[derive(Debug)]
+pub struct Decoder {
+    cfg: DecoderConfig,
+    assembler: Assembler,
+}
+
+impl Decoder {
+    /// A decoder with this configuration.
+    pub fn new(cfg: DecoderConfig) -> Decoder {
+        Decoder {
+            cfg,
+            assembler: Assembler::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    /// The reassembler (to see whether a message is in progress, or release memory).
+    pub fn assembler_mut(&mut self) -> &mut Assembler {
+        &mut self.assembler
+    }
+
+    /// Decodes the frame at the start of `buf`, unmasking it in place. Returns the
+    /// error whose close code answers the peer as soon as the header shows it (a frame
+    /// over the size limit is refused before its payload arrives).
+    pub fn step<'a>(&'a mut self, buf: &'a mut [u8]) -> Result<Step<'a>, ProtocolError> {
+        let header = match parse_header(buf, &self.cfg)? {
+            Decoded::Complete(h, _) => h,
+            Decoded::Incomplete { needed } => return Ok(Step::NeedMore { needed }),
+        };
+        self.assembler
+            .check_header(&header, self.cfg.max_message_bytes)?;
+        let total = header.frame_len();
+        if (buf.len() as u64) < total {
+            return Ok(Step::NeedMore { needed: total });
+        }
+        let total = total as usize;
+        let payload = &mut buf[header.header_len..total];
+        if let Some(mask) = header.mask {
+            unmask(payload, mask, 0);
+        }
+        let event = self
+            .assembler
+            .push(&header, payload, self.cfg.max_message_bytes)?;
+        Ok(Step::Event(event, total))
+    }
+}
