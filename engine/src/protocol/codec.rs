@@ -450,7 +450,7 @@ mod tests {
     #[test]
     fn header_errors_and_their_close_codes() {
         let s = DecoderConfig::SERVER_DEFAULT;
-        let m = [0x80 | 0, 1, 2, 3, 4];
+        let m = [0x80u8, 1, 2, 3, 4];
         let cases: &[(&[u8], ProtocolError, u16)] = &[
             (&[0x81, 0x00], ProtocolError::UnmaskedFrame, 1002),
             (&[0xc1, m[0], 1, 2, 3, 4], ProtocolError::ReservedBits, 1002),
