@@ -2,7 +2,10 @@
 //!
 //! Today it holds the sans-I/O protocol core ([`protocol`]): the handshake, the frame
 //! codec, reassembly, UTF-8 and the closing handshake, as plain functions and state
-//! machines over bytes. The io_uring shards that drive it arrive with the engine issue.
+//! machines over bytes. Beside it sits the io_uring layer ([`uring`]): ring setup, provided
+//! buffer rings, sockets and completions, from which the shards will be built.
 #![deny(missing_docs)]
 
 pub mod protocol;
+pub mod route;
+pub mod uring;

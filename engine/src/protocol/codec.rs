@@ -298,6 +298,37 @@ pub fn encode_header(
     }
 }
 
+/// Writes a whole frame (header then payload) at the start of `dst`, masking the
+/// payload when `mask` is given, and returns its length; `None` if `dst` is too short.
+/// This is how a frame goes into a connection's pre-allocated send buffer. Bytes of
+/// `dst` after the frame may be overwritten (the header is copied as one fixed-size
+/// block).
+#[inline]
+pub fn encode_frame_to_slice(
+    dst: &mut [u8],
+    fin: bool,
+    rsv: u8,
+    opcode: OpCode,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+) -> Option<usize> {
+    let header = encode_header(fin, rsv, opcode, payload.len() as u64, mask);
+    let head = header.len as usize;
+    let total = head + payload.len();
+    if dst.len() < total {
+        return None;
+    }
+    match dst.get_mut(..MAX_HEADER_BYTES) {
+        Some(block) => block.copy_from_slice(&header.bytes),
+        None => dst[..head].copy_from_slice(header.as_bytes()),
+    }
+    dst[head..total].copy_from_slice(payload);
+    if let Some(m) = mask {
+        unmask(&mut dst[head..total], m, 0);
+    }
+    Some(total)
+}
+
 /// Appends a whole frame (header then payload) to `out`; masks the copy when `mask` is
 /// given. For payloads that should not be copied, use [`encode_header`] and send the
 /// payload as a second buffer.
@@ -310,8 +341,12 @@ pub fn encode_frame_into(
     mask: Option<[u8; 4]>,
 ) {
     let header = encode_header(fin, rsv, opcode, payload.len() as u64, mask);
-    out.reserve(header.as_bytes().len() + payload.len());
-    out.extend_from_slice(header.as_bytes());
+    out.reserve(MAX_HEADER_BYTES + payload.len());
+    // Copy all 14 header bytes (a fixed-size copy, two moves) and cut back, rather
+    // than a variable-length memcpy for 2 to 14 bytes.
+    let at = out.len();
+    out.extend_from_slice(&header.bytes);
+    out.truncate(at + header.len as usize);
     let start = out.len();
     out.extend_from_slice(payload);
     if let Some(m) = mask {
@@ -505,6 +540,32 @@ mod tests {
             err(&[0x81, 0x80, 1, 2, 3, 4], &CLIENT),
             ProtocolError::MaskedFrame
         );
+    }
+
+    #[test]
+    fn slice_encoding_equals_vec_encoding() {
+        for len in [0usize, 1, 12, 13, 125, 126, 65_535, 65_536] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            for mask in [None, Some([1, 2, 3, 4])] {
+                let mut want = Vec::new();
+                encode_frame_into(&mut want, true, 0, OpCode::Binary, &payload, mask);
+                let mut dst = vec![0xee; want.len() + 20];
+                let n = encode_frame_to_slice(&mut dst, true, 0, OpCode::Binary, &payload, mask);
+                assert_eq!(n, Some(want.len()));
+                assert_eq!(&dst[..want.len()], &want[..]);
+                let mut exact = vec![0; want.len()];
+                assert!(
+                    encode_frame_to_slice(&mut exact, true, 0, OpCode::Binary, &payload, mask)
+                        .is_some()
+                );
+                assert_eq!(exact, want);
+                let mut short = vec![0; want.len() - 1];
+                assert_eq!(
+                    encode_frame_to_slice(&mut short, true, 0, OpCode::Binary, &payload, mask),
+                    None
+                );
+            }
+        }
     }
 
     #[test]

@@ -189,11 +189,13 @@ pub fn validate_upgrade<'b>(req: &Request<'b>) -> Result<Upgrade<'b>, Rejection>
         return Err(Rejection::BadRequest("missing Host header"));
     }
     // A body on an upgrade has no meaning, and accepting one would let its bytes be
-    // read as frames: refuse it rather than guess (request smuggling).
+    // read as frames: refuse it rather than guess (request smuggling). Every
+    // Content-Length counts, not just the first: `0` then `5` is a body to a proxy that
+    // reads the second one.
     if req.header("transfer-encoding").is_some()
         || req
-            .header("content-length")
-            .is_some_and(|v| v.trim_ascii() != b"0")
+            .header_all("content-length")
+            .any(|v| v.trim_ascii() != b"0")
     {
         return Err(Rejection::BadRequest(
             "an upgrade request must not have a body",
@@ -415,6 +417,33 @@ mod tests {
             .is_ok()
         );
         assert!(check(&with("Origin", "Content-Length: 0\r\nOrigin")).is_ok());
+        assert!(
+            check(&with(
+                "Origin",
+                "Content-Length: 0\r\nContent-Length: 0\r\nOrigin"
+            ))
+            .is_ok()
+        );
+    }
+
+    // Found by the handshake fuzz target: only the first Content-Length was looked at,
+    // so `0` followed by `5` passed as a body-less upgrade.
+    #[test]
+    fn every_content_length_counts() {
+        for extra in [
+            "Content-Length: 0\r\nContent-Length: 5\r\n",
+            "content-length: 0\r\nContent-Length: 001\r\n",
+            "Content-Length: 0\r\nContent-Length:\r\n",
+        ] {
+            let raw = with("Origin", &format!("{extra}Origin"));
+            assert_eq!(
+                check(&raw),
+                Err(Rejection::BadRequest(
+                    "an upgrade request must not have a body"
+                )),
+                "{extra:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Unmasking client payloads (RFC 6455 section 5.3), in place.
 //!
-//! [`unmask`] is the fast path (16 bytes per step, which the compiler turns into SIMD
-//! loads and XORs); [`unmask_reference`] is the byte-by-byte definition that tests and
+//! [`unmask`] is the fast path (aligned 8-byte words, which the compiler unrolls into
+//! SIMD XORs: 16 bytes per instruction with the baseline x86-64 SSE2); [`unmask_reference`] is the byte-by-byte definition that tests and
 //! the fuzz target compare it with. Both take `offset`, the position of `buf[0]` within
 //! the payload, so that a payload can be unmasked in pieces as it arrives.
 
@@ -12,52 +12,32 @@ pub fn unmask_reference(buf: &mut [u8], mask: [u8; 4], offset: usize) {
     }
 }
 
-/// Unmasks `buf` in place, 16 bytes at a time; same result as [`unmask_reference`].
+/// Unmasks `buf` in place, a machine word at a time (which the compiler unrolls into
+/// SIMD XORs); same result as [`unmask_reference`].
 #[inline]
 pub fn unmask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
-    // Rotate the key so that it starts at buf[0]; from then on the pattern repeats
-    // every 4 bytes, so a 16-byte word is the key four times over.
-    let r = offset % 4;
-    let key = [
-        mask[r],
-        mask[(r + 1) % 4],
-        mask[(r + 2) % 4],
-        mask[(r + 3) % 4],
-    ];
     if buf.len() < 16 {
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b ^= key[i % 4];
-        }
+        unmask_reference(buf, mask, offset);
         return;
     }
-    let mut wide = [0u8; 16];
+    // SAFETY: `align_to_mut` splits the slice into an unaligned head, a middle of
+    // properly aligned u64 words and a tail, all within `buf`; every bit pattern is a
+    // valid u8 and a valid u64, so viewing the middle as words can create no invalid
+    // value, and the three parts do not overlap.
+    let (head, words, tail) = unsafe { buf.align_to_mut::<u64>() };
+    unmask_reference(head, mask, offset);
+    // The key starts the words where the head left off; 8-byte words keep the 4-byte
+    // key in phase, so the tail continues from the same point.
+    let phase = offset + head.len();
+    let mut wide = [0u8; 8];
     for (i, b) in wide.iter_mut().enumerate() {
-        *b = key[i % 4];
+        *b = mask[(phase + i) % 4];
     }
-    let key128 = u128::from_ne_bytes(wide);
-    let mut chunks = buf.chunks_exact_mut(64);
-    for chunk in &mut chunks {
-        for lane in chunk.chunks_exact_mut(16) {
-            xor16(lane, key128);
-        }
+    let key = u64::from_ne_bytes(wide);
+    for w in words.iter_mut() {
+        *w ^= key;
     }
-    let rest = chunks.into_remainder();
-    let mut lanes = rest.chunks_exact_mut(16);
-    for lane in &mut lanes {
-        xor16(lane, key128);
-    }
-    // Whole 16-byte lanes keep the key aligned, so the tail starts at key[0] again.
-    for (i, b) in lanes.into_remainder().iter_mut().enumerate() {
-        *b ^= key[i % 4];
-    }
-}
-
-#[inline(always)]
-fn xor16(lane: &mut [u8], key: u128) {
-    let mut word = [0u8; 16];
-    word.copy_from_slice(lane);
-    let x = u128::from_ne_bytes(word) ^ key;
-    lane.copy_from_slice(&x.to_ne_bytes());
+    unmask_reference(tail, mask, phase);
 }
 
 #[cfg(test)]

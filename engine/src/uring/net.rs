@@ -1,0 +1,208 @@
+//! Sockets as io_uring sees them: the listener each shard binds, and a connection's
+//! descriptor, which is either a plain fd or a direct descriptor (a slot in the ring's
+//! registered file table).
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use io_uring::{opcode, squeue, types};
+
+/// Binds a TCP listener with `SO_REUSEADDR` and `SO_REUSEPORT`, so that every shard can
+/// bind its own listener to the same address and the kernel spreads connections over
+/// them. The socket is blocking and close-on-exec; io_uring does not need `O_NONBLOCK`.
+pub fn bind_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    let domain = match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: socket(2) with constant arguments; the result is checked below.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    for option in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+        let one: libc::c_int = 1;
+        // SAFETY: the option value points to a live c_int of the size passed.
+        let res = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                std::ptr::from_ref(&one).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if res < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let (storage, len) = sockaddr_of(addr);
+    // SAFETY: `storage` holds a sockaddr of the family of the socket, `len` bytes long.
+    let res = unsafe { libc::bind(fd, std::ptr::from_ref(&storage).cast(), len) };
+    if res < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen(2) on our own bound socket.
+    if unsafe { libc::listen(fd, backlog) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpListener::from(owned))
+}
+
+fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe {
+                std::ptr::from_mut(&mut storage)
+                    .cast::<libc::sockaddr_in>()
+                    .write(sin)
+            };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe {
+                std::ptr::from_mut(&mut storage)
+                    .cast::<libc::sockaddr_in6>()
+                    .write(sin6)
+            };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// A multishot accept on `listener`. With `direct`, each accepted socket goes into a
+/// free slot of the ring's registered file table (`register_files_sparse`) and the
+/// completion's result is the slot; otherwise the result is a plain fd, opened
+/// close-on-exec.
+///
+/// A direct descriptor has no fd-table entry, so the kernel refuses `SOCK_CLOEXEC`
+/// with it: the request fails with `EINVAL` (seen on Linux 6.18).
+pub fn accept_multi(listener: RawFd, direct: bool) -> squeue::Entry {
+    let flags = if direct { 0 } else { libc::SOCK_CLOEXEC };
+    opcode::AcceptMulti::new(types::Fd(listener))
+        .allocate_file_index(direct)
+        .flags(flags)
+        .build()
+}
+
+/// A connection's descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Socket {
+    /// A plain file descriptor.
+    Fd(RawFd),
+    /// A direct descriptor: a slot in the ring's registered file table, valid only in
+    /// operations on that ring.
+    Fixed(u32),
+}
+
+impl Socket {
+    /// The socket accepted by a completion with result `res >= 0`.
+    pub fn accepted(res: i32, direct: bool) -> Socket {
+        debug_assert!(res >= 0);
+        if direct {
+            Socket::Fixed(res as u32)
+        } else {
+            Socket::Fd(res)
+        }
+    }
+
+    /// The fd or slot number, used as the connection's index.
+    pub fn index(self) -> u32 {
+        match self {
+            Socket::Fd(fd) => fd as u32,
+            Socket::Fixed(slot) => slot,
+        }
+    }
+
+    /// A multishot recv that takes buffers from group `bgid`.
+    pub fn recv_multi(self, bgid: u16) -> squeue::Entry {
+        match self {
+            Socket::Fd(fd) => opcode::RecvMulti::new(types::Fd(fd), bgid).build(),
+            Socket::Fixed(slot) => opcode::RecvMulti::new(types::Fixed(slot), bgid).build(),
+        }
+    }
+
+    /// A send of `len` bytes at `buf` (which must stay valid until the completion: see
+    /// [`super::Ring::push`]). `MSG_NOSIGNAL`: a peer that is gone yields `EPIPE`, not a
+    /// `SIGPIPE`.
+    pub fn send(self, buf: *const u8, len: u32) -> squeue::Entry {
+        let flags = libc::MSG_NOSIGNAL;
+        match self {
+            Socket::Fd(fd) => opcode::Send::new(types::Fd(fd), buf, len)
+                .flags(flags)
+                .build(),
+            Socket::Fixed(slot) => opcode::Send::new(types::Fixed(slot), buf, len)
+                .flags(flags)
+                .build(),
+        }
+    }
+
+    /// Closes the fd, or empties the slot of a direct descriptor.
+    pub fn close(self) -> squeue::Entry {
+        match self {
+            Socket::Fd(fd) => opcode::Close::new(types::Fd(fd)).build(),
+            Socket::Fixed(slot) => opcode::Close::new(types::Fixed(slot)).build(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_listeners_share_a_port() {
+        let first = bind_reuseport("127.0.0.1:0".parse().unwrap(), 16).expect("bind");
+        let addr = first.local_addr().expect("addr");
+        let second = bind_reuseport(addr, 16).expect("SO_REUSEPORT lets a second bind");
+        assert_eq!(second.local_addr().expect("addr"), addr);
+        std::net::TcpStream::connect(addr).expect("connect");
+    }
+
+    #[test]
+    fn binds_ipv6_loopback_when_available() {
+        match bind_reuseport("[::1]:0".parse().unwrap(), 16) {
+            Ok(listener) => assert!(listener.local_addr().expect("addr").is_ipv6()),
+            // Containers without IPv6 answer EADDRNOTAVAIL or EAFNOSUPPORT.
+            Err(err) => assert!(
+                matches!(
+                    err.raw_os_error(),
+                    Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+                ),
+                "{err}"
+            ),
+        }
+    }
+
+    #[test]
+    fn socket_index() {
+        assert_eq!(Socket::accepted(7, true), Socket::Fixed(7));
+        assert_eq!(Socket::accepted(7, false), Socket::Fd(7));
+        assert_eq!(Socket::Fixed(3).index(), 3);
+    }
+}
