@@ -6,6 +6,9 @@
 //! buffer rings, sockets and completions, from which the shards will be built.
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod protocol;
 pub mod route;
+pub mod session;
+pub mod gear;
 pub mod uring;

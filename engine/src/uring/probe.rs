@@ -225,6 +225,18 @@ pub fn probe() -> Result<Features, Unavailable> {
     })
 }
 
+/// The process's soft open-file limit (RLIMIT_NOFILE), which also bounds each ring's
+/// registered file table.
+pub fn open_file_limit() -> Option<usize> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct passed, which lives on this stack.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    ok.then_some(lim.rlim_cur as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

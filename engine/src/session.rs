@@ -1,0 +1,1174 @@
+//! One connection's websocket life, without I/O: bytes in, callbacks run, bytes out.
+//!
+//! The shard moves bytes between the socket and a `Session`; everything else is here:
+//! the upgrade, routing, `connect`/`init`, frames, pongs, the closing handshake in both
+//! directions, timeouts, the slow-consumer limit, panics in callbacks, and `terminate`
+//! exactly once. Time comes in as milliseconds on the shard's monotonic clock.
+//!
+//! Copies on the receive side: a frame that lies whole in the received bytes is
+//! unmasked in place and handed to the gear from there. Only the tail of a frame that
+//! continues in the next receive is copied, into `pending`, and processed from there
+//! once complete; fragmented messages are copied by the reassembler.
+
+use std::any::Any;
+use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use handler_api::{
+    CloseCode, Conn, ConnId, DataKind, Frame, FrameSink, RequestParts, TerminateError,
+    TerminateReason,
+};
+use tracing::{info, warn};
+
+use crate::gear::{App, LiveConn};
+use crate::protocol::ProtocolError;
+use crate::protocol::close::{Closing, PeerCloseAction, encode_close_payload};
+use crate::protocol::codec::{DecoderConfig, OpCode, Role, encode_frame_into};
+use crate::protocol::decoder::{Decoder, Step};
+use crate::protocol::fragment::Event;
+use crate::protocol::handshake::{
+    MAX_HEADERS, Rejection, parse_request, validate_upgrade, write_response,
+    write_switching_protocols,
+};
+
+/// The close reason sent to every connection on drain (SPEC section 3).
+pub const DRAIN_REASON: &str = "server shutting down; please reconnect";
+
+enum Phase {
+    /// Reading the upgrade request.
+    Handshake {
+        head: Vec<u8>,
+        deadline_ms: u64,
+        peer: Option<SocketAddr>,
+    },
+    /// The gear runs.
+    Open(Box<dyn LiveConn>),
+    /// `terminate` has run (or the gear never started): only the closing handshake and
+    /// flushing are left.
+    Done,
+}
+
+/// The part of a session that frame events act on (split from the decoder, which
+/// the events borrow).
+struct Core {
+    id: ConnId,
+    phase: Phase,
+    closing: Closing,
+    /// Frames encoded and not yet handed to the shard.
+    out: Vec<u8>,
+    /// The allocation of the last completed send, reused for the next.
+    spare: Vec<u8>,
+    /// Bytes handed to the shard and not yet sent.
+    in_flight: usize,
+    idle_deadline_ms: u64,
+    next_ping_ms: Option<u64>,
+    pong_deadline_ms: Option<u64>,
+    /// Close the socket once the output is flushed.
+    finished: bool,
+    terminated: bool,
+    /// The latest time the shard passed in, for the connection's duration.
+    now_ms: u64,
+}
+
+/// One connection, from the accept to the close of its socket.
+pub struct Session {
+    decoder: Decoder,
+    /// The start of a frame whose rest has not arrived yet.
+    pending: Vec<u8>,
+    core: Core,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.core.id)
+            .field("finished", &self.core.finished)
+            .field("terminated", &self.core.terminated)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A session for a socket just accepted.
+    pub fn new(id: ConnId, peer: Option<SocketAddr>, now_ms: u64, app: &App) -> Session {
+        let limits = app.limits();
+        Session {
+            decoder: Decoder::new(DecoderConfig {
+                role: Role::Server,
+                max_message_bytes: limits.max_message_bytes,
+                allowed_rsv: 0,
+            }),
+            pending: Vec::new(),
+            core: Core {
+                id,
+                phase: Phase::Handshake {
+                    head: Vec::new(),
+                    deadline_ms: now_ms + ms(limits.handshake_timeout),
+                    peer,
+                },
+                closing: Closing::default(),
+                out: Vec::new(),
+                spare: Vec::new(),
+                in_flight: 0,
+                idle_deadline_ms: u64::MAX,
+                next_ping_ms: None,
+                pong_deadline_ms: None,
+                finished: false,
+                terminated: false,
+                now_ms,
+            },
+        }
+    }
+
+    /// This connection's id.
+    pub fn id(&self) -> ConnId {
+        self.core.id
+    }
+
+    /// Received bytes, borrowed from the receive buffer; frames are unmasked in place.
+    pub fn on_recv(&mut self, data: &mut [u8], now_ms: u64, app: &App) {
+        self.core.now_ms = now_ms;
+        if self.core.finished {
+            return;
+        }
+        if let Phase::Handshake { .. } = self.core.phase {
+            let rest = self.core.handshake(data, now_ms, app);
+            if let Some(rest) = rest {
+                // Bytes after the request head are the client's first frames.
+                self.pending = rest;
+                self.process_pending(now_ms, app);
+            }
+            return;
+        }
+        self.core.idle_deadline_ms = now_ms.saturating_add(ms(app.limits().idle_timeout));
+        if self.pending.is_empty() {
+            let used = self.process(data, now_ms, app);
+            if used < data.len() && !self.core.finished {
+                self.pending.extend_from_slice(&data[used..]);
+            }
+        } else {
+            self.pending.extend_from_slice(data);
+            self.process_pending(now_ms, app);
+        }
+    }
+
+    fn process_pending(&mut self, now_ms: u64, app: &App) {
+        let mut buf = std::mem::take(&mut self.pending);
+        let used = self.process(&mut buf, now_ms, app);
+        if used < buf.len() && !self.core.finished {
+            buf.drain(..used);
+            self.pending = buf;
+        }
+    }
+
+    /// Decodes and acts on every whole frame at the start of `buf`; returns how many
+    /// bytes were used.
+    fn process(&mut self, buf: &mut [u8], now_ms: u64, app: &App) -> usize {
+        let mut start = 0;
+        while start < buf.len() && !self.core.finished {
+            match self.decoder.step(&mut buf[start..]) {
+                Ok(Step::Event(event, used)) => {
+                    start += used;
+                    self.core.on_event(event, now_ms, app);
+                }
+                Ok(Step::NeedMore { needed }) => {
+                    // Grow once to the frame's size instead of doubling as it arrives.
+                    let want = usize::try_from(needed).unwrap_or(usize::MAX);
+                    if self.pending.capacity() < want {
+                        self.pending
+                            .reserve(want.min(app.limits().max_message_bytes as usize + 14));
+                    }
+                    break;
+                }
+                Err(e) => {
+                    self.core.fail(e, now_ms, app);
+                    break;
+                }
+            }
+        }
+        if !self.decoder.assembler_mut().in_progress() {
+            self.decoder.assembler_mut().release();
+        }
+        start
+    }
+
+    /// The peer is gone: `None` for EOF, `Some(errno)` for a socket error.
+    pub fn on_peer_gone(&mut self, errno: Option<i32>, app: &App) {
+        let reason = match errno {
+            Some(e) => TerminateReason::Error(TerminateError::Io(e)),
+            None => TerminateReason::Remote,
+        };
+        self.core.terminate(reason, app);
+        self.core.out = Vec::new();
+        self.core.finished = true;
+    }
+
+    /// Timers: handshake, idle, ping/pong and closing deadlines.
+    pub fn on_tick(&mut self, now_ms: u64, app: &App) {
+        let core = &mut self.core;
+        core.now_ms = now_ms;
+        if core.finished {
+            return;
+        }
+        match &core.phase {
+            Phase::Handshake { deadline_ms, .. } if now_ms >= *deadline_ms => {
+                core.finished = true;
+                return;
+            }
+            Phase::Handshake { .. } => return,
+            _ => {}
+        }
+        if core.closing.poll_timeout(now_ms) {
+            if !core.terminated {
+                core.terminate(TerminateReason::Error(TerminateError::ClosingTimeout), app);
+            }
+            core.finished = true;
+            return;
+        }
+        if !core.closing.is_open() {
+            return;
+        }
+        if now_ms >= core.idle_deadline_ms {
+            core.close(CloseCode::NORMAL, "idle timeout", now_ms, app);
+            core.terminate(TerminateReason::Timeout, app);
+            return;
+        }
+        if core.pong_deadline_ms.is_some_and(|d| now_ms >= d) {
+            core.terminate(TerminateReason::Error(TerminateError::PongTimeout), app);
+            core.finished = true;
+            return;
+        }
+        if let (Some(at), Some(every)) = (core.next_ping_ms, app.limits().ping_interval) {
+            if now_ms >= at {
+                encode_frame_into(&mut core.out, true, 0, OpCode::Ping, b"kythera", None);
+                core.next_ping_ms = Some(now_ms + ms(every));
+                if core.pong_deadline_ms.is_none() {
+                    core.pong_deadline_ms = Some(now_ms + ms(app.limits().pong_timeout));
+                }
+            }
+        }
+    }
+
+    /// The server drains: close 1001, terminate `Stop`.
+    pub fn start_drain(&mut self, now_ms: u64, app: &App) {
+        let core = &mut self.core;
+        match core.phase {
+            Phase::Handshake { .. } => core.finished = true,
+            Phase::Open(_) if core.closing.is_open() => {
+                core.close(CloseCode::GOING_AWAY, DRAIN_REASON, now_ms, app);
+                core.terminate(TerminateReason::Stop, app);
+            }
+            _ => {}
+        }
+    }
+
+    /// The earliest time at which [`Session::on_tick`] has something to do.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        let core = &self.core;
+        if core.finished {
+            return None;
+        }
+        match &core.phase {
+            Phase::Handshake { deadline_ms, .. } => return Some(*deadline_ms),
+            Phase::Open(_) | Phase::Done => {}
+        }
+        if let Some(d) = core.closing.deadline_ms() {
+            return Some(d);
+        }
+        if !core.closing.is_open() {
+            return None;
+        }
+        [
+            Some(core.idle_deadline_ms),
+            core.next_ping_ms,
+            core.pong_deadline_ms,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Takes the bytes to send now, if any. One send per connection is in flight at a
+    /// time; give the buffer back with [`Session::sent`].
+    pub fn take_output(&mut self) -> Option<Vec<u8>> {
+        let core = &mut self.core;
+        if core.out.is_empty() {
+            return None;
+        }
+        let next = std::mem::take(&mut core.spare);
+        let buf = std::mem::replace(&mut core.out, next);
+        core.in_flight = buf.len();
+        Some(buf)
+    }
+
+    /// The send of a buffer from [`Session::take_output`] completed.
+    pub fn sent(&mut self, mut buf: Vec<u8>) {
+        let core = &mut self.core;
+        core.in_flight = 0;
+        // Keep a modest allocation for the next send; give large ones back.
+        if buf.capacity() <= 64 * 1024 && core.spare.capacity() == 0 {
+            buf.clear();
+            core.spare = buf;
+        }
+    }
+
+    /// Whether the socket should be closed once the output is flushed.
+    pub fn should_close(&self) -> bool {
+        self.core.finished
+    }
+
+    /// Whether `terminate` has run (or the connection never reached `init`).
+    pub fn is_terminated(&self) -> bool {
+        self.core.terminated || matches!(self.core.phase, Phase::Done)
+    }
+
+    /// Bytes queued and in flight towards the client.
+    pub fn queued_bytes(&self) -> usize {
+        self.core.out.len() + self.core.in_flight
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // A session dropped with its gear still running (the shard stopped at the end
+        // of a drain) still owes the gear its terminate.
+        if let Phase::Open(live) = std::mem::replace(&mut self.core.phase, Phase::Done) {
+            let id = self.core.id;
+            let mut sink = Discard;
+            let _ = catch_unwind(AssertUnwindSafe(move || {
+                live.terminate(id, &TerminateReason::Stop, &mut sink)
+            }));
+        }
+    }
+}
+
+impl Core {
+    /// Feeds the upgrade request; on success returns the bytes after its head.
+    fn handshake(&mut self, data: &[u8], now_ms: u64, app: &App) -> Option<Vec<u8>> {
+        let Phase::Handshake { head, peer, .. } = &mut self.phase else {
+            return None;
+        };
+        head.extend_from_slice(data);
+        let peer = *peer;
+        let head = std::mem::take(head);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let req = match parse_request(&head, &mut headers, app.limits().max_head_bytes) {
+            Ok(Some(req)) => req,
+            Ok(None) => {
+                if let Phase::Handshake { head: h, .. } = &mut self.phase {
+                    *h = head;
+                }
+                return None;
+            }
+            Err(rej) => return self.reject(rej),
+        };
+        let Some(routed) = app.route(req.path) else {
+            return self.reject(Rejection::NotFound);
+        };
+        let up = match validate_upgrade(&req) {
+            Ok(up) => up,
+            Err(rej) => return self.reject(rej),
+        };
+        let Some(admission) = app.admit(routed.gear) else {
+            return self.reject(Rejection::TooManyConnections);
+        };
+        let parts = RequestParts {
+            method: req.method.to_owned(),
+            path: req.path.to_owned(),
+            query: req.query.to_owned(),
+            path_params: routed.params,
+            headers: req
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect(),
+            peer,
+        };
+        let key = up.key.to_owned();
+        let head_len = req.head_len;
+        let mut conn = Conn::new(self.id, parts);
+        let gear = routed.gear;
+        match catch_unwind(AssertUnwindSafe(|| app.connect(gear, &mut conn))) {
+            Ok(Ok(())) => {}
+            Ok(Err(resp)) => {
+                let headers = resp.headers().iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                write_response(&mut self.out, resp.status(), headers, resp.body_bytes());
+                return self.end_handshake();
+            }
+            Err(panic) => {
+                warn!(conn = %self.id, gear = app.pattern(gear), panic = panic_message(&panic), "connect panicked");
+                write_response(&mut self.out, 500, [], b"internal error");
+                return self.end_handshake();
+            }
+        }
+        let headers = conn
+            .response_headers()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        write_switching_protocols(&mut self.out, &key, conn.subprotocol(), None, headers);
+        self.idle_deadline_ms = now_ms.saturating_add(ms(app.limits().idle_timeout));
+        self.next_ping_ms = app.limits().ping_interval.map(|p| now_ms + ms(p));
+        self.phase = Phase::Done;
+        let mut sink = OutSink::new(&mut self.out);
+        let init = catch_unwind(AssertUnwindSafe(|| {
+            app.init(gear, &mut conn, &mut sink, peer, admission, now_ms)
+        }));
+        let outcome = sink.finish();
+        match init {
+            Ok(mut live) => {
+                live.meta().frames_out += outcome.frames;
+                info!(conn = %self.id, gear = app.pattern(gear), peer = ?peer, "CONNECTED");
+                self.phase = Phase::Open(live);
+                self.after_callback(outcome, now_ms, app);
+            }
+            Err(panic) => {
+                // No state was built, so there is nothing to terminate.
+                warn!(conn = %self.id, gear = app.pattern(gear), panic = panic_message(&panic), "init panicked");
+                self.send_close(Some(CloseCode::INTERNAL_ERROR), "");
+                self.finished = true;
+                return None;
+            }
+        }
+        Some(head[head_len..].to_vec())
+    }
+
+    fn reject(&mut self, rej: Rejection) -> Option<Vec<u8>> {
+        rej.write_response(&mut self.out);
+        self.end_handshake()
+    }
+
+    fn end_handshake(&mut self) -> Option<Vec<u8>> {
+        self.phase = Phase::Done;
+        self.finished = true;
+        None
+    }
+
+    fn on_event(&mut self, event: Event<'_>, now_ms: u64, app: &App) {
+        match event {
+            Event::Message(msg) => {
+                if !self.closing.is_open() {
+                    return; // after our close, data is read and dropped
+                }
+                let Phase::Open(live) = &mut self.phase else {
+                    return;
+                };
+                live.meta().frames_in += 1;
+                let id = self.id;
+                let mut sink = OutSink::new(&mut self.out);
+                let result =
+                    catch_unwind(AssertUnwindSafe(|| live.client_message(id, msg, &mut sink)));
+                let mut outcome = sink.finish();
+                live.meta().frames_out += outcome.frames;
+                if let Err(panic) = result {
+                    outcome.panic = Some(panic_message(&panic));
+                }
+                self.after_callback(outcome, now_ms, app);
+            }
+            Event::Fragment => {}
+            Event::Ping(payload) => {
+                if self.closing.is_open() {
+                    encode_frame_into(&mut self.out, true, 0, OpCode::Pong, payload, None);
+                    self.check_outgoing(now_ms, app);
+                }
+            }
+            Event::Pong(_) => self.pong_deadline_ms = None,
+            Event::Close(close) => {
+                match self.closing.peer_close(close.code) {
+                    PeerCloseAction::Reply(code) => {
+                        self.send_close(code, "");
+                        self.terminate(
+                            TerminateReason::RemoteClose {
+                                code: close.code,
+                                reason: close.reason.to_owned(),
+                            },
+                            app,
+                        );
+                    }
+                    PeerCloseAction::Finished => {}
+                }
+                self.finished = true;
+            }
+        }
+    }
+
+    /// What a callback left behind: a close, a gear bug, a panic, too much output.
+    fn after_callback(&mut self, outcome: SinkOutcome, now_ms: u64, app: &App) {
+        if let Some(msg) = outcome.panic {
+            warn!(conn = %self.id, panic = %msg, "handler panicked; closing with 1011");
+            self.close(CloseCode::INTERNAL_ERROR, "", now_ms, app);
+            self.terminate(
+                TerminateReason::Error(TerminateError::HandlerPanic(msg)),
+                app,
+            );
+            return;
+        }
+        if let Some(err) = outcome.gear_error {
+            warn!(conn = %self.id, error = %err, "gear error; closing");
+            // The context already queued the close frame (1011).
+            self.closing
+                .local_close(now_ms, ms(app.limits().closing_timeout));
+            self.terminate(TerminateReason::Error(err), app);
+            return;
+        }
+        if outcome.closed {
+            self.closing
+                .local_close(now_ms, ms(app.limits().closing_timeout));
+            self.terminate(TerminateReason::Stop, app);
+            return;
+        }
+        self.check_outgoing(now_ms, app);
+    }
+
+    /// The slow-consumer limit: a client that stops reading is closed with 1008 and
+    /// what was queued for it is freed.
+    fn check_outgoing(&mut self, now_ms: u64, app: &App) {
+        if self.out.len() + self.in_flight <= app.limits().max_outgoing_bytes {
+            return;
+        }
+        self.out = Vec::new();
+        self.spare = Vec::new();
+        if self
+            .closing
+            .local_close(now_ms, ms(app.limits().closing_timeout))
+        {
+            self.send_close(Some(CloseCode::POLICY_VIOLATION), "slow consumer");
+        }
+        self.terminate(TerminateReason::Error(TerminateError::SlowConsumer), app);
+    }
+
+    /// A protocol error: close with its code and close the socket without waiting for
+    /// the peer's answer (RFC 6455 section 7.1.7, failing the connection).
+    fn fail(&mut self, e: ProtocolError, now_ms: u64, app: &App) {
+        if self
+            .closing
+            .local_close(now_ms, ms(app.limits().closing_timeout))
+        {
+            self.send_close(Some(e.close_code()), e.as_str());
+        }
+        self.terminate(TerminateReason::Error(e.to_terminate_error()), app);
+        self.finished = true;
+    }
+
+    /// Starts the closing handshake from our side.
+    fn close(&mut self, code: CloseCode, reason: &str, now_ms: u64, app: &App) {
+        if self
+            .closing
+            .local_close(now_ms, ms(app.limits().closing_timeout))
+        {
+            self.send_close(Some(code), reason);
+        }
+    }
+
+    fn send_close(&mut self, code: Option<CloseCode>, reason: &str) {
+        let mut payload = [0u8; 125];
+        let n = encode_close_payload(code, reason, &mut payload);
+        encode_frame_into(&mut self.out, true, 0, OpCode::Close, &payload[..n], None);
+    }
+
+    /// Calls the gear's `terminate` once and logs the DISCONNECTED line.
+    fn terminate(&mut self, reason: TerminateReason, app: &App) {
+        if self.terminated {
+            return;
+        }
+        self.terminated = true;
+        let Phase::Open(mut live) = std::mem::replace(&mut self.phase, Phase::Done) else {
+            return;
+        };
+        let meta = live.meta();
+        info!(
+            conn = %self.id,
+            gear = app.pattern(meta.gear),
+            peer = ?meta.peer,
+            frames_in = meta.frames_in,
+            frames_out = meta.frames_out,
+            duration_ms = self.now_ms.saturating_sub(meta.opened_ms),
+            reason = %reason,
+            "DISCONNECTED"
+        );
+        let id = self.id;
+        let mut sink = Discard;
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(move || {
+            live.terminate(id, &reason, &mut sink)
+        })) {
+            warn!(conn = %id, panic = panic_message(&panic), "terminate panicked");
+        }
+    }
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn panic_message(panic: &Box<dyn Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// What a callback did through its sink.
+#[derive(Default)]
+struct SinkOutcome {
+    frames: u64,
+    closed: bool,
+    gear_error: Option<TerminateError>,
+    panic: Option<String>,
+}
+
+/// Encodes a callback's frames straight into the connection's output.
+struct OutSink<'a> {
+    out: &'a mut Vec<u8>,
+    outcome: SinkOutcome,
+}
+
+impl<'a> OutSink<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        OutSink {
+            out,
+            outcome: SinkOutcome::default(),
+        }
+    }
+
+    fn finish(self) -> SinkOutcome {
+        self.outcome
+    }
+
+    fn data(&mut self, op: OpCode, payload: &[u8]) {
+        if !self.outcome.closed {
+            encode_frame_into(self.out, true, 0, op, payload, None);
+            self.outcome.frames += 1;
+        }
+    }
+}
+
+impl FrameSink for OutSink<'_> {
+    fn send_copied(&mut self, kind: DataKind, payload: &[u8]) {
+        let op = match kind {
+            DataKind::Text => OpCode::Text,
+            DataKind::Binary => OpCode::Binary,
+        };
+        self.data(op, payload);
+    }
+
+    fn send_frame(&mut self, frame: Frame) {
+        match frame {
+            Frame::Text(t) => self.data(OpCode::Text, t.as_bytes()),
+            Frame::Binary(b) => self.data(OpCode::Binary, &b),
+            Frame::Close(close) => {
+                if self.outcome.closed {
+                    return;
+                }
+                let mut payload = [0u8; 125];
+                let n = match &close {
+                    Some(c) => encode_close_payload(Some(c.code), c.reason.as_str(), &mut payload),
+                    None => 0,
+                };
+                encode_frame_into(self.out, true, 0, OpCode::Close, &payload[..n], None);
+                self.outcome.frames += 1;
+                self.outcome.closed = true;
+            }
+        }
+    }
+
+    fn gear_error(&mut self, error: TerminateError) {
+        self.outcome.gear_error = Some(error);
+    }
+}
+
+/// The sink of `terminate`: the connection is closed, frames go nowhere.
+struct Discard;
+
+impl FrameSink for Discard {
+    fn send_copied(&mut self, _: DataKind, _: &[u8]) {}
+    fn send_frame(&mut self, _: Frame) {}
+    fn gear_error(&mut self, _: TerminateError) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Limits;
+    use crate::protocol::codec::Decoded;
+    use handler_api::{Context, Message, Response, Websocket};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// Echoes, and does what some messages ask: "close", "panic", "badcode", "flood".
+    struct TestGear {
+        terminated: Arc<Mutex<Vec<TerminateReason>>>,
+    }
+
+    impl Websocket for TestGear {
+        type State = ();
+        type Message = ();
+
+        fn connect(&self, conn: &mut Conn) -> Result<(), Response> {
+            if conn.query_param("reject").is_some() {
+                return Err(Response::new(403).body("no"));
+            }
+            if conn.offered_subprotocols().any(|p| p == "v1") {
+                conn.select_subprotocol("v1").unwrap();
+            }
+            Ok(())
+        }
+
+        fn init(&self, conn: &mut Conn, ctx: &mut Context<'_, ()>) {
+            if conn.query_param("greet").is_some() {
+                ctx.send_text("hello");
+            }
+        }
+
+        fn handle_client_message(&self, _: &mut (), msg: Message<'_>, ctx: &mut Context<'_, ()>) {
+            match msg {
+                Message::Text("close") => {
+                    ctx.close_with(CloseCode::new(4000).unwrap(), "bye");
+                    ctx.send_text("never sent");
+                }
+                Message::Text("panic") => {
+                    ctx.send_text("before panic");
+                    panic!("boom");
+                }
+                Message::Text("badcode") => ctx.close_with_code(1005, ""),
+                Message::Text("flood") => {
+                    for _ in 0..40 {
+                        ctx.send_binary(&[0u8; 64 * 1024]);
+                    }
+                }
+                Message::Text(t) => ctx.send_text(t),
+                Message::Binary(b) => ctx.send_binary(b),
+            }
+        }
+
+        fn handle_server_message(&self, _: &mut (), _: (), _: &mut Context<'_, ()>) {}
+
+        fn terminate(&self, _: (), reason: &TerminateReason, _: &mut Context<'_, ()>) {
+            self.terminated.lock().unwrap().push(reason.clone());
+        }
+    }
+
+    struct Harness {
+        app: App,
+        terminated: Arc<Mutex<Vec<TerminateReason>>>,
+        session: Session,
+        now: u64,
+    }
+
+    const UPGRADE: &str = "GET /ws?greet=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+    fn harness(limits: Limits, max_conns: Option<usize>) -> Harness {
+        let terminated = Arc::new(Mutex::new(Vec::new()));
+        let mut app = App::new(limits);
+        app.mount(
+            "/ws",
+            TestGear {
+                terminated: Arc::clone(&terminated),
+            },
+            max_conns,
+        )
+        .unwrap();
+        let session = Session::new(ConnId::new(0, 1), None, 0, &app);
+        Harness {
+            app,
+            terminated,
+            session,
+            now: 0,
+        }
+    }
+
+    impl Harness {
+        fn recv(&mut self, bytes: &[u8]) {
+            let mut data = bytes.to_vec();
+            self.session.on_recv(&mut data, self.now, &self.app);
+        }
+
+        fn output(&mut self) -> Vec<u8> {
+            match self.session.take_output() {
+                Some(buf) => {
+                    let copy = buf.clone();
+                    self.session.sent(buf);
+                    copy
+                }
+                None => Vec::new(),
+            }
+        }
+
+        fn open(&mut self) -> String {
+            self.recv(UPGRADE.as_bytes());
+            let out = self.output();
+            let end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let head = String::from_utf8(out[..end].to_vec()).unwrap();
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            // The greeting sent by init follows the 101.
+            assert_eq!(frames(&out[end..]), [(OpCode::Text, b"hello".to_vec())]);
+            head
+        }
+
+        fn send(&mut self, op: OpCode, payload: &[u8]) {
+            self.recv(&client_frame(op, payload));
+        }
+
+        fn reasons(&self) -> Vec<TerminateReason> {
+            self.terminated.lock().unwrap().clone()
+        }
+    }
+
+    fn client_frame(op: OpCode, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_frame_into(&mut out, true, 0, op, payload, Some([1, 2, 3, 4]));
+        out
+    }
+
+    /// The server's frames, decoded as a client would.
+    fn frames(mut bytes: &[u8]) -> Vec<(OpCode, Vec<u8>)> {
+        let cfg = DecoderConfig {
+            role: Role::Client,
+            max_message_bytes: u64::MAX >> 1,
+            allowed_rsv: 0,
+        };
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let mut copy = bytes.to_vec();
+            match crate::protocol::codec::decode_frame(&mut copy, &cfg).unwrap() {
+                Decoded::Complete(f, used) => {
+                    out.push((f.header.opcode, f.payload.to_vec()));
+                    bytes = &bytes[used..];
+                }
+                Decoded::Incomplete { .. } => panic!("partial server frame"),
+            }
+        }
+        out
+    }
+
+    fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+        let mut p = code.to_be_bytes().to_vec();
+        p.extend_from_slice(reason.as_bytes());
+        p
+    }
+
+    #[test]
+    fn echo_and_client_close() {
+        let mut h = harness(Limits::default(), None);
+        h.open();
+        h.send(OpCode::Text, b"hi");
+        h.send(OpCode::Binary, &[1, 2, 3]);
+        h.send(OpCode::Ping, b"p");
+        assert_eq!(
+            frames(&h.output()),
+            [
+                (OpCode::Text, b"hi".to_vec()),
+                (OpCode::Binary, vec![1, 2, 3]),
+                (OpCode::Pong, b"p".to_vec())
+            ]
+        );
+        h.send(OpCode::Close, &close_payload(1001, "away"));
+        assert_eq!(
+            frames(&h.output()),
+            [(OpCode::Close, 1001u16.to_be_bytes().to_vec())]
+        );
+        assert!(h.session.should_close());
+        assert_eq!(
+            h.reasons(),
+            [TerminateReason::RemoteClose {
+                code: CloseCode::new(1001),
+                reason: "away".into()
+            }]
+        );
+        h.session.on_peer_gone(None, &h.app);
+        assert_eq!(h.reasons().len(), 1, "terminate runs once");
+        assert_eq!(h.app.connections("/ws"), Some(0));
+    }
+
+    #[test]
+    fn byte_by_byte_and_pipelined() {
+        let mut h = harness(Limits::default(), None);
+        let mut wire = UPGRADE.as_bytes().to_vec();
+        wire.extend(client_frame(OpCode::Text, b"first"));
+        wire.extend(client_frame(OpCode::Binary, &vec![7u8; 300]));
+        for b in wire {
+            h.recv(&[b]);
+        }
+        let out = h.output();
+        let end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(
+            frames(&out[end..]),
+            [
+                (OpCode::Text, b"hello".to_vec()),
+                (OpCode::Text, b"first".to_vec()),
+                (OpCode::Binary, vec![7u8; 300])
+            ]
+        );
+    }
+
+    #[test]
+    fn rejections() {
+        let cases = [
+            ("GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", "404"),
+            ("GET /ws HTTP/1.1\r\nHost: x\r\n\r\n", "426"),
+            ("POST /ws HTTP/1.1\r\nHost: x\r\n\r\n", "405"),
+            ("\x01\x02garbage\r\n\r\n", "400"),
+            (
+                "GET /ws?reject=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                "403",
+            ),
+        ];
+        for (req, status) in cases {
+            let mut h = harness(Limits::default(), None);
+            h.recv(req.as_bytes());
+            let out = String::from_utf8(h.output()).unwrap();
+            assert!(
+                out.starts_with(&format!("HTTP/1.1 {status}")),
+                "{req:?} -> {out}"
+            );
+            assert!(h.session.should_close());
+            assert!(h.reasons().is_empty(), "no terminate without init");
+        }
+        let mut h = harness(Limits::default(), None);
+        h.recv(format!("GET /ws HTTP/1.1\r\nX: {}\r\n", "a".repeat(9000)).as_bytes());
+        assert!(
+            String::from_utf8(h.output())
+                .unwrap()
+                .starts_with("HTTP/1.1 431")
+        );
+    }
+
+    #[test]
+    fn per_gear_limit_503() {
+        let mut first = harness(Limits::default(), Some(1));
+        first.open();
+        let mut second = Session::new(ConnId::new(0, 2), None, 0, &first.app);
+        second.on_recv(&mut UPGRADE.as_bytes().to_vec(), 0, &first.app);
+        let out = String::from_utf8(second.take_output().unwrap()).unwrap();
+        assert!(out.starts_with("HTTP/1.1 503"));
+        assert!(out.ends_with("TooManyWebsocketConnections"));
+        assert_eq!(first.app.connections("/ws"), Some(1));
+        first.session.on_peer_gone(None, &first.app);
+        assert_eq!(first.app.connections("/ws"), Some(0));
+    }
+
+    #[test]
+    fn gear_close_then_peer_answers() {
+        let mut h = harness(Limits::default(), None);
+        h.open();
+        h.send(OpCode::Text, b"close");
+        assert_eq!(
+            frames(&h.output()),
+            [(OpCode::Close, close_payload(4000, "bye"))]
+        );
+        assert_eq!(h.reasons(), [TerminateReason::Stop]);
+        assert!(!h.session.should_close(), "waits for the peer's close");
+        h.send(OpCode::Text, b"ignored after close");
+        assert!(h.output().is_empty());
+        h.send(OpCode::Close, &close_payload(4000, ""));
+        assert!(h.session.should_close());
+        assert!(h.output().is_empty(), "no second close");
+    }
+
+    #[test]
+    fn closing_timeout() {
+        let mut h = harness(Limits::default(), None);
+        h.open();
+        h.send(OpCode::Text, b"close");
+        let deadline = h.session.next_deadline_ms().unwrap();
+        assert_eq!(deadline, 5000);
+        h.session.on_tick(4999, &h.app);
+        assert!(!h.session.should_close());
+        h.session.on_tick(5000, &h.app);
+        assert!(h.session.should_close());
+        assert_eq!(h.reasons(), [TerminateReason::Stop]);
+    }
+
+    #[test]
+    fn panic_closes_1011() {
+        let mut h = harness(Limits::default(), None);
+        h.open();
+        h.send(OpCode::Text, b"panic");
+        assert_eq!(
+            frames(&h.output()),
+            [
+                (OpCode::Text, b"before panic".to_vec()),
+                (OpCode::Close, 1011u16.to_be_bytes().to_vec())
+            ]
+        );
+        assert_eq!(
+            h.reasons(),
+            [TerminateReason::Error(TerminateError::HandlerPanic(
+                "boom".into()
+            ))]
+        );
+    }
+
+    #[test]
+    fn invalid_close_code_closes_1011() {
+        let mut h = harness(Limits::default(), None);
+        h.open();
+        h.send(OpCode::Text, b"badcode");
+        assert_eq!(
+            frames(&h.output()),
+            [(OpCode::Close, 1011u16.to_be_bytes().to_vec())]
+        );
+        assert_eq!(
+            h.reasons(),
+            [TerminateReason::Error(TerminateError::InvalidCloseCode(
+                1005
+            ))]
+        );
+    }
+
+    #[test]
+    fn protocol_errors_close_with_their_code() {
+        let unmasked = {
+            let mut v = Vec::new();
+            encode_frame_into(&mut v, true, 0, OpCode::Text, b"x", None);
+            v
+        };
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (unmasked, 1002),
+            (client_frame(OpCode::Text, &[0xff, 0xfe]), 1007),
+            (client_frame(OpCode::Binary, &[0; 2000]), 1009),
+            (client_frame(OpCode::Close, &close_payload(1005, "")), 1002),
+            (client_frame(OpCode::Continuation, b"x"), 1002),
+        ];
+        for (wire, code) in cases {
+            let limits = Limits {
+                max_message_bytes: 1000,
+                ..Limits::default()
+            };
+            let mut h = harness(limits, None);
+            h.open();
+            h.recv(&wire);
+            let out = frames(&h.output());
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].0, OpCode::Close);
+            assert_eq!(u16::from_be_bytes([out[0].1[0], out[0].1[1]]), code);
+            assert!(
+                h.session.should_close(),
+                "a failed connection is closed at once"
+            );
+            assert!(matches!(h.reasons()[..], [TerminateReason::Error(_)]));
+        }
+    }
+
+    #[test]
+    fn idle_timeout_1000() {
+        let limits = Limits {
+            idle_timeout: Duration::from_secs(3),
+            ..Limits::default()
+        };
+        let mut h = harness(limits, None);
+        h.open();
+        h.now = 2000;
+        h.send(OpCode::Text, b"keepalive");
+        h.output();
+        assert_eq!(
+            h.session.next_deadline_ms(),
+            Some(5000),
+            "reset by incoming data"
+        );
+        h.session.on_tick(5000, &h.app);
+        assert_eq!(
+            frames(&h.output()),
+            [(OpCode::Close, close_payload(1000, "idle timeout"))]
+        );
+        assert_eq!(h.reasons(), [TerminateReason::Timeout]);
+    }
+
+    #[test]
+    fn handshake_timeout() {
+        let mut h = harness(Limits::default(), None);
+        h.recv(b"GET /ws HTTP/1.1\r\n");
+        assert_eq!(h.session.next_deadline_ms(), Some(10_000));
+        h.session.on_tick(10_000, &h.app);
+        assert!(h.session.should_close());
+        assert!(h.output().is_empty());
+    }
+
+    #[test]
+    fn slow_consumer_1008_and_memory_freed() {
+        let mut h = harness(Limits::default(), None);
+        h.open();
+        h.send(OpCode::Text, b"flood");
+        assert!(h.session.queued_bytes() < 1024, "queue freed");
+        assert_eq!(
+            frames(&h.output()),
+            [(OpCode::Close, close_payload(1008, "slow consumer"))]
+        );
+        assert_eq!(
+            h.reasons(),
+            [TerminateReason::Error(TerminateError::SlowConsumer)]
+        );
+    }
+
+    #[test]
+    fn drain_sends_1001() {
+        let mut h = harness(Limits::default(), None);
+        h.open();
+        h.session.start_drain(0, &h.app);
+        assert_eq!(
+            frames(&h.output()),
+            [(OpCode::Close, close_payload(1001, DRAIN_REASON))]
+        );
+        assert_eq!(h.reasons(), [TerminateReason::Stop]);
+    }
+
+    #[test]
+    fn server_pings_and_pong_deadline() {
+        let limits = Limits {
+            ping_interval: Some(Duration::from_secs(1)),
+            pong_timeout: Duration::from_secs(2),
+            ..Limits::default()
+        };
+        let mut h = harness(limits, None);
+        h.open();
+        h.session.on_tick(1000, &h.app);
+        assert_eq!(frames(&h.output()), [(OpCode::Ping, b"kythera".to_vec())]);
+        h.now = 1500;
+        h.send(OpCode::Pong, b"kythera");
+        h.session.on_tick(2000, &h.app);
+        h.output();
+        h.session.on_tick(4000, &h.app);
+        assert!(h.session.should_close(), "no pong for the ping at 2000");
+        assert_eq!(
+            h.reasons(),
+            [TerminateReason::Error(TerminateError::PongTimeout)]
+        );
+    }
+
+    #[test]
+    fn peer_gone_and_drop() {
+        let mut h = harness(Limits::default(), None);
+        h.open();
+        h.session.on_peer_gone(Some(104), &h.app);
+        assert_eq!(
+            h.reasons(),
+            [TerminateReason::Error(TerminateError::Io(104))]
+        );
+        let mut h = harness(Limits::default(), None);
+        h.open();
+        drop(std::mem::replace(
+            &mut h.session,
+            Session::new(ConnId::new(0, 9), None, 0, &h.app),
+        ));
+        assert_eq!(
+            h.reasons(),
+            [TerminateReason::Stop],
+            "dropped sessions terminate"
+        );
+    }
+
+    #[test]
+    fn subprotocol_selected_in_connect() {
+        let mut h = harness(Limits::default(), None);
+        let req = UPGRADE.replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: v0, v1\r\n\r\n");
+        h.recv(req.as_bytes());
+        let out = String::from_utf8_lossy(&h.output()).into_owned();
+        assert!(out.contains("Sec-WebSocket-Protocol: v1\r\n"), "{out}");
+    }
+}
