@@ -7,8 +7,13 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod gear;
 pub mod protocol;
 pub mod route;
+pub mod server;
 pub mod session;
-pub mod gear;
+pub mod shard;
+pub mod timer;
 pub mod uring;
+
+pub use server::{RunError, RunningServer, Server, ServerBuilder, ServerHandle, StartError};

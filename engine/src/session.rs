@@ -525,9 +525,11 @@ impl Core {
     }
 
     /// The slow-consumer limit: a client that stops reading is closed with 1008 and
-    /// what was queued for it is freed.
+    /// what was queued for it is freed. Only bytes waiting behind a send still in
+    /// flight count: output the kernel can take at once (one large echo, say) is not a
+    /// sign of a client that stopped reading.
     fn check_outgoing(&mut self, now_ms: u64, app: &App) {
-        if self.out.len() + self.in_flight <= app.limits().max_outgoing_bytes {
+        if self.in_flight == 0 || self.out.len() <= app.limits().max_outgoing_bytes {
             return;
         }
         self.out = Vec::new();
@@ -1094,8 +1096,16 @@ mod tests {
     fn slow_consumer_1008_and_memory_freed() {
         let mut h = harness(Limits::default(), None);
         h.open();
+        // 2.5 MiB with nothing in flight: the kernel can take it, no slow consumer.
         h.send(OpCode::Text, b"flood");
-        assert!(h.session.queued_bytes() < 1024, "queue freed");
+        assert!(h.reasons().is_empty());
+        // The client does not read: that send stays in flight, and the next flood
+        // waits behind it.
+        let stuck = h.session.take_output().unwrap();
+        assert!(stuck.len() > 2_500_000);
+        h.send(OpCode::Text, b"flood");
+        assert!(h.session.queued_bytes() - stuck.len() < 1024, "queue freed");
+        h.session.sent(stuck);
         assert_eq!(
             frames(&h.output()),
             [(OpCode::Close, close_payload(1008, "slow consumer"))]

@@ -26,6 +26,10 @@ pub enum Op {
     Close = 4,
     /// Cancellation request.
     Cancel = 5,
+    /// Shutdown of a connection's socket (`shutdown(2)`).
+    Shutdown = 6,
+    /// Reading a connection's peer address (`getsockopt(SO_PEERNAME)`).
+    PeerName = 7,
 }
 
 impl Op {
@@ -36,6 +40,8 @@ impl Op {
             3 => Op::Send,
             4 => Op::Close,
             5 => Op::Cancel,
+            6 => Op::Shutdown,
+            7 => Op::PeerName,
             _ => return None,
         })
     }
@@ -104,7 +110,15 @@ mod tests {
 
     #[test]
     fn user_data_round_trips() {
-        for op in [Op::Accept, Op::Recv, Op::Send, Op::Close, Op::Cancel] {
+        for op in [
+            Op::Accept,
+            Op::Recv,
+            Op::Send,
+            Op::Close,
+            Op::Cancel,
+            Op::Shutdown,
+            Op::PeerName,
+        ] {
             for index in [0, 1, 0xdead_beef, u32::MAX] {
                 for tag in [0, 1, UserData::MAX_TAG] {
                     let ud = UserData { op, index, tag };

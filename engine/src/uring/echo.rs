@@ -297,7 +297,8 @@ impl Echo {
                 self.stats.closed += 1;
                 Ok(())
             }
-            Op::Cancel => Ok(()),
+            // The echo loop submits neither of these.
+            Op::Cancel | Op::Shutdown | Op::PeerName => Ok(()),
         }
     }
 

@@ -110,6 +110,10 @@ pub fn accept_multi(listener: RawFd, direct: bool) -> squeue::Entry {
         .build()
 }
 
+/// `SO_PEERNAME` from `asm-generic/socket.h` (x86-64, AArch64, RISC-V; not MIPS, SPARC
+/// or PA-RISC); the `libc` crate does not export it for Linux.
+const SO_PEERNAME: u32 = 28;
+
 /// A connection's descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Socket {
@@ -159,6 +163,36 @@ impl Socket {
             Socket::Fixed(slot) => opcode::Send::new(types::Fixed(slot), buf, len)
                 .flags(flags)
                 .build(),
+        }
+    }
+
+    /// `shutdown(SHUT_RDWR)`: a pending recv ends (it reads end-of-file) and a send that
+    /// waits for buffer space fails, so the connection's operations finish; queued bytes
+    /// are still sent, followed by a FIN.
+    pub fn shutdown(self) -> squeue::Entry {
+        match self {
+            Socket::Fd(fd) => opcode::Shutdown::new(types::Fd(fd), libc::SHUT_RDWR).build(),
+            Socket::Fixed(slot) => {
+                opcode::Shutdown::new(types::Fixed(slot), libc::SHUT_RDWR).build()
+            }
+        }
+    }
+
+    /// `getsockopt(SOL_SOCKET, SO_PEERNAME)`: writes the peer's address into `addr`,
+    /// which must stay valid until the completion; works on direct descriptors, which
+    /// `getpeername(2)` cannot reach (Linux 6.7). `len` must be the exact size of the
+    /// socket family's address (`sockaddr_in` or `sockaddr_in6`): the kernel refuses a
+    /// larger one with `EINVAL`. The completion's result is the length written.
+    pub fn peer_name(self, addr: *mut libc::sockaddr_storage, len: u32) -> squeue::Entry {
+        let level = libc::SOL_SOCKET as u32;
+        let name = SO_PEERNAME;
+        match self {
+            Socket::Fd(fd) => {
+                opcode::GetSockOpt::new(types::Fd(fd), level, name, addr.cast(), len).build()
+            }
+            Socket::Fixed(slot) => {
+                opcode::GetSockOpt::new(types::Fixed(slot), level, name, addr.cast(), len).build()
+            }
         }
     }
 

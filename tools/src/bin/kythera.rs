@@ -1,12 +1,164 @@
-//! The kythera server binary.
+//! The kythera server: the echo gear on `/echo` and `/`, one shard per core.
 //!
-//! The io_uring engine that it will start is not built yet (issue 3): until then it says
-//! so and exits with status 2 rather than pretending to serve.
+//! ```text
+//! kythera --listen 127.0.0.1:8080 --listen [::1]:8080 --shards 2
+//! ```
+//!
+//! Once every listener is bound it prints `kythera listening on ws://ADDR (N shards)`
+//! on stdout, one line per address. SIGTERM or SIGINT drains the server (close 1001 to
+//! every connection, spread over the drain window) and it exits 0 once drained; a second
+//! signal exits at once. Logs go to stderr, filtered by `RUST_LOG` (default `info`).
+//! If io_uring is unavailable it says why and how to fix it, and exits 1.
 
-fn main() {
-    eprintln!(
-        "kythera: the server is not built yet; this tree holds the protocol core and \
-         handler-api only (see README.md, 'Status')."
-    );
-    std::process::exit(2);
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Parser;
+use engine::Server;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tools::gears::Echo;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+/// A WebSocket engine on io_uring, serving the echo gear on `/echo` and `/`.
+#[derive(Debug, Parser)]
+#[command(name = "kythera", version, about)]
+struct Args {
+    /// Address to listen on; repeat for several.
+    #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: Vec<SocketAddr>,
+    /// Number of shards (threads pinned to cores) [default: the number of CPUs].
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+    /// Largest message (frame or reassembled), in bytes; larger ones are closed with 1009.
+    #[arg(long, value_name = "BYTES", default_value_t = 5_000_000)]
+    max_message_bytes: u64,
+    /// Bytes queued to a client behind a send it has not taken; over it the client is
+    /// closed with 1008 (slow consumer).
+    #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
+    max_outgoing_bytes: usize,
+    /// Close connections that send nothing for this many seconds (close 1000).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    idle_timeout_secs: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let limits = engine::config::Limits {
+        max_message_bytes: args.max_message_bytes,
+        max_outgoing_bytes: args.max_outgoing_bytes,
+        idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs),
+        ..engine::config::Limits::default()
+    };
+    let mut builder = Server::builder().limits(limits);
+    for addr in &args.listen {
+        builder = builder.listen(*addr);
+    }
+    if let Some(shards) = args.shards {
+        builder = builder.shards(shards);
+    }
+    let server = match builder.mount("/echo", Echo).mount("/", Echo).build() {
+        Ok(server) => server,
+        Err(err) => {
+            eprintln!("kythera: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+        Ok(signals) => signals,
+        Err(err) => {
+            eprintln!("kythera: cannot install signal handlers: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = server.handle();
+    std::thread::Builder::new()
+        .name("kythera-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if handle.is_draining() {
+                    eprintln!("kythera: second signal ({signal}); exiting without draining");
+                    std::process::exit(1);
+                }
+                info!(signal, "draining");
+                handle.drain();
+            }
+        })
+        .expect("spawn the signal thread");
+
+    let shards = server.shards();
+    let mut stdout = std::io::stdout().lock();
+    for addr in server.local_addrs() {
+        // Tests and scripts read this line to learn the address: flush it.
+        let _ = writeln!(stdout, "kythera listening on ws://{addr} ({shards} shards)");
+    }
+    let _ = stdout.flush();
+    drop(stdout);
+
+    match server.run() {
+        Ok(()) => {
+            info!("drained; exiting");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            error!(error = %err, "server failed");
+            eprintln!("kythera: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let args = Args::try_parse_from(["kythera"]).unwrap();
+        assert_eq!(args.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(args.shards, None);
+    }
+
+    #[test]
+    fn listen_repeats_and_replaces_the_default() {
+        let args = Args::try_parse_from([
+            "kythera",
+            "--listen",
+            "127.0.0.1:9000",
+            "--listen",
+            "[::1]:9001",
+            "--shards",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.listen,
+            vec![
+                "127.0.0.1:9000".parse::<SocketAddr>().unwrap(),
+                "[::1]:9001".parse().unwrap()
+            ]
+        );
+        assert_eq!(args.shards, Some(3));
+    }
+
+    #[test]
+    fn rejects_a_bad_address() {
+        assert!(Args::try_parse_from(["kythera", "--listen", "nowhere"]).is_err());
+    }
+
+    #[test]
+    fn clap_config_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
 }

@@ -1,0 +1,231 @@
+//! An echo server on fastwebsockets 0.10, the baseline of `tools/bench_echo.sh`.
+//!
+//! It is fastwebsockets' own `examples/echo_server.rs` made into a benchmark peer: one
+//! tokio current-thread runtime, hyper 1 for the HTTP upgrade (the `upgrade` feature, as
+//! fastwebsockets documents it), a `FragmentCollector` per connection, each connection
+//! a task polled with `tokio::task::unconstrained`, every text message sent back as
+//! text and every binary message as binary. Pings are answered and close frames echoed
+//! by fastwebsockets itself (`auto_pong` and `auto_close`, both on by default).
+//!
+//! Two deviations from the example, both in fastwebsockets' favour or neutral:
+//! `TCP_NODELAY` is set on every accepted socket (as kythera does), and nothing is
+//! printed per connection. With `--raw-handshake` the upgrade is answered by hand
+//! (kythera's sans-I/O handshake code) and the `WebSocket` wraps the bare `TcpStream`
+//! rather than hyper's boxed `Upgraded` stream, which takes hyper out of the per-message
+//! path; the default is the documented hyper way.
+//!
+//! ```sh
+//! cargo run --release -p benches --bin fastwebsockets-echo -- --port 9001
+//! # prints "listening on 127.0.0.1:9001" once it accepts connections
+//! ```
+//!
+//! `--port 0` picks a free port (the line printed names it). It runs until killed.
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+use fastwebsockets::{FragmentCollector, OpCode, Role, WebSocket, WebSocketError, upgrade};
+use http_body_util::Empty;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const USAGE: &str = "usage: fastwebsockets-echo [--port N] [--raw-handshake] [--verbose]";
+
+struct Args {
+    port: u16,
+    raw_handshake: bool,
+    verbose: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        port: 9001,
+        raw_handshake: false,
+        verbose: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--port" => {
+                let v = it.next().ok_or("--port needs a value")?;
+                args.port = v.parse().map_err(|_| format!("bad --port {v:?}"))?;
+            }
+            "--raw-handshake" => args.raw_handshake = true,
+            "--verbose" => args.verbose = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok(args)
+}
+
+/// Whether an error is just the peer going away (the load client exits without a close
+/// handshake at the end of a run); those are not worth a line on stderr.
+fn is_disconnect(e: &WebSocketError) -> bool {
+    match e {
+        WebSocketError::UnexpectedEOF | WebSocketError::ConnectionClosed => true,
+        WebSocketError::IoError(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    }
+}
+
+/// The echo loop, the same for both handshake paths.
+async fn echo<S>(ws: WebSocket<S>) -> Result<(), WebSocketError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut ws = FragmentCollector::new(ws);
+    loop {
+        let frame = ws.read_frame().await?;
+        match frame.opcode {
+            OpCode::Close => return Ok(()),
+            OpCode::Text | OpCode::Binary => ws.write_frame(frame).await?,
+            _ => {}
+        }
+    }
+}
+
+async fn server_upgrade(
+    mut req: Request<Incoming>,
+    verbose: bool,
+) -> Result<Response<Empty<Bytes>>, WebSocketError> {
+    let (response, fut) = upgrade::upgrade(&mut req)?;
+    tokio::task::spawn(async move {
+        let res = tokio::task::unconstrained(async move { echo(fut.await?).await }).await;
+        if let Err(e) = res
+            && (verbose || !is_disconnect(&e))
+        {
+            eprintln!("fastwebsockets-echo: connection error: {e}");
+        }
+    });
+    Ok(response)
+}
+
+/// The upgrade by hand: read the request head, validate it with kythera's handshake
+/// code, answer 101, then hand the bare socket to fastwebsockets.
+async fn raw_upgrade(mut stream: TcpStream) -> Result<WebSocket<TcpStream>, String> {
+    use engine::protocol::handshake;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading the request: {e}"))?;
+        if n == 0 {
+            return Err("peer closed before the request head ended".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+        if buf.len() > 16 * 1024 {
+            return Err("request head over 16 KiB".into());
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; handshake::MAX_HEADERS];
+    let req = match handshake::parse_request(&buf, &mut headers, 16 * 1024) {
+        Ok(Some(req)) => req,
+        Ok(None) => return Err("incomplete request head".into()),
+        Err(rejection) => return Err(format!("bad request: {rejection:?}")),
+    };
+    if req.head_len != buf.len() {
+        return Err("bytes after the request head before the 101".into());
+    }
+    let mut out = Vec::with_capacity(256);
+    match handshake::validate_upgrade(&req) {
+        Ok(up) => {
+            handshake::write_switching_protocols(&mut out, up.key, None, None, std::iter::empty());
+            stream
+                .write_all(&out)
+                .await
+                .map_err(|e| format!("writing the 101: {e}"))?;
+        }
+        Err(rejection) => {
+            rejection.write_response(&mut out);
+            let _ = stream.write_all(&out).await;
+            return Err(format!("rejected upgrade: {rejection:?}"));
+        }
+    }
+    Ok(WebSocket::after_handshake(stream, Role::Server))
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("fastwebsockets-echo: {e}");
+            std::process::exit(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("tokio runtime");
+    let res: std::io::Result<()> = rt.block_on(async move {
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], args.port))).await?;
+        let addr = listener.local_addr()?;
+        let mut stdout = std::io::stdout();
+        writeln!(
+            stdout,
+            "listening on {addr} (fastwebsockets 0.10, {} handshake)",
+            if args.raw_handshake { "raw" } else { "hyper" }
+        )?;
+        stdout.flush()?;
+        let verbose = args.verbose;
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and the like: say so, back off, keep serving.
+                    eprintln!("fastwebsockets-echo: accept: {e}");
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            if args.raw_handshake {
+                tokio::spawn(tokio::task::unconstrained(async move {
+                    match raw_upgrade(stream).await {
+                        Ok(ws) => {
+                            if let Err(e) = echo(ws).await
+                                && (verbose || !is_disconnect(&e))
+                            {
+                                eprintln!("fastwebsockets-echo: connection error: {e}");
+                            }
+                        }
+                        Err(e) => eprintln!("fastwebsockets-echo: handshake: {e}"),
+                    }
+                }));
+            } else {
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let conn = http1::Builder::new()
+                        .serve_connection(io, service_fn(move |req| server_upgrade(req, verbose)))
+                        .with_upgrades();
+                    if let Err(e) = conn.await
+                        && verbose
+                    {
+                        eprintln!("fastwebsockets-echo: http: {e}");
+                    }
+                });
+            }
+        }
+    });
+    if let Err(e) = res {
+        eprintln!("fastwebsockets-echo: {e}");
+        std::process::exit(1);
+    }
+}

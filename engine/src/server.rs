@@ -1,0 +1,551 @@
+//! The server: binds the listeners, starts one shard thread per core, and drains.
+//!
+//! ```no_run
+//! use engine::Server;
+//! # struct Echo;
+//! # impl handler_api::Websocket for Echo {
+//! #     type State = ();
+//! #     type Message = ();
+//! #     fn init(&self, _: &mut handler_api::Conn, _: &mut handler_api::Context<'_, ()>) {}
+//! #     fn handle_client_message(&self, _: &mut (), _: handler_api::Message<'_>, _: &mut handler_api::Context<'_, ()>) {}
+//! #     fn handle_server_message(&self, _: &mut (), _: (), _: &mut handler_api::Context<'_, ()>) {}
+//! # }
+//! let server = Server::builder()
+//!     .listen("127.0.0.1:8080".parse().unwrap())
+//!     .mount("/echo", Echo)
+//!     .build()?;
+//! let handle = server.handle(); // handle.drain() from a signal handler thread
+//! server.run()?; // returns once every shard has drained
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Binding
+//!
+//! Each shard gets its own `SO_REUSEPORT` listener on every address, so the kernel
+//! spreads new connections over the shards and no accept is shared between threads.
+//! Port 0 is resolved once: the first listener picks the port, the others bind it.
+//!
+//! # Draining
+//!
+//! [`ServerHandle::drain`] sets a flag that every shard reads once per loop turn (at
+//! least once per timer tick, 64 ms). A draining shard stops accepting and closes its
+//! listeners, sends close 1001 "server shutting down; please reconnect" to its
+//! connections spread over [`Limits::drain_window`], waits for the closing handshakes
+//! (at most [`Limits::closing_timeout`] more), closes whatever is still open, and exits.
+//! [`Server::run`] returns when every shard has exited.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use handler_api::Websocket;
+
+use crate::config::{Limits, default_max_connections};
+use crate::gear::App;
+use crate::route::InvalidRoute;
+use crate::shard::{self, ShardCounters, ShardSetup, ShardStats, ShardTuning};
+use crate::uring::probe::{Features, Unavailable};
+use crate::uring::{bind_reuseport, probe};
+
+/// The most shards a server may have: a connection id keeps the shard in 8 bits.
+pub const MAX_SHARDS: usize = 256;
+
+/// What the shards share: the drain flag, the clock and the counters.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    draining: AtomicBool,
+    epoch: Instant,
+    pub(crate) stats: Box<[ShardStats]>,
+}
+
+impl Shared {
+    /// Milliseconds on the server's monotonic clock (the sessions' time).
+    pub(crate) fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+}
+
+/// Why a server could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// io_uring cannot be used here; the message says why and how to fix it.
+    Uring(Unavailable),
+    /// io_uring works but lacks an operation the engine needs (the kernel is too old).
+    MissingFeatures(Features),
+    /// No address to listen on was given.
+    NoListenAddress,
+    /// The shard count is 0 or above [`MAX_SHARDS`].
+    InvalidShards(usize),
+    /// A listener could not be bound.
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error of `socket`, `bind` or `listen`.
+        source: io::Error,
+    },
+    /// A gear's route pattern is invalid or mounted twice.
+    Route(InvalidRoute),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Uring(err) => err.fmt(f),
+            StartError::MissingFeatures(features) => write!(
+                f,
+                "io_uring lacks operations the engine needs (multishot accept and recv, \
+                 send, close, IORING_FEAT_EXT_ARG, IORING_FEAT_NODROP); kythera needs \
+                 Linux 6.1 or later: {features:?}"
+            ),
+            StartError::NoListenAddress => f.write_str("no address to listen on"),
+            StartError::InvalidShards(n) => {
+                write!(f, "invalid shard count {n}: must be 1 to {MAX_SHARDS}")
+            }
+            StartError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            StartError::Route(err) => err.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StartError::Uring(err) => Some(err),
+            StartError::Bind { source, .. } => Some(source),
+            StartError::Route(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+/// Why a running server stopped with an error.
+#[derive(Debug)]
+pub enum RunError {
+    /// A shard thread could not be started.
+    Spawn(io::Error),
+    /// A shard failed (its ring could not be set up, or a submission failed); the other
+    /// shards were drained.
+    Shard {
+        /// The shard's index.
+        shard: usize,
+        /// What failed.
+        source: io::Error,
+    },
+    /// A shard thread panicked (a bug in the engine: gear panics are caught per
+    /// connection); the other shards were drained.
+    ShardPanicked {
+        /// The shard's index.
+        shard: usize,
+    },
+    /// The thread of [`Server::spawn`] panicked.
+    ServerPanicked,
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RunError::Spawn(err) => write!(f, "cannot start a shard thread: {err}"),
+            RunError::Shard { shard, source } => write!(f, "shard {shard} failed: {source}"),
+            RunError::ShardPanicked { shard } => write!(f, "shard {shard} panicked"),
+            RunError::ServerPanicked => f.write_str("the server thread panicked"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RunError::Spawn(err) | RunError::Shard { source: err, .. } => Some(err),
+            RunError::ShardPanicked { .. } | RunError::ServerPanicked => None,
+        }
+    }
+}
+
+/// Configures a [`Server`]; see [`Server::builder`].
+pub struct ServerBuilder {
+    addrs: Vec<SocketAddr>,
+    shards: Option<usize>,
+    limits: Option<Limits>,
+    tuning: ShardTuning,
+    app: App,
+    route_error: Option<InvalidRoute>,
+}
+
+impl fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("addrs", &self.addrs)
+            .field("shards", &self.shards)
+            .field("limits", &self.limits)
+            .field("tuning", &self.tuning)
+            .field("app", &self.app)
+            .finish()
+    }
+}
+
+impl ServerBuilder {
+    /// Listens on `addr` (may be given several times). Port 0 picks a free port; see
+    /// [`Server::local_addrs`].
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.addrs.push(addr);
+        self
+    }
+
+    /// The number of shards (threads, each pinned to a core). Default: the number of
+    /// CPUs this process may use.
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = Some(shards);
+        self
+    }
+
+    /// The limits of every connection. Default: [`Limits::default`], with the
+    /// per-gear connection limit sized to the shard count
+    /// ([`default_max_connections`]).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// Sizes of the shards' io_uring resources (buffers, queues, timer tick).
+    pub fn tuning(mut self, tuning: ShardTuning) -> Self {
+        self.tuning = tuning;
+        self
+    }
+
+    /// Mounts `gear` on the path `pattern` (see [`crate::route`]), with the default
+    /// connection limit.
+    pub fn mount<G: Websocket>(self, pattern: &str, gear: G) -> Self {
+        self.mount_inner(pattern, gear, None)
+    }
+
+    /// Mounts `gear` on `pattern` with at most `max_connections` connections across all
+    /// shards (over it: HTTP 503 `TooManyWebsocketConnections`).
+    pub fn mount_with_limit<G: Websocket>(
+        self,
+        pattern: &str,
+        gear: G,
+        max_connections: usize,
+    ) -> Self {
+        self.mount_inner(pattern, gear, Some(max_connections))
+    }
+
+    fn mount_inner<G: Websocket>(
+        mut self,
+        pattern: &str,
+        gear: G,
+        max_connections: Option<usize>,
+    ) -> Self {
+        if let Err(err) = self.app.mount(pattern, gear, max_connections) {
+            self.route_error.get_or_insert(err);
+        }
+        self
+    }
+
+    /// Checks that io_uring is usable and binds the listeners (one per shard and
+    /// address). Nothing is accepted before [`Server::run`], but connections wait in
+    /// the listeners' backlogs from now on.
+    pub fn build(self) -> Result<Server, StartError> {
+        let ServerBuilder {
+            addrs,
+            shards,
+            limits,
+            tuning,
+            mut app,
+            route_error,
+        } = self;
+        if let Some(err) = route_error {
+            return Err(StartError::Route(err));
+        }
+        if addrs.is_empty() {
+            return Err(StartError::NoListenAddress);
+        }
+        let shards = shards.unwrap_or_else(default_shards);
+        if shards == 0 || shards > MAX_SHARDS {
+            return Err(StartError::InvalidShards(shards));
+        }
+        let features = probe_off_thread().map_err(StartError::Uring)?;
+        if !features.is_sufficient() {
+            return Err(StartError::MissingFeatures(features));
+        }
+        app.set_limits(limits.unwrap_or_else(|| Limits {
+            max_connections_per_gear: default_max_connections(shards),
+            ..Limits::default()
+        }));
+
+        let mut listeners: Vec<Vec<TcpListener>> = (0..shards).map(|_| Vec::new()).collect();
+        let mut local_addrs = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let bind = |addr: SocketAddr| {
+                bind_reuseport(addr, tuning.backlog)
+                    .map_err(|source| StartError::Bind { addr, source })
+            };
+            let first = bind(addr)?;
+            let actual = first
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?;
+            listeners[0].push(first);
+            for shard in listeners.iter_mut().skip(1) {
+                shard.push(bind(actual)?);
+            }
+            local_addrs.push(actual);
+        }
+        let shared = Arc::new(Shared {
+            draining: AtomicBool::new(false),
+            epoch: Instant::now(),
+            stats: (0..shards).map(|_| ShardStats::default()).collect(),
+        });
+        Ok(Server {
+            app: Arc::new(app),
+            listeners,
+            local_addrs,
+            shared,
+            tuning,
+            features,
+        })
+    }
+}
+
+/// Runs the io_uring probe on a thread of its own. When a ring is torn down, the kernel
+/// queues work with `TWA_SIGNAL` to every thread that used it, and a blocking socket
+/// call with a timeout in that thread fails with `EINTR`: the caller of
+/// [`ServerBuilder::build`] should not get that surprise.
+fn probe_off_thread() -> Result<Features, Unavailable> {
+    match std::thread::Builder::new()
+        .name("kythera-probe".into())
+        .spawn(probe)
+    {
+        Ok(thread) => thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+        Err(_) => probe(),
+    }
+}
+
+/// The number of CPUs this process may run on.
+fn default_shards() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A server whose listeners are bound; [`Server::run`] starts the shards.
+pub struct Server {
+    app: Arc<App>,
+    listeners: Vec<Vec<TcpListener>>,
+    local_addrs: Vec<SocketAddr>,
+    shared: Arc<Shared>,
+    tuning: ShardTuning,
+    features: Features,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addrs", &self.local_addrs)
+            .field("shards", &self.listeners.len())
+            .field("features", &self.features)
+            .field("app", &self.app)
+            .finish()
+    }
+}
+
+impl Server {
+    /// A builder with no address, no gear, default limits and one shard per CPU.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder {
+            addrs: Vec::new(),
+            shards: None,
+            limits: None,
+            tuning: ShardTuning::default(),
+            app: App::new(Limits::default()),
+            route_error: None,
+        }
+    }
+
+    /// The bound addresses, in the order given to [`ServerBuilder::listen`] (with the
+    /// port picked for port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.local_addrs.clone()
+    }
+
+    /// The number of shards.
+    pub fn shards(&self) -> usize {
+        self.listeners.len()
+    }
+
+    /// What the io_uring probe found.
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    /// The gears and limits.
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// A handle to drain the server from another thread.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Runs the shards on this thread's behalf and blocks until all of them have drained
+    /// (after [`ServerHandle::drain`]) and exited. If one shard fails, the others are
+    /// drained and the first error is returned.
+    pub fn run(self) -> Result<(), RunError> {
+        let Server {
+            app,
+            listeners,
+            shared,
+            tuning,
+            ..
+        } = self;
+        let mut threads: Vec<(usize, JoinHandle<io::Result<()>>)> = Vec::new();
+        let mut first_error = None;
+        for (index, listeners) in listeners.into_iter().enumerate() {
+            let setup = ShardSetup {
+                index,
+                listeners,
+                app: Arc::clone(&app),
+                shared: Arc::clone(&shared),
+                tuning,
+            };
+            let shared_for_thread = Arc::clone(&shared);
+            let spawned = std::thread::Builder::new()
+                .name(format!("kythera-shard-{index}"))
+                .spawn(move || {
+                    let result = shard::run(setup);
+                    if result.is_err() {
+                        // One shard down: take the others down gracefully too.
+                        shared_for_thread.drain();
+                    }
+                    result
+                });
+            match spawned {
+                Ok(handle) => threads.push((index, handle)),
+                Err(err) => {
+                    shared.drain();
+                    first_error = Some(RunError::Spawn(err));
+                    break;
+                }
+            }
+        }
+        for (shard, handle) in threads {
+            let result = match handle.join() {
+                Ok(Ok(())) => continue,
+                Ok(Err(source)) => RunError::Shard { shard, source },
+                Err(_) => {
+                    shared.drain();
+                    RunError::ShardPanicked { shard }
+                }
+            };
+            first_error.get_or_insert(result);
+        }
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs the server on a background thread (for tests and embedding). Dropping the
+    /// returned [`RunningServer`] drains it and waits for it.
+    pub fn spawn(self) -> RunningServer {
+        let addrs = self.local_addrs();
+        let handle = self.handle();
+        let thread = std::thread::Builder::new()
+            .name("kythera-server".into())
+            .spawn(move || self.run())
+            .expect("spawn the server thread");
+        RunningServer {
+            addrs,
+            handle,
+            thread: Some(thread),
+        }
+    }
+}
+
+/// Drains a server from any thread. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+}
+
+impl ServerHandle {
+    /// Starts a graceful drain (see the module docs). Calling it again does nothing.
+    pub fn drain(&self) {
+        self.shared.drain();
+    }
+
+    /// Whether a drain has started.
+    pub fn is_draining(&self) -> bool {
+        self.shared.is_draining()
+    }
+
+    /// The counters of each shard, in shard order.
+    pub fn stats(&self) -> Vec<ShardCounters> {
+        self.shared.stats.iter().map(ShardStats::snapshot).collect()
+    }
+}
+
+/// A server running on a background thread ([`Server::spawn`]). Dropping it drains the
+/// server and waits for it, so a test stops whatever it starts.
+#[derive(Debug)]
+pub struct RunningServer {
+    addrs: Vec<SocketAddr>,
+    handle: ServerHandle,
+    thread: Option<JoinHandle<Result<(), RunError>>>,
+}
+
+impl RunningServer {
+    /// The bound addresses.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The first bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// A handle to drain it.
+    pub fn handle(&self) -> &ServerHandle {
+        &self.handle
+    }
+
+    /// Waits until the server has stopped (someone must drain it) and returns how
+    /// [`Server::run`] ended.
+    pub fn join(mut self) -> Result<(), RunError> {
+        self.wait()
+    }
+
+    /// Drains the server and waits until it has stopped.
+    pub fn stop(self) -> Result<(), RunError> {
+        self.handle.drain();
+        self.join()
+    }
+
+    fn wait(&mut self) -> Result<(), RunError> {
+        match self.thread.take() {
+            Some(thread) => thread.join().unwrap_or(Err(RunError::ServerPanicked)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.handle.drain();
+        let _ = self.wait();
+    }
+}

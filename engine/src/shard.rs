@@ -1,0 +1,1311 @@
+//! One shard: a thread pinned to a core, with its own io_uring ring, provided-buffer
+//! ring, direct-descriptor table, listeners and connections. Shards share nothing but
+//! the [`App`] (gears, limits, per-gear counters) and the drain flag.
+//!
+//! The loop has the shape of [`crate::uring::echo`] and keeps its rules, with a
+//! [`Session`] between recv and send:
+//!
+//! 1. submit what is queued and wait for a completion or the next timer tick;
+//! 2. handle every completion: accepts create connections, recvs feed sessions with
+//!    bytes borrowed from the buffer ring (recycled right after), sends complete;
+//! 3. fire the timers that are due ([`TimerWheel`], lazy cancellation);
+//! 4. on drain, start closes (1001) spread over the drain window;
+//! 5. re-arm the recvs that ended with `ENOBUFS` (their buffers are back by now);
+//! 6. for every connection touched in this iteration: start a send of everything its
+//!    session queued (one send in flight per connection, so several frames go out in
+//!    one send), schedule its next deadline, and close it when it is finished.
+//!
+//! # Lifecycle of a connection
+//!
+//! accept → `getsockopt(SO_PEERNAME)` (also on direct descriptors) → [`Session::new`]
+//! and a multishot recv → ... → the session says [`Session::should_close`] → once no
+//! send is in flight: `shutdown(SHUT_RDWR)` if the recv is still armed (it then ends)
+//! → `close` once nothing of the connection is in flight → the slot is freed when the
+//! close completes, so no completion can ever arrive for a slot that was reused. A send
+//! that does not complete within the closing timeout after the session finished (a
+//! peer that stopped reading) is ended by the same shutdown.
+//!
+//! # Running out of descriptors or memory
+//!
+//! An accept that fails with `EMFILE`, `ENFILE` (also: the direct-descriptor table is
+//! full), `ENOMEM` or `ENOBUFS` is not re-armed at once but after
+//! [`ShardTuning::accept_backoff_ms`], through the timer wheel, so the core does not spin
+//! while open connections keep working. With direct descriptors the kernel has already
+//! taken the connection off the backlog when it finds the table full, and closes it.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use handler_api::ConnId;
+use io_uring::cqueue;
+use io_uring::opcode;
+use io_uring::squeue;
+use io_uring::types::CancelBuilder;
+use tracing::{debug, info, warn};
+
+use crate::gear::App;
+use crate::server::Shared;
+use crate::session::Session;
+use crate::timer::{self, TimerWheel};
+use crate::uring::buf_ring::BufRing;
+use crate::uring::completion::{Op, UserData, buffer_id, has_more};
+use crate::uring::net::{Socket, accept_multi};
+use crate::uring::ring::Ring;
+
+/// Sizes and delays of a shard's io_uring resources and loop. The defaults serve; tests
+/// shrink them to reach the edges (an empty buffer ring, a full descriptor table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardTuning {
+    /// Submission queue entries.
+    pub sq_entries: u32,
+    /// Completion queue entries: multishot recvs post many completions per submission.
+    pub cq_entries: u32,
+    /// Buffers in the provided-buffer ring (a power of two, at most 32768).
+    pub buf_entries: u16,
+    /// Bytes per receive buffer.
+    pub buf_size: u32,
+    /// Slots of the registered file table (direct descriptors): `None` sizes it to the
+    /// open-file limit minus a margin, `Some(0)` uses plain file descriptors.
+    pub direct_slots: Option<u32>,
+    /// Timer tick: timers fire at most this late, and the loop wakes at least this often
+    /// (so a drain is noticed within a tick).
+    pub tick_ms: u64,
+    /// Slots of the timer wheel (a round is `tick_ms * timer_slots`).
+    pub timer_slots: usize,
+    /// How long an accept that failed for lack of descriptors or memory waits before it
+    /// is armed again.
+    pub accept_backoff_ms: u64,
+    /// The listen backlog of each listener (the kernel caps it at `net.core.somaxconn`).
+    pub backlog: i32,
+}
+
+impl Default for ShardTuning {
+    fn default() -> Self {
+        ShardTuning {
+            sq_entries: 1024,
+            cq_entries: 16 * 1024,
+            buf_entries: 1024,
+            buf_size: 4096,
+            direct_slots: None,
+            tick_ms: timer::DEFAULT_TICK_MS,
+            timer_slots: timer::DEFAULT_SLOTS,
+            accept_backoff_ms: 100,
+            backlog: 4096,
+        }
+    }
+}
+
+/// Descriptors kept out of the direct table's size: the ring, listeners, logs.
+const DIRECT_SLOTS_MARGIN: usize = 64;
+/// The kernel's bound on a registered file table (`IORING_MAX_FIXED_FILES`).
+const MAX_DIRECT_SLOTS: usize = 1 << 20;
+/// After the drain window and the closing timeout, how long to wait for the forced
+/// closes to complete before giving up on them.
+const FORCED_CLOSE_GRACE_MS: u64 = 2_000;
+
+/// A shard's counters, written by its thread only (relaxed atomics), readable from any
+/// thread.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    accepted: AtomicU64,
+    closed: AtomicU64,
+    accept_errors: AtomicU64,
+    accept_backoffs: AtomicU64,
+    enobufs: AtomicU64,
+    recv_rearms: AtomicU64,
+    partial_sends: AtomicU64,
+    forced_closes: AtomicU64,
+    bytes_received: AtomicU64,
+    bytes_sent: AtomicU64,
+    loop_iterations: AtomicU64,
+    submissions: AtomicU64,
+}
+
+/// A snapshot of a shard's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardCounters {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Connections whose socket close completed.
+    pub closed: u64,
+    /// Accept completions with an error.
+    pub accept_errors: u64,
+    /// Accepts put off for lack of descriptors or memory.
+    pub accept_backoffs: u64,
+    /// Recvs that ended because the buffer ring was empty.
+    pub enobufs: u64,
+    /// Multishot recvs armed again after they ended.
+    pub recv_rearms: u64,
+    /// Sends that sent less than asked and were continued.
+    pub partial_sends: u64,
+    /// Connections shut down without waiting any longer for their sends (a peer that
+    /// stopped reading, or the end of a drain).
+    pub forced_closes: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Bytes sent.
+    pub bytes_sent: u64,
+    /// Turns of the loop.
+    pub loop_iterations: u64,
+    /// Operations submitted.
+    pub submissions: u64,
+}
+
+impl ShardCounters {
+    /// Connections accepted and not yet closed.
+    pub fn open(&self) -> u64 {
+        self.accepted.saturating_sub(self.closed)
+    }
+}
+
+impl ShardStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> ShardCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ShardCounters {
+            accepted: get(&self.accepted),
+            closed: get(&self.closed),
+            accept_errors: get(&self.accept_errors),
+            accept_backoffs: get(&self.accept_backoffs),
+            enobufs: get(&self.enobufs),
+            recv_rearms: get(&self.recv_rearms),
+            partial_sends: get(&self.partial_sends),
+            forced_closes: get(&self.forced_closes),
+            bytes_received: get(&self.bytes_received),
+            bytes_sent: get(&self.bytes_sent),
+            loop_iterations: get(&self.loop_iterations),
+            submissions: get(&self.submissions),
+        }
+    }
+}
+
+/// Adds to a counter that only this shard's thread writes.
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(by),
+        Ordering::Relaxed,
+    );
+}
+
+/// What a shard thread is given.
+pub(crate) struct ShardSetup {
+    pub index: usize,
+    pub listeners: Vec<TcpListener>,
+    pub app: Arc<App>,
+    pub shared: Arc<Shared>,
+    pub tuning: ShardTuning,
+}
+
+/// The body of a shard thread: pins it, sets the shard up and runs it until it has
+/// drained.
+pub(crate) fn run(setup: ShardSetup) -> io::Result<()> {
+    pin_to_core(setup.index);
+    let mut shard = Shard::new(setup)?;
+    let result = shard.run();
+    if let Err(err) = &result {
+        tracing::error!(shard = shard.index, error = %err, "shard failed");
+    }
+    result
+}
+
+/// Pins the calling thread to the `shard`-th CPU it may run on (modulo their count).
+/// Failure (a restricted container, say) is ignored: the shard runs unpinned.
+fn pin_to_core(shard: usize) {
+    // SAFETY: cpu_set_t is plain old data; all zeroes is the empty set.
+    let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()` bytes into the
+    // set, which lives on this stack.
+    let ok = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut allowed) };
+    if ok != 0 {
+        return;
+    }
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu < CPU_SETSIZE`, the size of the set.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &allowed) })
+        .collect();
+    let Some(&cpu) = cpus.get(shard % cpus.len().max(1)) else {
+        return;
+    };
+    // SAFETY: as above, plain old data.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu < CPU_SETSIZE`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: sched_setaffinity reads the set, which lives on this stack; thread 0 is
+    // the calling thread.
+    let res = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    if res != 0 {
+        debug!(shard, cpu, "could not pin the shard thread");
+    }
+}
+
+/// The ring and the count of operations in flight: every push goes through here.
+struct Io {
+    ring: Ring,
+    /// Operations submitted whose last completion has not arrived.
+    in_flight: usize,
+    shared: Arc<Shared>,
+    shard: usize,
+}
+
+impl Io {
+    /// # Safety
+    ///
+    /// As [`Ring::push`]: whatever the entry points to stays valid until its last
+    /// completion.
+    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        // SAFETY: passed on to the caller.
+        unsafe { self.ring.push(entry) }?;
+        self.in_flight += 1;
+        bump(&self.shared.stats[self.shard].submissions, 1);
+        Ok(())
+    }
+
+    /// Cancels every operation with `user_data` (a cancellation points to no memory).
+    fn cancel(&mut self, user_data: u64) -> io::Result<()> {
+        let entry = opcode::AsyncCancel2::new(CancelBuilder::user_data(user_data).all())
+            .build()
+            .user_data(UserData::new(Op::Cancel, 0).encode());
+        // SAFETY: a cancellation points to no memory.
+        unsafe { self.push(&entry) }
+    }
+}
+
+/// A listener and the state of its multishot accept.
+struct Listener {
+    /// `None` once closed (drain).
+    socket: Option<TcpListener>,
+    ipv6: bool,
+    armed: bool,
+    /// The last accept failed for lack of resources: re-arm after the back-off.
+    backoff_needed: bool,
+    /// A back-off timer is pending.
+    backing_off: bool,
+    /// Resource failures since the last successful accept (for light logging).
+    failure_streak: u64,
+}
+
+/// The peer address as `getsockopt(SO_PEERNAME)` writes it; boxed so that its address
+/// stays put while the operation is in flight.
+struct PeerBuf(libc::sockaddr_storage);
+
+/// Bytes handed to a send: owned here until the send's completion.
+struct InFlightSend {
+    bytes: Vec<u8>,
+    sent: usize,
+}
+
+struct Conn {
+    socket: Socket,
+    /// Distinguishes this connection from earlier ones in the same slot (timers).
+    generation: u32,
+    /// `None` while the peer address is read, and for a connection accepted during a
+    /// drain (closed at once).
+    session: Option<Session>,
+    /// The `SO_PEERNAME` operation is in flight, writing into this buffer.
+    peer_buf: Option<Box<PeerBuf>>,
+    recv_armed: bool,
+    /// The recv saw end-of-file or an error: never re-armed.
+    recv_ended: bool,
+    sending: Option<InFlightSend>,
+    shutdown_sent: bool,
+    shutdown_in_flight: bool,
+    close_sent: bool,
+    /// Stop waiting for sends: shut down and close.
+    forced: bool,
+    force_scheduled: bool,
+    /// The deadline of the timer entry that stands for this connection, if any.
+    scheduled_ms: Option<u64>,
+    touched: bool,
+}
+
+impl Conn {
+    /// Whether the connection is to be closed (by the session, or by force).
+    fn finished(&self) -> bool {
+        if self.forced {
+            return true;
+        }
+        match &self.session {
+            Some(session) => session.should_close(),
+            None => self.peer_buf.is_none(),
+        }
+    }
+
+    /// The session, while the shard still talks to it.
+    fn live_session(&mut self) -> Option<&mut Session> {
+        if self.forced {
+            return None;
+        }
+        self.session.as_mut().filter(|s| !s.should_close())
+    }
+
+    fn user_data(&self, op: Op, index: u32) -> u64 {
+        UserData {
+            op,
+            index,
+            tag: self.generation,
+        }
+        .encode()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimerKey {
+    /// A session deadline.
+    Session { index: u32, generation: u32 },
+    /// The session finished but a send is still in flight: stop waiting for it.
+    ForceClose { index: u32, generation: u32 },
+    /// Arm a listener's accept again after a back-off.
+    AcceptRetry { listener: u32 },
+}
+
+/// The progress of a drain on this shard.
+struct Drain {
+    started_ms: u64,
+    /// Connections to send the drain close to, in order.
+    queue: VecDeque<(u32, u32)>,
+    total: usize,
+    forced: bool,
+}
+
+struct Shard {
+    index: usize,
+    io: Io,
+    bufs: BufRing,
+    direct: bool,
+    app: Arc<App>,
+    shared: Arc<Shared>,
+    tuning: ShardTuning,
+    listeners: Vec<Listener>,
+    conns: Vec<Option<Conn>>,
+    open: usize,
+    next_seq: u64,
+    next_generation: u32,
+    timers: TimerWheel<TimerKey>,
+    fired: Vec<timer::Entry<TimerKey>>,
+    cqes: Vec<cqueue::Entry>,
+    touched: Vec<u32>,
+    rearm: Vec<u32>,
+    drain: Option<Drain>,
+    now_ms: u64,
+}
+
+/// The buffer group of every shard's buffer ring (each shard has its own ring).
+const BGID: u16 = 0;
+
+fn conn_in(conns: &mut [Option<Conn>], index: u32) -> Option<&mut Conn> {
+    conns.get_mut(index as usize)?.as_mut()
+}
+
+impl Shard {
+    fn new(setup: ShardSetup) -> io::Result<Shard> {
+        let ShardSetup {
+            index,
+            listeners,
+            app,
+            shared,
+            tuning,
+        } = setup;
+        let ring = Ring::with_cq_entries(tuning.sq_entries, tuning.cq_entries)
+            .map_err(io::Error::other)?;
+        let bufs = BufRing::new(&ring, BGID, tuning.buf_entries, tuning.buf_size)?;
+        let slots = match tuning.direct_slots {
+            Some(n) => n as usize,
+            None => crate::uring::probe::open_file_limit()
+                .unwrap_or(1024)
+                .saturating_sub(DIRECT_SLOTS_MARGIN)
+                .min(MAX_DIRECT_SLOTS),
+        };
+        let direct = slots > 0
+            && match ring.submitter().register_files_sparse(slots as u32) {
+                Ok(()) => true,
+                Err(err) => {
+                    warn!(shard = index, slots, error = %err, "no direct descriptors; using plain file descriptors");
+                    false
+                }
+            };
+        info!(
+            shard = index,
+            ring = %ring.flags(),
+            direct_slots = if direct { slots } else { 0 },
+            buffers = tuning.buf_entries,
+            buffer_bytes = tuning.buf_size,
+            "shard started"
+        );
+        let now_ms = shared.now_ms();
+        let listeners = listeners
+            .into_iter()
+            .map(|l| Listener {
+                ipv6: l.local_addr().map(|a| a.is_ipv6()).unwrap_or(false),
+                socket: Some(l),
+                armed: false,
+                backoff_needed: false,
+                backing_off: false,
+                failure_streak: 0,
+            })
+            .collect();
+        Ok(Shard {
+            index,
+            io: Io {
+                ring,
+                in_flight: 0,
+                shared: Arc::clone(&shared),
+                shard: index,
+            },
+            bufs,
+            direct,
+            app,
+            timers: TimerWheel::new(tuning.tick_ms, tuning.timer_slots, now_ms),
+            shared,
+            tuning,
+            listeners,
+            conns: Vec::new(),
+            open: 0,
+            next_seq: 0,
+            next_generation: 0,
+            fired: Vec::new(),
+            cqes: Vec::new(),
+            touched: Vec::new(),
+            rearm: Vec::new(),
+            drain: None,
+            now_ms,
+        })
+    }
+
+    fn stats(&self) -> &ShardStats {
+        &self.shared.stats[self.index]
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        for listener in 0..self.listeners.len() as u32 {
+            self.arm_accept(listener)?;
+        }
+        loop {
+            let wait_ms = self.timers.until_next_tick_ms(self.now_ms);
+            match self.io.ring.wait(1, Duration::from_millis(wait_ms)) {
+                Ok(_) => {}
+                // The completion queue overflowed: drain it below, then submit again.
+                Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(err) => return Err(err),
+            }
+            self.now_ms = self.shared.now_ms();
+            self.turn()?;
+            bump(&self.stats().loop_iterations, 1);
+            if self.drained() {
+                break;
+            }
+        }
+        info!(shard = self.index, "shard drained");
+        Ok(())
+    }
+
+    /// One iteration after the wait: completions, timers, drain, re-arms, sends.
+    fn turn(&mut self) -> io::Result<()> {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        self.io.ring.drain_completions(&mut cqes);
+        for cqe in cqes.drain(..) {
+            self.complete(&cqe)?;
+        }
+        self.cqes = cqes;
+
+        let mut fired = std::mem::take(&mut self.fired);
+        self.timers.advance(self.now_ms, &mut fired);
+        for entry in fired.drain(..) {
+            self.on_timer(entry)?;
+        }
+        self.fired = fired;
+
+        if self.drain.is_none() && self.shared.is_draining() {
+            self.start_drain()?;
+        }
+        if self.drain.is_some() {
+            self.drain_step();
+        }
+
+        for index in std::mem::take(&mut self.rearm) {
+            self.arm_recv(index)?;
+        }
+        let mut touched = std::mem::take(&mut self.touched);
+        for index in touched.drain(..) {
+            self.flush(index)?;
+        }
+        self.touched = touched;
+        Ok(())
+    }
+
+    fn touch(&mut self, index: u32) {
+        if let Some(conn) = conn_in(&mut self.conns, index) {
+            if !conn.touched {
+                conn.touched = true;
+                self.touched.push(index);
+            }
+        }
+    }
+
+    fn complete(&mut self, cqe: &cqueue::Entry) -> io::Result<()> {
+        let more = has_more(cqe.flags());
+        if !more {
+            self.io.in_flight -= 1;
+        }
+        let Some(ud) = UserData::decode(cqe.user_data()) else {
+            debug_assert!(false, "unknown user_data {:#x}", cqe.user_data());
+            return Ok(());
+        };
+        let res = cqe.result();
+        if !matches!(ud.op, Op::Accept | Op::Cancel) {
+            debug_assert_eq!(
+                self.conns
+                    .get(ud.index as usize)
+                    .and_then(|c| c.as_ref())
+                    .map(|c| c.generation),
+                Some(ud.tag),
+                "{:?} completion for slot {} of another connection",
+                ud.op,
+                ud.index
+            );
+        }
+        match ud.op {
+            Op::Accept => self.on_accept(ud.index, res, more),
+            Op::Recv => self.on_recv(ud.index, res, cqe.flags(), more),
+            Op::Send => self.on_send(ud.index, res),
+            Op::PeerName => self.on_peer_name(ud.index, res),
+            Op::Shutdown => self.on_shutdown(ud.index, res),
+            Op::Close => {
+                self.on_close(ud.index, res);
+                Ok(())
+            }
+            Op::Cancel => Ok(()),
+        }
+    }
+
+    // ----- accept -----
+
+    fn arm_accept(&mut self, listener: u32) -> io::Result<()> {
+        let direct = self.direct;
+        let Some(l) = self.listeners.get_mut(listener as usize) else {
+            return Ok(());
+        };
+        let Some(socket) = &l.socket else {
+            return Ok(());
+        };
+        if l.armed || l.backing_off {
+            return Ok(());
+        }
+        let entry = accept_multi(socket.as_raw_fd(), direct)
+            .user_data(UserData::new(Op::Accept, listener).encode());
+        l.armed = true;
+        // SAFETY: the accept points to no memory (no address buffer); the listener it
+        // reads stays open until the accept's last completion (see `on_accept`).
+        unsafe { self.io.push(&entry) }
+    }
+
+    fn on_accept(&mut self, listener: u32, res: i32, more: bool) -> io::Result<()> {
+        if res >= 0 {
+            bump(&self.stats().accepted, 1);
+            let l = &mut self.listeners[listener as usize];
+            l.failure_streak = 0;
+            let ipv6 = l.ipv6;
+            self.add_conn(Socket::accepted(res, self.direct), ipv6)?;
+        } else {
+            bump(&self.stats().accept_errors, 1);
+            let errno = -res;
+            let accepted = self.stats().accepted.load(Ordering::Relaxed);
+            if self.direct && errno == libc::EINVAL && accepted == 0 {
+                // A kernel without direct accept refuses the request itself.
+                warn!(
+                    shard = self.index,
+                    "direct accept refused; using plain file descriptors"
+                );
+                self.direct = false;
+            } else if matches!(
+                errno,
+                libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS
+            ) {
+                bump(&self.stats().accept_backoffs, 1);
+                let index = self.index;
+                let backoff_ms = self.tuning.accept_backoff_ms;
+                let l = &mut self.listeners[listener as usize];
+                l.backoff_needed = true;
+                l.failure_streak += 1;
+                if l.failure_streak == 1 {
+                    warn!(
+                        shard = index,
+                        error = %io::Error::from_raw_os_error(errno),
+                        backoff_ms,
+                        "accept failed for lack of resources; retrying after a back-off"
+                    );
+                }
+                if more {
+                    // The multishot should have ended; end it so it does not spin.
+                    self.io
+                        .cancel(UserData::new(Op::Accept, listener).encode())?;
+                }
+            } else if errno != libc::ECANCELED {
+                debug!(shard = self.index, errno, "accept failed");
+            }
+        }
+        if !more {
+            let draining = self.drain.is_some();
+            let l = &mut self.listeners[listener as usize];
+            l.armed = false;
+            if draining {
+                l.socket = None;
+            } else if std::mem::take(&mut l.backoff_needed) {
+                l.backing_off = true;
+                let at = self.now_ms + self.tuning.accept_backoff_ms;
+                self.timers.insert(at, TimerKey::AcceptRetry { listener });
+            } else {
+                self.arm_accept(listener)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_conn(&mut self, socket: Socket, ipv6: bool) -> io::Result<()> {
+        let index = socket.index();
+        let slot = index as usize;
+        if self.conns.len() <= slot {
+            self.conns.resize_with(slot + 1, || None);
+        }
+        debug_assert!(self.conns[slot].is_none(), "slot {slot} reused while open");
+        let generation = self.next_generation;
+        self.next_generation = (self.next_generation + 1) & UserData::MAX_TAG;
+        let draining = self.drain.is_some();
+        let peer_buf = (!draining).then(|| {
+            // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+            Box::new(PeerBuf(unsafe { std::mem::zeroed() }))
+        });
+        self.conns[slot] = Some(Conn {
+            socket,
+            generation,
+            session: None,
+            peer_buf,
+            recv_armed: false,
+            recv_ended: false,
+            sending: None,
+            shutdown_sent: false,
+            shutdown_in_flight: false,
+            close_sent: false,
+            forced: false,
+            force_scheduled: false,
+            scheduled_ms: None,
+            touched: false,
+        });
+        self.open += 1;
+        if draining {
+            // Too late: close it without a word.
+            self.touch(index);
+            return Ok(());
+        }
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            return Ok(());
+        };
+        let len = if ipv6 {
+            size_of::<libc::sockaddr_in6>()
+        } else {
+            size_of::<libc::sockaddr_in>()
+        };
+        let buf = conn.peer_buf.as_mut().map(|b| &raw mut b.0);
+        let Some(buf) = buf else { return Ok(()) };
+        let entry = conn
+            .socket
+            .peer_name(buf, len as u32)
+            .user_data(conn.user_data(Op::PeerName, index));
+        // SAFETY: the address buffer is boxed in the connection and dropped only in
+        // `on_peer_name`, at this operation's completion; the connection is not removed
+        // while it is in flight (`begin_close` waits for it).
+        unsafe { self.io.push(&entry) }
+    }
+
+    fn on_peer_name(&mut self, index: u32, res: i32) -> io::Result<()> {
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            return Ok(());
+        };
+        let Some(buf) = conn.peer_buf.take() else {
+            return Ok(());
+        };
+        let peer = if res > 0 {
+            sockaddr_to_std(&buf.0)
+        } else {
+            // Kernels before 6.7 have no getsockopt in io_uring; a plain fd can still be
+            // asked directly.
+            match conn.socket {
+                Socket::Fd(fd) => getpeername(fd),
+                Socket::Fixed(_) => None,
+            }
+        };
+        if self.drain.is_some() {
+            self.touch(index);
+            return Ok(());
+        }
+        let id = ConnId::new(self.index as u8, self.next_seq);
+        self.next_seq += 1;
+        conn.session = Some(Session::new(id, peer, self.now_ms, &self.app));
+        self.touch(index);
+        self.arm_recv(index)
+    }
+
+    // ----- recv -----
+
+    fn arm_recv(&mut self, index: u32) -> io::Result<()> {
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            return Ok(());
+        };
+        if conn.recv_armed || conn.recv_ended || conn.close_sent || conn.finished() {
+            return Ok(());
+        }
+        conn.recv_armed = true;
+        let entry = conn
+            .socket
+            .recv_multi(BGID)
+            .user_data(conn.user_data(Op::Recv, index));
+        // SAFETY: the recv writes only into buffers of `self.bufs`, which stays
+        // registered and mapped while the ring lives (it is dropped after the loop has
+        // waited for every operation, or leaked by its own Drop if unregistering fails).
+        unsafe { self.io.push(&entry) }
+    }
+
+    fn on_recv(&mut self, index: u32, res: i32, flags: u32, more: bool) -> io::Result<()> {
+        let now_ms = self.now_ms;
+        let conn = conn_in(&mut self.conns, index);
+        if let Some(bid) = buffer_id(flags) {
+            let len = usize::try_from(res).unwrap_or(0);
+            // SAFETY: the buffer id comes from this completion of a recv on this ring's
+            // group, and is recycled below before any other completion is handled.
+            let data = unsafe { self.bufs.buffer(bid, len) };
+            if let Some(session) = conn.and_then(Conn::live_session) {
+                session.on_recv(data, now_ms, &self.app);
+            }
+            self.bufs.recycle(bid);
+            bump(&self.shared.stats[self.index].bytes_received, len as u64);
+        }
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            debug_assert!(false, "recv completion for empty slot {index}");
+            return Ok(());
+        };
+        if res == -libc::ENOBUFS {
+            bump(&self.shared.stats[self.index].enobufs, 1);
+        } else if res <= 0 {
+            // End-of-file, or an error (ECANCELED after a failed shutdown).
+            conn.recv_ended = true;
+            let errno = (res < 0).then_some(-res);
+            if let Some(session) = conn.live_session() {
+                session.on_peer_gone(errno, &self.app);
+            }
+        }
+        if !more {
+            conn.recv_armed = false;
+            if !conn.recv_ended {
+                bump(&self.shared.stats[self.index].recv_rearms, 1);
+                self.rearm.push(index);
+            }
+        }
+        self.touch(index);
+        Ok(())
+    }
+
+    // ----- send -----
+
+    /// Submits the unsent part of the connection's send.
+    fn submit_send(&mut self, index: u32) -> io::Result<()> {
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            return Ok(());
+        };
+        let Some(send) = &conn.sending else {
+            return Ok(());
+        };
+        let rest = &send.bytes[send.sent..];
+        let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+        let entry = conn
+            .socket
+            .send(rest.as_ptr(), len)
+            .user_data(conn.user_data(Op::Send, index));
+        // SAFETY: the bytes are owned by `conn.sending`, which is neither touched nor
+        // dropped until this send's completion (`on_send`); the connection is not
+        // removed while a send is in flight (`begin_close`), and the shard's Drop leaks
+        // them if it could not wait for the completion.
+        unsafe { self.io.push(&entry) }
+    }
+
+    fn on_send(&mut self, index: u32, res: i32) -> io::Result<()> {
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            debug_assert!(false, "send completion for empty slot {index}");
+            return Ok(());
+        };
+        let Some(mut send) = conn.sending.take() else {
+            debug_assert!(false, "send completion without a send on {index}");
+            return Ok(());
+        };
+        let stats = &self.shared.stats[self.index];
+        if res <= 0 {
+            // EPIPE, ECONNRESET, or the shutdown of a forced close. (A send of a
+            // non-empty buffer never returns 0 on a stream socket; treat it as an error
+            // rather than loop on it.)
+            let errno = if res < 0 { -res } else { libc::EPIPE };
+            if let Some(session) = conn.live_session() {
+                session.on_peer_gone(Some(errno), &self.app);
+            }
+        } else {
+            send.sent += res as usize;
+            bump(&stats.bytes_sent, res as u64);
+            if send.sent < send.bytes.len() {
+                bump(&stats.partial_sends, 1);
+                if !conn.forced {
+                    conn.sending = Some(send);
+                    return self.submit_send(index);
+                }
+                // Forced: the rest is dropped (the kernel is done with the bytes).
+            } else if let Some(session) = conn.session.as_mut() {
+                session.sent(send.bytes);
+            }
+        }
+        self.touch(index);
+        Ok(())
+    }
+
+    // ----- close -----
+
+    /// Moves a finished connection towards its close: waits for its send (up to the
+    /// closing timeout), shuts the socket down to end its recv, then closes it.
+    fn begin_close(&mut self, index: u32) -> io::Result<()> {
+        let closing_ms = ms(self.app.limits().closing_timeout);
+        let now_ms = self.now_ms;
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            return Ok(());
+        };
+        if conn.close_sent {
+            return Ok(());
+        }
+        if conn.sending.is_some() && !conn.forced {
+            if !conn.force_scheduled {
+                conn.force_scheduled = true;
+                let key = TimerKey::ForceClose {
+                    index,
+                    generation: conn.generation,
+                };
+                self.timers.insert(now_ms + closing_ms, key);
+            }
+            return Ok(());
+        }
+        if conn.recv_armed || conn.sending.is_some() {
+            if !conn.shutdown_sent {
+                conn.shutdown_sent = true;
+                conn.shutdown_in_flight = true;
+                let entry = conn
+                    .socket
+                    .shutdown()
+                    .user_data(conn.user_data(Op::Shutdown, index));
+                // SAFETY: a shutdown points to no memory.
+                unsafe { self.io.push(&entry) }?;
+            }
+            return Ok(());
+        }
+        if conn.shutdown_in_flight || conn.peer_buf.is_some() {
+            return Ok(());
+        }
+        conn.close_sent = true;
+        let entry = conn
+            .socket
+            .close()
+            .user_data(conn.user_data(Op::Close, index));
+        // SAFETY: a close points to no memory.
+        unsafe { self.io.push(&entry) }
+    }
+
+    fn on_shutdown(&mut self, index: u32, res: i32) -> io::Result<()> {
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            return Ok(());
+        };
+        conn.shutdown_in_flight = false;
+        if res < 0 && conn.recv_armed {
+            // ENOTCONN (the peer reset already, yet the recv has not ended): cancel it.
+            let ud = conn.user_data(Op::Recv, index);
+            self.io.cancel(ud)?;
+        }
+        self.touch(index);
+        Ok(())
+    }
+
+    fn on_close(&mut self, index: u32, res: i32) {
+        if res < 0 {
+            debug!(
+                shard = self.index,
+                slot = index,
+                errno = -res,
+                "close failed"
+            );
+        }
+        if let Some(slot) = self.conns.get_mut(index as usize) {
+            // Dropping the session runs a terminate still owed (the end of a drain).
+            *slot = None;
+            self.open -= 1;
+            bump(&self.shared.stats[self.index].closed, 1);
+        }
+    }
+
+    // ----- after the batch -----
+
+    /// Sends what the session queued (if no send is in flight), schedules its next
+    /// deadline, and closes it when it is finished.
+    fn flush(&mut self, index: u32) -> io::Result<()> {
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            return Ok(());
+        };
+        conn.touched = false;
+        if conn.close_sent {
+            return Ok(());
+        }
+        let mut start_send = false;
+        if !conn.forced && conn.sending.is_none() {
+            if let Some(session) = conn.session.as_mut() {
+                while let Some(buf) = session.take_output() {
+                    if buf.is_empty() {
+                        session.sent(buf);
+                        continue;
+                    }
+                    conn.sending = Some(InFlightSend {
+                        bytes: buf,
+                        sent: 0,
+                    });
+                    start_send = true;
+                    break;
+                }
+            }
+        }
+        let deadline = conn.live_session().and_then(|s| s.next_deadline_ms());
+        if let Some(deadline) = deadline {
+            if conn.scheduled_ms.is_none_or(|s| deadline < s) {
+                conn.scheduled_ms = Some(deadline);
+                let key = TimerKey::Session {
+                    index,
+                    generation: conn.generation,
+                };
+                self.timers.insert(deadline, key);
+            }
+        }
+        let finished = conn.finished();
+        if start_send {
+            self.submit_send(index)?;
+        }
+        if finished {
+            self.begin_close(index)?;
+        }
+        Ok(())
+    }
+
+    // ----- timers -----
+
+    fn on_timer(&mut self, entry: timer::Entry<TimerKey>) -> io::Result<()> {
+        match entry.key {
+            TimerKey::Session { index, generation } => {
+                let now_ms = self.now_ms;
+                let Some(conn) = conn_in(&mut self.conns, index) else {
+                    return Ok(());
+                };
+                // Lazy cancellation: an entry of an earlier connection in this slot, or
+                // one that an earlier entry replaced, means nothing.
+                if conn.generation != generation || conn.scheduled_ms != Some(entry.deadline_ms) {
+                    return Ok(());
+                }
+                conn.scheduled_ms = None;
+                if let Some(session) = conn.live_session() {
+                    if session.next_deadline_ms().is_some_and(|d| d <= now_ms) {
+                        session.on_tick(now_ms, &self.app);
+                    }
+                }
+                self.touch(index);
+            }
+            TimerKey::ForceClose { index, generation } => {
+                let Some(conn) = conn_in(&mut self.conns, index) else {
+                    return Ok(());
+                };
+                if conn.generation != generation || conn.close_sent || conn.forced {
+                    return Ok(());
+                }
+                self.force(index);
+            }
+            TimerKey::AcceptRetry { listener } => {
+                if let Some(l) = self.listeners.get_mut(listener as usize) {
+                    l.backing_off = false;
+                }
+                if self.drain.is_some() {
+                    if let Some(l) = self.listeners.get_mut(listener as usize) {
+                        l.socket = None;
+                    }
+                } else {
+                    self.arm_accept(listener)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops waiting for the connection's sends and closes it.
+    fn force(&mut self, index: u32) {
+        if let Some(conn) = conn_in(&mut self.conns, index) {
+            conn.forced = true;
+            bump(&self.shared.stats[self.index].forced_closes, 1);
+            self.touch(index);
+        }
+    }
+
+    // ----- drain -----
+
+    fn start_drain(&mut self) -> io::Result<()> {
+        info!(
+            shard = self.index,
+            connections = self.open,
+            "draining: no more accepts, closing connections"
+        );
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            if l.armed {
+                // The listener closes when the accept's last completion arrives.
+                let ud = UserData::new(Op::Accept, i as u32).encode();
+                self.io.cancel(ud)?;
+            } else {
+                l.socket = None;
+            }
+        }
+        let queue: VecDeque<(u32, u32)> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|c| (i as u32, c.generation)))
+            .collect();
+        self.drain = Some(Drain {
+            started_ms: self.now_ms,
+            total: queue.len(),
+            queue,
+            forced: false,
+        });
+        Ok(())
+    }
+
+    /// Sends the drain close to the share of connections due by now, and forces the
+    /// rest closed once the window and the closing timeout have passed.
+    fn drain_step(&mut self) {
+        let now_ms = self.now_ms;
+        let window_ms = ms(self.app.limits().drain_window);
+        let closing_ms = ms(self.app.limits().closing_timeout);
+        let Some(drain) = self.drain.as_mut() else {
+            return;
+        };
+        let elapsed = now_ms.saturating_sub(drain.started_ms);
+        let due = if window_ms == 0 || elapsed >= window_ms {
+            drain.total
+        } else {
+            // Proportional to the time elapsed, rounded up: the first ones go at once.
+            ((drain.total as u128 * (u128::from(elapsed) + 1)).div_ceil(u128::from(window_ms)))
+                as usize
+        };
+        let started = drain.total - drain.queue.len();
+        let mut to_start = Vec::new();
+        for _ in started..due.min(drain.total) {
+            if let Some(item) = drain.queue.pop_front() {
+                to_start.push(item);
+            }
+        }
+        let force_now = !drain.forced && elapsed >= window_ms + closing_ms;
+        if force_now {
+            drain.forced = true;
+        }
+        for (index, generation) in to_start {
+            let Some(conn) = conn_in(&mut self.conns, index) else {
+                continue;
+            };
+            if conn.generation != generation {
+                continue;
+            }
+            if let Some(session) = conn.live_session() {
+                session.start_drain(now_ms, &self.app);
+            }
+            self.touch(index);
+        }
+        if force_now {
+            let open: Vec<u32> = self
+                .conns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.as_ref().is_some_and(|c| !c.close_sent))
+                .map(|(i, _)| i as u32)
+                .collect();
+            if !open.is_empty() {
+                warn!(
+                    shard = self.index,
+                    connections = open.len(),
+                    "drain window over: closing the remaining connections"
+                );
+            }
+            for index in open {
+                self.force(index);
+            }
+        }
+    }
+
+    /// Whether the shard may stop: draining, and nothing left open or in flight (or
+    /// the grace after forcing closes has run out).
+    fn drained(&self) -> bool {
+        let Some(drain) = &self.drain else {
+            return false;
+        };
+        if self.open == 0 && self.io.in_flight == 0 {
+            return true;
+        }
+        let limits = self.app.limits();
+        let give_up = ms(limits.drain_window) + ms(limits.closing_timeout) + FORCED_CLOSE_GRACE_MS;
+        let elapsed = self.now_ms.saturating_sub(drain.started_ms);
+        if elapsed >= give_up {
+            warn!(
+                shard = self.index,
+                connections = self.open,
+                in_flight = self.io.in_flight,
+                "drain: giving up on operations that did not complete"
+            );
+            return true;
+        }
+        false
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        if self.io.in_flight == 0 {
+            return;
+        }
+        // The kernel may still use memory of operations in flight (send bytes, peer
+        // address buffers): cancel everything, wait a little, and leak what is still
+        // pointed to rather than free it under the kernel.
+        let cancel = opcode::AsyncCancel2::new(CancelBuilder::any())
+            .build()
+            .user_data(UserData::new(Op::Cancel, 0).encode());
+        // SAFETY: a cancellation points to no memory.
+        if unsafe { self.io.push(&cancel) }.is_ok() {
+            let mut cqes = Vec::new();
+            for _ in 0..50 {
+                if self.io.in_flight == 0 {
+                    break;
+                }
+                if self.io.ring.wait(1, Duration::from_millis(20)).is_err() {
+                    break;
+                }
+                cqes.clear();
+                self.io.ring.drain_completions(&mut cqes);
+                for cqe in &cqes {
+                    if !has_more(cqe.flags()) {
+                        self.io.in_flight -= 1;
+                    }
+                    if let Some(bid) = buffer_id(cqe.flags()) {
+                        // SAFETY: a buffer id from a completion of this group; it is
+                        // recycled at once.
+                        let _ = unsafe { self.bufs.buffer(bid, 0) };
+                        self.bufs.recycle(bid);
+                    }
+                    if let Some(ud) = UserData::decode(cqe.user_data()) {
+                        if let Some(conn) = conn_in(&mut self.conns, ud.index) {
+                            match ud.op {
+                                Op::Send => conn.sending = None,
+                                Op::PeerName => conn.peer_buf = None,
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if self.io.in_flight > 0 {
+            for conn in self.conns.iter_mut().flatten() {
+                if let Some(send) = conn.sending.take() {
+                    std::mem::forget(send.bytes);
+                }
+                if let Some(buf) = conn.peer_buf.take() {
+                    std::mem::forget(buf);
+                }
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The address in a `sockaddr_storage` filled by the kernel, if it is IPv4 or IPv6.
+fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and
+            // sockaddr_storage is larger than and aligned for it.
+            let sin = unsafe { &*std::ptr::from_ref(storage).cast::<libc::sockaddr_in>() };
+            let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6, and
+            // sockaddr_storage is larger than and aligned for it.
+            let sin6 = unsafe { &*std::ptr::from_ref(storage).cast::<libc::sockaddr_in6>() };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// `getpeername(2)` on a plain fd.
+fn getpeername(fd: i32) -> Option<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into the storage, which lives on
+    // this stack, and the new length into `len`.
+    let res = unsafe { libc::getpeername(fd, (&raw mut storage).cast(), &mut len) };
+    if res != 0 {
+        return None;
+    }
+    sockaddr_to_std(&storage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockaddr_round_trip() {
+        let v4: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let listener = TcpListener::bind(v4).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        assert_eq!(getpeername(server.as_raw_fd()), Some(peer));
+        assert_eq!(peer, client.local_addr().unwrap());
+    }
+
+    #[test]
+    fn tuning_defaults_are_valid() {
+        let t = ShardTuning::default();
+        assert!(t.buf_entries.is_power_of_two());
+        assert!(t.cq_entries >= t.sq_entries);
+        assert_eq!(t.tick_ms, 64);
+    }
+
+    #[test]
+    fn counters_snapshot() {
+        let stats = ShardStats::default();
+        bump(&stats.accepted, 3);
+        bump(&stats.closed, 1);
+        let snap = stats.snapshot();
+        assert_eq!(snap.accepted, 3);
+        assert_eq!(snap.open(), 2);
+    }
+}

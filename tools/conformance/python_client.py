@@ -1,0 +1,190 @@
+"""kythera's echo gear against an independent client: Python's `websockets` library.
+
+Starts `target/release/kythera --listen 127.0.0.1:PORT --shards 2` (or uses `--url`),
+then, on the echo route:
+
+1. one connection, sequential round trips: text and binary messages of 0, 1, 125,
+   126, 1000, 65535, 65536 and 500000 bytes (the frame-length encodings on both sides
+   of each boundary), several rounds, random content (multi-byte UTF-8 in text);
+2. one connection, pipelined: 100 messages of mixed sizes and types sent before any
+   reply is read, replies checked in order;
+3. four connections at once (spread over the shards), interleaved round trips;
+
+each echo must come back with the same type and content, and each connection ends with
+a clean close: the client sends close 1000 and must see the server's close with 1000.
+Exits 0 when all of that holds, 1 on the first mismatch, and stops the server
+(SIGTERM, then checks that it exits 0) in every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import sys
+import time
+from pathlib import Path
+
+from websockets.sync.client import ClientConnection, connect
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kythera_proc import DEFAULT_BINARY, KytheraServer, ServerError  # noqa: E402
+
+SIZES = [0, 1, 125, 126, 1000, 65535, 65536, 500_000]
+# Characters of each UTF-8 length, so that text messages cross code-point boundaries at
+# frame and buffer edges.
+CHARS = ["a", "z", " ", "é", "ß", "€", "✓", "😀", "𝄞"]
+TIMEOUT = 30.0
+
+
+class Mismatch(Exception):
+    """An echo or a close did not come back as expected."""
+
+
+def text_of(rng: random.Random, nbytes: int) -> str:
+    """Random text whose UTF-8 encoding is exactly `nbytes` long."""
+    out: list[str] = []
+    left = nbytes
+    while left >= 4:
+        c = rng.choice(CHARS)
+        out.append(c)
+        left -= len(c.encode())
+    out.append("x" * left)
+    text = "".join(out)
+    assert len(text.encode()) == nbytes
+    return text
+
+
+def message(rng: random.Random, kind: str, size: int) -> str | bytes:
+    if kind == "text":
+        return text_of(rng, size)
+    return rng.randbytes(size)
+
+
+def describe(m: str | bytes) -> str:
+    kind = "text" if isinstance(m, str) else "binary"
+    n = len(m.encode()) if isinstance(m, str) else len(m)
+    return f"{kind} of {n} bytes"
+
+
+def check_echo(sent: str | bytes, got: str | bytes, what: str) -> None:
+    if type(sent) is not type(got):
+        raise Mismatch(f"{what}: sent {describe(sent)}, got {describe(got)}")
+    if sent != got:
+        a = sent.encode() if isinstance(sent, str) else sent
+        b = got.encode() if isinstance(got, str) else got
+        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        raise Mismatch(f"{what}: sent {describe(sent)}, got {describe(got)} differing at byte {at}")
+
+
+def open_ws(url: str) -> ClientConnection:
+    # Compression off: the echo must come back frame for frame as sent, and the
+    # engine does not negotiate permessage-deflate yet.
+    return connect(
+        url,
+        max_size=None,
+        compression=None,
+        open_timeout=TIMEOUT,
+        close_timeout=TIMEOUT,
+        ping_interval=None,
+    )
+
+
+def close_clean(ws: ClientConnection, what: str) -> None:
+    ws.close(1000, "done")
+    if ws.close_code != 1000:
+        raise Mismatch(
+            f"{what}: sent close 1000, the server closed with {ws.close_code} "
+            f"{ws.close_reason!r} (expected 1000)"
+        )
+
+
+def sequential(url: str, rng: random.Random, rounds: int) -> int:
+    n = 0
+    with open_ws(url) as ws:
+        for r in range(rounds):
+            for size in SIZES:
+                for kind in ("text", "binary"):
+                    m = message(rng, kind, size)
+                    ws.send(m)
+                    check_echo(m, ws.recv(TIMEOUT), f"sequential round {r}")
+                    n += 1
+        close_clean(ws, "sequential")
+    return n
+
+
+def pipelined(url: str, rng: random.Random, count: int) -> int:
+    sent = [
+        message(rng, rng.choice(["text", "binary"]), rng.choice(SIZES[:-1])) for _ in range(count)
+    ]
+    with open_ws(url) as ws:
+        for m in sent:
+            ws.send(m)
+        for i, m in enumerate(sent):
+            check_echo(m, ws.recv(TIMEOUT), f"pipelined message {i}")
+        close_clean(ws, "pipelined")
+    return count
+
+
+def concurrent(url: str, rng: random.Random, conns: int, per_conn: int) -> int:
+    n = 0
+    with contextlib.ExitStack() as stack:
+        wss = [stack.enter_context(open_ws(url)) for _ in range(conns)]
+        for i in range(per_conn):
+            batch = []
+            for ws in wss:
+                m = message(rng, rng.choice(["text", "binary"]), rng.choice(SIZES))
+                ws.send(m)
+                batch.append((ws, m))
+            for c, (ws, m) in enumerate(batch):
+                check_echo(m, ws.recv(TIMEOUT), f"connection {c}, message {i}")
+                n += 1
+        for c, ws in enumerate(wss):
+            close_clean(ws, f"concurrent connection {c}")
+    return n
+
+
+def run(url: str, rounds: int, seed: int) -> None:
+    rng = random.Random(seed)
+    t = time.monotonic()
+    n = sequential(url, rng, rounds)
+    n += pipelined(url, rng, 100)
+    n += concurrent(url, rng, 4, 25)
+    print(
+        f"python_client: {n} round trips on {url} matched, every close was 1000 "
+        f"({time.monotonic() - t:.1f} s, seed {seed})",
+        flush=True,
+    )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", help="test this running server instead of starting kythera")
+    p.add_argument("--path", default="/echo", help="echo route (default /echo)")
+    p.add_argument("--binary", type=Path, default=DEFAULT_BINARY)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--seed", type=int, default=None)
+    args = p.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(1 << 32)
+    try:
+        if args.url:
+            run(args.url, args.rounds, seed)
+        else:
+            with KytheraServer(args.binary, args.shards, name="python_client") as srv:
+                run(srv.url.rstrip("/") + args.path, args.rounds, seed)
+    except (Mismatch, ServerError) as e:
+        print(f"python_client: FAILED (seed {seed}): {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # connection refused, closed early, timeouts
+        print(
+            f"python_client: FAILED (seed {seed}): {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
