@@ -46,6 +46,7 @@
 #
 # Environment (defaults in brackets):
 #   SERVERS       servers, in run order ["kythera fastwebsockets"]; also "tungstenite"
+#                 and "kythera-plain" (kythera with plain fds, not direct descriptors)
 #   CONNECTIONS   connection counts ["100 1000"]
 #   SIZES         payload sizes in bytes ["20 512"]
 #   INFLIGHT      messages in flight per connection ["1"]
@@ -93,8 +94,8 @@ die() {
 
 for s in $SERVERS; do
     case $s in
-    kythera | fastwebsockets | tungstenite) ;;
-    *) die "unknown server '$s' in SERVERS (kythera, fastwebsockets, tungstenite)" ;;
+    kythera | kythera-plain | fastwebsockets | tungstenite) ;;
+    *) die "unknown server '$s' in SERVERS (kythera, kythera-plain, fastwebsockets, tungstenite)" ;;
     esac
 done
 case $KIND in text | binary) ;; *) die "KIND is text or binary, not '$KIND'" ;; esac
@@ -148,7 +149,7 @@ trap 'exit 143' TERM
 
 # --- build -------------------------------------------------------------------------
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-    if [[ " $SERVERS " == *" kythera "* && -z ${KYTHERA:-} ]]; then
+    if [[ " $SERVERS " == *" kythera"* && -z ${KYTHERA:-} ]]; then
         echo "== cargo build --release -p tools --bin kythera -p benches --bins" >&2
         cargo build --release -p tools --bin kythera -p benches --bins ||
             die "build failed"
@@ -160,7 +161,7 @@ fi
 for b in echo-load fastwebsockets-echo tungstenite-echo; do
     [[ -x $BIN/$b ]] || die "$BIN/$b is missing (build it, or unset SKIP_BUILD)"
 done
-if [[ " $SERVERS " == *" kythera "* ]]; then
+if [[ " $SERVERS " == *" kythera"* ]]; then
     [[ -x $KYTHERA_BIN ]] || die "$KYTHERA_BIN is missing"
 fi
 
@@ -182,6 +183,11 @@ start_server() {
     case $name in
     kythera)
         cmd=("$KYTHERA_BIN" --listen "127.0.0.1:$port" --shards 1)
+        ready="kythera listening on"
+        ;;
+    kythera-plain)
+        # Plain file descriptors instead of direct descriptors, to compare the two.
+        cmd=("$KYTHERA_BIN" --listen "127.0.0.1:$port" --shards 1 --plain-fds)
         ready="kythera listening on"
         ;;
     fastwebsockets)

@@ -42,6 +42,10 @@ struct Args {
     /// Close connections that send nothing for this many seconds (close 1000).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     idle_timeout_secs: u64,
+    /// Use plain file descriptors instead of io_uring direct descriptors (for
+    /// comparison; direct descriptors are the default).
+    #[arg(long)]
+    plain_fds: bool,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +64,12 @@ fn main() -> ExitCode {
         ..engine::config::Limits::default()
     };
     let mut builder = Server::builder().limits(limits);
+    if args.plain_fds {
+        builder = builder.tuning(engine::shard::ShardTuning {
+            direct_slots: Some(0),
+            ..engine::shard::ShardTuning::default()
+        });
+    }
     for addr in &args.listen {
         builder = builder.listen(*addr);
     }
