@@ -30,6 +30,9 @@ if ! cmp -s tools/conformance/requirements.txt .venv/kythera-requirements.txt; t
     cp tools/conformance/requirements.txt .venv/kythera-requirements.txt
 fi
 
+echo "== kythera where io_uring is refused (seccomp: EPERM, ENOSYS)"
+.venv/bin/python tools/conformance/no_io_uring.py
+
 echo "== python websockets client against kythera"
 .venv/bin/python tools/conformance/python_client.py
 
