@@ -46,7 +46,8 @@
 #
 # Environment (defaults in brackets):
 #   SERVERS       servers, in run order ["kythera fastwebsockets"]; also "tungstenite"
-#                 and "kythera-plain" (kythera with plain fds, not direct descriptors)
+#                 and "kythera-plain" (kythera with plain fds, not direct descriptors),
+#                 "kythera-zc" (zero-copy sends from 16 KiB)
 #   CONNECTIONS   connection counts ["100 1000"]
 #   SIZES         payload sizes in bytes ["20 512"]
 #   INFLIGHT      messages in flight per connection ["1"]
@@ -94,8 +95,8 @@ die() {
 
 for s in $SERVERS; do
     case $s in
-    kythera | kythera-plain | fastwebsockets | tungstenite) ;;
-    *) die "unknown server '$s' in SERVERS (kythera, kythera-plain, fastwebsockets, tungstenite)" ;;
+    kythera | kythera-plain | kythera-zc | kythera-64k | fastwebsockets | tungstenite) ;;
+    *) die "unknown server '$s' in SERVERS (kythera, kythera-plain, kythera-zc, fastwebsockets, tungstenite)" ;;
     esac
 done
 case $KIND in text | binary) ;; *) die "KIND is text or binary, not '$KIND'" ;; esac
@@ -188,6 +189,16 @@ start_server() {
     kythera-plain)
         # Plain file descriptors instead of direct descriptors, to compare the two.
         cmd=("$KYTHERA_BIN" --listen "127.0.0.1:$port" --shards 1 --plain-fds)
+        ready="kythera listening on"
+        ;;
+    kythera-64k)
+        # 256 receive buffers of 64 KiB instead of 1024 of 4 KiB.
+        cmd=("$KYTHERA_BIN" --listen "127.0.0.1:$port" --shards 1 --recv-buffer-bytes 65536 --recv-buffers 256)
+        ready="kythera listening on"
+        ;;
+    kythera-zc)
+        # Zero-copy sends (IORING_OP_SEND_ZC) for sends of 16 KiB and more.
+        cmd=("$KYTHERA_BIN" --listen "127.0.0.1:$port" --shards 1 --send-zc-min-bytes 16384)
         ready="kythera listening on"
         ;;
     fastwebsockets)

@@ -142,8 +142,9 @@ impl Session {
         }
         self.core.idle_deadline_ms = now_ms.saturating_add(ms(app.limits().idle_timeout));
         if self.pending.is_empty() {
-            let used = self.process(data, now_ms, app);
+            let (used, needed) = self.process(data, now_ms, app);
             if used < data.len() && !self.core.finished {
+                reserve_frame(&mut self.pending, needed, app);
                 self.pending.extend_from_slice(&data[used..]);
             }
         } else {
@@ -154,30 +155,28 @@ impl Session {
 
     fn process_pending(&mut self, now_ms: u64, app: &App) {
         let mut buf = std::mem::take(&mut self.pending);
-        let used = self.process(&mut buf, now_ms, app);
+        let (used, needed) = self.process(&mut buf, now_ms, app);
         if used < buf.len() && !self.core.finished {
             buf.drain(..used);
+            reserve_frame(&mut buf, needed, app);
             self.pending = buf;
         }
     }
 
     /// Decodes and acts on every whole frame at the start of `buf`; returns how many
-    /// bytes were used.
-    fn process(&mut self, buf: &mut [u8], now_ms: u64, app: &App) -> usize {
+    /// bytes were used and, if a frame is incomplete, how many bytes it needs from
+    /// where it starts.
+    fn process(&mut self, buf: &mut [u8], now_ms: u64, app: &App) -> (usize, u64) {
         let mut start = 0;
+        let mut needed = 0;
         while start < buf.len() && !self.core.finished {
             match self.decoder.step(&mut buf[start..]) {
                 Ok(Step::Event(event, used)) => {
                     start += used;
                     self.core.on_event(event, now_ms, app);
                 }
-                Ok(Step::NeedMore { needed }) => {
-                    // Grow once to the frame's size instead of doubling as it arrives.
-                    let want = usize::try_from(needed).unwrap_or(usize::MAX);
-                    if self.pending.capacity() < want {
-                        self.pending
-                            .reserve(want.min(app.limits().max_message_bytes as usize + 14));
-                    }
+                Ok(Step::NeedMore { needed: n }) => {
+                    needed = n;
                     break;
                 }
                 Err(e) => {
@@ -189,7 +188,7 @@ impl Session {
         if !self.decoder.assembler_mut().in_progress() {
             self.decoder.assembler_mut().release();
         }
-        start
+        (start, needed)
     }
 
     /// The peer is gone: `None` for EOF, `Some(errno)` for a socket error.
@@ -599,6 +598,16 @@ impl Core {
         })) {
             warn!(conn = %id, panic = panic_message(&panic), "terminate panicked");
         }
+    }
+}
+
+/// Grows a pending-frame buffer once to the whole frame's size (`needed`, known from
+/// its header) instead of doubling as the frame arrives; capped by the message limit.
+fn reserve_frame(buf: &mut Vec<u8>, needed: u64, app: &App) {
+    let cap = app.limits().max_message_bytes.saturating_add(14);
+    let want = usize::try_from(needed.min(cap)).unwrap_or(usize::MAX);
+    if buf.capacity() < want {
+        buf.reserve_exact(want.saturating_sub(buf.len()));
     }
 }
 

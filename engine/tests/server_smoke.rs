@@ -522,3 +522,49 @@ fn a_send_stuck_on_a_peer_that_stopped_reading_is_cut_off() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn zero_copy_sends_echo_every_size() {
+    // Every send is a SEND_ZC (threshold 1 byte): small frames, large frames, frames
+    // batched into one send; the bytes must stay alive until each notification.
+    let server = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .tuning(ShardTuning {
+            send_zc_min_bytes: Some(1),
+            ..ShardTuning::default()
+        })
+        .mount("/echo", Echo)
+        .build()
+        .unwrap()
+        .spawn();
+    let mut stream = ws(server.addr(), "/echo");
+    for size in [0usize, 1, 125, 126, 20_000, 300_000] {
+        let payload: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            encode_frame_into(
+                &mut out,
+                true,
+                0,
+                OpCode::Binary,
+                &payload,
+                Some([1, 2, 3, 4]),
+            );
+        }
+        let mut writer = stream.try_clone().unwrap();
+        let sender = std::thread::spawn(move || writer.write_all(&out).unwrap());
+        for _ in 0..3 {
+            let (opcode, echoed) = read_frame(&mut stream);
+            assert_eq!(opcode, 0x2);
+            assert!(echoed == payload, "echo of {size} bytes differs");
+        }
+        sender.join().unwrap();
+    }
+    send_frame(&mut stream, OpCode::Close, &close_payload(1000, ""));
+    let (opcode, _) = read_frame(&mut stream);
+    assert_eq!(opcode, 0x8);
+    expect_eof(&mut stream);
+    let stats = server.handle().stats();
+    assert!(stats[0].zero_copy_notifications > 0, "{stats:?}");
+}

@@ -196,6 +196,22 @@ impl Socket {
         }
     }
 
+    /// A zero-copy send (`IORING_OP_SEND_ZC`) of `len` bytes at `buf`: the kernel
+    /// sends from these pages instead of copying them. Two completions arrive: the
+    /// result (with `more` set when a notification follows) and the notification, after
+    /// which the bytes may be reused. The bytes must stay valid until the notification.
+    pub fn send_zc(self, buf: *const u8, len: u32) -> squeue::Entry {
+        let flags = libc::MSG_NOSIGNAL;
+        match self {
+            Socket::Fd(fd) => opcode::SendZc::new(types::Fd(fd), buf, len)
+                .flags(flags)
+                .build(),
+            Socket::Fixed(slot) => opcode::SendZc::new(types::Fixed(slot), buf, len)
+                .flags(flags)
+                .build(),
+        }
+    }
+
     /// Closes the fd, or empties the slot of a direct descriptor.
     pub fn close(self) -> squeue::Entry {
         match self {

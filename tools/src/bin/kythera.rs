@@ -16,11 +16,17 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use engine::Server;
+use mimalloc::MiMalloc;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tools::gears::Echo;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
+
+/// mimalloc: per-thread free lists suit shard-per-core threads, and large frame
+/// buffers are reused instead of being handed back to the kernel and faulted in again.
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
 
 /// A WebSocket engine on io_uring, serving the echo gear on `/echo` and `/`.
 #[derive(Debug, Parser)]
@@ -46,6 +52,16 @@ struct Args {
     /// comparison; direct descriptors are the default).
     #[arg(long)]
     plain_fds: bool,
+    /// Send messages of at least this many bytes with zero-copy sends
+    /// (IORING_OP_SEND_ZC); off by default (slower on loopback, see README).
+    #[arg(long, value_name = "BYTES")]
+    send_zc_min_bytes: Option<usize>,
+    /// Size of each receive buffer in a shard's provided-buffer ring.
+    #[arg(long, value_name = "BYTES", default_value_t = engine::shard::ShardTuning::default().buf_size)]
+    recv_buffer_bytes: u32,
+    /// Receive buffers per shard (a power of two).
+    #[arg(long, value_name = "N", default_value_t = engine::shard::ShardTuning::default().buf_entries)]
+    recv_buffers: u16,
 }
 
 fn main() -> ExitCode {
@@ -64,12 +80,14 @@ fn main() -> ExitCode {
         ..engine::config::Limits::default()
     };
     let mut builder = Server::builder().limits(limits);
-    if args.plain_fds {
-        builder = builder.tuning(engine::shard::ShardTuning {
-            direct_slots: Some(0),
-            ..engine::shard::ShardTuning::default()
-        });
-    }
+    let tuning = engine::shard::ShardTuning {
+        direct_slots: args.plain_fds.then_some(0),
+        send_zc_min_bytes: args.send_zc_min_bytes,
+        buf_size: args.recv_buffer_bytes,
+        buf_entries: args.recv_buffers,
+        ..engine::shard::ShardTuning::default()
+    };
+    builder = builder.tuning(tuning);
     for addr in &args.listen {
         builder = builder.listen(*addr);
     }
