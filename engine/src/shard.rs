@@ -844,10 +844,9 @@ impl Shard {
             conn.socket.send(rest.as_ptr(), len)
         };
         let entry = entry.user_data(conn.user_data(Op::Send, index));
-        // SAFETY: the bytes are owned by `conn.sending`, which is neither touched nor
-        // dropped until this send's last completion (`on_send`, and `on_send_notif`
-        // for a zero-copy send); the connection is not removed while a send is in
-        // flight (`begin_close`), and the shard's Drop leaks them if it could not wait.
+        // SAFETY: `conn.sending` owns the bytes until the send's last completion (and a
+        // zero-copy send's notification); the slot is not freed while a send is in
+        // flight (`begin_close`), and Drop leaks them if it could not wait.
         unsafe { self.io.push(&entry) }
     }
 

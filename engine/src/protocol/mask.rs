@@ -20,10 +20,9 @@ pub fn unmask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
         unmask_reference(buf, mask, offset);
         return;
     }
-    // SAFETY: `align_to_mut` splits the slice into an unaligned head, a middle of
-    // properly aligned u64 words and a tail, all within `buf`; every bit pattern is a
-    // valid u8 and a valid u64, so viewing the middle as words can create no invalid
-    // value, and the three parts do not overlap.
+    // SAFETY: `align_to_mut` splits `buf` into three disjoint parts, the middle one of
+    // aligned u64 words; every bit pattern is a valid u8 and a valid u64, so viewing
+    // the middle as words creates no invalid value.
     let (head, words, tail) = unsafe { buf.align_to_mut::<u64>() };
     unmask_reference(head, mask, offset);
     // The key starts the words where the head left off; 8-byte words keep the 4-byte

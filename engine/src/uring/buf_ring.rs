@@ -314,10 +314,9 @@ impl Drop for BufRing {
                 return;
             }
         }
-        // SAFETY: the mapping is ours; the group is unregistered (or never was), so the
-        // kernel selects no more buffers from it, and a recv that selected one has
-        // finished copying: buffer selection and the copy happen in the same issue, on
-        // this thread (`BufRing` is not `Send`), which is here and not in the kernel.
+        // SAFETY: the mapping is ours and the group is unregistered, so the kernel selects
+        // no more buffers; selection and copy happen within one issue on this thread
+        // (`BufRing` is not `Send`), so no recv is copying into a buffer now.
         unsafe {
             libc::munmap(self.map.as_ptr().cast(), self.map_len);
         }

@@ -450,10 +450,9 @@ impl Echo {
             .socket
             .send(rest.as_ptr(), len)
             .user_data(UserData::new(Op::Send, index).encode());
-        // SAFETY: the bytes are owned by `conn.sending`, which is neither touched nor
-        // dropped until this send's completion (`on_send`); the connection is not
-        // removed while a send is in flight (`maybe_close`), and `Drop` leaks them if
-        // shutdown could not wait for the completion.
+        // SAFETY: `conn.sending` owns the bytes until this send's completion (`on_send`);
+        // the connection is not removed while a send is in flight (`maybe_close`), and
+        // `Drop` leaks them if shutdown could not wait for the completion.
         unsafe { self.push(&entry) }
     }
 
