@@ -65,6 +65,19 @@ fn start(shards: usize) -> RunningServer {
         .spawn()
 }
 
+/// One shard with the echo gear and the given io_uring tuning.
+fn start_echo_tuned(tuning: ShardTuning) -> RunningServer {
+    Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .tuning(tuning)
+        .limits(fast_limits())
+        .mount("/echo", Echo)
+        .build()
+        .expect("server builds")
+        .spawn()
+}
+
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn tcp(addr: SocketAddr) -> TcpStream {
@@ -317,18 +330,11 @@ fn the_gear_sees_the_peer_address() {
 fn large_messages_span_many_small_buffers() {
     // 16 buffers of 256 bytes: a 200 KB message crosses hundreds of receives, empties
     // the buffer ring (ENOBUFS, re-armed recv) and is echoed with large sends.
-    let server = Server::builder()
-        .listen("127.0.0.1:0".parse().unwrap())
-        .shards(1)
-        .tuning(ShardTuning {
-            buf_entries: 16,
-            buf_size: 256,
-            ..ShardTuning::default()
-        })
-        .mount("/echo", Echo)
-        .build()
-        .unwrap()
-        .spawn();
+    let server = start_echo_tuned(ShardTuning {
+        buf_entries: 16,
+        buf_size: 256,
+        ..ShardTuning::default()
+    });
     let mut stream = ws(server.addr(), "/echo");
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let mut out = Vec::new();
@@ -365,19 +371,11 @@ fn a_full_descriptor_table_backs_off_and_recovers() {
     // Four direct slots: the fifth connection finds the table full (ENFILE). The accept
     // backs off instead of spinning; open connections keep working; once one closes,
     // new connections are accepted again.
-    let server = Server::builder()
-        .listen("127.0.0.1:0".parse().unwrap())
-        .shards(1)
-        .tuning(ShardTuning {
-            direct_slots: Some(4),
-            accept_backoff_ms: 100,
-            ..ShardTuning::default()
-        })
-        .limits(fast_limits())
-        .mount("/echo", Echo)
-        .build()
-        .unwrap()
-        .spawn();
+    let server = start_echo_tuned(ShardTuning {
+        direct_slots: Some(4),
+        accept_backoff_ms: 100,
+        ..ShardTuning::default()
+    });
     let addr = server.addr();
     let mut clients: Vec<TcpStream> = (0..4).map(|_| ws(addr, "/echo")).collect();
 
@@ -527,17 +525,10 @@ fn a_send_stuck_on_a_peer_that_stopped_reading_is_cut_off() {
 fn zero_copy_sends_echo_every_size() {
     // Every send is a SEND_ZC (threshold 1 byte): small frames, large frames, frames
     // batched into one send; the bytes must stay alive until each notification.
-    let server = Server::builder()
-        .listen("127.0.0.1:0".parse().unwrap())
-        .shards(1)
-        .tuning(ShardTuning {
-            send_zc_min_bytes: Some(1),
-            ..ShardTuning::default()
-        })
-        .mount("/echo", Echo)
-        .build()
-        .unwrap()
-        .spawn();
+    let server = start_echo_tuned(ShardTuning {
+        send_zc_min_bytes: Some(1),
+        ..ShardTuning::default()
+    });
     let mut stream = ws(server.addr(), "/echo");
     for size in [0usize, 1, 125, 126, 20_000, 300_000] {
         let payload: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
