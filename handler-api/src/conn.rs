@@ -4,6 +4,9 @@ use bytes::Bytes;
 use std::any::Any;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::registry::{NameTable, RegistryError};
 
 /// Identifies one connection for its whole life, unique within the engine.
 ///
@@ -69,6 +72,8 @@ pub struct Conn {
     data: Option<Box<dyn Any + Send>>,
     subprotocol: Option<String>,
     response_headers: Vec<(String, String)>,
+    names: Option<Arc<dyn NameTable>>,
+    registered: Vec<Box<str>>,
 }
 
 impl fmt::Debug for Conn {
@@ -79,6 +84,7 @@ impl fmt::Debug for Conn {
             .field("has_data", &self.data.is_some())
             .field("subprotocol", &self.subprotocol)
             .field("response_headers", &self.response_headers)
+            .field("registered", &self.registered)
             .finish()
     }
 }
@@ -92,7 +98,44 @@ impl Conn {
             data: None,
             subprotocol: None,
             response_headers: Vec::new(),
+            names: None,
+            registered: Vec::new(),
         }
+    }
+
+    /// Wraps a parsed request and gives `connect` and `init` the gear's name table, so
+    /// that [`Conn::register`] works before the handshake is answered. Engines and test
+    /// harnesses call this.
+    pub fn with_names(id: ConnId, req: RequestParts, names: Arc<dyn NameTable>) -> Conn {
+        Conn {
+            names: Some(names),
+            ..Conn::new(id, req)
+        }
+    }
+
+    /// Registers `name` for this connection in the gear's namespace, during `connect`
+    /// or `init`: a gear can reject the handshake (409, say) when the name is taken,
+    /// which `init` (after the 101) cannot. The name is held from now on; if the
+    /// handshake fails after all, the engine gives it back.
+    pub fn register(&mut self, name: &str) -> Result<(), RegistryError> {
+        let names = self.names.as_ref().ok_or(RegistryError::Unavailable)?;
+        names.register(self.id, name)?;
+        if !self.registered.iter().any(|n| &**n == name) {
+            self.registered.push(name.into());
+        }
+        Ok(())
+    }
+
+    /// Who holds `name` in the gear's namespace.
+    pub fn lookup(&self, name: &str) -> Result<Option<ConnId>, RegistryError> {
+        let names = self.names.as_ref().ok_or(RegistryError::Unavailable)?;
+        Ok(names.lookup(name))
+    }
+
+    /// The names [`Conn::register`] took, for the engine's bookkeeping (it frees them
+    /// when the connection ends). Empties the list.
+    pub fn take_registered(&mut self) -> Vec<Box<str>> {
+        std::mem::take(&mut self.registered)
     }
 
     /// This connection's id.

@@ -58,7 +58,9 @@ pub use close::{CloseCode, InvalidCloseCode, MAX_CLOSE_REASON_BYTES, truncate_re
 pub use conn::{Conn, ConnId, InvalidHeader, NotOffered, RequestParts, Response, check_header};
 pub use context::{Context, DataKind, FrameSink, RecordingSink};
 pub use frame::{CloseFrame, Frame, Message, Utf8Bytes};
-pub use registry::{ConnHandle, Deliver, DeliverError, NoRegistry, RegistryError, RegistryOps};
+pub use registry::{
+    ConnHandle, Deliver, DeliverError, NameTable, NoRegistry, RegistryError, RegistryOps,
+};
 pub use terminate::{TerminateError, TerminateReason};
 
 /// A gear's websocket behaviour: five callbacks, run on the shard that owns the

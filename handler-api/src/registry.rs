@@ -72,6 +72,18 @@ pub trait RegistryOps<M> {
     fn handle(&mut self, conn: ConnId) -> Result<ConnHandle<M>, RegistryError>;
 }
 
+/// A gear's table of unique names, without the message type: what [`Conn`](crate::Conn)
+/// uses to register names during `connect`. Implemented by the engine's registry.
+pub trait NameTable: Send + Sync {
+    /// Registers `name` for `conn`: ok if free or already held by `conn`, else
+    /// [`RegistryError::Taken`] (or [`RegistryError::InvalidName`]).
+    fn register(&self, conn: ConnId, name: &str) -> Result<(), RegistryError>;
+    /// Gives up `name` if `conn` holds it.
+    fn unregister(&self, conn: ConnId, name: &str) -> Result<(), RegistryError>;
+    /// Who holds `name`.
+    fn lookup(&self, name: &str) -> Option<ConnId>;
+}
+
 /// A registry that answers every call with [`RegistryError::Unavailable`]: what a
 /// context has when no registry is wired in (unit tests of a gear, for instance).
 #[derive(Debug, Default, Clone, Copy)]
