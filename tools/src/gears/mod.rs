@@ -1,5 +1,7 @@
 //! Demo gears, mounted by the `kythera` binary.
 
+pub mod chat;
 pub mod echo;
 
+pub use chat::Chat;
 pub use echo::Echo;

@@ -1,0 +1,128 @@
+//! A gear's unique names: a concurrent map from name to connection.
+//!
+//! `register` must answer `Taken` or ok at once from any shard, and `send_message` must
+//! find a name's connection without a global lock, so names live in a sharded
+//! concurrent map (`dashmap`: one read-write lock per map shard, picked by the name's
+//! hash; readers of different names rarely meet). The connection id says which engine
+//! shard owns the connection, which is all a sender needs to route a message.
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use handler_api::{ConnId, NameTable, RegistryError};
+
+/// The longest name or group, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// The hasher of the registry's maps: foldhash is several times faster than SipHash on
+/// short strings, and its `RandomState` is seeded per process, since names come from
+/// clients and a fixed seed would invite hash flooding.
+pub(crate) type Hasher = foldhash::fast::RandomState;
+
+/// Checks a name or group: 1 to [`MAX_NAME_BYTES`] bytes.
+pub(crate) fn check_name(name: &str) -> Result<(), RegistryError> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        Err(RegistryError::InvalidName)
+    } else {
+        Ok(())
+    }
+}
+
+/// The names of one gear.
+#[derive(Debug, Default)]
+pub struct Names {
+    map: DashMap<Box<str>, ConnId, Hasher>,
+}
+
+impl Names {
+    /// An empty table.
+    pub fn new() -> Names {
+        Names::default()
+    }
+
+    /// How many names are held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no name is held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl NameTable for Names {
+    fn register(&self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
+        check_name(name)?;
+        if let Some(holder) = self.map.get(name) {
+            // The common refusal without taking the write lock.
+            return if *holder == conn {
+                Ok(())
+            } else {
+                Err(RegistryError::Taken)
+            };
+        }
+        match self.map.entry(name.into()) {
+            Entry::Occupied(e) if *e.get() == conn => Ok(()),
+            Entry::Occupied(_) => Err(RegistryError::Taken),
+            Entry::Vacant(v) => {
+                v.insert(conn);
+                Ok(())
+            }
+        }
+    }
+
+    fn unregister(&self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
+        match self.map.remove_if(name, |_, holder| *holder == conn) {
+            Some(_) => Ok(()),
+            None => Err(RegistryError::NotRegistered),
+        }
+    }
+
+    fn lookup(&self, name: &str) -> Option<ConnId> {
+        self.map.get(name).map(|holder| *holder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_per_connection() {
+        let names = Names::new();
+        let (a, b) = (ConnId::new(0, 1), ConnId::new(1, 1));
+        assert_eq!(names.register(a, "ann"), Ok(()));
+        assert_eq!(names.register(a, "ann"), Ok(()), "same connection again");
+        assert_eq!(names.register(b, "ann"), Err(RegistryError::Taken));
+        assert_eq!(names.lookup("ann"), Some(a));
+        assert_eq!(
+            names.unregister(b, "ann"),
+            Err(RegistryError::NotRegistered)
+        );
+        assert_eq!(names.unregister(a, "ann"), Ok(()));
+        assert_eq!(names.register(b, "ann"), Ok(()));
+        assert_eq!(names.register(b, ""), Err(RegistryError::InvalidName));
+        let long = "x".repeat(MAX_NAME_BYTES + 1);
+        assert_eq!(names.register(b, &long), Err(RegistryError::InvalidName));
+    }
+
+    #[test]
+    fn concurrent_registration_has_one_winner() {
+        let names = std::sync::Arc::new(Names::new());
+        let winners: usize = (0..8)
+            .map(|t| {
+                let names = std::sync::Arc::clone(&names);
+                std::thread::spawn(move || {
+                    (0..1000)
+                        .filter(|i| names.register(ConnId::new(t, 1), &format!("n{i}")).is_ok())
+                        .count()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .sum();
+        assert_eq!(winners, 1000);
+        assert_eq!(names.len(), 1000);
+    }
+}

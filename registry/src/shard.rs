@@ -1,0 +1,389 @@
+//! One shard's side of a gear's registry: its queues to and from the other shards, the
+//! members it owns, and the names and memberships of each of its connections.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use handler_api::{CloseFrame, ConnHandle, ConnId, Frame, NameTable, RegistryError, RegistryOps};
+use indexmap::IndexSet;
+
+use crate::groups::Group;
+use crate::names::Hasher;
+use crate::{Envelope, PublishedFrame, Shared};
+
+/// What a connection holds, so that its end frees exactly that.
+#[derive(Debug, Default)]
+struct Holdings {
+    names: Vec<Box<str>>,
+    groups: Vec<Arc<Group>>,
+}
+
+/// A message for one of this shard's connections, taken from the inbound queues, with
+/// group messages already fanned out to the local members.
+#[derive(Debug)]
+pub enum Inbound<M> {
+    /// For the connection's `handle_server_message`.
+    Message(ConnId, M),
+    /// Encoded frame bytes to append to the connection's output, no callback.
+    Bytes(ConnId, Bytes),
+    /// Close the connection with this frame (a `publish_frame` of a close).
+    Close(ConnId, Option<CloseFrame>),
+}
+
+impl<M> Inbound<M> {
+    /// The connection it is for.
+    pub fn conn(&self) -> ConnId {
+        match self {
+            Inbound::Message(c, _) | Inbound::Bytes(c, _) | Inbound::Close(c, _) => *c,
+        }
+    }
+}
+
+/// One shard's view of a gear's registry. Owned by the shard's thread; implements the
+/// operations a gear calls on behalf of one of this shard's connections.
+pub struct ShardRegistry<M> {
+    index: usize,
+    shared: Arc<Shared<M>>,
+    /// `to[t]`: the queue towards shard `t` (`None` for this shard: see `local`).
+    to: Vec<Option<rtrb::Producer<Envelope<M>>>>,
+    /// `from[s]`: the queue from shard `s`.
+    from: Vec<Option<rtrb::Consumer<Envelope<M>>>>,
+    /// Messages from this shard to itself (bounded like the others).
+    local: VecDeque<Envelope<M>>,
+    /// Shards pushed to since the last [`ShardRegistry::take_wakeups`].
+    dirty: Vec<bool>,
+    dirty_list: Vec<usize>,
+    /// This shard's members of each group, by group id.
+    members: HashMap<u64, IndexSet<ConnId, Hasher>, Hasher>,
+    holdings: HashMap<ConnId, Holdings, Hasher>,
+}
+
+impl<M> std::fmt::Debug for ShardRegistry<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardRegistry")
+            .field("shard", &self.index)
+            .field("local_queued", &self.local.len())
+            .field("groups_here", &self.members.len())
+            .field("connections_holding", &self.holdings.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: Clone + Send + 'static> ShardRegistry<M> {
+    pub(crate) fn new(
+        index: usize,
+        shared: Arc<Shared<M>>,
+        to: Vec<Option<rtrb::Producer<Envelope<M>>>>,
+        from: Vec<Option<rtrb::Consumer<Envelope<M>>>>,
+    ) -> Self {
+        let shards = to.len();
+        ShardRegistry {
+            index,
+            shared,
+            to,
+            from,
+            local: VecDeque::new(),
+            dirty: vec![false; shards],
+            dirty_list: Vec::new(),
+            members: HashMap::default(),
+            holdings: HashMap::default(),
+        }
+    }
+
+    /// This shard's index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Sends `env` towards `shard`; on a full queue the message is dropped and counted.
+    fn push(&mut self, shard: usize, env: Envelope<M>) -> Result<(), RegistryError> {
+        let stats = &self.shared.stats[self.index];
+        if shard == self.index {
+            if self.local.len() >= self.shared.capacity {
+                stats.dropped_full.add(1);
+                return Err(RegistryError::Full);
+            }
+            self.local.push_back(env);
+            return Ok(());
+        }
+        let Some(producer) = self.to[shard].as_mut() else {
+            return Err(RegistryError::Unavailable);
+        };
+        match producer.push(env) {
+            Ok(()) => {
+                stats.forwarded.add(1);
+                if !self.dirty[shard] {
+                    self.dirty[shard] = true;
+                    self.dirty_list.push(shard);
+                }
+                Ok(())
+            }
+            Err(_) => {
+                stats.dropped_full.add(1);
+                Err(RegistryError::Full)
+            }
+        }
+    }
+
+    /// Shards this one pushed to since the last call, for which the caller must then
+    /// call [`crate::Wakeup::notify`] (and wake those it answers `true` for).
+    pub fn take_wakeups(&mut self, mut each: impl FnMut(usize)) {
+        for shard in self.dirty_list.drain(..) {
+            self.dirty[shard] = false;
+            each(shard);
+        }
+    }
+
+    /// Whether anything waits in this shard's inbound queues.
+    pub fn has_inbound(&self) -> bool {
+        !self.local.is_empty()
+            || self.from.iter().flatten().any(|c| !c.is_empty())
+            || !self.shared.foreign[self.index].is_empty()
+    }
+
+    /// Takes up to `max` envelopes from the inbound queues (local, other shards, foreign
+    /// threads, in turn) and fans group messages out to this shard's members, appending
+    /// to `out`. Returns how many envelopes were taken.
+    pub fn take_inbound(&mut self, max: usize, out: &mut Vec<Inbound<M>>) -> usize {
+        let mut taken = 0;
+        while taken < max {
+            let Some(env) = self.local.pop_front() else {
+                break;
+            };
+            taken += 1;
+            self.fan_out(env, out);
+        }
+        for s in 0..self.from.len() {
+            while taken < max {
+                let Some(env) = self.from[s].as_mut().and_then(|c| c.pop().ok()) else {
+                    break;
+                };
+                taken += 1;
+                self.fan_out(env, out);
+            }
+        }
+        while taken < max {
+            let Some(env) = self.shared.foreign[self.index].pop() else {
+                break;
+            };
+            taken += 1;
+            self.fan_out(env, out);
+        }
+        self.shared.stats[self.index].received.add(taken as u64);
+        taken
+    }
+
+    fn fan_out(&self, env: Envelope<M>, out: &mut Vec<Inbound<M>>) {
+        match env {
+            Envelope::To(conn, msg) => out.push(Inbound::Message(conn, msg)),
+            Envelope::Publish(group, msg) => {
+                let Some(members) = self.members.get(&group.id) else {
+                    return;
+                };
+                let Some((&last, rest)) = members.as_slice().split_last() else {
+                    return;
+                };
+                out.extend(rest.iter().map(|&c| Inbound::Message(c, msg.clone())));
+                out.push(Inbound::Message(last, msg));
+            }
+            Envelope::Frame(group, frame) => {
+                let Some(members) = self.members.get(&group.id) else {
+                    return;
+                };
+                match &*frame {
+                    PublishedFrame::Encoded(bytes) => {
+                        out.extend(members.iter().map(|&c| Inbound::Bytes(c, bytes.clone())))
+                    }
+                    PublishedFrame::Close(close) => {
+                        out.extend(members.iter().map(|&c| Inbound::Close(c, close.clone())))
+                    }
+                }
+            }
+        }
+    }
+
+    /// A message taken from the queues found no live connection (it ended meanwhile):
+    /// counted as dropped.
+    pub fn undeliverable(&self, n: u64) {
+        self.shared.stats[self.index].dropped_gone.add(n);
+    }
+
+    /// Records names that `connect` registered through [`handler_api::Conn`], so that
+    /// the connection's end frees them.
+    pub fn adopt_names(&mut self, conn: ConnId, names: Vec<Box<str>>) {
+        if names.is_empty() {
+            return;
+        }
+        let holdings = self.holdings.entry(conn).or_default();
+        for name in names {
+            if !holdings.names.contains(&name) {
+                holdings.names.push(name);
+            }
+        }
+    }
+
+    /// Frees everything `conn` holds: its names and memberships. Called when the
+    /// connection terminates (before and after its `terminate` callback).
+    pub fn remove_conn(&mut self, conn: ConnId) {
+        let Some(holdings) = self.holdings.remove(&conn) else {
+            return;
+        };
+        for name in &holdings.names {
+            let _ = self.shared.names.unregister(conn, name);
+        }
+        for group in holdings.groups {
+            self.drop_membership(conn, &group);
+        }
+    }
+
+    fn drop_membership(&mut self, conn: ConnId, group: &Arc<Group>) {
+        if let Some(set) = self.members.get_mut(&group.id) {
+            set.swap_remove(&conn);
+            if set.is_empty() {
+                self.members.remove(&group.id);
+            }
+        }
+        self.shared.groups.member_left(group, self.index);
+    }
+
+    fn check_own(&self, conn: ConnId) -> Result<(), RegistryError> {
+        if usize::from(conn.shard()) == self.index {
+            Ok(())
+        } else {
+            Err(RegistryError::Unavailable)
+        }
+    }
+
+    /// Members of groups on this shard, for tests and metrics.
+    pub fn local_members(&self, group: &str) -> usize {
+        self.shared
+            .groups
+            .get(group)
+            .and_then(|g| self.members.get(&g.id).map(IndexSet::len))
+            .unwrap_or(0)
+    }
+}
+
+impl<M: Clone + Send + 'static> RegistryOps<M> for ShardRegistry<M> {
+    fn register(&mut self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
+        self.check_own(conn)?;
+        self.shared.names.register(conn, name)?;
+        let holdings = self.holdings.entry(conn).or_default();
+        if !holdings.names.iter().any(|n| &**n == name) {
+            holdings.names.push(name.into());
+        }
+        Ok(())
+    }
+
+    fn unregister(&mut self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
+        self.check_own(conn)?;
+        self.shared.names.unregister(conn, name)?;
+        if let Some(h) = self.holdings.get_mut(&conn) {
+            h.names.retain(|n| &**n != name);
+        }
+        Ok(())
+    }
+
+    fn lookup(&mut self, name: &str) -> Result<Option<ConnId>, RegistryError> {
+        Ok(self.shared.names.lookup(name))
+    }
+
+    fn send_message(&mut self, name: &str, msg: M) -> Result<bool, RegistryError> {
+        let Some(target) = self.shared.names.lookup(name) else {
+            return Ok(false);
+        };
+        self.push(usize::from(target.shard()), Envelope::To(target, msg))?;
+        Ok(true)
+    }
+
+    fn join(&mut self, conn: ConnId, group: &str) -> Result<(), RegistryError> {
+        self.check_own(conn)?;
+        let members = &self.members;
+        let (group, added) = self.shared.groups.join(group, self.index, |g| {
+            members.get(&g.id).is_some_and(|m| m.contains(&conn))
+        })?;
+        if added {
+            self.members.entry(group.id).or_default().insert(conn);
+            self.holdings.entry(conn).or_default().groups.push(group);
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self, conn: ConnId, group: &str) -> Result<(), RegistryError> {
+        self.check_own(conn)?;
+        let holdings = self
+            .holdings
+            .get_mut(&conn)
+            .ok_or(RegistryError::NotInGroup)?;
+        let at = holdings
+            .groups
+            .iter()
+            .position(|g| &*g.name == group)
+            .ok_or(RegistryError::NotInGroup)?;
+        let g = holdings.groups.swap_remove(at);
+        self.drop_membership(conn, &g);
+        Ok(())
+    }
+
+    fn publish(&mut self, group: &str, msg: M) -> Result<usize, RegistryError> {
+        let Some(g) = self.shared.groups.get(group) else {
+            return Ok(0);
+        };
+        // Clone the message for every target shard but the last, which gets it.
+        let Some(last) = (0..g.shards()).rev().find(|&s| g.count_on(s) > 0) else {
+            return Ok(0);
+        };
+        let mut queued = 0;
+        let mut msg = Some(msg);
+        for shard in 0..=last {
+            let n = g.count_on(shard);
+            if n == 0 && shard != last {
+                continue;
+            }
+            let m = match (shard == last, msg.take()) {
+                (true, Some(m)) => m,
+                (false, Some(m)) => {
+                    let copy = m.clone();
+                    msg = Some(m);
+                    copy
+                }
+                (_, None) => break,
+            };
+            if self
+                .push(shard, Envelope::Publish(Arc::clone(&g), m))
+                .is_ok()
+            {
+                queued += n;
+            }
+        }
+        Ok(queued)
+    }
+
+    fn publish_frame(&mut self, group: &str, frame: Frame) -> Result<usize, RegistryError> {
+        let Some(g) = self.shared.groups.get(group) else {
+            return Ok(0);
+        };
+        let frame = Arc::new(self.shared.prepare(frame));
+        let mut queued = 0;
+        for shard in 0..g.shards() {
+            let n = g.count_on(shard);
+            if n > 0
+                && self
+                    .push(shard, Envelope::Frame(Arc::clone(&g), Arc::clone(&frame)))
+                    .is_ok()
+            {
+                queued += n;
+            }
+        }
+        Ok(queued)
+    }
+
+    fn count(&mut self, group: &str) -> Result<usize, RegistryError> {
+        Ok(self.shared.groups.get(group).map_or(0, |g| g.total()))
+    }
+
+    fn handle(&mut self, conn: ConnId) -> Result<ConnHandle<M>, RegistryError> {
+        Ok(ConnHandle::new(conn, self.shared.deliverer()))
+    }
+}
