@@ -1,12 +1,17 @@
 //! Mounted gears: the type-erased face of a `Websocket` implementation that the
 //! shards drive, and the `App` that routes requests to them.
 
+use std::any::Any;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use handler_api::{
-    Conn, ConnId, Context, FrameSink, Message, NoRegistry, Response, TerminateReason, Websocket,
+    Bytes, CloseFrame, Conn, ConnId, Context, FrameSink, Message, NameTable, NoRegistry,
+    RegistryOps, Response, TerminateReason, Websocket,
+};
+use registry::{
+    Inbound, Registry, RegistryConfig, RegistryHandle, RegistryStats, ShardRegistry, Wakeup,
 };
 
 use crate::config::Limits;
@@ -29,9 +34,30 @@ pub(crate) struct Meta {
 /// connections of several gears.
 pub(crate) trait LiveConn {
     /// Calls `handle_client_message`.
-    fn client_message(&mut self, id: ConnId, msg: Message<'_>, sink: &mut dyn FrameSink);
+    fn client_message(
+        &mut self,
+        id: ConnId,
+        msg: Message<'_>,
+        sink: &mut dyn FrameSink,
+        regs: &mut Registries,
+    );
+    /// Calls `handle_server_message` with the message in `msg` (an `Option` of the
+    /// gear's message type, taken out here); does nothing if the type is not the gear's.
+    fn server_message(
+        &mut self,
+        id: ConnId,
+        msg: &mut dyn Any,
+        sink: &mut dyn FrameSink,
+        regs: &mut Registries,
+    );
     /// Calls `terminate`, consuming the state.
-    fn terminate(self: Box<Self>, id: ConnId, reason: &TerminateReason, sink: &mut dyn FrameSink);
+    fn terminate(
+        self: Box<Self>,
+        id: ConnId,
+        reason: &TerminateReason,
+        sink: &mut dyn FrameSink,
+        regs: &mut Registries,
+    );
     /// The connection's bookkeeping.
     fn meta(&mut self) -> &mut Meta;
 }
@@ -43,18 +69,58 @@ struct Live<G: Websocket> {
 }
 
 impl<G: Websocket> LiveConn for Live<G> {
-    fn client_message(&mut self, id: ConnId, msg: Message<'_>, sink: &mut dyn FrameSink) {
-        let mut registry = NoRegistry;
-        let mut ctx = Context::new(id, false, sink, &mut registry);
+    fn client_message(
+        &mut self,
+        id: ConnId,
+        msg: Message<'_>,
+        sink: &mut dyn FrameSink,
+        regs: &mut Registries,
+    ) {
+        let mut none = NoRegistry;
+        let registry = regs.ops::<G::Message>(self.meta.gear, &mut none);
+        let mut ctx = Context::new(id, false, sink, registry);
         self.gear
             .handle_client_message(&mut self.state, msg, &mut ctx);
     }
 
-    fn terminate(self: Box<Self>, id: ConnId, reason: &TerminateReason, sink: &mut dyn FrameSink) {
-        let mut registry = NoRegistry;
-        let mut ctx = Context::new(id, true, sink, &mut registry);
+    fn server_message(
+        &mut self,
+        id: ConnId,
+        msg: &mut dyn Any,
+        sink: &mut dyn FrameSink,
+        regs: &mut Registries,
+    ) {
+        let Some(msg) = msg
+            .downcast_mut::<Option<G::Message>>()
+            .and_then(Option::take)
+        else {
+            return;
+        };
+        let mut none = NoRegistry;
+        let registry = regs.ops::<G::Message>(self.meta.gear, &mut none);
+        let mut ctx = Context::new(id, false, sink, registry);
+        self.gear
+            .handle_server_message(&mut self.state, msg, &mut ctx);
+    }
+
+    fn terminate(
+        self: Box<Self>,
+        id: ConnId,
+        reason: &TerminateReason,
+        sink: &mut dyn FrameSink,
+        regs: &mut Registries,
+    ) {
+        let gear_index = self.meta.gear;
+        // Names and memberships go first, so that `terminate` publishing a farewell
+        // does not reach the leaving connection itself ...
+        regs.remove_conn(gear_index, id);
+        let mut none = NoRegistry;
+        let registry = regs.ops::<G::Message>(gear_index, &mut none);
+        let mut ctx = Context::new(id, true, sink, registry);
         let Live { gear, state, .. } = *self;
         gear.terminate(state, reason, &mut ctx);
+        // ... and again after, in case `terminate` registered or joined anything.
+        regs.remove_conn(gear_index, id);
     }
 
     fn meta(&mut self) -> &mut Meta {
@@ -65,7 +131,15 @@ impl<G: Websocket> LiveConn for Live<G> {
 /// A mounted gear without its type.
 trait DynGear: Send + Sync {
     fn connect(&self, conn: &mut Conn) -> Result<(), Response>;
-    fn init(&self, conn: &mut Conn, sink: &mut dyn FrameSink, meta: Meta) -> Box<dyn LiveConn>;
+    fn init(
+        &self,
+        conn: &mut Conn,
+        sink: &mut dyn FrameSink,
+        meta: Meta,
+        regs: &mut Registries,
+    ) -> Box<dyn LiveConn>;
+    /// The gear's registry across `wakeup.shards()` shards.
+    fn make_registry(&self, config: RegistryConfig, wakeup: Arc<Wakeup>) -> Box<dyn AnyRegistry>;
 }
 
 impl<G: Websocket> DynGear for Arc<G> {
@@ -73,15 +147,241 @@ impl<G: Websocket> DynGear for Arc<G> {
         G::connect(self, conn)
     }
 
-    fn init(&self, conn: &mut Conn, sink: &mut dyn FrameSink, meta: Meta) -> Box<dyn LiveConn> {
-        let mut registry = NoRegistry;
-        let mut ctx = Context::new(conn.id(), false, sink, &mut registry);
+    fn init(
+        &self,
+        conn: &mut Conn,
+        sink: &mut dyn FrameSink,
+        meta: Meta,
+        regs: &mut Registries,
+    ) -> Box<dyn LiveConn> {
+        let gear = meta.gear;
+        regs.adopt_names(gear, conn.id(), conn.take_registered());
+        let mut none = NoRegistry;
+        let registry = regs.ops::<G::Message>(gear, &mut none);
+        let mut ctx = Context::new(conn.id(), false, sink, registry);
         let state = G::init(self, conn, &mut ctx);
+        regs.adopt_names(gear, conn.id(), conn.take_registered());
         Box::new(Live {
             gear: Arc::clone(self),
             state,
             meta,
         })
+    }
+
+    fn make_registry(&self, config: RegistryConfig, wakeup: Arc<Wakeup>) -> Box<dyn AnyRegistry> {
+        Box::new(Registry::<G::Message>::new(
+            config,
+            wakeup,
+            crate::protocol::codec::encode_server_frame,
+        ))
+    }
+}
+
+/// A gear's [`Registry`] without its message type.
+trait AnyRegistry: Send + Sync {
+    fn shard(&self, index: usize) -> Option<Box<dyn GearShard>>;
+    fn names(&self) -> Arc<dyn NameTable>;
+    fn stats(&self) -> RegistryStats;
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<M: Clone + Send + 'static> AnyRegistry for Registry<M> {
+    fn shard(&self, index: usize) -> Option<Box<dyn GearShard>> {
+        Some(Box::new(TypedShard {
+            reg: Registry::shard(self, index)?,
+            batch: Vec::new(),
+        }))
+    }
+    fn names(&self) -> Arc<dyn NameTable> {
+        Registry::names(self)
+    }
+    fn stats(&self) -> RegistryStats {
+        Registry::stats(self)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Where inbound registry messages go: implemented by the shard, which finds the
+/// connection and runs its session.
+pub(crate) trait Deliveries {
+    /// A server message for `conn` (`msg` is an `Option<M>` of the gear's type); false
+    /// if the connection is gone or closing.
+    fn message(&mut self, conn: ConnId, msg: &mut dyn Any, regs: &mut Registries) -> bool;
+    /// Encoded frame bytes of a `publish_frame` for `conn`.
+    fn bytes(&mut self, conn: ConnId, bytes: &Bytes, regs: &mut Registries) -> bool;
+    /// A `publish_frame` of a close for `conn`.
+    fn close(&mut self, conn: ConnId, close: Option<CloseFrame>, regs: &mut Registries) -> bool;
+}
+
+/// One shard's part of one gear's registry, without the message type.
+trait GearShard: Any {
+    fn has_inbound(&self) -> bool;
+    fn take_wakeups(&mut self, each: &mut dyn FnMut(usize));
+    fn remove_conn(&mut self, conn: ConnId);
+    fn adopt_names(&mut self, conn: ConnId, names: Vec<Box<str>>);
+    /// Takes up to `max` envelopes; returns the delivery batch (type-erased) to hand to
+    /// [`deliver_batch`].
+    fn take_batch(&mut self, max: usize) -> (usize, Box<dyn Any>);
+    fn return_batch(&mut self, batch: Box<dyn Any>);
+    fn undeliverable(&mut self, n: u64);
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+struct TypedShard<M> {
+    reg: ShardRegistry<M>,
+    /// Kept between turns so that delivering does not allocate.
+    batch: Vec<Inbound<M>>,
+}
+
+impl<M: Clone + Send + 'static> GearShard for TypedShard<M> {
+    fn has_inbound(&self) -> bool {
+        self.reg.has_inbound()
+    }
+    fn take_wakeups(&mut self, each: &mut dyn FnMut(usize)) {
+        self.reg.take_wakeups(each);
+    }
+    fn remove_conn(&mut self, conn: ConnId) {
+        self.reg.remove_conn(conn);
+    }
+    fn adopt_names(&mut self, conn: ConnId, names: Vec<Box<str>>) {
+        self.reg.adopt_names(conn, names);
+    }
+    fn take_batch(&mut self, max: usize) -> (usize, Box<dyn Any>) {
+        let mut batch = std::mem::take(&mut self.batch);
+        let taken = self.reg.take_inbound(max, &mut batch);
+        (taken, Box::new(batch))
+    }
+    fn return_batch(&mut self, batch: Box<dyn Any>) {
+        if let Ok(mut batch) = batch.downcast::<Vec<Inbound<M>>>() {
+            batch.clear();
+            if batch.capacity() <= 64 * 1024 {
+                self.batch = *batch;
+            }
+        }
+    }
+    fn undeliverable(&mut self, n: u64) {
+        self.reg.undeliverable(n);
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// One shard's parts of every gear's registry, by gear index. Empty in unit tests of a
+/// session, where gears get [`NoRegistry`].
+#[derive(Default)]
+pub struct Registries {
+    gears: Vec<Option<Box<dyn GearShard>>>,
+    /// Typed delivery of a gear's batch (`deliver_batch::<M>`), by gear index.
+    deliver: Vec<DeliverFn>,
+}
+
+type DeliverFn = fn(&mut Registries, usize, Box<dyn Any>, &mut dyn Deliveries);
+
+impl std::fmt::Debug for Registries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registries")
+            .field("gears", &self.gears.len())
+            .finish()
+    }
+}
+
+impl Registries {
+    /// No registries: every gear gets [`NoRegistry`].
+    pub fn none() -> Registries {
+        Registries::default()
+    }
+
+    fn typed<M: Clone + Send + 'static>(&mut self, gear: usize) -> Option<&mut TypedShard<M>> {
+        self.gears
+            .get_mut(gear)?
+            .as_mut()?
+            .as_any_mut()
+            .downcast_mut::<TypedShard<M>>()
+    }
+
+    /// The registry a callback of `gear` gets: the shard's part, or `fallback`.
+    fn ops<'a, M: Clone + Send + 'static>(
+        &'a mut self,
+        gear: usize,
+        fallback: &'a mut NoRegistry,
+    ) -> &'a mut dyn RegistryOps<M> {
+        match self.typed::<M>(gear) {
+            Some(t) => &mut t.reg,
+            None => fallback,
+        }
+    }
+
+    pub(crate) fn remove_conn(&mut self, gear: usize, conn: ConnId) {
+        if let Some(Some(g)) = self.gears.get_mut(gear) {
+            g.remove_conn(conn);
+        }
+    }
+
+    fn adopt_names(&mut self, gear: usize, conn: ConnId, names: Vec<Box<str>>) {
+        if let Some(Some(g)) = self.gears.get_mut(gear) {
+            g.adopt_names(conn, names);
+        }
+    }
+
+    /// Whether any gear has inbound messages waiting on this shard.
+    pub(crate) fn has_inbound(&self) -> bool {
+        self.gears.iter().flatten().any(|g| g.has_inbound())
+    }
+
+    /// Shards pushed to since the last call (each once per gear; the caller dedupes).
+    pub(crate) fn take_wakeups(&mut self, each: &mut dyn FnMut(usize)) {
+        for g in self.gears.iter_mut().flatten() {
+            g.take_wakeups(each);
+        }
+    }
+
+    /// Takes up to `max` envelopes per gear from the inbound queues and delivers them;
+    /// returns how many envelopes were taken.
+    pub(crate) fn deliver(&mut self, max: usize, to: &mut dyn Deliveries) -> usize {
+        let mut taken = 0;
+        for gear in 0..self.gears.len() {
+            let Some(Some(g)) = self.gears.get_mut(gear) else {
+                continue;
+            };
+            if !g.has_inbound() {
+                continue;
+            }
+            let (n, batch) = g.take_batch(max);
+            taken += n;
+            let deliver = self.deliver[gear];
+            deliver(self, gear, batch, to);
+        }
+        taken
+    }
+}
+
+/// Delivers a batch of gear messages of type `M` (see [`Registries::deliver`]).
+fn deliver_batch<M: Clone + Send + 'static>(
+    regs: &mut Registries,
+    gear: usize,
+    batch: Box<dyn Any>,
+    to: &mut dyn Deliveries,
+) {
+    let Ok(mut batch) = batch.downcast::<Vec<Inbound<M>>>() else {
+        return;
+    };
+    let mut gone = 0;
+    for item in batch.drain(..) {
+        let delivered = match item {
+            Inbound::Message(conn, msg) => to.message(conn, &mut Some(msg), regs),
+            Inbound::Bytes(conn, bytes) => to.bytes(conn, &bytes, regs),
+            Inbound::Close(conn, close) => to.close(conn, close, regs),
+        };
+        gone += u64::from(!delivered);
+    }
+    if let Some(Some(g)) = regs.gears.get_mut(gear) {
+        if gone > 0 {
+            g.undeliverable(gone);
+        }
+        g.return_batch(batch);
     }
 }
 
@@ -100,6 +400,10 @@ struct Mounted {
     gear: Box<dyn DynGear>,
     max_connections: usize,
     live: Arc<AtomicUsize>,
+    /// Made when the shard count is known ([`App::start_registries`]).
+    registry: OnceLock<Box<dyn AnyRegistry>>,
+    /// Delivers the gear's typed registry messages.
+    deliver: DeliverFn,
 }
 
 /// The gears of an engine, routed by path, with their connection counts, and the
@@ -162,6 +466,8 @@ impl App {
             gear: Box::new(gear),
             max_connections: max_connections.unwrap_or(self.limits.max_connections_per_gear),
             live: Arc::new(AtomicUsize::new(0)),
+            registry: OnceLock::new(),
+            deliver: deliver_batch::<G::Message>,
         });
         Ok(())
     }
@@ -189,6 +495,48 @@ impl App {
             .map(|g| g.live.load(Ordering::Relaxed))
     }
 
+    /// Makes every gear's registry for `wakeup.shards()` shards. Called once, when the
+    /// server is built.
+    pub(crate) fn start_registries(&self, config: RegistryConfig, wakeup: &Arc<Wakeup>) {
+        for g in &self.gears {
+            let _ = g
+                .registry
+                .set(g.gear.make_registry(config, Arc::clone(wakeup)));
+        }
+    }
+
+    /// Shard `index`'s parts of every gear's registry (each can be taken once).
+    pub(crate) fn shard_registries(&self, index: usize) -> Registries {
+        Registries {
+            gears: self
+                .gears
+                .iter()
+                .map(|g| g.registry.get().and_then(|r| r.shard(index)))
+                .collect(),
+            deliver: self.gears.iter().map(|g| g.deliver).collect(),
+        }
+    }
+
+    /// The name table of `gear`, for `connect`.
+    pub(crate) fn names(&self, gear: usize) -> Option<Arc<dyn NameTable>> {
+        self.gears[gear].registry.get().map(|r| r.names())
+    }
+
+    /// A handle to the registry of the gear mounted on `pattern`, for threads outside
+    /// the shards; `None` if no gear is mounted there, its message type is not `M`, or
+    /// the server is not built yet.
+    pub fn registry<M: Clone + Send + 'static>(&self, pattern: &str) -> Option<RegistryHandle<M>> {
+        let g = self.gears.iter().find(|g| g.pattern == pattern)?;
+        let reg = g.registry.get()?.as_any().downcast_ref::<Registry<M>>()?;
+        Some(reg.handle())
+    }
+
+    /// The registry figures of the gear mounted on `pattern`.
+    pub fn registry_stats(&self, pattern: &str) -> Option<RegistryStats> {
+        let g = self.gears.iter().find(|g| g.pattern == pattern)?;
+        Some(g.registry.get()?.stats())
+    }
+
     pub(crate) fn route(&self, path: &str) -> Option<Routed> {
         self.router.find(path).map(|m| Routed {
             gear: *m.target,
@@ -212,6 +560,7 @@ impl App {
         self.gears[gear].gear.connect(conn)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn init(
         &self,
         gear: usize,
@@ -220,6 +569,7 @@ impl App {
         peer: Option<SocketAddr>,
         admission: Admission,
         now_ms: u64,
+        regs: &mut Registries,
     ) -> Box<dyn LiveConn> {
         let meta = Meta {
             gear,
@@ -229,6 +579,6 @@ impl App {
             frames_out: 0,
             _admission: admission,
         };
-        self.gears[gear].gear.init(conn, sink, meta)
+        self.gears[gear].gear.init(conn, sink, meta, regs)
     }
 }

@@ -37,12 +37,15 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use handler_api::Websocket;
+
+use registry::{RegistryConfig, RegistryHandle, RegistryStats, Wakeup};
 
 use crate::config::{Limits, default_max_connections};
 use crate::gear::App;
@@ -54,12 +57,19 @@ use crate::uring::{bind_reuseport, probe};
 /// The most shards a server may have: a connection id keeps the shard in 8 bits.
 pub const MAX_SHARDS: usize = 256;
 
-/// What the shards share: the drain flag, the clock and the counters.
+/// What the shards share: the drain flag, the clock, the counters, and how to wake
+/// each other.
 #[derive(Debug)]
 pub(crate) struct Shared {
     draining: AtomicBool,
     epoch: Instant,
     pub(crate) stats: Box<[ShardStats]>,
+    /// The sleep state of every shard (see [`registry::Wakeup`]).
+    pub(crate) wakeup: Arc<Wakeup>,
+    /// Each shard's ring descriptor, for `MSG_RING` wake-ups; -1 while it is not running.
+    pub(crate) ring_fds: Box<[AtomicI32]>,
+    /// Each shard's eventfd: foreign threads write to it to wake the shard.
+    pub(crate) event_fds: Arc<[OwnedFd]>,
 }
 
 impl Shared {
@@ -97,6 +107,8 @@ pub enum StartError {
     },
     /// A gear's route pattern is invalid or mounted twice.
     Route(InvalidRoute),
+    /// The eventfd that wakes a shard for foreign threads could not be made.
+    EventFd(io::Error),
 }
 
 impl fmt::Display for StartError {
@@ -115,6 +127,7 @@ impl fmt::Display for StartError {
             }
             StartError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
             StartError::Route(err) => err.fmt(f),
+            StartError::EventFd(err) => write!(f, "cannot create a shard's eventfd: {err}"),
         }
     }
 }
@@ -125,6 +138,7 @@ impl std::error::Error for StartError {
             StartError::Uring(err) => Some(err),
             StartError::Bind { source, .. } => Some(source),
             StartError::Route(err) => Some(err),
+            StartError::EventFd(err) => Some(err),
             _ => None,
         }
     }
@@ -179,6 +193,7 @@ pub struct ServerBuilder {
     shards: Option<usize>,
     limits: Option<Limits>,
     tuning: ShardTuning,
+    registry: RegistryConfig,
     app: App,
     route_error: Option<InvalidRoute>,
 }
@@ -215,6 +230,13 @@ impl ServerBuilder {
     /// ([`default_max_connections`]).
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = Some(limits);
+        self
+    }
+
+    /// The size of the registry's queues between shards (see the `registry` crate for
+    /// what happens when one is full).
+    pub fn registry(mut self, config: RegistryConfig) -> Self {
+        self.registry = config;
         self
     }
 
@@ -262,6 +284,7 @@ impl ServerBuilder {
             shards,
             limits,
             tuning,
+            registry: registry_config,
             mut app,
             route_error,
         } = self;
@@ -301,10 +324,33 @@ impl ServerBuilder {
             }
             local_addrs.push(actual);
         }
+        let event_fds: Arc<[OwnedFd]> = (0..shards)
+            .map(|_| eventfd())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(StartError::EventFd)?
+            .into();
+        let wakeup = Arc::new(Wakeup::new(shards));
+        let fds = Arc::clone(&event_fds);
+        wakeup.set_foreign_waker(Box::new(move |shard| {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to an eventfd this closure keeps
+            // open (it holds the Arc).
+            let _ = unsafe {
+                libc::write(
+                    fds[shard].as_raw_fd(),
+                    std::ptr::from_ref(&one).cast(),
+                    size_of::<u64>(),
+                )
+            };
+        }));
+        app.start_registries(registry_config, &wakeup);
         let shared = Arc::new(Shared {
             draining: AtomicBool::new(false),
             epoch: Instant::now(),
             stats: (0..shards).map(|_| ShardStats::default()).collect(),
+            wakeup,
+            ring_fds: (0..shards).map(|_| AtomicI32::new(-1)).collect(),
+            event_fds,
         });
         Ok(Server {
             app: Arc::new(app),
@@ -315,6 +361,18 @@ impl ServerBuilder {
             features,
         })
     }
+}
+
+/// A non-blocking eventfd, for foreign threads to wake a shard.
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor
+    // that nothing else owns.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Runs the io_uring probe on a thread of its own. When a ring is torn down, the kernel
@@ -367,6 +425,7 @@ impl Server {
             shards: None,
             limits: None,
             tuning: ShardTuning::default(),
+            registry: RegistryConfig::default(),
             app: App::new(Limits::default()),
             route_error: None,
         }
@@ -397,6 +456,7 @@ impl Server {
     pub fn handle(&self) -> ServerHandle {
         ServerHandle {
             shared: Arc::clone(&self.shared),
+            app: Arc::clone(&self.app),
         }
     }
 
@@ -479,6 +539,7 @@ impl Server {
 #[derive(Debug, Clone)]
 pub struct ServerHandle {
     shared: Arc<Shared>,
+    app: Arc<App>,
 }
 
 impl ServerHandle {
@@ -495,6 +556,17 @@ impl ServerHandle {
     /// The counters of each shard, in shard order.
     pub fn stats(&self) -> Vec<ShardCounters> {
         self.shared.stats.iter().map(ShardStats::snapshot).collect()
+    }
+
+    /// A handle to the registry of the gear mounted on `pattern`, for threads outside
+    /// the shards (`M` is the gear's message type); `None` if there is no such gear.
+    pub fn registry<M: Clone + Send + 'static>(&self, pattern: &str) -> Option<RegistryHandle<M>> {
+        self.app.registry(pattern)
+    }
+
+    /// The registry figures of the gear mounted on `pattern`.
+    pub fn registry_stats(&self, pattern: &str) -> Option<RegistryStats> {
+        self.app.registry_stats(pattern)
     }
 }
 

@@ -20,7 +20,7 @@ use handler_api::{
 };
 use tracing::{info, warn};
 
-use crate::gear::{App, LiveConn};
+use crate::gear::{App, LiveConn, Registries};
 use crate::protocol::ProtocolError;
 use crate::protocol::close::{Closing, PeerCloseAction, encode_close_payload};
 use crate::protocol::codec::{DecoderConfig, OpCode, Role, encode_frame_into};
@@ -126,36 +126,36 @@ impl Session {
     }
 
     /// Received bytes, borrowed from the receive buffer; frames are unmasked in place.
-    pub fn on_recv(&mut self, data: &mut [u8], now_ms: u64, app: &App) {
+    pub fn on_recv(&mut self, data: &mut [u8], now_ms: u64, app: &App, regs: &mut Registries) {
         self.core.now_ms = now_ms;
         if self.core.finished {
             return;
         }
         if let Phase::Handshake { .. } = self.core.phase {
-            let rest = self.core.handshake(data, now_ms, app);
+            let rest = self.core.handshake(data, now_ms, app, regs);
             if let Some(rest) = rest {
                 // Bytes after the request head are the client's first frames.
                 self.pending = rest;
-                self.process_pending(now_ms, app);
+                self.process_pending(now_ms, app, regs);
             }
             return;
         }
         self.core.idle_deadline_ms = now_ms.saturating_add(ms(app.limits().idle_timeout));
         if self.pending.is_empty() {
-            let (used, needed) = self.process(data, now_ms, app);
+            let (used, needed) = self.process(data, now_ms, app, regs);
             if used < data.len() && !self.core.finished {
                 reserve_frame(&mut self.pending, needed, app);
                 self.pending.extend_from_slice(&data[used..]);
             }
         } else {
             self.pending.extend_from_slice(data);
-            self.process_pending(now_ms, app);
+            self.process_pending(now_ms, app, regs);
         }
     }
 
-    fn process_pending(&mut self, now_ms: u64, app: &App) {
+    fn process_pending(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
         let mut buf = std::mem::take(&mut self.pending);
-        let (used, needed) = self.process(&mut buf, now_ms, app);
+        let (used, needed) = self.process(&mut buf, now_ms, app, regs);
         if used < buf.len() && !self.core.finished {
             buf.drain(..used);
             reserve_frame(&mut buf, needed, app);
@@ -166,21 +166,27 @@ impl Session {
     /// Decodes and acts on every whole frame at the start of `buf`; returns how many
     /// bytes were used and, if a frame is incomplete, how many bytes it needs from
     /// where it starts.
-    fn process(&mut self, buf: &mut [u8], now_ms: u64, app: &App) -> (usize, u64) {
+    fn process(
+        &mut self,
+        buf: &mut [u8],
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) -> (usize, u64) {
         let mut start = 0;
         let mut needed = 0;
         while start < buf.len() && !self.core.finished {
             match self.decoder.step(&mut buf[start..]) {
                 Ok(Step::Event(event, used)) => {
                     start += used;
-                    self.core.on_event(event, now_ms, app);
+                    self.core.on_event(event, now_ms, app, regs);
                 }
                 Ok(Step::NeedMore { needed: n }) => {
                     needed = n;
                     break;
                 }
                 Err(e) => {
-                    self.core.fail(e, now_ms, app);
+                    self.core.fail(e, now_ms, app, regs);
                     break;
                 }
             }
@@ -192,18 +198,18 @@ impl Session {
     }
 
     /// The peer is gone: `None` for EOF, `Some(errno)` for a socket error.
-    pub fn on_peer_gone(&mut self, errno: Option<i32>, app: &App) {
+    pub fn on_peer_gone(&mut self, errno: Option<i32>, app: &App, regs: &mut Registries) {
         let reason = match errno {
             Some(e) => TerminateReason::Error(TerminateError::Io(e)),
             None => TerminateReason::Remote,
         };
-        self.core.terminate(reason, app);
+        self.core.terminate(reason, app, regs);
         self.core.out = Vec::new();
         self.core.finished = true;
     }
 
     /// Timers: handshake, idle, ping/pong and closing deadlines.
-    pub fn on_tick(&mut self, now_ms: u64, app: &App) {
+    pub fn on_tick(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
         let core = &mut self.core;
         core.now_ms = now_ms;
         if core.finished {
@@ -219,7 +225,11 @@ impl Session {
         }
         if core.closing.poll_timeout(now_ms) {
             if !core.terminated {
-                core.terminate(TerminateReason::Error(TerminateError::ClosingTimeout), app);
+                core.terminate(
+                    TerminateReason::Error(TerminateError::ClosingTimeout),
+                    app,
+                    regs,
+                );
             }
             core.finished = true;
             return;
@@ -229,11 +239,15 @@ impl Session {
         }
         if now_ms >= core.idle_deadline_ms {
             core.close(CloseCode::NORMAL, "idle timeout", now_ms, app);
-            core.terminate(TerminateReason::Timeout, app);
+            core.terminate(TerminateReason::Timeout, app, regs);
             return;
         }
         if core.pong_deadline_ms.is_some_and(|d| now_ms >= d) {
-            core.terminate(TerminateReason::Error(TerminateError::PongTimeout), app);
+            core.terminate(
+                TerminateReason::Error(TerminateError::PongTimeout),
+                app,
+                regs,
+            );
             core.finished = true;
             return;
         }
@@ -249,16 +263,98 @@ impl Session {
     }
 
     /// The server drains: close 1001, terminate `Stop`.
-    pub fn start_drain(&mut self, now_ms: u64, app: &App) {
+    pub fn start_drain(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
         let core = &mut self.core;
         match core.phase {
             Phase::Handshake { .. } => core.finished = true,
             Phase::Open(_) if core.closing.is_open() => {
                 core.close(CloseCode::GOING_AWAY, DRAIN_REASON, now_ms, app);
-                core.terminate(TerminateReason::Stop, app);
+                core.terminate(TerminateReason::Stop, app, regs);
             }
             _ => {}
         }
+    }
+
+    /// A message from the registry or a connection handle: runs
+    /// `handle_server_message`. `msg` is an `Option` of the gear's message type.
+    /// Returns false if the connection no longer takes messages (closing or closed).
+    pub fn on_server_message(
+        &mut self,
+        msg: &mut dyn Any,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) -> bool {
+        let core = &mut self.core;
+        core.now_ms = now_ms;
+        if core.finished || !core.closing.is_open() {
+            return false;
+        }
+        let Phase::Open(live) = &mut core.phase else {
+            return false;
+        };
+        let id = core.id;
+        let mut sink = OutSink::new(&mut core.out);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            live.server_message(id, msg, &mut sink, regs)
+        }));
+        let mut outcome = sink.finish();
+        live.meta().frames_out += outcome.frames;
+        if let Err(panic) = result {
+            outcome.panic = Some(panic_message(&panic));
+        }
+        core.after_callback(outcome, now_ms, app, regs);
+        true
+    }
+
+    /// Frame bytes of a `publish_frame`, encoded once for every member: appended to
+    /// the output as they are. Returns false if the connection no longer takes frames.
+    pub fn on_published_bytes(
+        &mut self,
+        bytes: &[u8],
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) -> bool {
+        let core = &mut self.core;
+        core.now_ms = now_ms;
+        if core.finished || !core.closing.is_open() {
+            return false;
+        }
+        let Phase::Open(live) = &mut core.phase else {
+            return false;
+        };
+        live.meta().frames_out += 1;
+        core.out.extend_from_slice(bytes);
+        core.check_outgoing(now_ms, app, regs);
+        true
+    }
+
+    /// A `publish_frame` of a close: the connection closes as if its gear had sent it.
+    pub fn on_published_close(
+        &mut self,
+        close: Option<handler_api::CloseFrame>,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) -> bool {
+        let core = &mut self.core;
+        core.now_ms = now_ms;
+        if core.finished || !core.closing.is_open() || !matches!(core.phase, Phase::Open(_)) {
+            return false;
+        }
+        let mut sink = OutSink::new(&mut core.out);
+        sink.send_frame(handler_api::Frame::Close(close));
+        let outcome = sink.finish();
+        core.after_callback(outcome, now_ms, app, regs);
+        true
+    }
+
+    /// The shard stops with this session still open (the end of a drain): `terminate`
+    /// runs with `Stop`, with the registry at hand so that names and groups are freed.
+    pub fn shut_down(&mut self, app: &App, regs: &mut Registries) {
+        self.core.terminate(TerminateReason::Stop, app, regs);
+        self.core.finished = true;
     }
 
     /// The earliest time at which [`Session::on_tick`] has something to do.
@@ -335,7 +431,12 @@ impl Drop for Session {
             let id = self.core.id;
             let mut sink = Discard;
             let _ = catch_unwind(AssertUnwindSafe(move || {
-                live.terminate(id, &TerminateReason::Stop, &mut sink)
+                live.terminate(
+                    id,
+                    &TerminateReason::Stop,
+                    &mut sink,
+                    &mut Registries::none(),
+                )
             }));
         }
     }
@@ -343,7 +444,13 @@ impl Drop for Session {
 
 impl Core {
     /// Feeds the upgrade request; on success returns the bytes after its head.
-    fn handshake(&mut self, data: &[u8], now_ms: u64, app: &App) -> Option<Vec<u8>> {
+    fn handshake(
+        &mut self,
+        data: &[u8],
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) -> Option<Vec<u8>> {
         let Phase::Handshake { head, peer, .. } = &mut self.phase else {
             return None;
         };
@@ -390,16 +497,21 @@ impl Core {
         };
         let key = up.key.to_owned();
         let head_len = req.head_len;
-        let mut conn = Conn::new(self.id, parts);
+        let mut conn = match app.names(routed.gear) {
+            Some(names) => Conn::with_names(self.id, parts, names),
+            None => Conn::new(self.id, parts),
+        };
         let gear = routed.gear;
         match catch_unwind(AssertUnwindSafe(|| app.connect(gear, &mut conn))) {
             Ok(Ok(())) => {}
             Ok(Err(resp)) => {
+                release_names(&mut conn, app, gear);
                 let headers = resp.headers().iter().map(|(k, v)| (k.as_str(), v.as_str()));
                 write_response(&mut self.out, resp.status(), headers, resp.body_bytes());
                 return self.end_handshake();
             }
             Err(panic) => {
+                release_names(&mut conn, app, gear);
                 warn!(conn = %self.id, gear = app.pattern(gear), panic = panic_message(&panic), "connect panicked");
                 write_response(&mut self.out, 500, [], b"internal error");
                 return self.end_handshake();
@@ -415,7 +527,7 @@ impl Core {
         self.phase = Phase::Done;
         let mut sink = OutSink::new(&mut self.out);
         let init = catch_unwind(AssertUnwindSafe(|| {
-            app.init(gear, &mut conn, &mut sink, peer, admission, now_ms)
+            app.init(gear, &mut conn, &mut sink, peer, admission, now_ms, regs)
         }));
         let outcome = sink.finish();
         match init {
@@ -423,10 +535,13 @@ impl Core {
                 live.meta().frames_out += outcome.frames;
                 info!(conn = %self.id, gear = app.pattern(gear), peer = ?peer, "CONNECTED");
                 self.phase = Phase::Open(live);
-                self.after_callback(outcome, now_ms, app);
+                self.after_callback(outcome, now_ms, app, regs);
             }
             Err(panic) => {
-                // No state was built, so there is nothing to terminate.
+                // No state was built, so there is nothing to terminate; what the
+                // connection took in the registry is given back.
+                release_names(&mut conn, app, gear);
+                regs.remove_conn(gear, self.id);
                 warn!(conn = %self.id, gear = app.pattern(gear), panic = panic_message(&panic), "init panicked");
                 self.send_close(Some(CloseCode::INTERNAL_ERROR), "");
                 self.finished = true;
@@ -447,7 +562,7 @@ impl Core {
         None
     }
 
-    fn on_event(&mut self, event: Event<'_>, now_ms: u64, app: &App) {
+    fn on_event(&mut self, event: Event<'_>, now_ms: u64, app: &App, regs: &mut Registries) {
         match event {
             Event::Message(msg) => {
                 if !self.closing.is_open() {
@@ -459,20 +574,21 @@ impl Core {
                 live.meta().frames_in += 1;
                 let id = self.id;
                 let mut sink = OutSink::new(&mut self.out);
-                let result =
-                    catch_unwind(AssertUnwindSafe(|| live.client_message(id, msg, &mut sink)));
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    live.client_message(id, msg, &mut sink, regs)
+                }));
                 let mut outcome = sink.finish();
                 live.meta().frames_out += outcome.frames;
                 if let Err(panic) = result {
                     outcome.panic = Some(panic_message(&panic));
                 }
-                self.after_callback(outcome, now_ms, app);
+                self.after_callback(outcome, now_ms, app, regs);
             }
             Event::Fragment => {}
             Event::Ping(payload) => {
                 if self.closing.is_open() {
                     encode_frame_into(&mut self.out, true, 0, OpCode::Pong, payload, None);
-                    self.check_outgoing(now_ms, app);
+                    self.check_outgoing(now_ms, app, regs);
                 }
             }
             Event::Pong(_) => self.pong_deadline_ms = None,
@@ -486,6 +602,7 @@ impl Core {
                                 reason: close.reason.to_owned(),
                             },
                             app,
+                            regs,
                         );
                     }
                     PeerCloseAction::Finished => {}
@@ -496,13 +613,20 @@ impl Core {
     }
 
     /// What a callback left behind: a close, a gear bug, a panic, too much output.
-    fn after_callback(&mut self, outcome: SinkOutcome, now_ms: u64, app: &App) {
+    fn after_callback(
+        &mut self,
+        outcome: SinkOutcome,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) {
         if let Some(msg) = outcome.panic {
             warn!(conn = %self.id, panic = %msg, "handler panicked; closing with 1011");
             self.close(CloseCode::INTERNAL_ERROR, "", now_ms, app);
             self.terminate(
                 TerminateReason::Error(TerminateError::HandlerPanic(msg)),
                 app,
+                regs,
             );
             return;
         }
@@ -511,23 +635,23 @@ impl Core {
             // The context already queued the close frame (1011).
             self.closing
                 .local_close(now_ms, ms(app.limits().closing_timeout));
-            self.terminate(TerminateReason::Error(err), app);
+            self.terminate(TerminateReason::Error(err), app, regs);
             return;
         }
         if outcome.closed {
             self.closing
                 .local_close(now_ms, ms(app.limits().closing_timeout));
-            self.terminate(TerminateReason::Stop, app);
+            self.terminate(TerminateReason::Stop, app, regs);
             return;
         }
-        self.check_outgoing(now_ms, app);
+        self.check_outgoing(now_ms, app, regs);
     }
 
     /// The slow-consumer limit: a client that stops reading is closed with 1008 and
     /// what was queued for it is freed. Only bytes waiting behind a send still in
     /// flight count: output the kernel can take at once (one large echo, say) is not a
     /// sign of a client that stopped reading.
-    fn check_outgoing(&mut self, now_ms: u64, app: &App) {
+    fn check_outgoing(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
         if self.in_flight == 0 || self.out.len() <= app.limits().max_outgoing_bytes {
             return;
         }
@@ -539,19 +663,23 @@ impl Core {
         {
             self.send_close(Some(CloseCode::POLICY_VIOLATION), "slow consumer");
         }
-        self.terminate(TerminateReason::Error(TerminateError::SlowConsumer), app);
+        self.terminate(
+            TerminateReason::Error(TerminateError::SlowConsumer),
+            app,
+            regs,
+        );
     }
 
     /// A protocol error: close with its code and close the socket without waiting for
     /// the peer's answer (RFC 6455 section 7.1.7, failing the connection).
-    fn fail(&mut self, e: ProtocolError, now_ms: u64, app: &App) {
+    fn fail(&mut self, e: ProtocolError, now_ms: u64, app: &App, regs: &mut Registries) {
         if self
             .closing
             .local_close(now_ms, ms(app.limits().closing_timeout))
         {
             self.send_close(Some(e.close_code()), e.as_str());
         }
-        self.terminate(TerminateReason::Error(e.to_terminate_error()), app);
+        self.terminate(TerminateReason::Error(e.to_terminate_error()), app, regs);
         self.finished = true;
     }
 
@@ -572,7 +700,7 @@ impl Core {
     }
 
     /// Calls the gear's `terminate` once and logs the DISCONNECTED line.
-    fn terminate(&mut self, reason: TerminateReason, app: &App) {
+    fn terminate(&mut self, reason: TerminateReason, app: &App, regs: &mut Registries) {
         if self.terminated {
             return;
         }
@@ -594,9 +722,19 @@ impl Core {
         let id = self.id;
         let mut sink = Discard;
         if let Err(panic) = catch_unwind(AssertUnwindSafe(move || {
-            live.terminate(id, &reason, &mut sink)
+            live.terminate(id, &reason, &mut sink, regs)
         })) {
             warn!(conn = %id, panic = panic_message(&panic), "terminate panicked");
+        }
+    }
+}
+
+/// Gives back the names `connect` or `init` registered, when the handshake fails.
+fn release_names(conn: &mut Conn, app: &App, gear: usize) {
+    let names = conn.take_registered();
+    if let (Some(table), false) = (app.names(gear), names.is_empty()) {
+        for name in names {
+            let _ = table.unregister(conn.id(), &name);
         }
     }
 }
@@ -797,7 +935,8 @@ mod tests {
     impl Harness {
         fn recv(&mut self, bytes: &[u8]) {
             let mut data = bytes.to_vec();
-            self.session.on_recv(&mut data, self.now, &self.app);
+            self.session
+                .on_recv(&mut data, self.now, &self.app, &mut Registries::none());
         }
 
         fn output(&mut self) -> Vec<u8> {
@@ -892,7 +1031,8 @@ mod tests {
                 reason: "away".into()
             }]
         );
-        h.session.on_peer_gone(None, &h.app);
+        h.session
+            .on_peer_gone(None, &h.app, &mut Registries::none());
         assert_eq!(h.reasons().len(), 1, "terminate runs once");
         assert_eq!(h.app.connections("/ws"), Some(0));
     }
@@ -955,12 +1095,19 @@ mod tests {
         let mut first = harness(Limits::default(), Some(1));
         first.open();
         let mut second = Session::new(ConnId::new(0, 2), None, 0, &first.app);
-        second.on_recv(&mut UPGRADE.as_bytes().to_vec(), 0, &first.app);
+        second.on_recv(
+            &mut UPGRADE.as_bytes().to_vec(),
+            0,
+            &first.app,
+            &mut Registries::none(),
+        );
         let out = String::from_utf8(second.take_output().unwrap()).unwrap();
         assert!(out.starts_with("HTTP/1.1 503"));
         assert!(out.ends_with("TooManyWebsocketConnections"));
         assert_eq!(first.app.connections("/ws"), Some(1));
-        first.session.on_peer_gone(None, &first.app);
+        first
+            .session
+            .on_peer_gone(None, &first.app, &mut Registries::none());
         assert_eq!(first.app.connections("/ws"), Some(0));
     }
 
@@ -989,9 +1136,9 @@ mod tests {
         h.send(OpCode::Text, b"close");
         let deadline = h.session.next_deadline_ms().unwrap();
         assert_eq!(deadline, 5000);
-        h.session.on_tick(4999, &h.app);
+        h.session.on_tick(4999, &h.app, &mut Registries::none());
         assert!(!h.session.should_close());
-        h.session.on_tick(5000, &h.app);
+        h.session.on_tick(5000, &h.app, &mut Registries::none());
         assert!(h.session.should_close());
         assert_eq!(h.reasons(), [TerminateReason::Stop]);
     }
@@ -1083,7 +1230,7 @@ mod tests {
             Some(5000),
             "reset by incoming data"
         );
-        h.session.on_tick(5000, &h.app);
+        h.session.on_tick(5000, &h.app, &mut Registries::none());
         assert_eq!(
             frames(&h.output()),
             [(OpCode::Close, close_payload(1000, "idle timeout"))]
@@ -1096,7 +1243,7 @@ mod tests {
         let mut h = harness(Limits::default(), None);
         h.recv(b"GET /ws HTTP/1.1\r\n");
         assert_eq!(h.session.next_deadline_ms(), Some(10_000));
-        h.session.on_tick(10_000, &h.app);
+        h.session.on_tick(10_000, &h.app, &mut Registries::none());
         assert!(h.session.should_close());
         assert!(h.output().is_empty());
     }
@@ -1129,7 +1276,7 @@ mod tests {
     fn drain_sends_1001() {
         let mut h = harness(Limits::default(), None);
         h.open();
-        h.session.start_drain(0, &h.app);
+        h.session.start_drain(0, &h.app, &mut Registries::none());
         assert_eq!(
             frames(&h.output()),
             [(OpCode::Close, close_payload(1001, DRAIN_REASON))]
@@ -1146,13 +1293,13 @@ mod tests {
         };
         let mut h = harness(limits, None);
         h.open();
-        h.session.on_tick(1000, &h.app);
+        h.session.on_tick(1000, &h.app, &mut Registries::none());
         assert_eq!(frames(&h.output()), [(OpCode::Ping, b"kythera".to_vec())]);
         h.now = 1500;
         h.send(OpCode::Pong, b"kythera");
-        h.session.on_tick(2000, &h.app);
+        h.session.on_tick(2000, &h.app, &mut Registries::none());
         h.output();
-        h.session.on_tick(4000, &h.app);
+        h.session.on_tick(4000, &h.app, &mut Registries::none());
         assert!(h.session.should_close(), "no pong for the ping at 2000");
         assert_eq!(
             h.reasons(),
@@ -1164,7 +1311,8 @@ mod tests {
     fn peer_gone_and_drop() {
         let mut h = harness(Limits::default(), None);
         h.open();
-        h.session.on_peer_gone(Some(104), &h.app);
+        h.session
+            .on_peer_gone(Some(104), &h.app, &mut Registries::none());
         assert_eq!(
             h.reasons(),
             [TerminateReason::Error(TerminateError::Io(104))]

@@ -41,14 +41,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use handler_api::ConnId;
+use std::any::Any;
+
+use handler_api::{Bytes, CloseFrame, ConnId};
 use io_uring::cqueue;
 use io_uring::opcode;
 use io_uring::squeue;
-use io_uring::types::CancelBuilder;
+use io_uring::types::{self, CancelBuilder};
 use tracing::{debug, info, warn};
 
-use crate::gear::App;
+use crate::gear::{App, Deliveries, Registries};
 use crate::server::Shared;
 use crate::session::Session;
 use crate::timer::{self, TimerWheel};
@@ -130,6 +132,9 @@ pub struct ShardStats {
     bytes_sent: AtomicU64,
     loop_iterations: AtomicU64,
     submissions: AtomicU64,
+    registry_in: AtomicU64,
+    wakeups_sent: AtomicU64,
+    wakeups_received: AtomicU64,
 }
 
 /// A snapshot of a shard's counters.
@@ -162,6 +167,12 @@ pub struct ShardCounters {
     pub loop_iterations: u64,
     /// Operations submitted.
     pub submissions: u64,
+    /// Registry envelopes taken from this shard's inbound queues.
+    pub registry_in: u64,
+    /// `MSG_RING` wake-ups sent to other shards.
+    pub wakeups_sent: u64,
+    /// Wake-ups received (from other shards or from foreign threads' eventfd writes).
+    pub wakeups_received: u64,
 }
 
 impl ShardCounters {
@@ -189,6 +200,9 @@ impl ShardStats {
             bytes_sent: get(&self.bytes_sent),
             loop_iterations: get(&self.loop_iterations),
             submissions: get(&self.submissions),
+            registry_in: get(&self.registry_in),
+            wakeups_sent: get(&self.wakeups_sent),
+            wakeups_received: get(&self.wakeups_received),
         }
     }
 }
@@ -270,6 +284,19 @@ impl Io {
         // SAFETY: passed on to the caller.
         unsafe { self.ring.push(entry) }?;
         self.in_flight += 1;
+        bump(&self.shared.stats[self.shard].submissions, 1);
+        Ok(())
+    }
+
+    /// Pushes an operation that the drain does not wait for (wake-ups, the eventfd
+    /// read): its completions must not decrement `in_flight`.
+    ///
+    /// # Safety
+    ///
+    /// As [`Ring::push`].
+    unsafe fn push_uncounted(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        // SAFETY: passed on to the caller.
+        unsafe { self.ring.push(entry) }?;
         bump(&self.shared.stats[self.shard].submissions, 1);
         Ok(())
     }
@@ -396,7 +423,6 @@ struct Shard {
     listeners: Vec<Listener>,
     conns: Vec<Option<Conn>>,
     open: usize,
-    next_seq: u64,
     next_generation: u32,
     timers: TimerWheel<TimerKey>,
     fired: Vec<timer::Entry<TimerKey>>,
@@ -405,7 +431,20 @@ struct Shard {
     rearm: Vec<u32>,
     drain: Option<Drain>,
     now_ms: u64,
+    /// This shard's parts of the gears' registries.
+    regs: Registries,
+    /// Shards to notify after this turn (deduplicated across gears).
+    wake_list: Vec<usize>,
+    wake_seen: Vec<bool>,
+    /// Where the eventfd read writes its count: leaked on purpose, 8 bytes per shard,
+    /// so that a read still armed when the ring goes away never writes into freed
+    /// memory.
+    event_buf: &'static mut u64,
 }
+
+/// Envelopes taken from each gear's inbound queues per loop turn: enough to batch,
+/// few enough that sockets are not starved while a flood is delivered.
+const REGISTRY_BATCH: usize = 4096;
 
 /// The buffer group of every shard's buffer ring (each shard has its own ring).
 const BGID: u16 = 0;
@@ -450,6 +489,9 @@ impl Shard {
             "shard started"
         );
         let now_ms = shared.now_ms();
+        let regs = app.shard_registries(index);
+        shared.ring_fds[index].store(ring.as_raw_fd(), Ordering::Release);
+        let shards = shared.ring_fds.len();
         let listeners = listeners
             .into_iter()
             .map(|l| Listener {
@@ -478,7 +520,6 @@ impl Shard {
             listeners,
             conns: Vec::new(),
             open: 0,
-            next_seq: 0,
             next_generation: 0,
             fired: Vec::new(),
             cqes: Vec::new(),
@@ -486,6 +527,10 @@ impl Shard {
             rearm: Vec::new(),
             drain: None,
             now_ms,
+            regs,
+            wake_list: Vec::new(),
+            wake_seen: vec![false; shards],
+            event_buf: Box::leak(Box::new(0u64)),
         })
     }
 
@@ -497,9 +542,22 @@ impl Shard {
         for listener in 0..self.listeners.len() as u32 {
             self.arm_accept(listener)?;
         }
+        self.arm_eventfd()?;
         loop {
-            let wait_ms = self.timers.until_next_tick_ms(self.now_ms);
-            match self.io.ring.wait(1, Duration::from_millis(wait_ms)) {
+            // Block only with nothing inbound and no notification pending (see
+            // `registry::Wakeup`); otherwise just submit and turn again.
+            let may_sleep =
+                !self.regs.has_inbound() && self.shared.wakeup.prepare_sleep(self.index);
+            let wait_ms = if may_sleep {
+                self.timers.until_next_tick_ms(self.now_ms)
+            } else {
+                0
+            };
+            let waited = self.io.ring.wait(1, Duration::from_millis(wait_ms));
+            if may_sleep {
+                self.shared.wakeup.woke(self.index);
+            }
+            match waited {
                 Ok(_) => {}
                 // The completion queue overflowed: drain it below, then submit again.
                 Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {}
@@ -538,6 +596,7 @@ impl Shard {
         if self.drain.is_some() {
             self.drain_step();
         }
+        self.deliver_registry();
 
         for index in std::mem::take(&mut self.rearm) {
             self.arm_recv(index)?;
@@ -547,7 +606,73 @@ impl Shard {
             self.flush(index)?;
         }
         self.touched = touched;
+        self.send_wakeups()
+    }
+
+    // ----- registry -----
+
+    /// Delivers what other shards, foreign threads and this shard's own callbacks
+    /// queued for this shard's connections.
+    fn deliver_registry(&mut self) {
+        if !self.regs.has_inbound() {
+            return;
+        }
+        let mut to = ShardDeliveries {
+            conns: &mut self.conns,
+            touched: &mut self.touched,
+            app: &self.app,
+            now_ms: self.now_ms,
+        };
+        let taken = self.regs.deliver(REGISTRY_BATCH, &mut to);
+        bump(&self.shared.stats[self.index].registry_in, taken as u64);
+    }
+
+    /// Wakes, with `MSG_RING`, the shards this turn queued messages for that may be
+    /// asleep; once per target per turn, never per message.
+    fn send_wakeups(&mut self) -> io::Result<()> {
+        let (list, seen) = (&mut self.wake_list, &mut self.wake_seen);
+        self.regs.take_wakeups(&mut |t| {
+            if !seen[t] {
+                seen[t] = true;
+                list.push(t);
+            }
+        });
+        for i in 0..self.wake_list.len() {
+            let target = self.wake_list[i];
+            self.wake_seen[target] = false;
+            if !self.shared.wakeup.notify(target) {
+                continue;
+            }
+            let fd = self.shared.ring_fds[target].load(Ordering::Acquire);
+            if fd < 0 {
+                continue; // not running yet (it drains its queues when it starts) or gone
+            }
+            let entry = opcode::MsgRingData::new(
+                types::Fd(fd),
+                0,
+                UserData::new(Op::Wake, 0).encode(),
+                None,
+            )
+            .build()
+            .user_data(UserData::new(Op::MsgRing, target as u32).encode());
+            // SAFETY: MSG_RING points to no memory of this process; a target ring that
+            // closed meanwhile makes it fail with EBADF, which `complete` ignores.
+            unsafe { self.io.push_uncounted(&entry) }?;
+            bump(&self.shared.stats[self.index].wakeups_sent, 1);
+        }
+        self.wake_list.clear();
         Ok(())
+    }
+
+    /// Arms the read of this shard's eventfd, which foreign threads write to.
+    fn arm_eventfd(&mut self) -> io::Result<()> {
+        let fd = self.shared.event_fds[self.index].as_raw_fd();
+        let entry = opcode::Read::new(types::Fd(fd), std::ptr::from_mut(self.event_buf).cast(), 8)
+            .build()
+            .user_data(UserData::new(Op::EventFd, 0).encode());
+        // SAFETY: the buffer is leaked (`event_buf`), so it outlives the operation; the
+        // eventfd lives in `Shared`, which outlives this shard.
+        unsafe { self.io.push_uncounted(&entry) }
     }
 
     fn touch(&mut self, index: u32) {
@@ -561,14 +686,30 @@ impl Shard {
 
     fn complete(&mut self, cqe: &cqueue::Entry) -> io::Result<()> {
         let more = has_more(cqe.flags());
-        if !more {
-            self.io.in_flight -= 1;
-        }
         let Some(ud) = UserData::decode(cqe.user_data()) else {
             debug_assert!(false, "unknown user_data {:#x}", cqe.user_data());
             return Ok(());
         };
         let res = cqe.result();
+        match ud.op {
+            // Woken by another shard: the turn delivers whatever it queued.
+            Op::Wake => {
+                bump(&self.stats().wakeups_received, 1);
+                return Ok(());
+            }
+            Op::MsgRing => return Ok(()),
+            Op::EventFd => {
+                bump(&self.stats().wakeups_received, 1);
+                if res == -libc::ECANCELED && self.drain.is_some() {
+                    return Ok(());
+                }
+                return self.arm_eventfd();
+            }
+            _ => {}
+        }
+        if !more {
+            self.io.in_flight -= 1;
+        }
         if !matches!(ud.op, Op::Accept | Op::Cancel) {
             debug_assert_eq!(
                 self.conns
@@ -596,6 +737,7 @@ impl Shard {
                 Ok(())
             }
             Op::Cancel => Ok(()),
+            Op::Wake | Op::MsgRing | Op::EventFd => Ok(()),
         }
     }
 
@@ -759,8 +901,7 @@ impl Shard {
             self.touch(index);
             return Ok(());
         }
-        let id = ConnId::new(self.index as u8, self.next_seq);
-        self.next_seq += 1;
+        let id = conn_id(self.index, index, conn.generation);
         conn.session = Some(Session::new(id, peer, self.now_ms, &self.app));
         self.touch(index);
         self.arm_recv(index)
@@ -795,7 +936,7 @@ impl Shard {
             // group, and is recycled below before any other completion is handled.
             let data = unsafe { self.bufs.buffer(bid, len) };
             if let Some(session) = conn.and_then(Conn::live_session) {
-                session.on_recv(data, now_ms, &self.app);
+                session.on_recv(data, now_ms, &self.app, &mut self.regs);
             }
             self.bufs.recycle(bid);
             bump(&self.shared.stats[self.index].bytes_received, len as u64);
@@ -811,7 +952,7 @@ impl Shard {
             conn.recv_ended = true;
             let errno = (res < 0).then_some(-res);
             if let Some(session) = conn.live_session() {
-                session.on_peer_gone(errno, &self.app);
+                session.on_peer_gone(errno, &self.app, &mut self.regs);
             }
         }
         if !more {
@@ -891,7 +1032,7 @@ impl Shard {
             // rather than loop on it.)
             let errno = if res < 0 { -res } else { libc::EPIPE };
             if let Some(session) = conn.live_session() {
-                session.on_peer_gone(Some(errno), &self.app);
+                session.on_peer_gone(Some(errno), &self.app, &mut self.regs);
             }
             send.done = true;
         } else {
@@ -1068,7 +1209,7 @@ impl Shard {
                 conn.scheduled_ms = None;
                 if let Some(session) = conn.live_session() {
                     if session.next_deadline_ms().is_some_and(|d| d <= now_ms) {
-                        session.on_tick(now_ms, &self.app);
+                        session.on_tick(now_ms, &self.app, &mut self.regs);
                     }
                 }
                 self.touch(index);
@@ -1175,7 +1316,7 @@ impl Shard {
                 continue;
             }
             if let Some(session) = conn.live_session() {
-                session.start_drain(now_ms, &self.app);
+                session.start_drain(now_ms, &self.app, &mut self.regs);
             }
             self.touch(index);
         }
@@ -1227,6 +1368,16 @@ impl Shard {
 
 impl Drop for Shard {
     fn drop(&mut self) {
+        self.shared.ring_fds[self.index].store(-1, Ordering::Release);
+        // Connections still open (a drain that gave up) terminate with the registry at
+        // hand, so that their names and memberships do not outlive them.
+        for conn in self.conns.iter_mut().flatten() {
+            if let Some(session) = conn.session.as_mut() {
+                if !session.is_terminated() {
+                    session.shut_down(&self.app, &mut self.regs);
+                }
+            }
+        }
         if self.io.in_flight == 0 {
             return;
         }
@@ -1280,6 +1431,65 @@ impl Drop for Shard {
                 }
             }
         }
+    }
+}
+
+/// A connection's id: the shard, the slot and the slot's generation, so that a
+/// registry message finds its connection without a lookup table and never reaches a
+/// later connection in the same slot (unless 2^24 connections used the slot between).
+fn conn_id(shard: usize, index: u32, generation: u32) -> ConnId {
+    ConnId::new(
+        shard as u8,
+        (u64::from(generation & UserData::MAX_TAG) << 32) | u64::from(index),
+    )
+}
+
+/// The slot and generation in a connection id made by [`conn_id`].
+fn conn_slot(id: ConnId) -> (u32, u32) {
+    let raw = id.get();
+    (raw as u32, ((raw >> 32) as u32) & UserData::MAX_TAG)
+}
+
+/// The shard's side of [`Deliveries`]: finds the connection by id and runs its session.
+struct ShardDeliveries<'a> {
+    conns: &'a mut Vec<Option<Conn>>,
+    touched: &'a mut Vec<u32>,
+    app: &'a App,
+    now_ms: u64,
+}
+
+impl ShardDeliveries<'_> {
+    fn session(&mut self, id: ConnId) -> Option<(u32, &mut Session)> {
+        let (index, generation) = conn_slot(id);
+        let conn = conn_in(self.conns, index)?;
+        if conn.generation != generation {
+            return None;
+        }
+        if !conn.touched {
+            conn.touched = true;
+            self.touched.push(index);
+        }
+        Some((index, conn.live_session()?))
+    }
+}
+
+impl Deliveries for ShardDeliveries<'_> {
+    fn message(&mut self, conn: ConnId, msg: &mut dyn Any, regs: &mut Registries) -> bool {
+        let (now, app) = (self.now_ms, self.app);
+        self.session(conn)
+            .is_some_and(|(_, s)| s.on_server_message(msg, now, app, regs))
+    }
+
+    fn bytes(&mut self, conn: ConnId, bytes: &Bytes, regs: &mut Registries) -> bool {
+        let (now, app) = (self.now_ms, self.app);
+        self.session(conn)
+            .is_some_and(|(_, s)| s.on_published_bytes(bytes, now, app, regs))
+    }
+
+    fn close(&mut self, conn: ConnId, close: Option<CloseFrame>, regs: &mut Registries) -> bool {
+        let (now, app) = (self.now_ms, self.app);
+        self.session(conn)
+            .is_some_and(|(_, s)| s.on_published_close(close, now, app, regs))
     }
 }
 

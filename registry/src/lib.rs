@@ -190,6 +190,37 @@ impl<M: Clone + Send + 'static> Deliver<M> for Shared<M> {
     }
 }
 
+/// Where the handles of one connection deliver: the registry plus whether the
+/// connection is still open (one allocation per connection that takes a handle).
+pub(crate) struct ConnTarget<M> {
+    shared: Arc<Shared<M>>,
+    open: std::sync::atomic::AtomicBool,
+}
+
+impl<M> ConnTarget<M> {
+    pub(crate) fn new(shared: Arc<Shared<M>>) -> Self {
+        ConnTarget {
+            shared,
+            open: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// The connection ended: later deliveries answer `Closed`. (One that raced with the
+    /// end is dropped at the shard and counted as `dropped_gone`.)
+    pub(crate) fn close(&self) {
+        self.open.store(false, Ordering::Release);
+    }
+}
+
+impl<M: Clone + Send + 'static> Deliver<M> for ConnTarget<M> {
+    fn deliver(&self, conn: ConnId, msg: M) -> Result<(), DeliverError<M>> {
+        if !self.open.load(Ordering::Acquire) {
+            return Err(DeliverError::Closed(msg));
+        }
+        self.shared.deliver(conn, msg)
+    }
+}
+
 type Endpoints<M> = (
     Vec<Option<rtrb::Producer<Envelope<M>>>>,
     Vec<Option<rtrb::Consumer<Envelope<M>>>>,

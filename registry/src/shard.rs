@@ -5,18 +5,32 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use handler_api::{CloseFrame, ConnHandle, ConnId, Frame, NameTable, RegistryError, RegistryOps};
+use handler_api::{
+    CloseFrame, ConnHandle, ConnId, Deliver, Frame, NameTable, RegistryError, RegistryOps,
+};
 use indexmap::IndexSet;
 
 use crate::groups::Group;
 use crate::names::Hasher;
-use crate::{Envelope, PublishedFrame, Shared};
+use crate::{ConnTarget, Envelope, PublishedFrame, Shared};
 
 /// What a connection holds, so that its end frees exactly that.
-#[derive(Debug, Default)]
-struct Holdings {
+struct Holdings<M> {
     names: Vec<Box<str>>,
     groups: Vec<Arc<Group>>,
+    /// The target of the connection's handles, if one was taken: marked closed when
+    /// the connection ends, so that handles answer `Closed` from then on.
+    target: Option<Arc<ConnTarget<M>>>,
+}
+
+impl<M> Default for Holdings<M> {
+    fn default() -> Self {
+        Holdings {
+            names: Vec::new(),
+            groups: Vec::new(),
+            target: None,
+        }
+    }
 }
 
 /// A message for one of this shard's connections, taken from the inbound queues, with
@@ -56,7 +70,7 @@ pub struct ShardRegistry<M> {
     dirty_list: Vec<usize>,
     /// This shard's members of each group, by group id.
     members: HashMap<u64, IndexSet<ConnId, Hasher>, Hasher>,
-    holdings: HashMap<ConnId, Holdings, Hasher>,
+    holdings: HashMap<ConnId, Holdings<M>, Hasher>,
 }
 
 impl<M> std::fmt::Debug for ShardRegistry<M> {
@@ -235,6 +249,9 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
         for group in holdings.groups {
             self.drop_membership(conn, &group);
         }
+        if let Some(target) = holdings.target {
+            target.close();
+        }
     }
 
     fn drop_membership(&mut self, conn: ConnId, group: &Arc<Group>) {
@@ -384,6 +401,17 @@ impl<M: Clone + Send + 'static> RegistryOps<M> for ShardRegistry<M> {
     }
 
     fn handle(&mut self, conn: ConnId) -> Result<ConnHandle<M>, RegistryError> {
-        Ok(ConnHandle::new(conn, self.shared.deliverer()))
+        self.check_own(conn)?;
+        let shared = &self.shared;
+        let target = self
+            .holdings
+            .entry(conn)
+            .or_default()
+            .target
+            .get_or_insert_with(|| Arc::new(ConnTarget::new(Arc::clone(shared))));
+        Ok(ConnHandle::new(
+            conn,
+            Arc::clone(target) as Arc<dyn Deliver<M>>,
+        ))
     }
 }

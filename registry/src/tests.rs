@@ -381,3 +381,23 @@ fn two_threads_stream_in_order() {
     assert_eq!(stats.received, N);
     assert_eq!(stats.forwarded, N);
 }
+
+#[test]
+fn conn_handle_answers_closed_after_the_connection_ends() {
+    let mut s = sim(2, 8);
+    let a = conn(1, 4);
+    let h = s.shards[1].handle(a).unwrap();
+    let h2 = s.shards[1].handle(a).unwrap();
+    h.send("x".into()).unwrap();
+    s.shards[1].remove_conn(a);
+    assert_eq!(
+        h2.send("y".into()),
+        Err(DeliverError::Closed("y".to_owned()))
+    );
+    assert_eq!(s.inbox(1), vec![(a, "x".to_owned())]);
+    assert_eq!(
+        s.shards[0].handle(a).map(|_| ()),
+        Err(RegistryError::Unavailable),
+        "only the owning shard hands out a connection's handle"
+    );
+}

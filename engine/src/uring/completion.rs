@@ -30,6 +30,13 @@ pub enum Op {
     Shutdown = 6,
     /// Reading a connection's peer address (`getsockopt(SO_PEERNAME)`).
     PeerName = 7,
+    /// A wake-up posted into this ring by another shard's `MSG_RING`: no operation of
+    /// this ring stands behind it.
+    Wake = 8,
+    /// This ring's own `MSG_RING` to another shard completed.
+    MsgRing = 9,
+    /// The read of the shard's eventfd (foreign threads' wake-ups).
+    EventFd = 10,
 }
 
 impl Op {
@@ -42,6 +49,9 @@ impl Op {
             5 => Op::Cancel,
             6 => Op::Shutdown,
             7 => Op::PeerName,
+            8 => Op::Wake,
+            9 => Op::MsgRing,
+            10 => Op::EventFd,
             _ => return None,
         })
     }

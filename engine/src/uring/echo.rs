@@ -297,8 +297,10 @@ impl Echo {
                 self.stats.closed += 1;
                 Ok(())
             }
-            // The echo loop submits neither of these.
-            Op::Cancel | Op::Shutdown | Op::PeerName => Ok(()),
+            // The echo loop submits none of these.
+            Op::Cancel | Op::Shutdown | Op::PeerName | Op::Wake | Op::MsgRing | Op::EventFd => {
+                Ok(())
+            }
         }
     }
 

@@ -1,4 +1,5 @@
-//! The kythera server: the echo gear on `/echo` and `/`, one shard per core.
+//! The kythera server: the echo gear on `/echo` and `/`, the chat gear on `/chat`, one
+//! shard per core.
 //!
 //! ```text
 //! kythera --listen 127.0.0.1:8080 --listen [::1]:8080 --shards 2
@@ -19,7 +20,7 @@ use engine::Server;
 use mimalloc::MiMalloc;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tools::gears::Echo;
+use tools::gears::{Chat, Echo};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
@@ -28,7 +29,8 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-/// A WebSocket engine on io_uring, serving the echo gear on `/echo` and `/`.
+/// A WebSocket engine on io_uring, serving the echo gear on `/echo` and `/` and the chat
+/// gear on `/chat`.
 #[derive(Debug, Parser)]
 #[command(name = "kythera", version, about)]
 struct Args {
@@ -94,7 +96,12 @@ fn main() -> ExitCode {
     if let Some(shards) = args.shards {
         builder = builder.shards(shards);
     }
-    let server = match builder.mount("/echo", Echo).mount("/", Echo).build() {
+    let server = match builder
+        .mount("/echo", Echo)
+        .mount("/chat", Chat)
+        .mount("/", Echo)
+        .build()
+    {
         Ok(server) => server,
         Err(err) => {
             eprintln!("kythera: {err}");
