@@ -1,0 +1,347 @@
+//! `kythera-load` against real servers: the kythera binary (echo must pass with no
+//! errors), hand-written servers that misbehave (the exit status must say so), and a
+//! small chat room (broadcast mode).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+
+use engine::protocol::codec::{self, Decoded, DecoderConfig, OpCode};
+use engine::protocol::handshake::accept_key;
+use serde_json::Value;
+
+/// The kythera binary on an ephemeral port, killed on drop.
+struct Kythera {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Kythera {
+    fn start() -> Kythera {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kythera"))
+            .args(["--listen", "127.0.0.1:0", "--shards", "1"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start kythera");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let rest = line
+            .strip_prefix("kythera listening on ws://")
+            .unwrap_or_else(|| panic!("banner: {line:?}"));
+        let addr = rest.split_once(' ').unwrap().0.parse().unwrap();
+        Kythera { child, addr }
+    }
+}
+
+impl Drop for Kythera {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs kythera-load with `args` and `--json FILE`; returns its output and the JSON.
+fn load(args: &[&str]) -> (Output, Option<Value>) {
+    let json = std::env::temp_dir().join(format!(
+        "kythera-load-test-{}-{}.json",
+        std::process::id(),
+        args.join("_").replace(['/', ':', '.'], "")
+    ));
+    let _ = std::fs::remove_file(&json);
+    let out = Command::new(env!("CARGO_BIN_EXE_kythera-load"))
+        .args(args)
+        .args(["-q", "--json"])
+        .arg(&json)
+        .output()
+        .expect("run kythera-load");
+    let value = std::fs::read_to_string(&json)
+        .ok()
+        .map(|s| serde_json::from_str(&s).expect("valid JSON"));
+    let _ = std::fs::remove_file(&json);
+    (out, value)
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn echo_against_kythera_counts_messages_and_no_errors() {
+    let server = Kythera::start();
+    let url = format!("ws://{}/echo", server.addr);
+    for kind in ["text", "binary"] {
+        let (out, json) = load(&[
+            "echo", "--url", &url, "-c", "8", "-b", "300", "-p", "4", "-d", "1", "--warmup", "0.2",
+            "--kind", kind,
+        ]);
+        assert!(out.status.success(), "{}", describe(&out));
+        let json = json.expect("a JSON report");
+        assert_eq!(json["mode"], "echo");
+        assert_eq!(json["established"], 8);
+        assert!(json["messages"].as_u64().unwrap() > 0, "{json}");
+        assert_eq!(json["errors"], 0, "{json}");
+        assert!(json["latency_us"]["p50"].as_f64().unwrap() > 0.0, "{json}");
+    }
+}
+
+#[test]
+fn connect_against_kythera_holds_and_closes() {
+    let server = Kythera::start();
+    let url = format!("ws://{}/echo", server.addr);
+    let (out, json) = load(&[
+        "connect",
+        "--url",
+        &url,
+        "-c",
+        "50",
+        "--hold",
+        "0.3",
+        "--source-addrs",
+        "127.0.0.1,127.0.0.2",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let json = json.expect("a JSON report");
+    assert_eq!(json["established"], 50);
+    assert_eq!(json["errors"], 0);
+    assert!(json["handshakes_per_sec"].as_f64().unwrap() > 0.0);
+}
+
+/// Accepts the upgrade on `s` (whatever the path) and returns the request head.
+fn accept_upgrade(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let key = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+        .expect("a key")
+        .trim()
+        .to_string();
+    write!(
+        s,
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        accept_key(&key)
+    )
+    .unwrap();
+    head
+}
+
+/// Reads client frames from `s` and calls `f(opcode, payload)` for each until the peer
+/// is gone or `f` returns false.
+fn read_frames(s: &mut TcpStream, mut f: impl FnMut(OpCode, &[u8]) -> bool) {
+    let cfg = DecoderConfig::SERVER_DEFAULT;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match codec::decode_frame(&mut buf, &cfg) {
+            Ok(Decoded::Complete(frame, used)) => {
+                let go_on = f(frame.header.opcode, frame.payload);
+                buf.drain(..used);
+                if !go_on {
+                    return;
+                }
+                continue;
+            }
+            Ok(Decoded::Incomplete { .. }) => {}
+            Err(e) => panic!("bad client frame: {e:?}"),
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn frame(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    codec::encode_frame_into(&mut out, true, 0, opcode, payload, None);
+    out
+}
+
+/// A server that upgrades, then answers every message with `answer(opcode, payload)`.
+fn bad_server(answer: fn(OpCode, &[u8]) -> Vec<u8>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                accept_upgrade(&mut s);
+                let mut w = s.try_clone().unwrap();
+                read_frames(&mut s, |op, payload| match op {
+                    OpCode::Close => {
+                        let _ = w.write_all(&frame(OpCode::Close, payload));
+                        false
+                    }
+                    _ => w.write_all(&answer(op, payload)).is_ok(),
+                });
+            });
+        }
+    });
+    addr
+}
+
+fn assert_fails_against(addr: SocketAddr, what: &str) {
+    let url = format!("ws://{addr}/echo");
+    let (out, json) = load(&[
+        "echo", "--url", &url, "-c", "3", "-b", "40", "-d", "0.5", "--warmup", "0.1",
+    ]);
+    // Shown with --nocapture: what the load said about the server.
+    eprintln!("{what}: {}", describe(&out));
+    assert_eq!(out.status.code(), Some(1), "{what}: {}", describe(&out));
+    let json = json.expect("a JSON report even when the server misbehaves");
+    assert!(json["errors"].as_u64().unwrap() > 0, "{what}: {json}");
+}
+
+#[test]
+fn garbage_echoes_fail_the_run() {
+    let addr = bad_server(|op, payload| {
+        let mut wrong = payload.to_vec();
+        wrong.reverse();
+        frame(op, &wrong)
+    });
+    assert_fails_against(addr, "reversed payloads");
+}
+
+#[test]
+fn wrong_opcode_fails_the_run() {
+    let addr = bad_server(|_, payload| frame(OpCode::Binary, payload));
+    assert_fails_against(addr, "binary echoes of text");
+}
+
+#[test]
+fn non_websocket_bytes_fail_the_run() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            // Answers the upgrade with raw garbage.
+            let _ = s.write_all(b"garbage garbage garbage\r\n\r\n");
+        }
+    });
+    assert_fails_against(addr, "no handshake");
+}
+
+/// A chat room in the shape of the chat gear's: every text message of a member is sent
+/// to the room's other members as `{"from":NAME,"text":TEXT,"to":null,"room":ROOM}`.
+fn chat_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let members: Arc<Mutex<Vec<(String, TcpStream)>>> = Arc::default();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let members = members.clone();
+            std::thread::spawn(move || {
+                let head = accept_upgrade(&mut s);
+                let target = head.split_whitespace().nth(1).unwrap().to_string();
+                let query = target.split_once('?').map(|q| q.1).unwrap_or("");
+                let param = |k: &str| {
+                    query
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                        .unwrap_or("")
+                        .to_string()
+                };
+                let (name, room) = (param("name"), param("room"));
+                let mut w = s.try_clone().unwrap();
+                // A notice from the room itself, which the load must ignore.
+                let hello = serde_json::json!({"from": null, "text": "welcome", "room": room});
+                w.write_all(&frame(OpCode::Text, hello.to_string().as_bytes()))
+                    .unwrap();
+                members
+                    .lock()
+                    .unwrap()
+                    .push((name.clone(), s.try_clone().unwrap()));
+                read_frames(&mut s, |op, payload| {
+                    match op {
+                        OpCode::Text => {
+                            let msg: Value = serde_json::from_slice(payload).unwrap();
+                            let out = serde_json::json!({
+                                "from": name, "text": msg["text"], "to": null, "room": room,
+                            });
+                            let bytes = frame(OpCode::Text, out.to_string().as_bytes());
+                            for (other, m) in members.lock().unwrap().iter_mut() {
+                                if *other != name {
+                                    let _ = m.write_all(&bytes);
+                                }
+                            }
+                            true
+                        }
+                        OpCode::Close => {
+                            // Under the lock: a publication must not interleave with it.
+                            let mut members = members.lock().unwrap();
+                            members.retain(|(n, _)| *n != name);
+                            let _ = w.write_all(&frame(OpCode::Close, payload));
+                            false
+                        }
+                        _ => true,
+                    }
+                });
+                members.lock().unwrap().retain(|(n, _)| *n != name);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn broadcast_to_a_chat_room() {
+    let addr = chat_server();
+    let url = format!("ws://{addr}/chat");
+    let (out, json) = load(&[
+        "broadcast",
+        "--url",
+        &url,
+        "-c",
+        "5",
+        "--rate",
+        "500",
+        "-d",
+        "1",
+        "--warmup",
+        "0.2",
+        "--threads",
+        "2",
+    ]);
+    eprintln!("{}", describe(&out));
+    assert!(out.status.success(), "{}", describe(&out));
+    let json = json.expect("a JSON report");
+    assert_eq!(json["established"], 6);
+    assert_eq!(json["errors"], 0, "{json}");
+    assert!(json["published"].as_u64().unwrap() > 100, "{json}");
+    // Every subscriber gets every publication of the window (give or take the edges).
+    let delivered = json["messages"].as_u64().unwrap();
+    assert!(delivered >= 5 * 400, "{json}");
+    assert!(json["ignored"].as_u64().unwrap() >= 5, "{json}");
+    let (out, json) = load(&[
+        "broadcast",
+        "--url",
+        &url,
+        "-c",
+        "3",
+        "-p",
+        "4",
+        "-d",
+        "0.5",
+        "--warmup",
+        "0.1",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(json.unwrap()["messages"].as_u64().unwrap() > 0);
+}
