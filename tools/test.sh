@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, as README.md names it: formatting, lints, unit, property,
-# integration and doc tests, then the release `kythera` binary against independent
+# integration and doc tests, loom models, then the release `kythera` binary against independent
 # clients (Python's `websockets`, and the Autobahn cases 1-10 run by `kosoku`). Run from
 # anywhere; it works on a fresh machine with the Rust toolchain (cargo, rustfmt, clippy)
 # and Python 3.11 with venv, and fetches crates from crates.io and the pinned Python
@@ -16,6 +16,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== cargo test"
 cargo test --workspace --locked
+
+echo "== loom models of the registry's wake-up protocol"
+# Built with --cfg loom in a target directory of their own, so that the normal build
+# cache is not invalidated.
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+    cargo test -p registry --release --locked --lib loom_tests
 
 echo "== cargo build --release kythera"
 cargo build --release -p tools --bin kythera --locked

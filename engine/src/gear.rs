@@ -68,6 +68,22 @@ struct Live<G: Websocket> {
     meta: Meta,
 }
 
+impl<G: Websocket> Live<G> {
+    /// Runs `f` with the gear, its state and a context holding this shard's registry.
+    fn call(
+        &mut self,
+        id: ConnId,
+        sink: &mut dyn FrameSink,
+        regs: &mut Registries,
+        f: impl FnOnce(&G, &mut G::State, &mut Context<'_, G::Message>),
+    ) {
+        let mut none = NoRegistry;
+        let registry = regs.ops::<G::Message>(self.meta.gear, &mut none);
+        let mut ctx = Context::new(id, false, sink, registry);
+        f(&self.gear, &mut self.state, &mut ctx);
+    }
+}
+
 impl<G: Websocket> LiveConn for Live<G> {
     fn client_message(
         &mut self,
@@ -76,11 +92,9 @@ impl<G: Websocket> LiveConn for Live<G> {
         sink: &mut dyn FrameSink,
         regs: &mut Registries,
     ) {
-        let mut none = NoRegistry;
-        let registry = regs.ops::<G::Message>(self.meta.gear, &mut none);
-        let mut ctx = Context::new(id, false, sink, registry);
-        self.gear
-            .handle_client_message(&mut self.state, msg, &mut ctx);
+        self.call(id, sink, regs, |gear, state, ctx| {
+            gear.handle_client_message(state, msg, ctx)
+        });
     }
 
     fn server_message(
@@ -96,11 +110,9 @@ impl<G: Websocket> LiveConn for Live<G> {
         else {
             return;
         };
-        let mut none = NoRegistry;
-        let registry = regs.ops::<G::Message>(self.meta.gear, &mut none);
-        let mut ctx = Context::new(id, false, sink, registry);
-        self.gear
-            .handle_server_message(&mut self.state, msg, &mut ctx);
+        self.call(id, sink, regs, |gear, state, ctx| {
+            gear.handle_server_message(state, msg, ctx)
+        });
     }
 
     fn terminate(

@@ -286,25 +286,10 @@ impl Session {
         regs: &mut Registries,
     ) -> bool {
         let core = &mut self.core;
-        core.now_ms = now_ms;
-        if core.finished || !core.closing.is_open() {
-            return false;
-        }
-        let Phase::Open(live) = &mut core.phase else {
-            return false;
-        };
-        let id = core.id;
-        let mut sink = OutSink::new(&mut core.out);
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            live.server_message(id, msg, &mut sink, regs)
-        }));
-        let mut outcome = sink.finish();
-        live.meta().frames_out += outcome.frames;
-        if let Err(panic) = result {
-            outcome.panic = Some(panic_message(&panic));
-        }
-        core.after_callback(outcome, now_ms, app, regs);
-        true
+        core.accepts_frames(now_ms)
+            && core.run_callback(now_ms, app, regs, |live, id, sink, regs| {
+                live.server_message(id, msg, sink, regs)
+            })
     }
 
     /// Frame bytes of a `publish_frame`, encoded once for every member: appended to
@@ -317,14 +302,12 @@ impl Session {
         regs: &mut Registries,
     ) -> bool {
         let core = &mut self.core;
-        core.now_ms = now_ms;
-        if core.finished || !core.closing.is_open() {
+        if !core.accepts_frames(now_ms) {
             return false;
         }
-        let Phase::Open(live) = &mut core.phase else {
-            return false;
-        };
-        live.meta().frames_out += 1;
+        if let Phase::Open(live) = &mut core.phase {
+            live.meta().frames_out += 1;
+        }
         core.out.extend_from_slice(bytes);
         core.check_outgoing(now_ms, app, regs);
         true
@@ -339,8 +322,7 @@ impl Session {
         regs: &mut Registries,
     ) -> bool {
         let core = &mut self.core;
-        core.now_ms = now_ms;
-        if core.finished || !core.closing.is_open() || !matches!(core.phase, Phase::Open(_)) {
+        if !core.accepts_frames(now_ms) {
             return false;
         }
         let mut sink = OutSink::new(&mut core.out);
@@ -568,21 +550,12 @@ impl Core {
                 if !self.closing.is_open() {
                     return; // after our close, data is read and dropped
                 }
-                let Phase::Open(live) = &mut self.phase else {
-                    return;
-                };
-                live.meta().frames_in += 1;
-                let id = self.id;
-                let mut sink = OutSink::new(&mut self.out);
-                let result = catch_unwind(AssertUnwindSafe(|| {
-                    live.client_message(id, msg, &mut sink, regs)
-                }));
-                let mut outcome = sink.finish();
-                live.meta().frames_out += outcome.frames;
-                if let Err(panic) = result {
-                    outcome.panic = Some(panic_message(&panic));
+                if let Phase::Open(live) = &mut self.phase {
+                    live.meta().frames_in += 1;
                 }
-                self.after_callback(outcome, now_ms, app, regs);
+                self.run_callback(now_ms, app, regs, |live, id, sink, regs| {
+                    live.client_message(id, msg, sink, regs)
+                });
             }
             Event::Fragment => {}
             Event::Ping(payload) => {
@@ -610,6 +583,38 @@ impl Core {
                 self.finished = true;
             }
         }
+    }
+
+    /// Whether the gear is running and no close has been sent: the connection takes
+    /// server messages and published frames.
+    fn accepts_frames(&mut self, now_ms: u64) -> bool {
+        self.now_ms = now_ms;
+        !self.finished && self.closing.is_open() && matches!(self.phase, Phase::Open(_))
+    }
+
+    /// Runs one gear callback on an open connection: its frames go to the output, a
+    /// panic is caught, and what it left behind is acted on. False if the gear is not
+    /// running.
+    fn run_callback(
+        &mut self,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+        call: impl FnOnce(&mut dyn LiveConn, ConnId, &mut dyn FrameSink, &mut Registries),
+    ) -> bool {
+        let Phase::Open(live) = &mut self.phase else {
+            return false;
+        };
+        let id = self.id;
+        let mut sink = OutSink::new(&mut self.out);
+        let result = catch_unwind(AssertUnwindSafe(|| call(&mut **live, id, &mut sink, regs)));
+        let mut outcome = sink.finish();
+        live.meta().frames_out += outcome.frames;
+        if let Err(panic) = result {
+            outcome.panic = Some(panic_message(&panic));
+        }
+        self.after_callback(outcome, now_ms, app, regs);
+        true
     }
 
     /// What a callback left behind: a close, a gear bug, a panic, too much output.

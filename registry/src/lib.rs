@@ -221,6 +221,36 @@ impl<M: Clone + Send + 'static> Deliver<M> for ConnTarget<M> {
     }
 }
 
+/// Hands one copy of `msg` to `push` for each shard with members of `group` (clones
+/// for all but the last, which gets the original): one message per shard, never one
+/// per member. Returns the members on the shards whose queue took it.
+pub(crate) fn to_each_shard<T: Clone>(
+    group: &Group,
+    msg: T,
+    mut push: impl FnMut(usize, T) -> bool,
+) -> usize {
+    let Some(last) = (0..group.shards()).rev().find(|&s| group.count_on(s) > 0) else {
+        return 0;
+    };
+    let mut queued = 0;
+    let mut msg = Some(msg);
+    for shard in 0..=last {
+        let n = group.count_on(shard);
+        if n == 0 && shard != last {
+            continue;
+        }
+        let copy = if shard == last {
+            msg.take()
+        } else {
+            msg.clone()
+        };
+        if copy.is_some_and(|m| push(shard, m)) {
+            queued += n;
+        }
+    }
+    queued
+}
+
 type Endpoints<M> = (
     Vec<Option<rtrb::Producer<Envelope<M>>>>,
     Vec<Option<rtrb::Consumer<Envelope<M>>>>,
@@ -371,19 +401,11 @@ impl<M: Clone + Send + 'static> RegistryHandle<M> {
         let Some(g) = self.shared.groups.get(group) else {
             return Ok(0);
         };
-        let mut queued = 0;
-        for shard in 0..g.shards() {
-            let n = g.count_on(shard);
-            if n > 0
-                && self
-                    .shared
-                    .push_foreign(shard, Envelope::Publish(Arc::clone(&g), msg.clone()))
-                    .is_ok()
-            {
-                queued += n;
-            }
-        }
-        Ok(queued)
+        Ok(to_each_shard(&g, msg, |shard, m| {
+            self.shared
+                .push_foreign(shard, Envelope::Publish(Arc::clone(&g), m))
+                .is_ok()
+        }))
     }
 
     /// Sends `frame` to every member of `group`, encoded once, without calling their
@@ -393,19 +415,11 @@ impl<M: Clone + Send + 'static> RegistryHandle<M> {
             return Ok(0);
         };
         let frame = Arc::new(self.shared.prepare(frame));
-        let mut queued = 0;
-        for shard in 0..g.shards() {
-            let n = g.count_on(shard);
-            if n > 0
-                && self
-                    .shared
-                    .push_foreign(shard, Envelope::Frame(Arc::clone(&g), Arc::clone(&frame)))
-                    .is_ok()
-            {
-                queued += n;
-            }
-        }
-        Ok(queued)
+        Ok(to_each_shard(&g, frame, |shard, f| {
+            self.shared
+                .push_foreign(shard, Envelope::Frame(Arc::clone(&g), f))
+                .is_ok()
+        }))
     }
 
     /// How many members `group` has.

@@ -6,6 +6,9 @@
 //! hash; readers of different names rarely meet). The connection id says which engine
 //! shard owns the connection, which is all a sender needs to route a message.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_utils::CachePadded;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use handler_api::{ConnId, NameTable, RegistryError};
@@ -31,6 +34,10 @@ pub(crate) fn check_name(name: &str) -> Result<(), RegistryError> {
 #[derive(Debug, Default)]
 pub struct Names {
     map: DashMap<Box<str>, ConnId, Hasher>,
+    /// Counts the names given up. A shard's cache of lookups
+    /// ([`crate::ShardRegistry`]) is valid while this has not moved: a name can only
+    /// change holder by being given up first, and new names are cache misses anyway.
+    released: CachePadded<AtomicU64>,
 }
 
 impl Names {
@@ -42,6 +49,11 @@ impl Names {
     /// How many names are held.
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    /// The count of names given up so far (see the field's comment).
+    pub(crate) fn released(&self) -> u64 {
+        self.released.load(Ordering::Acquire)
     }
 
     /// Whether no name is held.
@@ -73,7 +85,12 @@ impl NameTable for Names {
 
     fn unregister(&self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
         match self.map.remove_if(name, |_, holder| *holder == conn) {
-            Some(_) => Ok(()),
+            Some(_) => {
+                // After the removal, so that a reader who sees the new count also
+                // misses the name in the map.
+                self.released.fetch_add(1, Ordering::AcqRel);
+                Ok(())
+            }
             None => Err(RegistryError::NotRegistered),
         }
     }

@@ -12,7 +12,7 @@ use indexmap::IndexSet;
 
 use crate::groups::Group;
 use crate::names::Hasher;
-use crate::{ConnTarget, Envelope, PublishedFrame, Shared};
+use crate::{ConnTarget, Envelope, PublishedFrame, Shared, to_each_shard};
 
 /// What a connection holds, so that its end frees exactly that.
 struct Holdings<M> {
@@ -71,7 +71,15 @@ pub struct ShardRegistry<M> {
     /// This shard's members of each group, by group id.
     members: HashMap<u64, IndexSet<ConnId, Hasher>, Hasher>,
     holdings: HashMap<ConnId, Holdings<M>, Hasher>,
+    /// Names this shard sent to, and their holders, as of `cache_released` (the
+    /// count of names given up, see [`crate::Names`]): `send_message` then needs no
+    /// read lock on the shared map while no name is given up anywhere.
+    name_cache: HashMap<Box<str>, ConnId, Hasher>,
+    cache_released: u64,
 }
+
+/// The most names a shard's lookup cache holds before it starts over.
+const NAME_CACHE_MAX: usize = 4096;
 
 impl<M> std::fmt::Debug for ShardRegistry<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,6 +110,8 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
             dirty_list: Vec::new(),
             members: HashMap::default(),
             holdings: HashMap::default(),
+            name_cache: HashMap::default(),
+            cache_released: 0,
         }
     }
 
@@ -166,15 +176,24 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
                 break;
             };
             taken += 1;
-            self.fan_out(env, out);
+            Self::fan_out(&self.members, env, out);
         }
         for s in 0..self.from.len() {
-            while taken < max {
-                let Some(env) = self.from[s].as_mut().and_then(|c| c.pop().ok()) else {
-                    break;
-                };
-                taken += 1;
-                self.fan_out(env, out);
+            let Some(consumer) = self.from[s].as_mut() else {
+                continue;
+            };
+            // One chunk per queue: the consumer's head moves (a store the producer
+            // sees) once per batch instead of once per message.
+            let n = consumer.slots().min(max - taken);
+            if n == 0 {
+                continue;
+            }
+            let Ok(chunk) = consumer.read_chunk(n) else {
+                continue;
+            };
+            taken += n;
+            for env in chunk {
+                Self::fan_out(&self.members, env, out);
             }
         }
         while taken < max {
@@ -182,17 +201,21 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
                 break;
             };
             taken += 1;
-            self.fan_out(env, out);
+            Self::fan_out(&self.members, env, out);
         }
         self.shared.stats[self.index].received.add(taken as u64);
         taken
     }
 
-    fn fan_out(&self, env: Envelope<M>, out: &mut Vec<Inbound<M>>) {
+    fn fan_out(
+        members: &HashMap<u64, IndexSet<ConnId, Hasher>, Hasher>,
+        env: Envelope<M>,
+        out: &mut Vec<Inbound<M>>,
+    ) {
         match env {
             Envelope::To(conn, msg) => out.push(Inbound::Message(conn, msg)),
             Envelope::Publish(group, msg) => {
-                let Some(members) = self.members.get(&group.id) else {
+                let Some(members) = members.get(&group.id) else {
                     return;
                 };
                 let Some((&last, rest)) = members.as_slice().split_last() else {
@@ -202,7 +225,7 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
                 out.push(Inbound::Message(last, msg));
             }
             Envelope::Frame(group, frame) => {
-                let Some(members) = self.members.get(&group.id) else {
+                let Some(members) = members.get(&group.id) else {
                     return;
                 };
                 match &*frame {
@@ -264,6 +287,27 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
         self.shared.groups.member_left(group, self.index);
     }
 
+    /// Who holds `name`, through the cache.
+    fn holder(&mut self, name: &str) -> Option<ConnId> {
+        // Read the count first: if a name is given up after this, the next call sees
+        // a new count and starts over, so a stale entry lives at most until then (as
+        // a lookup that raced with the unregister would).
+        let released = self.shared.names.released();
+        if released != self.cache_released {
+            self.name_cache.clear();
+            self.cache_released = released;
+        }
+        if let Some(&conn) = self.name_cache.get(name) {
+            return Some(conn);
+        }
+        let conn = self.shared.names.lookup(name)?;
+        if self.name_cache.len() >= NAME_CACHE_MAX {
+            self.name_cache.clear();
+        }
+        self.name_cache.insert(name.into(), conn);
+        Some(conn)
+    }
+
     fn check_own(&self, conn: ConnId) -> Result<(), RegistryError> {
         if usize::from(conn.shard()) == self.index {
             Ok(())
@@ -303,11 +347,11 @@ impl<M: Clone + Send + 'static> RegistryOps<M> for ShardRegistry<M> {
     }
 
     fn lookup(&mut self, name: &str) -> Result<Option<ConnId>, RegistryError> {
-        Ok(self.shared.names.lookup(name))
+        Ok(self.holder(name))
     }
 
     fn send_message(&mut self, name: &str, msg: M) -> Result<bool, RegistryError> {
-        let Some(target) = self.shared.names.lookup(name) else {
+        let Some(target) = self.holder(name) else {
             return Ok(false);
         };
         self.push(usize::from(target.shard()), Envelope::To(target, msg))?;
@@ -347,34 +391,10 @@ impl<M: Clone + Send + 'static> RegistryOps<M> for ShardRegistry<M> {
         let Some(g) = self.shared.groups.get(group) else {
             return Ok(0);
         };
-        // Clone the message for every target shard but the last, which gets it.
-        let Some(last) = (0..g.shards()).rev().find(|&s| g.count_on(s) > 0) else {
-            return Ok(0);
-        };
-        let mut queued = 0;
-        let mut msg = Some(msg);
-        for shard in 0..=last {
-            let n = g.count_on(shard);
-            if n == 0 && shard != last {
-                continue;
-            }
-            let m = match (shard == last, msg.take()) {
-                (true, Some(m)) => m,
-                (false, Some(m)) => {
-                    let copy = m.clone();
-                    msg = Some(m);
-                    copy
-                }
-                (_, None) => break,
-            };
-            if self
-                .push(shard, Envelope::Publish(Arc::clone(&g), m))
+        Ok(to_each_shard(&g, msg, |shard, m| {
+            self.push(shard, Envelope::Publish(Arc::clone(&g), m))
                 .is_ok()
-            {
-                queued += n;
-            }
-        }
-        Ok(queued)
+        }))
     }
 
     fn publish_frame(&mut self, group: &str, frame: Frame) -> Result<usize, RegistryError> {
@@ -382,18 +402,9 @@ impl<M: Clone + Send + 'static> RegistryOps<M> for ShardRegistry<M> {
             return Ok(0);
         };
         let frame = Arc::new(self.shared.prepare(frame));
-        let mut queued = 0;
-        for shard in 0..g.shards() {
-            let n = g.count_on(shard);
-            if n > 0
-                && self
-                    .push(shard, Envelope::Frame(Arc::clone(&g), Arc::clone(&frame)))
-                    .is_ok()
-            {
-                queued += n;
-            }
-        }
-        Ok(queued)
+        Ok(to_each_shard(&g, frame, |shard, f| {
+            self.push(shard, Envelope::Frame(Arc::clone(&g), f)).is_ok()
+        }))
     }
 
     fn count(&mut self, group: &str) -> Result<usize, RegistryError> {

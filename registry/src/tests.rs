@@ -401,3 +401,27 @@ fn conn_handle_answers_closed_after_the_connection_ends() {
         "only the owning shard hands out a connection's handle"
     );
 }
+
+#[test]
+fn lookup_cache_follows_a_name_that_changes_holder() {
+    let mut s = sim(3, 64);
+    let (old, new) = (conn(1, 1), conn(2, 1));
+    s.shards[1].register(old, "n").unwrap();
+    assert_eq!(s.shards[0].send_message("n", "1".into()), Ok(true));
+    assert_eq!(s.shards[0].lookup("n"), Ok(Some(old)));
+    s.shards[1].remove_conn(old);
+    assert_eq!(
+        s.shards[0].lookup("n"),
+        Ok(None),
+        "not served from the cache"
+    );
+    assert_eq!(s.shards[0].send_message("n", "2".into()), Ok(false));
+    s.shards[2].register(new, "n").unwrap();
+    assert_eq!(s.shards[0].send_message("n", "3".into()), Ok(true));
+    assert_eq!(s.inbox(1), vec![(old, "1".to_owned())]);
+    assert_eq!(s.inbox(2), vec![(new, "3".to_owned())]);
+    // Unregistering through the connect-time table moves the count too.
+    let names = s.reg.names();
+    names.unregister(new, "n").unwrap();
+    assert_eq!(s.shards[0].lookup("n"), Ok(None));
+}
