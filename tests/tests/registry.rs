@@ -306,6 +306,12 @@ async fn forty_chat_clients_by_name_and_room_exactly_once_in_order() {
     let stats = server.registry::<ChatEvent>("/chat").stats();
     assert_eq!(stats.dropped_full, 0);
     assert!(stats.forwarded > 0, "messages crossed shards: {stats:?}");
+    let shards = server.stats();
+    assert!(
+        shards.iter().map(|s| s.wakeups_sent).sum::<u64>() > 0
+            && shards.iter().map(|s| s.wakeups_received).sum::<u64>() > 0,
+        "sleeping shards were woken with MSG_RING: {shards:?}"
+    );
     eventually("names freed", || {
         server.registry::<ChatEvent>("/chat").stats().names == 0
     })
@@ -356,6 +362,33 @@ async fn foreign_thread_sends_to_a_name_and_publishes() {
         "{stats:?}"
     );
     assert!(server.registry::<String>("/a").stats().from_foreign >= 2);
+    server.stop();
+}
+
+#[tokio::test]
+async fn a_sleeping_shard_is_woken_by_a_foreign_thread() {
+    let server = TestServer::start(Limits::default());
+    let mut ann = connect(&server.url("/a?name=ann")).await;
+    let handle = server.registry::<String>("/a");
+    let woken = || server.stats().iter().map(|s| s.wakeups_received).sum::<u64>();
+    // Let the shards go to sleep, then send; a shard that happened to be awake (a timer
+    // tick) does not need waking, so try a few times.
+    let mut tries = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = woken();
+        let h = handle.clone();
+        std::thread::spawn(move || h.send_message("ann", "wake up".to_owned()))
+            .join()
+            .unwrap()
+            .expect("queued");
+        assert_eq!(next_text(&mut ann).await, "wake up");
+        if woken() > before {
+            break;
+        }
+        tries += 1;
+        assert!(tries < 5, "no eventfd wake-up in 5 tries: {:?}", server.stats());
+    }
     server.stop();
 }
 
