@@ -16,4 +16,5 @@ pub mod shard;
 pub mod timer;
 pub mod uring;
 
+pub use registry::{RegistryConfig, RegistryHandle, RegistryStats};
 pub use server::{RunError, RunningServer, Server, ServerBuilder, ServerHandle, StartError};

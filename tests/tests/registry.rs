@@ -370,7 +370,13 @@ async fn a_sleeping_shard_is_woken_by_a_foreign_thread() {
     let server = TestServer::start(Limits::default());
     let mut ann = connect(&server.url("/a?name=ann")).await;
     let handle = server.registry::<String>("/a");
-    let woken = || server.stats().iter().map(|s| s.wakeups_received).sum::<u64>();
+    let woken = || {
+        server
+            .stats()
+            .iter()
+            .map(|s| s.wakeups_received)
+            .sum::<u64>()
+    };
     // Let the shards go to sleep, then send; a shard that happened to be awake (a timer
     // tick) does not need waking, so try a few times.
     let mut tries = 0;
@@ -387,7 +393,11 @@ async fn a_sleeping_shard_is_woken_by_a_foreign_thread() {
             break;
         }
         tries += 1;
-        assert!(tries < 5, "no eventfd wake-up in 5 tries: {:?}", server.stats());
+        assert!(
+            tries < 5,
+            "no eventfd wake-up in 5 tries: {:?}",
+            server.stats()
+        );
     }
     server.stop();
 }

@@ -2,5 +2,6 @@
 //! generator behind `kythera-load`.
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod gears;
 pub mod load;

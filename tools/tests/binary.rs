@@ -13,8 +13,15 @@ struct Kythera {
 
 impl Kythera {
     fn start(args: &[&str]) -> Kythera {
+        Kythera::start_with(args, &[]).0
+    }
+
+    /// Starts with extra environment variables; also returns the shard count of the
+    /// banner.
+    fn start_with(args: &[&str], env: &[(&str, &str)]) -> (Kythera, usize) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kythera"))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -27,11 +34,20 @@ impl Kythera {
             .strip_prefix("kythera listening on ws://")
             .unwrap_or_else(|| panic!("banner: {line:?}"));
         let (addr, shards) = rest.split_once(' ').unwrap();
-        assert!(shards.trim().ends_with("shards)"), "{line:?}");
-        Kythera {
-            child,
-            addr: addr.parse().unwrap(),
-        }
+        let shards = shards
+            .trim()
+            .strip_prefix('(')
+            .and_then(|s| s.strip_suffix(" shards)"))
+            .unwrap_or_else(|| panic!("banner: {line:?}"))
+            .parse()
+            .unwrap();
+        (
+            Kythera {
+                child,
+                addr: addr.parse().unwrap(),
+            },
+            shards,
+        )
     }
 
     fn signal(&self, signal: i32) {
@@ -120,4 +136,60 @@ fn a_bad_flag_is_a_usage_error() {
         .status()
         .unwrap();
     assert_eq!(status.code(), Some(2));
+}
+
+/// A config file in the temp directory, removed when dropped.
+struct TempConfig(std::path::PathBuf);
+
+impl TempConfig {
+    fn new(name: &str, text: &str) -> TempConfig {
+        let path = std::env::temp_dir().join(format!("kythera-{name}-{}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        TempConfig(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn flags_over_environment_over_file() {
+    let file = TempConfig::new("precedence", "shards = 1\nlisten = [\"127.0.0.1:0\"]\n");
+    let (server, shards) = Kythera::start_with(&["--config", file.path()], &[]);
+    assert_eq!(shards, 1, "from the file");
+    assert_eq!(echo_once(server.addr, "/echo", "f"), b"f");
+    drop(server);
+    let (_server, shards) =
+        Kythera::start_with(&["--config", file.path()], &[("KYTHERA_SHARDS", "2")]);
+    assert_eq!(shards, 2, "the environment over the file");
+    let (_server, shards) = Kythera::start_with(
+        &["--config", file.path(), "--shards", "1"],
+        &[("KYTHERA_SHARDS", "2")],
+    );
+    assert_eq!(shards, 1, "the flag over the environment");
+}
+
+#[test]
+fn an_invalid_value_in_the_file_names_the_key_and_exits_2() {
+    for (text, key) in [
+        ("recv_buffers = 1000\n", "recv_buffers"),
+        ("no_such_option = 1\n", "no_such_option"),
+        ("shards = \"two\"\n", "shards"),
+    ] {
+        let file = TempConfig::new(key, text);
+        let out = Command::new(env!("CARGO_BIN_EXE_kythera"))
+            .args(["--config", file.path()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{text}: {err}");
+    }
 }

@@ -95,7 +95,9 @@ struct Common {
     #[arg(long, short = 'q')]
     quiet: bool,
     /// The server's process id: its resident memory is read before connecting and at
-    /// the end of the window or hold, and reported per connection.
+    /// the end of the window or hold, and reported per connection; its CPU time
+    /// (`/proc/PID/stat`) over the connect phase and the window, reported per handshake
+    /// and per message.
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
 }

@@ -9,10 +9,11 @@
 //! on stdout, one line per address. SIGTERM or SIGINT drains the server (close 1001 to
 //! every connection, spread over the drain window) and it exits 0 once drained; a second
 //! signal exits at once. Logs go to stderr, filtered by `RUST_LOG` (default `info`).
-//! If io_uring is unavailable it says why and how to fix it, and exits 1.
+//! If io_uring is unavailable it says why and how to fix it, and exits 1. Options come
+//! from flags, `KYTHERA_*` variables and a `--config` TOML file ([`tools::config`]); an
+//! invalid one exits 2 with a message naming it.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -20,6 +21,7 @@ use engine::Server;
 use mimalloc::MiMalloc;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use tools::config::{self, Args, LogFormat};
 use tools::gears::{Chat, Echo};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
@@ -29,72 +31,51 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-/// A WebSocket engine on io_uring, serving the echo gear on `/echo` and `/` and the chat
-/// gear on `/chat`.
-#[derive(Debug, Parser)]
-#[command(name = "kythera", version, about)]
-struct Args {
-    /// Address to listen on; repeat for several.
-    #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:8080")]
-    listen: Vec<SocketAddr>,
-    /// Number of shards (threads pinned to cores) [default: the number of CPUs].
-    #[arg(long, value_name = "N")]
-    shards: Option<usize>,
-    /// Largest message (frame or reassembled), in bytes; larger ones are closed with 1009.
-    #[arg(long, value_name = "BYTES", default_value_t = 5_000_000)]
-    max_message_bytes: u64,
-    /// Bytes queued to a client behind a send it has not taken; over it the client is
-    /// closed with 1008 (slow consumer).
-    #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
-    max_outgoing_bytes: usize,
-    /// Close connections that send nothing for this many seconds (close 1000).
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
-    idle_timeout_secs: u64,
-    /// Use plain file descriptors instead of io_uring direct descriptors (for
-    /// comparison; direct descriptors are the default).
-    #[arg(long)]
-    plain_fds: bool,
-    /// Send messages of at least this many bytes with zero-copy sends
-    /// (IORING_OP_SEND_ZC); off by default (slower on loopback, see README).
-    #[arg(long, value_name = "BYTES")]
-    send_zc_min_bytes: Option<usize>,
-    /// Size of each receive buffer in a shard's provided-buffer ring.
-    #[arg(long, value_name = "BYTES", default_value_t = engine::shard::ShardTuning::default().buf_size)]
-    recv_buffer_bytes: u32,
-    /// Receive buffers per shard (a power of two).
-    #[arg(long, value_name = "N", default_value_t = engine::shard::ShardTuning::default().buf_entries)]
-    recv_buffers: u16,
+/// Flags and environment over the `--config` file over defaults.
+fn load_settings(args: &Args) -> Result<config::Settings, config::ConfigError> {
+    let file = match &args.config {
+        Some(path) => config::read_file(path)?,
+        None => config::File::default(),
+    };
+    config::resolve(args, &file)
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-
-    let limits = engine::config::Limits {
-        max_message_bytes: args.max_message_bytes,
-        max_outgoing_bytes: args.max_outgoing_bytes,
-        idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs),
-        ..engine::config::Limits::default()
+    let settings = match load_settings(&args) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("kythera: {err}");
+            return ExitCode::from(2);
+        }
     };
-    let mut builder = Server::builder().limits(limits);
-    let tuning = engine::shard::ShardTuning {
-        direct_slots: args.plain_fds.then_some(0),
-        send_zc_min_bytes: args.send_zc_min_bytes,
-        buf_size: args.recv_buffer_bytes,
-        buf_entries: args.recv_buffers,
-        ..engine::shard::ShardTuning::default()
-    };
-    builder = builder.tuning(tuning);
-    for addr in &args.listen {
-        builder = builder.listen(*addr);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match settings.log_format {
+        LogFormat::Pretty => logs.init(),
+        LogFormat::Json => logs.json().init(),
     }
-    if let Some(shards) = args.shards {
-        builder = builder.shards(shards);
+
+    let shards = settings
+        .shards
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let limits = engine::config::Limits {
+        max_connections_per_gear: settings
+            .max_connections_per_gear
+            .unwrap_or_else(|| engine::config::default_max_connections(shards)),
+        ..settings.limits.clone()
+    };
+    let mut builder = Server::builder()
+        .shards(shards)
+        .limits(limits.clone())
+        .tuning(settings.tuning)
+        .registry(engine::RegistryConfig {
+            queue_capacity: settings.registry_queue_capacity,
+        });
+    for addr in &settings.listen {
+        builder = builder.listen(*addr);
     }
     let server = match builder
         .mount("/echo", Echo)
@@ -108,6 +89,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let features = server.features();
+    info!(
+        listen = ?server.local_addrs(),
+        shards,
+        max_message_bytes = limits.max_message_bytes,
+        max_outgoing_bytes = limits.max_outgoing_bytes,
+        max_connections_per_gear = limits.max_connections_per_gear,
+        idle_timeout_secs = limits.idle_timeout.as_secs(),
+        handshake_timeout_secs = limits.handshake_timeout.as_secs(),
+        ping_interval_secs = limits.ping_interval.map_or(0, |p| p.as_secs()),
+        ring = %features.ring_flags,
+        msg_ring = features.msg_ring,
+        direct_descriptors = settings.tuning.direct_slots != Some(0),
+        recv_buffers = settings.tuning.buf_entries,
+        recv_buffer_bytes = settings.tuning.buf_size,
+        "kythera starting"
+    );
 
     let mut signals = match Signals::new([SIGTERM, SIGINT]) {
         Ok(signals) => signals,
@@ -150,50 +148,5 @@ fn main() -> ExitCode {
             eprintln!("kythera: {err}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn defaults() {
-        let args = Args::try_parse_from(["kythera"]).unwrap();
-        assert_eq!(args.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
-        assert_eq!(args.shards, None);
-    }
-
-    #[test]
-    fn listen_repeats_and_replaces_the_default() {
-        let args = Args::try_parse_from([
-            "kythera",
-            "--listen",
-            "127.0.0.1:9000",
-            "--listen",
-            "[::1]:9001",
-            "--shards",
-            "3",
-        ])
-        .unwrap();
-        assert_eq!(
-            args.listen,
-            vec![
-                "127.0.0.1:9000".parse::<SocketAddr>().unwrap(),
-                "[::1]:9001".parse().unwrap()
-            ]
-        );
-        assert_eq!(args.shards, Some(3));
-    }
-
-    #[test]
-    fn rejects_a_bad_address() {
-        assert!(Args::try_parse_from(["kythera", "--listen", "nowhere"]).is_err());
-    }
-
-    #[test]
-    fn clap_config_is_consistent() {
-        use clap::CommandFactory;
-        Args::command().debug_assert();
     }
 }

@@ -339,3 +339,10 @@ pub(crate) fn raise_nofile_limit() -> u64 {
     }
     lim.rlim_cur
 }
+
+/// Clock ticks per second of `/proc/PID/stat`'s `utime` and `stime` (`USER_HZ`).
+pub(crate) fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf(3) only reads a configuration value.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}

@@ -9,6 +9,13 @@
 //! closing handshake) from the calling thread, shows a progress line and returns a
 //! [`Report`]. Everything received is checked; [`Report::errors`] counts what was wrong
 //! and a run with errors is a failed run.
+//!
+//! With [`Config::server_pid`] the driving thread also reads the server's CPU time
+//! (`utime + stime` of `/proc/PID/stat`, all its threads), its own and the machine's
+//! (`/proc/self/stat`, `/proc/stat`) when the connect phase starts and ends and at the
+//! instants the measured window opens and closes (it sleeps until each edge rather than
+//! polling past it), so the server's CPU time per message covers the same window as the
+//! message count: a saturated client hides a faster server, its CPU time does not.
 
 mod client;
 mod io;
@@ -221,6 +228,30 @@ pub struct Report {
     pub server_rss_loaded_kib: Option<u64>,
     /// The growth of the server's resident memory per established connection, bytes.
     pub server_rss_per_connection: Option<f64>,
+    /// The server's CPU time (user + system, all threads) in the measured window, s
+    /// (`--server-pid`; the hold in connect mode).
+    pub server_cpu_seconds: Option<f64>,
+    /// `server_cpu_seconds` over the window: 1.0 is one core busy all the time.
+    pub server_cpu_util: Option<f64>,
+    /// The server's CPU time per message (echo) or delivery (broadcast) in the
+    /// window, µs.
+    pub server_cpu_us_per_msg: Option<f64>,
+    /// Its user-space part (`utime`), µs per message.
+    pub server_user_us_per_msg: Option<f64>,
+    /// Its kernel part (`stime`, which on loopback includes delivering the server's
+    /// sends into the client's socket), µs per message.
+    pub server_sys_us_per_msg: Option<f64>,
+    /// The server's CPU time from the first connect to the end of the connect phase, s.
+    pub server_connect_cpu_seconds: Option<f64>,
+    /// `server_connect_cpu_seconds` per established connection, µs.
+    pub server_cpu_us_per_handshake: Option<f64>,
+    /// This load generator's CPU time over the window, in cores (1.0: one core busy).
+    pub client_cpu_util: Option<f64>,
+    /// Its CPU time per message in the window, µs.
+    pub client_cpu_us_per_msg: Option<f64>,
+    /// The whole machine's busy CPU time in the window, in cores (`/proc/stat`): the
+    /// server, the client and whatever else ran (2.0 is all of a 2-core machine).
+    pub system_busy_cores: Option<f64>,
     /// All errors.
     pub errors: u64,
     /// Errors by kind.
@@ -322,6 +353,45 @@ impl Report {
                 ),
             );
         }
+        if let Some(cpu) = self.server_cpu_seconds {
+            let util = self.server_cpu_util.unwrap_or(0.0) * 100.0;
+            let per_msg = match (
+                self.server_cpu_us_per_msg,
+                self.server_user_us_per_msg,
+                self.server_sys_us_per_msg,
+            ) {
+                (Some(t), Some(u), Some(k)) => {
+                    format!(": {t:.2} us per message (user {u:.2} + sys {k:.2})")
+                }
+                _ => String::new(),
+            };
+            row(
+                &mut s,
+                "server CPU",
+                format!("{cpu:.3} s in the window ({util:.0}% of a core){per_msg}"),
+            );
+        }
+        if let (Some(cpu), Some(per)) = (
+            self.server_connect_cpu_seconds,
+            self.server_cpu_us_per_handshake,
+        ) {
+            row(
+                &mut s,
+                "server CPU conn.",
+                format!("{cpu:.3} s connecting: {per:.1} us per handshake"),
+            );
+        }
+        if let Some(util) = self.client_cpu_util {
+            let busy = self
+                .system_busy_cores
+                .map(|b| format!("; machine {b:.2} cores busy"))
+                .unwrap_or_default();
+            row(
+                &mut s,
+                "client CPU",
+                format!("{:.0}% of a core in the window{busy}", util * 100.0),
+            );
+        }
         let mut kinds = serde_json::to_value(self.error_kinds)
             .ok()
             .and_then(|v| v.as_object().cloned())
@@ -407,6 +477,7 @@ pub fn run(cfg: Config) -> Result<Report, String> {
     let threads = cfg.threads.clamp(1, cfg.connections.max(1));
     let rss = |pid: Option<u32>| pid.and_then(rss_kib);
     let rss_before = rss(cfg.server_pid);
+    let cpu_connect_start = CpuSample::take(cfg.server_pid);
     let mut rss_loaded = None;
     let shared = Arc::new(Shared {
         base: Instant::now(),
@@ -460,6 +531,8 @@ pub fn run(cfg: Config) -> Result<Report, String> {
             shared.publish_failed.store(true, Ordering::Relaxed);
         }
     }
+    let cpu_connect_end = CpuSample::take(cfg.server_pid);
+    let (mut cpu_start, mut cpu_end) = (None, None);
     let now = shared.now();
     let (start, end) = match cfg.mode {
         // Nothing to measure: end at once rather than wait out the window.
@@ -485,14 +558,32 @@ pub fn run(cfg: Config) -> Result<Report, String> {
         } else {
             "closing"
         };
+        // The CPU time at the window's edges, taken as close to them as the sleep
+        // below allows (the workers count a message by the same clock).
+        if now >= start && cpu_start.is_none() {
+            cpu_start = Some(CpuSample::take(cfg.server_pid));
+        }
+        if now >= end && cpu_end.is_none() {
+            cpu_end = Some(CpuSample::take(cfg.server_pid));
+        }
         if now >= start && now < end {
             // The last sample before the end: every connection is still open.
             rss_loaded = rss(cfg.server_pid).or(rss_loaded);
         }
         progress.tick(&shared, phase, subscribers);
-        std::thread::sleep(Duration::from_millis(50));
+        let now = shared.now();
+        let next_edge = [start, end]
+            .into_iter()
+            .filter(|&e| e > now)
+            .min()
+            .map_or(u64::MAX, |e| e - now);
+        std::thread::sleep(Duration::from_nanos(next_edge.min(50_000_000)));
     }
     progress.finish();
+    // The threads ended before the window did (every connection failed): the window
+    // ends here for the CPU time as it did for the messages.
+    let cpu_start = cpu_start.unwrap_or_else(|| CpuSample::take(cfg.server_pid));
+    let cpu_end = cpu_end.unwrap_or_else(|| CpuSample::take(cfg.server_pid));
 
     let mut latency = new_histogram();
     let mut handshake = new_histogram();
@@ -520,6 +611,13 @@ pub fn run(cfg: Config) -> Result<Report, String> {
     let window = end.saturating_sub(start) as f64 / 1e9;
     let connect_secs = last_est.saturating_sub(first_start) as f64 / 1e9;
     let has = |h: &Histogram<u64>| (!h.is_empty()).then(|| Latency::of(h));
+    let window_cpu = cpu_end.since(&cpu_start);
+    let connect_cpu = cpu_connect_end.since(&cpu_connect_start);
+    let per_msg = |secs: Option<f64>| match secs {
+        Some(s) if messages > 0 && cfg.mode != Mode::Connect => Some(s * 1e6 / messages as f64),
+        _ => None,
+    };
+    let util = |secs: Option<f64>| secs.filter(|_| window > 0.0).map(|s| s / window);
     Ok(Report {
         mode: cfg.mode,
         url: format!("ws://{}{}", cfg.target.host, cfg.target.path),
@@ -555,9 +653,92 @@ pub fn run(cfg: Config) -> Result<Report, String> {
             }
             _ => None,
         },
+        server_cpu_seconds: window_cpu.server_total(),
+        server_cpu_util: util(window_cpu.server_total()),
+        server_cpu_us_per_msg: per_msg(window_cpu.server_total()),
+        server_user_us_per_msg: per_msg(window_cpu.server.map(|s| s.0)),
+        server_sys_us_per_msg: per_msg(window_cpu.server.map(|s| s.1)),
+        server_connect_cpu_seconds: connect_cpu.server_total(),
+        server_cpu_us_per_handshake: connect_cpu
+            .server_total()
+            .filter(|_| established > 0)
+            .map(|s| s * 1e6 / established as f64),
+        client_cpu_util: util(window_cpu.client),
+        client_cpu_us_per_msg: per_msg(window_cpu.client),
+        system_busy_cores: util(window_cpu.busy),
         errors: errors.total(),
         error_kinds: errors,
     })
+}
+
+/// CPU time at one instant, in clock ticks: the server's `(utime, stime)`, this
+/// process's `utime + stime`, and the whole machine's busy time.
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    server: Option<(u64, u64)>,
+    client: Option<u64>,
+    busy: Option<u64>,
+}
+
+/// CPU time between two samples, in seconds.
+#[derive(Debug, Clone, Copy)]
+struct CpuSpan {
+    /// The server's (user, system).
+    server: Option<(f64, f64)>,
+    client: Option<f64>,
+    busy: Option<f64>,
+}
+
+impl CpuSample {
+    fn take(server_pid: Option<u32>) -> CpuSample {
+        CpuSample {
+            server: server_pid.and_then(|pid| proc_cpu_ticks(&pid.to_string())),
+            client: proc_cpu_ticks("self").map(|(u, s)| u + s),
+            busy: system_busy_ticks(),
+        }
+    }
+
+    fn since(&self, earlier: &CpuSample) -> CpuSpan {
+        let hz = io::clock_ticks_per_sec() as f64;
+        let secs = |a: u64, b: u64| a.saturating_sub(b) as f64 / hz;
+        CpuSpan {
+            server: match (self.server, earlier.server) {
+                (Some((u, s)), Some((u0, s0))) => Some((secs(u, u0), secs(s, s0))),
+                _ => None,
+            },
+            client: self.client.zip(earlier.client).map(|(a, b)| secs(a, b)),
+            busy: self.busy.zip(earlier.busy).map(|(a, b)| secs(a, b)),
+        }
+    }
+}
+
+impl CpuSpan {
+    fn server_total(&self) -> Option<f64> {
+        self.server.map(|(u, s)| u + s)
+    }
+}
+
+/// `(utime, stime)` of process `pid` ("self" for this one), all threads, in clock ticks.
+fn proc_cpu_ticks(pid: &str) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "(comm)" come the fields from `state` (field 3) on: utime is field 14.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut f = rest.split_whitespace().skip(11);
+    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+}
+
+/// Busy clock ticks of the whole machine (user, nice, system, irq, softirq, steal)
+/// from the first line of `/proc/stat`.
+fn system_busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (f.len() >= 8).then(|| f[0] + f[1] + f[2] + f[5] + f[6] + f[7])
 }
 
 /// `VmRSS` of process `pid` in KiB, if it can be read.

@@ -1,0 +1,451 @@
+//! The `kythera` binary's configuration: defaults that serve, a TOML file
+//! (`--config FILE`), `KYTHERA_*` environment variables and command-line flags, each
+//! over the one before (flags over environment over file over defaults).
+//!
+//! Every option has the same name in the three places: `--max-message-bytes`,
+//! `KYTHERA_MAX_MESSAGE_BYTES`, `max_message_bytes = ...` in the file. An invalid value
+//! stops the server with a message that names the key, where it came from and why
+//! (exit status 2); so does an unknown key in the file.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use engine::config::Limits;
+use engine::shard::ShardTuning;
+use serde::Deserialize;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The command line (and, through `env`, the environment). Every field is optional so
+/// that an absent flag lets the file or the default speak.
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "kythera",
+    version,
+    about = "A WebSocket engine on io_uring, serving the echo gear on /echo and /, and the chat gear on /chat.",
+    after_help = "Precedence: flags over KYTHERA_* environment variables over the --config file over defaults. Log filtering: RUST_LOG (default info)."
+)]
+pub struct Args {
+    /// TOML file with any of the options below (same names, snake_case).
+    #[arg(long, value_name = "FILE", env = "KYTHERA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on; repeat for several (in the environment: comma-separated)
+    /// [default: 127.0.0.1:8080].
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "KYTHERA_LISTEN",
+        value_delimiter = ','
+    )]
+    pub listen: Vec<SocketAddr>,
+    /// Number of shards, threads pinned to cores, 1 to 256 [default: the number of CPUs].
+    #[arg(long, value_name = "N", env = "KYTHERA_SHARDS")]
+    pub shards: Option<usize>,
+    /// Largest message (frame or reassembled), in bytes; larger ones are closed with
+    /// 1009 [default: 5000000].
+    #[arg(long, value_name = "BYTES", env = "KYTHERA_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<u64>,
+    /// Bytes queued to a client behind a send it has not taken; over it the client is
+    /// closed with 1008, slow consumer [default: 1048576].
+    #[arg(long, value_name = "BYTES", env = "KYTHERA_MAX_OUTGOING_BYTES")]
+    pub max_outgoing_bytes: Option<usize>,
+    /// Connections per gear; over it the upgrade is answered 503 [default: the open-file
+    /// limit times the shard count].
+    #[arg(long, value_name = "N", env = "KYTHERA_MAX_CONNECTIONS_PER_GEAR")]
+    pub max_connections_per_gear: Option<usize>,
+    /// Largest request head, in bytes; over it 431 [default: 8192].
+    #[arg(long, value_name = "BYTES", env = "KYTHERA_MAX_HEAD_BYTES")]
+    pub max_head_bytes: Option<usize>,
+    /// Close connections that send nothing for this many seconds, with 1000 [default: 60].
+    #[arg(long, value_name = "SECS", env = "KYTHERA_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
+    /// The upgrade request must arrive within this many seconds [default: 10].
+    #[arg(long, value_name = "SECS", env = "KYTHERA_HANDSHAKE_TIMEOUT_SECS")]
+    pub handshake_timeout_secs: Option<u64>,
+    /// After sending close, wait this many seconds for the peer's close [default: 5].
+    #[arg(long, value_name = "SECS", env = "KYTHERA_CLOSING_TIMEOUT_SECS")]
+    pub closing_timeout_secs: Option<u64>,
+    /// On SIGTERM/SIGINT, spread the 1001 closes over this many seconds [default: 5].
+    #[arg(long, value_name = "SECS", env = "KYTHERA_DRAIN_WINDOW_SECS")]
+    pub drain_window_secs: Option<u64>,
+    /// Ping every connection this often, in seconds; 0 is off [default: 0].
+    #[arg(long, value_name = "SECS", env = "KYTHERA_PING_INTERVAL_SECS")]
+    pub ping_interval_secs: Option<u64>,
+    /// With pings on, close a connection whose pong is this late, in seconds [default: 20].
+    #[arg(long, value_name = "SECS", env = "KYTHERA_PONG_TIMEOUT_SECS")]
+    pub pong_timeout_secs: Option<u64>,
+    /// Messages each registry queue between shards holds; at the bound messages are
+    /// dropped and counted [default: 8192].
+    #[arg(long, value_name = "N", env = "KYTHERA_REGISTRY_QUEUE_CAPACITY")]
+    pub registry_queue_capacity: Option<usize>,
+    /// Use plain file descriptors instead of io_uring direct descriptors [default: false].
+    #[arg(long, value_name = "BOOL", env = "KYTHERA_PLAIN_FDS", num_args = 0..=1, default_missing_value = "true")]
+    pub plain_fds: Option<bool>,
+    /// Send messages of at least this many bytes with zero-copy sends (slower on
+    /// loopback); 0 is off [default: 0].
+    #[arg(long, value_name = "BYTES", env = "KYTHERA_SEND_ZC_MIN_BYTES")]
+    pub send_zc_min_bytes: Option<usize>,
+    /// Size of each receive buffer in a shard's provided-buffer ring, 256 to 1048576
+    /// [default: 4096].
+    #[arg(long, value_name = "BYTES", env = "KYTHERA_RECV_BUFFER_BYTES")]
+    pub recv_buffer_bytes: Option<u32>,
+    /// Receive buffers per shard, a power of two up to 32768 [default: 1024].
+    #[arg(long, value_name = "N", env = "KYTHERA_RECV_BUFFERS")]
+    pub recv_buffers: Option<u16>,
+    /// Log line format [default: pretty].
+    #[arg(long, value_name = "FORMAT", env = "KYTHERA_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The `--config` file: the same options, all optional; unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    listen: Option<Vec<SocketAddr>>,
+    shards: Option<usize>,
+    max_message_bytes: Option<u64>,
+    max_outgoing_bytes: Option<usize>,
+    max_connections_per_gear: Option<usize>,
+    max_head_bytes: Option<usize>,
+    idle_timeout_secs: Option<u64>,
+    handshake_timeout_secs: Option<u64>,
+    closing_timeout_secs: Option<u64>,
+    drain_window_secs: Option<u64>,
+    ping_interval_secs: Option<u64>,
+    pong_timeout_secs: Option<u64>,
+    registry_queue_capacity: Option<usize>,
+    plain_fds: Option<bool>,
+    send_zc_min_bytes: Option<usize>,
+    recv_buffer_bytes: Option<u32>,
+    recv_buffers: Option<u16>,
+    log_format: Option<LogFormat>,
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The option's name (as in the file).
+    pub key: String,
+    /// Where the bad value came from.
+    pub source: &'static str,
+    /// Why it is refused.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid value for `{}` ({}): {}",
+            self.key, self.source, self.reason
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The resolved configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Where to listen.
+    pub listen: Vec<SocketAddr>,
+    /// Shards; `None` is one per CPU.
+    pub shards: Option<usize>,
+    /// Connection limits (SPEC section 3).
+    pub limits: Limits,
+    /// `None` keeps the engine's default (open-file limit times shards).
+    pub max_connections_per_gear: Option<usize>,
+    /// Per-shard io_uring sizes.
+    pub tuning: ShardTuning,
+    /// Registry queue size.
+    pub registry_queue_capacity: usize,
+    /// Log line format.
+    pub log_format: LogFormat,
+}
+
+/// Reads the `--config` file, if any.
+pub fn read_file(path: &Path) -> Result<File, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        key: "config".into(),
+        source: "command line or KYTHERA_CONFIG",
+        reason: format!("cannot read {}: {e}", path.display()),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError {
+        key: e.message().split('`').nth(1).unwrap_or("config").to_owned(),
+        source: "config file",
+        reason: e.to_string().trim().replace('\n', " "),
+    })
+}
+
+/// Picks each option from the flags/environment, else the file, else the default,
+/// and checks it.
+pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
+    fn pick<T: Clone>(flag: &Option<T>, file: &Option<T>) -> (Option<T>, &'static str) {
+        match (flag, file) {
+            (Some(v), _) => (Some(v.clone()), "command line or environment"),
+            (None, Some(v)) => (Some(v.clone()), "config file"),
+            (None, None) => (None, "default"),
+        }
+    }
+    fn err(key: &str, source: &'static str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            key: key.into(),
+            source,
+            reason: reason.into(),
+        }
+    }
+    /// A whole number of seconds, at least `min`.
+    fn secs(
+        key: &str,
+        (v, src): (Option<u64>, &'static str),
+        default: u64,
+        min: u64,
+    ) -> Result<u64, ConfigError> {
+        let v = v.unwrap_or(default);
+        if v < min {
+            return Err(err(key, src, format!("must be at least {min}")));
+        }
+        Ok(v)
+    }
+
+    let defaults = Limits::default();
+    let listen = if args.listen.is_empty() {
+        file.listen
+            .clone()
+            .unwrap_or_else(|| vec!["127.0.0.1:8080".parse().expect("a valid address")])
+    } else {
+        args.listen.clone()
+    };
+    if listen.is_empty() {
+        return Err(err("listen", "config file", "needs at least one address"));
+    }
+    let (shards, src) = pick(&args.shards, &file.shards);
+    if let Some(n) = shards {
+        if !(1..=engine::server::MAX_SHARDS).contains(&n) {
+            return Err(err(
+                "shards",
+                src,
+                format!("must be between 1 and {}", engine::server::MAX_SHARDS),
+            ));
+        }
+    }
+    let (max_message_bytes, src) = pick(&args.max_message_bytes, &file.max_message_bytes);
+    let max_message_bytes = max_message_bytes.unwrap_or(defaults.max_message_bytes);
+    if max_message_bytes == 0 {
+        return Err(err("max_message_bytes", src, "must be at least 1"));
+    }
+    let (max_outgoing_bytes, src) = pick(&args.max_outgoing_bytes, &file.max_outgoing_bytes);
+    let max_outgoing_bytes = max_outgoing_bytes.unwrap_or(defaults.max_outgoing_bytes);
+    if max_outgoing_bytes < 1024 {
+        return Err(err("max_outgoing_bytes", src, "must be at least 1024"));
+    }
+    let (max_conns, src) = pick(
+        &args.max_connections_per_gear,
+        &file.max_connections_per_gear,
+    );
+    if max_conns == Some(0) {
+        return Err(err("max_connections_per_gear", src, "must be at least 1"));
+    }
+    let (max_head_bytes, src) = pick(&args.max_head_bytes, &file.max_head_bytes);
+    let max_head_bytes = max_head_bytes.unwrap_or(defaults.max_head_bytes);
+    if !(256..=1024 * 1024).contains(&max_head_bytes) {
+        return Err(err(
+            "max_head_bytes",
+            src,
+            "must be between 256 and 1048576",
+        ));
+    }
+    let idle = secs(
+        "idle_timeout_secs",
+        pick(&args.idle_timeout_secs, &file.idle_timeout_secs),
+        defaults.idle_timeout.as_secs(),
+        1,
+    )?;
+    let handshake = secs(
+        "handshake_timeout_secs",
+        pick(&args.handshake_timeout_secs, &file.handshake_timeout_secs),
+        defaults.handshake_timeout.as_secs(),
+        1,
+    )?;
+    let closing = secs(
+        "closing_timeout_secs",
+        pick(&args.closing_timeout_secs, &file.closing_timeout_secs),
+        defaults.closing_timeout.as_secs(),
+        1,
+    )?;
+    let drain = secs(
+        "drain_window_secs",
+        pick(&args.drain_window_secs, &file.drain_window_secs),
+        defaults.drain_window.as_secs(),
+        0,
+    )?;
+    let ping = secs(
+        "ping_interval_secs",
+        pick(&args.ping_interval_secs, &file.ping_interval_secs),
+        0,
+        0,
+    )?;
+    let pong = secs(
+        "pong_timeout_secs",
+        pick(&args.pong_timeout_secs, &file.pong_timeout_secs),
+        defaults.pong_timeout.as_secs(),
+        1,
+    )?;
+    let (capacity, src) = pick(&args.registry_queue_capacity, &file.registry_queue_capacity);
+    let registry_queue_capacity =
+        capacity.unwrap_or(registry::RegistryConfig::default().queue_capacity);
+    if !(1..=1 << 24).contains(&registry_queue_capacity) {
+        return Err(err(
+            "registry_queue_capacity",
+            src,
+            "must be between 1 and 16777216",
+        ));
+    }
+    let tuning_defaults = ShardTuning::default();
+    let (buf_size, src) = pick(&args.recv_buffer_bytes, &file.recv_buffer_bytes);
+    let buf_size = buf_size.unwrap_or(tuning_defaults.buf_size);
+    if !(256..=1024 * 1024).contains(&buf_size) {
+        return Err(err(
+            "recv_buffer_bytes",
+            src,
+            "must be between 256 and 1048576",
+        ));
+    }
+    let (buf_entries, src) = pick(&args.recv_buffers, &file.recv_buffers);
+    let buf_entries = buf_entries.unwrap_or(tuning_defaults.buf_entries);
+    if !buf_entries.is_power_of_two() || buf_entries > 32768 {
+        return Err(err(
+            "recv_buffers",
+            src,
+            "must be a power of two up to 32768",
+        ));
+    }
+    let plain_fds = pick(&args.plain_fds, &file.plain_fds).0.unwrap_or(false);
+    let zc = pick(&args.send_zc_min_bytes, &file.send_zc_min_bytes)
+        .0
+        .filter(|&n| n > 0);
+    let log_format = pick(&args.log_format, &file.log_format)
+        .0
+        .unwrap_or(LogFormat::Pretty);
+
+    Ok(Settings {
+        listen,
+        shards,
+        limits: Limits {
+            max_message_bytes,
+            max_outgoing_bytes,
+            max_head_bytes,
+            idle_timeout: Duration::from_secs(idle),
+            handshake_timeout: Duration::from_secs(handshake),
+            closing_timeout: Duration::from_secs(closing),
+            drain_window: Duration::from_secs(drain),
+            ping_interval: (ping > 0).then(|| Duration::from_secs(ping)),
+            pong_timeout: Duration::from_secs(pong),
+            ..defaults
+        },
+        max_connections_per_gear: max_conns,
+        tuning: ShardTuning {
+            direct_slots: plain_fds.then_some(0),
+            send_zc_min_bytes: zc,
+            buf_size,
+            buf_entries,
+            ..tuning_defaults
+        },
+        registry_queue_capacity,
+        log_format,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("kythera").chain(list.iter().copied()))
+            .expect("valid flags")
+    }
+
+    fn file(toml_text: &str) -> File {
+        toml::from_str(toml_text).expect("valid file")
+    }
+
+    #[test]
+    fn defaults_serve() {
+        let s = resolve(&args(&[]), &File::default()).unwrap();
+        assert_eq!(s.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(s.shards, None);
+        assert_eq!(s.limits, Limits::default());
+        assert_eq!(s.tuning, ShardTuning::default());
+        assert_eq!(s.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn flags_over_file_over_defaults() {
+        let f = file(
+            "shards = 3\nidle_timeout_secs = 7\nlisten = [\"127.0.0.1:9000\"]\nlog_format = \"json\"\n",
+        );
+        let s = resolve(&args(&["--shards", "2"]), &f).unwrap();
+        assert_eq!(s.shards, Some(2), "the flag wins");
+        assert_eq!(
+            s.limits.idle_timeout,
+            Duration::from_secs(7),
+            "the file wins"
+        );
+        assert_eq!(s.listen, vec!["127.0.0.1:9000".parse().unwrap()]);
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.limits.max_message_bytes, 5_000_000, "the default");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key_and_the_source() {
+        let e = resolve(&args(&["--shards", "0"]), &File::default()).unwrap_err();
+        assert_eq!(e.key, "shards");
+        assert_eq!(e.source, "command line or environment");
+        let e = resolve(&args(&[]), &file("recv_buffers = 1000")).unwrap_err();
+        assert_eq!(e.key, "recv_buffers");
+        assert_eq!(e.source, "config file");
+        assert!(e.to_string().contains("power of two"), "{e}");
+        let e = resolve(&args(&["--idle-timeout-secs", "0"]), &File::default()).unwrap_err();
+        assert_eq!(e.key, "idle_timeout_secs");
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_errors() {
+        let path = std::env::temp_dir().join(format!("kythera-config-{}.toml", std::process::id()));
+        std::fs::write(&path, "shards = 2\nmax_mesage_bytes = 5\n").unwrap();
+        let e = read_file(&path).unwrap_err();
+        std::fs::remove_file(&path).ok();
+        assert_eq!(e.source, "config file");
+        assert!(e.reason.contains("max_mesage_bytes"), "{e}");
+    }
+
+    #[test]
+    fn ping_zero_is_off_and_plain_fds_is_a_flag() {
+        let s = resolve(
+            &args(&["--ping-interval-secs", "0", "--plain-fds"]),
+            &File::default(),
+        )
+        .unwrap();
+        assert_eq!(s.limits.ping_interval, None);
+        assert_eq!(s.tuning.direct_slots, Some(0));
+        let s = resolve(&args(&["--ping-interval-secs", "15"]), &File::default()).unwrap();
+        assert_eq!(s.limits.ping_interval, Some(Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn clap_config_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+}
