@@ -552,6 +552,18 @@ for r in runs:
                        "rss_before_kib": r["rss_before_kib"], "rss_loaded_kib": r["rss_loaded_kib"],
                        "bytes_per_connection": (r["rss_loaded_kib"] - r["rss_before_kib"]) * 1024 / est if est else None})
 
+# The marginal cost of one more idle connection: the slope of RSS between the two
+# largest counts of a server, which leaves out fixed costs (receive buffer rings,
+# thread stacks, allocator arenas) that the average above spreads over N.
+slopes = []
+for server in sorted({m["server"] for m in memory}):
+    pts = sorted((m["established"], m["rss_loaded_kib"]) for m in memory
+                 if m["server"] == server and m["ok"] and m.get("rss_loaded_kib") is not None)
+    if len(pts) >= 2 and pts[-1][0] > pts[-2][0]:
+        (n0, r0), (n1, r1) = pts[-2], pts[-1]
+        slopes.append({"server": server, "from": n0, "to": n1,
+                       "bytes_per_connection": (r1 - r0) * 1024 / (n1 - n0)})
+
 # Handshakes.
 handshakes, hs_by = [], {}
 for r in runs:
@@ -571,7 +583,7 @@ for s in servers:
                            "server_cpu_us_per_handshake": med([get(j, "server_cpu_us_per_handshake") for j in js]),
                            "p50_us": med([(j.get("handshake_latency_us") or {}).get("p50") for j in js])})
 busy = [j for js in by.values() for j in js if (others(j) or 0) > max_other]
-results = {"meta": meta, "echo": echo, "memory": memory, "handshakes": handshakes,
+results = {"meta": meta, "echo": echo, "memory": memory, "memory_slopes": slopes, "handshakes": handshakes,
            "failed_runs": failed, "busy_runs": len(busy)}
 json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=2)
 
@@ -632,6 +644,13 @@ if memory:
         L.append(f"| {m['server']} | {m['connections']:,} | {m['established']:,} | {f(m['bytes_per_connection'], 0)} | "
                  f"{mib('rss_before_kib')} → {mib('rss_loaded_kib')} MiB |")
     L.append("")
+    if slopes:
+        L.append("Marginal cost of one more idle connection (RSS slope between the two largest counts):\n")
+        L.append("| server | between | B per added idle connection |")
+        L.append("|---|---|---|")
+        for sl in slopes:
+            L.append(f"| {sl['server']} | {sl['from']:,} and {sl['to']:,} | {f(sl['bytes_per_connection'], 0)} |")
+        L.append("")
 if handshakes:
     L.append("### Handshakes\n")
     L.append("`kythera-load connect` (256 connects + handshakes in flight), fresh server per run; medians.\n")
