@@ -15,6 +15,7 @@ use registry::{
 };
 
 use crate::config::Limits;
+use crate::observe::{GearCounters, Http, HttpAnswer};
 use crate::route::{InvalidRoute, Router};
 
 /// What a session knows of a connection while it is open, for the DISCONNECTED log
@@ -238,6 +239,7 @@ trait GearShard: Any {
     fn take_batch(&mut self, max: usize) -> (usize, Box<dyn Any>);
     fn return_batch(&mut self, batch: Box<dyn Any>);
     fn undeliverable(&mut self, n: u64);
+    fn inbound_len(&self) -> usize;
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
@@ -276,18 +278,24 @@ impl<M: Clone + Send + 'static> GearShard for TypedShard<M> {
     fn undeliverable(&mut self, n: u64) {
         self.reg.undeliverable(n);
     }
+    fn inbound_len(&self) -> usize {
+        self.reg.inbound_len()
+    }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
 }
 
-/// One shard's parts of every gear's registry, by gear index. Empty in unit tests of a
-/// session, where gears get [`NoRegistry`].
+/// One shard's parts of every gear's registry, and its per-gear counters, by gear
+/// index. Empty in unit tests of a session, where gears get [`NoRegistry`].
 #[derive(Default)]
 pub struct Registries {
     gears: Vec<Option<Box<dyn GearShard>>>,
     /// Typed delivery of a gear's batch (`deliver_batch::<M>`), by gear index.
     deliver: Vec<DeliverFn>,
+    /// This shard's counters per gear; the last entry is for requests that matched no
+    /// gear. Empty in unit tests (nothing is counted).
+    counters: Option<Arc<[GearCounters]>>,
 }
 
 type DeliverFn = fn(&mut Registries, usize, Box<dyn Any>, &mut dyn Deliveries);
@@ -336,6 +344,17 @@ impl Registries {
         if let Some(Some(g)) = self.gears.get_mut(gear) {
             g.adopt_names(conn, names);
         }
+    }
+
+    /// This shard's counters of `gear` (`None` for requests that matched no gear).
+    pub(crate) fn counters(&self, gear: Option<usize>) -> Option<&GearCounters> {
+        let counters = self.counters.as_deref()?;
+        counters.get(gear.unwrap_or(counters.len().saturating_sub(1)))
+    }
+
+    /// Envelopes waiting in this shard's inbound queues, all gears.
+    pub(crate) fn inbound_len(&self) -> usize {
+        self.gears.iter().flatten().map(|g| g.inbound_len()).sum()
     }
 
     /// Whether any gear has inbound messages waiting on this shard.
@@ -424,6 +443,8 @@ pub struct App {
     router: Router<usize>,
     gears: Vec<Mounted>,
     limits: Limits,
+    /// Metrics, health and static files (set when the server is built).
+    http: OnceLock<Http>,
 }
 
 impl std::fmt::Debug for App {
@@ -451,6 +472,7 @@ impl App {
             router: Router::new(),
             gears: Vec::new(),
             limits,
+            http: OnceLock::new(),
         }
     }
 
@@ -517,9 +539,15 @@ impl App {
         }
     }
 
-    /// Shard `index`'s parts of every gear's registry (each can be taken once).
-    pub(crate) fn shard_registries(&self, index: usize) -> Registries {
+    /// Shard `index`'s parts of every gear's registry (each can be taken once), with
+    /// its counters.
+    pub(crate) fn shard_registries(
+        &self,
+        index: usize,
+        counters: Arc<[GearCounters]>,
+    ) -> Registries {
         Registries {
+            counters: Some(counters),
             gears: self
                 .gears
                 .iter()
@@ -527,6 +555,39 @@ impl App {
                 .collect(),
             deliver: self.gears.iter().map(|g| g.deliver).collect(),
         }
+    }
+
+    /// How many gears are mounted.
+    pub fn gear_count(&self) -> usize {
+        self.gears.len()
+    }
+
+    /// Open connections of `gear` and its limit.
+    pub(crate) fn connections_of(&self, gear: usize) -> (usize, usize) {
+        let g = &self.gears[gear];
+        (g.live.load(Ordering::Relaxed), g.max_connections)
+    }
+
+    /// The registry figures of `gear`.
+    pub(crate) fn registry_stats_of(&self, gear: usize) -> Option<RegistryStats> {
+        Some(self.gears[gear].registry.get()?.stats())
+    }
+
+    /// Envelopes waiting for `shard`, as it last saw them.
+    pub(crate) fn registry_depth(&self, shard: usize) -> u64 {
+        self.http
+            .get()
+            .map_or(0, |h| h.shared.stats[shard].registry_depth())
+    }
+
+    /// Sets what plain HTTP requests are answered with (once, when the server is built).
+    pub(crate) fn set_http(&self, http: Http) {
+        let _ = self.http.set(http);
+    }
+
+    /// The answer to a plain (non-upgrade) request, if its path is one of ours.
+    pub(crate) fn http_answer(&self, method: &str, path: &str) -> Option<HttpAnswer> {
+        self.http.get()?.answer(self, method, path)
     }
 
     /// The name table of `gear`, for `connect`.

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod gear;
+pub mod observe;
 pub mod protocol;
 pub mod route;
 pub mod server;

@@ -49,6 +49,7 @@ use registry::{RegistryConfig, RegistryHandle, RegistryStats, Wakeup};
 
 use crate::config::{Limits, default_max_connections};
 use crate::gear::App;
+use crate::observe::{AllGearCounters, GearCounters, Http, HttpConfig};
 use crate::route::InvalidRoute;
 use crate::shard::{self, ShardCounters, ShardSetup, ShardStats, ShardTuning};
 use crate::uring::probe::{Features, Unavailable};
@@ -70,6 +71,8 @@ pub(crate) struct Shared {
     pub(crate) ring_fds: Box<[AtomicI32]>,
     /// Each shard's eventfd: foreign threads write to it to wake the shard.
     pub(crate) event_fds: Arc<[OwnedFd]>,
+    /// Per shard, per gear (plus one for unrouted requests): the metrics' counters.
+    pub(crate) gear_counters: AllGearCounters,
 }
 
 impl Shared {
@@ -194,6 +197,7 @@ pub struct ServerBuilder {
     limits: Option<Limits>,
     tuning: ShardTuning,
     registry: RegistryConfig,
+    http: HttpConfig,
     app: App,
     route_error: Option<InvalidRoute>,
 }
@@ -237,6 +241,13 @@ impl ServerBuilder {
     /// what happens when one is full).
     pub fn registry(mut self, config: RegistryConfig) -> Self {
         self.registry = config;
+        self
+    }
+
+    /// What plain (non-upgrade) GET requests are answered with: metrics, health,
+    /// static files ([`HttpConfig`]; by default `/metrics` and `/healthz`).
+    pub fn http(mut self, config: HttpConfig) -> Self {
+        self.http = config;
         self
     }
 
@@ -285,6 +296,7 @@ impl ServerBuilder {
             limits,
             tuning,
             registry: registry_config,
+            http,
             mut app,
             route_error,
         } = self;
@@ -351,6 +363,17 @@ impl ServerBuilder {
             wakeup,
             ring_fds: (0..shards).map(|_| AtomicI32::new(-1)).collect(),
             event_fds,
+            gear_counters: (0..shards)
+                .map(|_| {
+                    (0..=app.gear_count())
+                        .map(|_| GearCounters::default())
+                        .collect()
+                })
+                .collect(),
+        });
+        app.set_http(Http {
+            config: http,
+            shared: Arc::clone(&shared),
         });
         Ok(Server {
             app: Arc::new(app),
@@ -426,6 +449,7 @@ impl Server {
             limits: None,
             tuning: ShardTuning::default(),
             registry: RegistryConfig::default(),
+            http: HttpConfig::default(),
             app: App::new(Limits::default()),
             route_error: None,
         }

@@ -52,6 +52,8 @@ enum Phase {
 /// the events borrow).
 struct Core {
     id: ConnId,
+    /// The gear, once routed (for its counters); `u32::MAX` before.
+    gear: u32,
     phase: Phase,
     closing: Closing,
     /// Frames encoded and not yet handed to the shard.
@@ -101,6 +103,7 @@ impl Session {
             pending: Vec::new(),
             core: Core {
                 id,
+                gear: u32::MAX,
                 phase: Phase::Handshake {
                     head: Vec::new(),
                     deadline_ms: now_ms + ms(limits.handshake_timeout),
@@ -141,6 +144,9 @@ impl Session {
             return;
         }
         self.core.idle_deadline_ms = now_ms.saturating_add(ms(app.limits().idle_timeout));
+        if let Some(c) = regs.counters(self.core.gear()) {
+            c.bytes_in.add(data.len() as u64);
+        }
         if self.pending.is_empty() {
             let (used, needed) = self.process(data, now_ms, app, regs);
             if used < data.len() && !self.core.finished {
@@ -238,7 +244,7 @@ impl Session {
             return;
         }
         if now_ms >= core.idle_deadline_ms {
-            core.close(CloseCode::NORMAL, "idle timeout", now_ms, app);
+            core.close(CloseCode::NORMAL, "idle timeout", now_ms, app, regs);
             core.terminate(TerminateReason::Timeout, app, regs);
             return;
         }
@@ -268,7 +274,7 @@ impl Session {
         match core.phase {
             Phase::Handshake { .. } => core.finished = true,
             Phase::Open(_) if core.closing.is_open() => {
-                core.close(CloseCode::GOING_AWAY, DRAIN_REASON, now_ms, app);
+                core.close(CloseCode::GOING_AWAY, DRAIN_REASON, now_ms, app, regs);
                 core.terminate(TerminateReason::Stop, app, regs);
             }
             _ => {}
@@ -307,6 +313,10 @@ impl Session {
         }
         if let Phase::Open(live) = &mut core.phase {
             live.meta().frames_out += 1;
+        }
+        if let Some(c) = regs.counters(core.gear()) {
+            c.frames_out.add(1);
+            c.bytes_out.add(bytes.len() as u64);
         }
         core.out.extend_from_slice(bytes);
         core.check_outgoing(now_ms, app, regs);
@@ -448,17 +458,28 @@ impl Core {
                 }
                 return None;
             }
-            Err(rej) => return self.reject(rej),
+            Err(rej) => return self.reject(rej, regs),
         };
+        if !is_upgrade(&req) {
+            if let Some(answer) = app.http_answer(req.method, req.path) {
+                let headers = [
+                    ("content-type", answer.content_type),
+                    ("cache-control", "no-store"),
+                ];
+                write_response(&mut self.out, answer.status, headers, &answer.body);
+                return self.end_handshake();
+            }
+        }
         let Some(routed) = app.route(req.path) else {
-            return self.reject(Rejection::NotFound);
+            return self.reject(Rejection::NotFound, regs);
         };
+        self.gear = routed.gear as u32;
         let up = match validate_upgrade(&req) {
             Ok(up) => up,
-            Err(rej) => return self.reject(rej),
+            Err(rej) => return self.reject(rej, regs),
         };
         let Some(admission) = app.admit(routed.gear) else {
-            return self.reject(Rejection::TooManyConnections);
+            return self.reject(Rejection::TooManyConnections, regs);
         };
         let parts = RequestParts {
             method: req.method.to_owned(),
@@ -488,6 +509,9 @@ impl Core {
             Ok(Ok(())) => {}
             Ok(Err(resp)) => {
                 release_names(&mut conn, app, gear);
+                if let Some(c) = regs.counters(Some(gear)) {
+                    c.rejected(resp.status());
+                }
                 let headers = resp.headers().iter().map(|(k, v)| (k.as_str(), v.as_str()));
                 write_response(&mut self.out, resp.status(), headers, resp.body_bytes());
                 return self.end_handshake();
@@ -515,6 +539,10 @@ impl Core {
         match init {
             Ok(mut live) => {
                 live.meta().frames_out += outcome.frames;
+                if let Some(c) = regs.counters(Some(gear)) {
+                    c.frames_out.add(outcome.frames);
+                    c.bytes_out.add(outcome.bytes);
+                }
                 info!(conn = %self.id, gear = app.pattern(gear), peer = ?peer, "CONNECTED");
                 self.phase = Phase::Open(live);
                 self.after_callback(outcome, now_ms, app, regs);
@@ -525,7 +553,7 @@ impl Core {
                 release_names(&mut conn, app, gear);
                 regs.remove_conn(gear, self.id);
                 warn!(conn = %self.id, gear = app.pattern(gear), panic = panic_message(&panic), "init panicked");
-                self.send_close(Some(CloseCode::INTERNAL_ERROR), "");
+                self.send_close(Some(CloseCode::INTERNAL_ERROR), "", regs);
                 self.finished = true;
                 return None;
             }
@@ -533,7 +561,10 @@ impl Core {
         Some(head[head_len..].to_vec())
     }
 
-    fn reject(&mut self, rej: Rejection) -> Option<Vec<u8>> {
+    fn reject(&mut self, rej: Rejection, regs: &mut Registries) -> Option<Vec<u8>> {
+        if let Some(c) = regs.counters(self.gear()) {
+            c.rejected(rej.status());
+        }
         rej.write_response(&mut self.out);
         self.end_handshake()
     }
@@ -553,6 +584,9 @@ impl Core {
                 if let Phase::Open(live) = &mut self.phase {
                     live.meta().frames_in += 1;
                 }
+                if let Some(c) = regs.counters(self.gear()) {
+                    c.frames_in.add(1);
+                }
                 self.run_callback(now_ms, app, regs, |live, id, sink, regs| {
                     live.client_message(id, msg, sink, regs)
                 });
@@ -566,9 +600,12 @@ impl Core {
             }
             Event::Pong(_) => self.pong_deadline_ms = None,
             Event::Close(close) => {
+                if let Some(c) = regs.counters(self.gear()) {
+                    c.close_received(close.code.map(CloseCode::get));
+                }
                 match self.closing.peer_close(close.code) {
                     PeerCloseAction::Reply(code) => {
-                        self.send_close(code, "");
+                        self.send_close(code, "", regs);
                         self.terminate(
                             TerminateReason::RemoteClose {
                                 code: close.code,
@@ -583,6 +620,11 @@ impl Core {
                 self.finished = true;
             }
         }
+    }
+
+    /// The routed gear, if any.
+    fn gear(&self) -> Option<usize> {
+        (self.gear != u32::MAX).then_some(self.gear as usize)
     }
 
     /// Whether the gear is running and no close has been sent: the connection takes
@@ -610,6 +652,10 @@ impl Core {
         let result = catch_unwind(AssertUnwindSafe(|| call(&mut **live, id, &mut sink, regs)));
         let mut outcome = sink.finish();
         live.meta().frames_out += outcome.frames;
+        if let Some(c) = regs.counters(self.gear()) {
+            c.frames_out.add(outcome.frames);
+            c.bytes_out.add(outcome.bytes);
+        }
         if let Err(panic) = result {
             outcome.panic = Some(panic_message(&panic));
         }
@@ -627,7 +673,7 @@ impl Core {
     ) {
         if let Some(msg) = outcome.panic {
             warn!(conn = %self.id, panic = %msg, "handler panicked; closing with 1011");
-            self.close(CloseCode::INTERNAL_ERROR, "", now_ms, app);
+            self.close(CloseCode::INTERNAL_ERROR, "", now_ms, app, regs);
             self.terminate(
                 TerminateReason::Error(TerminateError::HandlerPanic(msg)),
                 app,
@@ -644,6 +690,9 @@ impl Core {
             return;
         }
         if outcome.closed {
+            if let Some(c) = regs.counters(self.gear()) {
+                c.close_sent(outcome.close_code);
+            }
             self.closing
                 .local_close(now_ms, ms(app.limits().closing_timeout));
             self.terminate(TerminateReason::Stop, app, regs);
@@ -666,7 +715,7 @@ impl Core {
             .closing
             .local_close(now_ms, ms(app.limits().closing_timeout))
         {
-            self.send_close(Some(CloseCode::POLICY_VIOLATION), "slow consumer");
+            self.send_close(Some(CloseCode::POLICY_VIOLATION), "slow consumer", regs);
         }
         self.terminate(
             TerminateReason::Error(TerminateError::SlowConsumer),
@@ -682,23 +731,26 @@ impl Core {
             .closing
             .local_close(now_ms, ms(app.limits().closing_timeout))
         {
-            self.send_close(Some(e.close_code()), e.as_str());
+            self.send_close(Some(e.close_code()), e.as_str(), regs);
         }
         self.terminate(TerminateReason::Error(e.to_terminate_error()), app, regs);
         self.finished = true;
     }
 
     /// Starts the closing handshake from our side.
-    fn close(&mut self, code: CloseCode, reason: &str, now_ms: u64, app: &App) {
+    fn close(&mut self, code: CloseCode, reason: &str, now_ms: u64, app: &App, regs: &Registries) {
         if self
             .closing
             .local_close(now_ms, ms(app.limits().closing_timeout))
         {
-            self.send_close(Some(code), reason);
+            self.send_close(Some(code), reason, regs);
         }
     }
 
-    fn send_close(&mut self, code: Option<CloseCode>, reason: &str) {
+    fn send_close(&mut self, code: Option<CloseCode>, reason: &str, regs: &Registries) {
+        if let Some(c) = regs.counters(self.gear()) {
+            c.close_sent(code.map(CloseCode::get));
+        }
         let mut payload = [0u8; 125];
         let n = encode_close_payload(code, reason, &mut payload);
         encode_frame_into(&mut self.out, true, 0, OpCode::Close, &payload[..n], None);
@@ -735,6 +787,15 @@ impl Core {
 }
 
 /// Gives back the names `connect` or `init` registered, when the handshake fails.
+/// Whether the request asks for a WebSocket upgrade at all (plain GETs of the metrics,
+/// health and static paths do not).
+fn is_upgrade(req: &crate::protocol::handshake::Request<'_>) -> bool {
+    req.header("upgrade").is_some_and(|v| {
+        v.split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+    })
+}
+
 fn release_names(conn: &mut Conn, app: &App, gear: usize) {
     let names = conn.take_registered();
     if let (Some(table), false) = (app.names(gear), names.is_empty()) {
@@ -772,7 +833,11 @@ fn panic_message(panic: &Box<dyn Any + Send>) -> String {
 #[derive(Default)]
 struct SinkOutcome {
     frames: u64,
+    /// Bytes of the frames encoded.
+    bytes: u64,
     closed: bool,
+    /// The code of the gear's close frame (`None`: a close without a status).
+    close_code: Option<u16>,
     gear_error: Option<TerminateError>,
     panic: Option<String>,
 }
@@ -797,8 +862,10 @@ impl<'a> OutSink<'a> {
 
     fn data(&mut self, op: OpCode, payload: &[u8]) {
         if !self.outcome.closed {
+            let before = self.out.len();
             encode_frame_into(self.out, true, 0, op, payload, None);
             self.outcome.frames += 1;
+            self.outcome.bytes += (self.out.len() - before) as u64;
         }
     }
 }
@@ -827,7 +894,9 @@ impl FrameSink for OutSink<'_> {
                 };
                 encode_frame_into(self.out, true, 0, OpCode::Close, &payload[..n], None);
                 self.outcome.frames += 1;
+                self.outcome.bytes += 2 + n as u64;
                 self.outcome.closed = true;
+                self.outcome.close_code = close.as_ref().map(|c| c.code.get());
             }
         }
     }

@@ -135,6 +135,8 @@ pub struct ShardStats {
     registry_in: AtomicU64,
     wakeups_sent: AtomicU64,
     wakeups_received: AtomicU64,
+    /// Registry envelopes waiting when the shard last looked (a gauge).
+    registry_depth: AtomicU64,
 }
 
 /// A snapshot of a shard's counters.
@@ -183,6 +185,11 @@ impl ShardCounters {
 }
 
 impl ShardStats {
+    /// Registry envelopes waiting in the shard's inbound queues when it last looked.
+    pub(crate) fn registry_depth(&self) -> u64 {
+        self.registry_depth.load(Ordering::Relaxed)
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> ShardCounters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -489,7 +496,7 @@ impl Shard {
             "shard started"
         );
         let now_ms = shared.now_ms();
-        let regs = app.shard_registries(index);
+        let regs = app.shard_registries(index, Arc::clone(&shared.gear_counters[index]));
         shared.ring_fds[index].store(ring.as_raw_fd(), Ordering::Release);
         let shards = shared.ring_fds.len();
         let listeners = listeners
@@ -622,7 +629,11 @@ impl Shard {
     /// Delivers what other shards, foreign threads and this shard's own callbacks
     /// queued for this shard's connections.
     fn deliver_registry(&mut self) {
-        if !self.regs.has_inbound() {
+        let waiting = self.regs.inbound_len() as u64;
+        self.shared.stats[self.index]
+            .registry_depth
+            .store(waiting, Ordering::Relaxed);
+        if waiting == 0 {
             return;
         }
         let mut to = ShardDeliveries {

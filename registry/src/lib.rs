@@ -93,12 +93,14 @@ pub(crate) enum PublishedFrame {
 pub struct Counter(AtomicU64);
 
 impl Counter {
-    fn add(&self, n: u64) {
+    /// Adds `n` (only from the one thread that owns the counter).
+    pub fn add(&self, n: u64) {
         self.0
             .store(self.0.load(Ordering::Relaxed) + n, Ordering::Relaxed);
     }
 
-    fn get(&self) -> u64 {
+    /// The value now.
+    pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 }

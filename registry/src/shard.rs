@@ -166,6 +166,13 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
             || !self.shared.foreign[self.index].is_empty()
     }
 
+    /// How many envelopes wait in this shard's inbound queues (for the metrics).
+    pub fn inbound_len(&self) -> usize {
+        self.local.len()
+            + self.from.iter().flatten().map(|c| c.slots()).sum::<usize>()
+            + self.shared.foreign[self.index].len()
+    }
+
     /// Takes up to `max` envelopes from the inbound queues (local, other shards, foreign
     /// threads, in turn) and fans group messages out to this shard's members, appending
     /// to `out`. Returns how many envelopes were taken.
