@@ -41,8 +41,12 @@ fn sim(shards: usize, capacity: usize) -> Sim {
 }
 
 impl Sim {
-    /// Everything shard `s` has inbound, as (connection, text) pairs.
+    /// Everything shard `s` has inbound, as (connection, text) pairs, after every shard
+    /// ended its turn (moved its staged messages into the queues).
     fn inbox(&mut self, s: usize) -> Vec<(ConnId, String)> {
+        for shard in &mut self.shards {
+            shard.take_wakeups(|_| {});
+        }
         let mut out = Vec::new();
         self.shards[s].take_inbound(usize::MAX, &mut out);
         out.into_iter()
@@ -212,14 +216,21 @@ fn full_queue_drops_counts_and_says_so() {
     }
     assert_eq!(
         s.shards[0].send_message("b", "y".into()),
-        Err(RegistryError::Full)
+        Err(RegistryError::Full),
+        "full counting what this turn staged"
+    );
+    s.shards[0].take_wakeups(|_| {});
+    assert_eq!(
+        s.shards[0].send_message("b", "y".into()),
+        Err(RegistryError::Full),
+        "still full once in the queue"
     );
     assert_eq!(
         s.shards[0].publish("g", "z".into()),
         Ok(0),
         "nobody reached"
     );
-    assert_eq!(s.reg.stats().dropped_full, 2);
+    assert_eq!(s.reg.stats().dropped_full, 3);
     assert_eq!(s.inbox(1).len(), 4);
     assert_eq!(s.shards[0].send_message("b", "again".into()), Ok(true));
     // The local queue has the same bound.
@@ -240,6 +251,7 @@ fn take_inbound_respects_max() {
     for i in 0..10 {
         s.shards[0].send_message("b", i.to_string()).unwrap();
     }
+    s.shards[0].take_wakeups(|_| {});
     let mut out = Vec::new();
     assert_eq!(s.shards[1].take_inbound(4, &mut out), 4);
     assert_eq!(s.shards[1].take_inbound(100, &mut out), 6);
@@ -354,10 +366,18 @@ fn two_threads_stream_in_order() {
         while i < N {
             match s0.send_message("sink", i) {
                 Ok(true) => i += 1,
-                Err(RegistryError::Full) => std::thread::yield_now(),
+                Err(RegistryError::Full) => {
+                    s0.take_wakeups(|_| {});
+                    std::thread::yield_now();
+                }
                 other => panic!("{other:?}"),
             }
+            // The end of a turn: staged messages go into the queue.
+            if i % 64 == 0 {
+                s0.take_wakeups(|_| {});
+            }
         }
+        s0.take_wakeups(|_| {});
         s0
     });
     let mut next = 0;
