@@ -8,7 +8,13 @@
 //! Copies on the receive side: a frame that lies whole in the received bytes is
 //! unmasked in place and handed to the gear from there. Only the tail of a frame that
 //! continues in the next receive is copied, into `pending`, and processed from there
-//! once complete; fragmented messages are copied by the reassembler.
+//! once complete; fragmented messages are copied by the reassembler. Once the header of
+//! such a frame is in `pending`, its payload is unmasked piece by piece as it is
+//! appended (while the piece is still in the cache), so completing the frame takes no
+//! separate unmasking pass. When the gear echoes that frame's payload as it is (the
+//! echo gear does), the frame's own buffer becomes the output: the server's header is
+//! written in front of the payload, over the end of the client's longer header, and the
+//! payload is sent from where it lies instead of being copied into the output.
 
 use std::any::Any;
 use std::net::SocketAddr;
@@ -23,13 +29,16 @@ use tracing::{info, warn};
 use crate::gear::{App, LiveConn, Registries};
 use crate::protocol::ProtocolError;
 use crate::protocol::close::{Closing, PeerCloseAction, encode_close_payload};
-use crate::protocol::codec::{DecoderConfig, OpCode, Role, encode_frame_into};
+use crate::protocol::codec::{
+    Decoded, DecoderConfig, OpCode, Role, encode_frame_into, encode_header, parse_header,
+};
 use crate::protocol::decoder::{Decoder, Step};
 use crate::protocol::fragment::Event;
 use crate::protocol::handshake::{
     MAX_HEADERS, Rejection, parse_request, validate_upgrade, write_response,
     write_switching_protocols,
 };
+use crate::protocol::mask::{extend_unmasked, unmask};
 
 /// The close reason sent to every connection on drain (SPEC section 3).
 pub const DRAIN_REASON: &str = "server shutting down; please reconnect";
@@ -56,8 +65,12 @@ struct Core {
     gear: u32,
     phase: Phase,
     closing: Closing,
-    /// Frames encoded and not yet handed to the shard.
+    /// Frames encoded and not yet handed to the shard, from `out_start` on.
     out: Vec<u8>,
+    /// Where the output starts in `out`: not 0 only when `out` is a received frame's
+    /// buffer whose payload is echoed in place (the bytes before are the rest of the
+    /// client's header).
+    out_start: u8,
     /// The allocation of the last completed send, reused for the next.
     spare: Vec<u8>,
     /// Bytes handed to the shard and not yet sent.
@@ -75,9 +88,43 @@ struct Core {
 /// One connection, from the accept to the close of its socket.
 pub struct Session {
     decoder: Decoder,
-    /// The start of a frame whose rest has not arrived yet.
+    /// The start of a frame whose rest has not arrived yet. Once the frame's header is
+    /// whole in it, the payload bytes in it are unmasked already (and unmasked as they
+    /// are appended).
     pending: Vec<u8>,
     core: Core,
+}
+
+/// The frame at the start of a buffer, when its header is whole.
+#[derive(Debug, Clone, Copy)]
+struct StartedFrame {
+    mask: [u8; 4],
+    /// Where the payload starts (the header's length).
+    payload_start: usize,
+    /// Where the frame ends.
+    end: usize,
+}
+
+/// The header of the frame that starts `bytes`, if it is whole and masked (the decoder
+/// has checked it already, or will when the frame is complete).
+fn started_frame(bytes: &[u8], cfg: &DecoderConfig) -> Option<StartedFrame> {
+    match parse_header(bytes, cfg) {
+        Ok(Decoded::Complete(h, _)) => Some(StartedFrame {
+            mask: h.mask?,
+            payload_start: h.header_len,
+            end: usize::try_from(h.frame_len()).ok()?,
+        }),
+        _ => None,
+    }
+}
+
+/// `buf` starts with a frame none of whose payload is unmasked yet: if its header is
+/// whole, unmasks the part of the payload that is there.
+fn unmask_started(buf: &mut [u8], cfg: &DecoderConfig) {
+    if let Some(f) = started_frame(buf, cfg) {
+        let to = buf.len().min(f.end);
+        unmask(&mut buf[f.payload_start..to], f.mask, 0);
+    }
 }
 
 impl std::fmt::Debug for Session {
@@ -111,6 +158,7 @@ impl Session {
                 },
                 closing: Closing::default(),
                 out: Vec::new(),
+                out_start: 0,
                 spare: Vec::new(),
                 in_flight: 0,
                 idle_deadline_ms: u64::MAX,
@@ -138,7 +186,7 @@ impl Session {
             let rest = self.core.handshake(data, now_ms, app, regs);
             if let Some(rest) = rest {
                 // Bytes after the request head are the client's first frames.
-                self.pending = rest;
+                self.append_pending(&rest);
                 self.process_pending(now_ms, app, regs);
             }
             return;
@@ -148,44 +196,102 @@ impl Session {
             c.bytes_in.add(data.len() as u64);
         }
         if self.pending.is_empty() {
-            let (used, needed) = self.process(data, now_ms, app, regs);
+            let (used, needed, _) = self.process(data, false, false, now_ms, app, regs);
             if used < data.len() && !self.core.finished {
                 reserve_frame(&mut self.pending, needed, app);
-                self.pending.extend_from_slice(&data[used..]);
+                self.append_pending(&data[used..]);
             }
-        } else {
-            self.pending.extend_from_slice(data);
+        } else if self.append_pending(data) {
             self.process_pending(now_ms, app, regs);
         }
     }
 
+    /// Appends received bytes to `pending`, unmasking those that belong to the payload
+    /// of its first frame as they are copied. Returns false while that frame's header
+    /// is whole and the frame is not (nothing to decode yet).
+    fn append_pending(&mut self, data: &[u8]) -> bool {
+        let cfg = self.decoder.config();
+        let at = self.pending.len();
+        let frame = if at == 0 {
+            started_frame(data, cfg)
+        } else {
+            started_frame(&self.pending, cfg)
+        };
+        let Some(f) = frame else {
+            // The header was not whole before: unmask what is there if it is now.
+            self.pending.extend_from_slice(data);
+            unmask_started(&mut self.pending, cfg);
+            return true;
+        };
+        // The header (when `pending` was empty), the payload (unmasked as it is
+        // copied), then whatever follows the frame.
+        let head = f.payload_start.saturating_sub(at).min(data.len());
+        let (header, rest) = data.split_at(head);
+        let body = f.end.saturating_sub(at + head).min(rest.len());
+        let (payload, after) = rest.split_at(body);
+        self.pending.extend_from_slice(header);
+        extend_unmasked(
+            &mut self.pending,
+            payload,
+            f.mask,
+            at + head - f.payload_start,
+        );
+        self.pending.extend_from_slice(after);
+        self.pending.len() >= f.end
+    }
+
     fn process_pending(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
         let mut buf = std::mem::take(&mut self.pending);
-        let (used, needed) = self.process(&mut buf, now_ms, app, regs);
+        let unmasked = started_frame(&buf, self.decoder.config()).is_some();
+        let (used, needed, echo) = self.process(&mut buf, unmasked, true, now_ms, app, regs);
+        if let Some((op, len)) = echo {
+            // The frame was the whole buffer and its payload is echoed as it is.
+            self.core.echo_in_place(buf, op, len, now_ms, app, regs);
+            return;
+        }
         if used < buf.len() && !self.core.finished {
-            buf.drain(..used);
+            if used > 0 {
+                buf.drain(..used);
+                unmask_started(&mut buf, self.decoder.config());
+            }
             reserve_frame(&mut buf, needed, app);
             self.pending = buf;
         }
     }
 
     /// Decodes and acts on every whole frame at the start of `buf`; returns how many
-    /// bytes were used and, if a frame is incomplete, how many bytes it needs from
-    /// where it starts.
+    /// bytes were used, if a frame is incomplete how many bytes it needs from where it
+    /// starts, and, when `owned` (`buf` is `pending`, to be given away) and the gear
+    /// echoed a frame that was all of `buf` as it is, that echo's opcode and length
+    /// (not queued yet: see [`Core::echo_in_place`]). `first_unmasked`: the first
+    /// frame's payload is unmasked already.
     fn process(
         &mut self,
         buf: &mut [u8],
+        first_unmasked: bool,
+        owned: bool,
         now_ms: u64,
         app: &App,
         regs: &mut Registries,
-    ) -> (usize, u64) {
+    ) -> (usize, u64, Option<(OpCode, usize)>) {
         let mut start = 0;
         let mut needed = 0;
-        while start < buf.len() && !self.core.finished {
-            match self.decoder.step(&mut buf[start..]) {
+        let mut unmasked = first_unmasked;
+        // Only ever set for the last frame of `buf`, which ends the loop.
+        let mut echo = None;
+        // Where `buf` ends: a message whose payload ends there, in a frame that starts
+        // the buffer, can be echoed in place.
+        let (len, end) = (buf.len(), buf.as_ptr_range().end);
+        while start < len && !self.core.finished {
+            let whole_buffer = owned && start == 0;
+            match self
+                .decoder
+                .step_with(&mut buf[start..], std::mem::take(&mut unmasked))
+            {
                 Ok(Step::Event(event, used)) => {
                     start += used;
-                    self.core.on_event(event, now_ms, app, regs);
+                    let in_place = (whole_buffer && start == len).then_some(end);
+                    echo = self.core.on_event(event, in_place, now_ms, app, regs);
                 }
                 Ok(Step::NeedMore { needed: n }) => {
                     needed = n;
@@ -200,7 +306,7 @@ impl Session {
         if !self.decoder.assembler_mut().in_progress() {
             self.decoder.assembler_mut().release();
         }
-        (start, needed)
+        (start, needed, echo)
     }
 
     /// The peer is gone: `None` for EOF, `Some(errno)` for a socket error.
@@ -211,6 +317,7 @@ impl Session {
         };
         self.core.terminate(reason, app, regs);
         self.core.out = Vec::new();
+        self.core.out_start = 0;
         self.core.finished = true;
     }
 
@@ -375,17 +482,19 @@ impl Session {
         .min()
     }
 
-    /// Takes the bytes to send now, if any. One send per connection is in flight at a
-    /// time; give the buffer back with [`Session::sent`].
-    pub fn take_output(&mut self) -> Option<Vec<u8>> {
+    /// Takes the bytes to send now, if any: a buffer and where in it the bytes to send
+    /// start (the rest of the buffer is sent). One send per connection is in flight at
+    /// a time; give the buffer back with [`Session::sent`].
+    pub fn take_output(&mut self) -> Option<(Vec<u8>, usize)> {
         let core = &mut self.core;
         if core.out.is_empty() {
             return None;
         }
         let next = std::mem::take(&mut core.spare);
         let buf = std::mem::replace(&mut core.out, next);
-        core.in_flight = buf.len();
-        Some(buf)
+        let start = usize::from(std::mem::take(&mut core.out_start));
+        core.in_flight = buf.len() - start;
+        Some((buf, start))
     }
 
     /// The send of a buffer from [`Session::take_output`] completed.
@@ -411,7 +520,7 @@ impl Session {
 
     /// Bytes queued and in flight towards the client.
     pub fn queued_bytes(&self) -> usize {
-        self.core.out.len() + self.core.in_flight
+        self.core.queued() + self.core.in_flight
     }
 }
 
@@ -575,21 +684,66 @@ impl Core {
         None
     }
 
-    fn on_event(&mut self, event: Event<'_>, now_ms: u64, app: &App, regs: &mut Registries) {
+    /// Acts on one frame's event. `in_place`: the frame is all of a buffer that ends
+    /// there and that the session may give away; if the gear's first send is this
+    /// message's payload as it is, with nothing queued before it, that echo is not
+    /// copied but returned (opcode, length), for the caller to queue it in place
+    /// ([`Core::echo_in_place`]).
+    fn on_event(
+        &mut self,
+        event: Event<'_>,
+        in_place: Option<*const u8>,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) -> Option<(OpCode, usize)> {
         match event {
             Event::Message(msg) => {
                 if !self.closing.is_open() {
-                    return; // after our close, data is read and dropped
+                    return None; // after our close, data is read and dropped
                 }
-                if let Phase::Open(live) = &mut self.phase {
-                    live.meta().frames_in += 1;
-                }
-                if let Some(c) = regs.counters(self.gear()) {
+                let counters = regs.counters(self.gear());
+                if let Some(c) = counters {
                     c.frames_in.add(1);
                 }
-                self.run_callback(now_ms, app, regs, |live, id, sink, regs| {
-                    live.client_message(id, msg, sink, regs)
-                });
+                let Phase::Open(live) = &mut self.phase else {
+                    return None;
+                };
+                live.meta().frames_in += 1;
+                let id = self.id;
+                let payload = match msg {
+                    handler_api::Message::Text(t) => t.as_bytes(),
+                    handler_api::Message::Binary(b) => b,
+                };
+                let mut sink = OutSink::new(&mut self.out);
+                // Only a payload that ends the buffer lies in it (a reassembled one
+                // lies in the assembler's buffer).
+                if in_place.is_some_and(|end| payload.as_ptr_range().end == end) {
+                    sink.echo_candidate = Some(payload);
+                }
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    live.client_message(id, msg, &mut sink, regs)
+                }));
+                let mut outcome = sink.finish();
+                live.meta().frames_out += outcome.frames;
+                if let Some(c) = regs.counters(self.gear()) {
+                    c.frames_out.add(outcome.frames);
+                    c.bytes_out.add(outcome.bytes);
+                }
+                if let Err(panic) = result {
+                    outcome.panic = Some(panic_message(&panic));
+                }
+                let mut echo = outcome.echo.take();
+                if let Some(op) = echo {
+                    if outcome.panic.is_some() || outcome.gear_error.is_some() || outcome.closed {
+                        // Nothing was queued after the echo (a later send would have
+                        // queued it first): queue it now, before what the outcome adds.
+                        encode_frame_into(&mut self.out, true, 0, op, payload, None);
+                        echo = None;
+                    }
+                }
+                self.after_callback(outcome, now_ms, app, regs);
+                return echo.map(|op| (op, payload.len()));
             }
             Event::Fragment => {}
             Event::Ping(payload) => {
@@ -620,6 +774,47 @@ impl Core {
                 self.finished = true;
             }
         }
+        None
+    }
+
+    /// Queues the echo that [`Core::on_event`] returned: `buf` is the frame that was
+    /// echoed, its payload the last `len` bytes. The server's header goes in front of
+    /// the payload (the client's header is 4 bytes longer: it carries the mask), and
+    /// `buf` becomes the output.
+    fn echo_in_place(
+        &mut self,
+        mut buf: Vec<u8>,
+        op: OpCode,
+        len: usize,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) {
+        let payload_start = buf.len() - len;
+        let header = encode_header(true, 0, op, len as u64, None);
+        let header = header.as_bytes();
+        let start = payload_start
+            .checked_sub(header.len())
+            .and_then(|s| u8::try_from(s).ok());
+        match start {
+            Some(start) if self.out.is_empty() => {
+                buf[usize::from(start)..payload_start].copy_from_slice(header);
+                let old = std::mem::replace(&mut self.out, buf);
+                if self.spare.capacity() == 0 && old.capacity() <= 64 * 1024 {
+                    self.spare = old;
+                }
+                self.out_start = start;
+            }
+            // Not reached (nothing is queued after a deferred echo, and a client's
+            // header is longer than ours), but correct: copy.
+            _ => encode_frame_into(&mut self.out, true, 0, op, &buf[payload_start..], None),
+        }
+        self.check_outgoing(now_ms, app, regs);
+    }
+
+    /// Bytes queued and not handed to the shard yet.
+    fn queued(&self) -> usize {
+        self.out.len() - usize::from(self.out_start)
     }
 
     /// The routed gear, if any.
@@ -706,10 +901,11 @@ impl Core {
     /// flight count: output the kernel can take at once (one large echo, say) is not a
     /// sign of a client that stopped reading.
     fn check_outgoing(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
-        if self.in_flight == 0 || self.out.len() <= app.limits().max_outgoing_bytes {
+        if self.in_flight == 0 || self.queued() <= app.limits().max_outgoing_bytes {
             return;
         }
         self.out = Vec::new();
+        self.out_start = 0;
         self.spare = Vec::new();
         if self
             .closing
@@ -838,21 +1034,28 @@ struct SinkOutcome {
     closed: bool,
     /// The code of the gear's close frame (`None`: a close without a status).
     close_code: Option<u16>,
+    /// The callback's first send echoed the incoming payload (the sink's
+    /// `echo_candidate`) with this opcode, and nothing was sent after it: not queued.
+    echo: Option<OpCode>,
     gear_error: Option<TerminateError>,
     panic: Option<String>,
 }
 
 /// Encodes a callback's frames straight into the connection's output.
-struct OutSink<'a> {
+struct OutSink<'a, 'p> {
     out: &'a mut Vec<u8>,
     outcome: SinkOutcome,
+    /// The incoming payload, when an echo of it as the first frame queued may be left
+    /// to the session to queue in place ([`Core::echo_in_place`]).
+    echo_candidate: Option<&'p [u8]>,
 }
 
-impl<'a> OutSink<'a> {
+impl<'a, 'p> OutSink<'a, 'p> {
     fn new(out: &'a mut Vec<u8>) -> Self {
         OutSink {
             out,
             outcome: SinkOutcome::default(),
+            echo_candidate: None,
         }
     }
 
@@ -860,17 +1063,57 @@ impl<'a> OutSink<'a> {
         self.outcome
     }
 
-    fn data(&mut self, op: OpCode, payload: &[u8]) {
-        if !self.outcome.closed {
-            let before = self.out.len();
+    /// Queues the deferred echo, if any, before anything else is queued.
+    #[cold]
+    #[inline(never)]
+    fn undefer(&mut self) {
+        if let (Some(op), Some(payload)) = (self.outcome.echo.take(), self.echo_candidate) {
             encode_frame_into(self.out, true, 0, op, payload, None);
-            self.outcome.frames += 1;
-            self.outcome.bytes += (self.out.len() - before) as u64;
         }
+    }
+
+    /// With an echo candidate: defers this frame if it is the first and echoes the
+    /// candidate as it is (true), or else queues a deferred echo first (false).
+    #[cold]
+    #[inline(never)]
+    fn defer_echo(&mut self, op: OpCode, payload: &[u8]) -> bool {
+        if let Some(candidate) = self.echo_candidate {
+            if self.outcome.frames == 0
+                && self.out.is_empty()
+                && payload.as_ptr() == candidate.as_ptr()
+                && payload.len() == candidate.len()
+            {
+                self.outcome.echo = Some(op);
+                self.outcome.frames += 1;
+                // The server header in front of the payload: 2, 4 or 10 bytes.
+                let header = match payload.len() {
+                    0..=125 => 2,
+                    126..=65535 => 4,
+                    _ => 10,
+                };
+                self.outcome.bytes += (payload.len() + header) as u64;
+                return true;
+            }
+        }
+        self.undefer();
+        false
+    }
+
+    fn data(&mut self, op: OpCode, payload: &[u8]) {
+        if self.outcome.closed {
+            return;
+        }
+        if self.echo_candidate.is_some() && self.defer_echo(op, payload) {
+            return;
+        }
+        let before = self.out.len();
+        encode_frame_into(self.out, true, 0, op, payload, None);
+        self.outcome.frames += 1;
+        self.outcome.bytes += (self.out.len() - before) as u64;
     }
 }
 
-impl FrameSink for OutSink<'_> {
+impl FrameSink for OutSink<'_, '_> {
     fn send_copied(&mut self, kind: DataKind, payload: &[u8]) {
         let op = match kind {
             DataKind::Text => OpCode::Text,
@@ -886,6 +1129,9 @@ impl FrameSink for OutSink<'_> {
             Frame::Close(close) => {
                 if self.outcome.closed {
                     return;
+                }
+                if self.echo_candidate.is_some() {
+                    self.undefer();
                 }
                 let mut payload = [0u8; 125];
                 let n = match &close {
@@ -966,6 +1212,22 @@ mod tests {
                     }
                 }
                 Message::Text(t) => ctx.send_text(t),
+                Message::Binary(b) if b.starts_with(b"twice") => {
+                    ctx.send_binary(b);
+                    ctx.send_text("after");
+                }
+                Message::Binary(b) if b.starts_with(b"echo then close") => {
+                    ctx.send_binary(b);
+                    ctx.close_with(CloseCode::new(4000).unwrap(), "bye");
+                }
+                Message::Binary(b) if b.starts_with(b"echo then panic") => {
+                    ctx.send_binary(b);
+                    panic!("boom");
+                }
+                Message::Binary(b) if b.starts_with(b"text first") => {
+                    ctx.send_text("first");
+                    ctx.send_binary(b);
+                }
                 Message::Binary(b) => ctx.send_binary(b),
             }
         }
@@ -1015,8 +1277,8 @@ mod tests {
 
         fn output(&mut self) -> Vec<u8> {
             match self.session.take_output() {
-                Some(buf) => {
-                    let copy = buf.clone();
+                Some((buf, start)) => {
+                    let copy = buf[start..].to_vec();
                     self.session.sent(buf);
                     copy
                 }
@@ -1069,6 +1331,143 @@ mod tests {
             }
         }
         out
+    }
+
+    fn client_fragment(fin: bool, op: OpCode, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_frame_into(
+            &mut out,
+            fin,
+            0,
+            op,
+            payload,
+            Some([0x9a, 0x41, 0x07, 0xe3]),
+        );
+        out
+    }
+
+    fn big(n: usize, prefix: &[u8]) -> Vec<u8> {
+        let mut v = prefix.to_vec();
+        v.extend((0..n as u32).map(|i| (i.wrapping_mul(31) + 7) as u8));
+        v
+    }
+
+    /// Frames that span receives (gathered in `pending`, unmasked as they arrive, and
+    /// echoed in place when they were the whole buffer), fed in pieces of every size,
+    /// with the output taken after every piece or only at the end.
+    #[test]
+    fn frames_across_receives_in_pieces() {
+        let text = "é".repeat(20_000) + "€";
+        let frag_a = big(30_000, b"");
+        let frag_b = big(25_001, b"x");
+        let mut wire = Vec::new();
+        let mut want = Vec::new();
+        for (op, payload) in [
+            (OpCode::Binary, big(70_000, b"")),
+            (OpCode::Ping, b"ping in between".to_vec()),
+            (OpCode::Text, text.clone().into_bytes()),
+            (OpCode::Binary, big(300, b"")),
+            (OpCode::Binary, big(20_000, b"twice")),
+            (OpCode::Binary, big(66_000, b"text first")),
+            (OpCode::Binary, Vec::new()),
+            (OpCode::Binary, big(65_530, b"")),
+        ] {
+            wire.extend(client_frame(op, &payload));
+            match op {
+                OpCode::Ping => want.push((OpCode::Pong, payload)),
+                _ if payload.starts_with(b"twice") => {
+                    want.push((op, payload));
+                    want.push((OpCode::Text, b"after".to_vec()));
+                }
+                _ if payload.starts_with(b"text first") => {
+                    want.push((OpCode::Text, b"first".to_vec()));
+                    want.push((op, payload));
+                }
+                _ => want.push((op, payload)),
+            }
+        }
+        wire.extend(client_fragment(false, OpCode::Binary, &frag_a));
+        wire.extend(client_fragment(false, OpCode::Continuation, b""));
+        wire.extend(client_frame(OpCode::Ping, b"p"));
+        wire.extend(client_fragment(true, OpCode::Continuation, &frag_b));
+        want.push((OpCode::Pong, b"p".to_vec()));
+        want.push((OpCode::Binary, [frag_a, frag_b].concat()));
+        for piece in [1, 2, 3, 13, 125, 1000, 4096, 16_384, 65_536, 200_000] {
+            for take_each in [false, true] {
+                let mut h = harness(Limits::default(), None);
+                h.open();
+                let mut out = Vec::new();
+                for chunk in wire.chunks(piece) {
+                    h.recv(chunk);
+                    if take_each {
+                        out.extend(h.output());
+                    }
+                }
+                out.extend(h.output());
+                assert!(
+                    frames(&out) == want,
+                    "pieces of {piece}, take_each {take_each}"
+                );
+                assert!(h.reasons().is_empty());
+            }
+        }
+    }
+
+    /// An echo left to be queued in place is queued before a close or a panic's 1011.
+    #[test]
+    fn echo_in_place_then_close_or_panic() {
+        for (prefix, code, reason) in [
+            (&b"echo then close"[..], 4000u16, "bye"),
+            (&b"echo then panic"[..], 1011, ""),
+        ] {
+            let payload = big(40_000, prefix);
+            let wire = client_frame(OpCode::Binary, &payload);
+            let mut h = harness(Limits::default(), None);
+            h.open();
+            for chunk in wire.chunks(4096) {
+                h.recv(chunk);
+            }
+            assert_eq!(
+                frames(&h.output()),
+                [
+                    (OpCode::Binary, payload),
+                    (OpCode::Close, close_payload(code, reason))
+                ]
+            );
+        }
+    }
+
+    /// Protocol errors in frames gathered across receives keep their close codes.
+    #[test]
+    fn errors_across_receives() {
+        let bad_text = [vec![b'a'; 5000], vec![0xff], vec![b'b'; 5000]].concat();
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (client_frame(OpCode::Text, &bad_text), 1007),
+            (client_frame(OpCode::Binary, &[0; 2000]), 1009),
+            (client_fragment(true, OpCode::Continuation, &[0; 500]), 1002),
+        ];
+        for (wire, code) in cases {
+            for piece in [1, 7, 1000] {
+                let limits = Limits {
+                    max_message_bytes: 1500,
+                    ..Limits::default()
+                };
+                let limits = if code == 1009 {
+                    limits
+                } else {
+                    Limits::default()
+                };
+                let mut h = harness(limits, None);
+                h.open();
+                for chunk in wire.chunks(piece) {
+                    h.recv(chunk);
+                }
+                let out = frames(&h.output());
+                assert_eq!(out.len(), 1, "{code} in pieces of {piece}");
+                assert_eq!(u16::from_be_bytes([out[0].1[0], out[0].1[1]]), code);
+                assert!(h.session.should_close());
+            }
+        }
     }
 
     fn close_payload(code: u16, reason: &str) -> Vec<u8> {
@@ -1175,7 +1574,7 @@ mod tests {
             &first.app,
             &mut Registries::none(),
         );
-        let out = String::from_utf8(second.take_output().unwrap()).unwrap();
+        let out = String::from_utf8(second.take_output().unwrap().0).unwrap();
         assert!(out.starts_with("HTTP/1.1 503"));
         assert!(out.ends_with("TooManyWebsocketConnections"));
         assert_eq!(first.app.connections("/ws"), Some(1));
@@ -1331,7 +1730,7 @@ mod tests {
         assert!(h.reasons().is_empty());
         // The client does not read: that send stays in flight, and the next flood
         // waits behind it.
-        let stuck = h.session.take_output().unwrap();
+        let (stuck, _) = h.session.take_output().unwrap();
         assert!(stuck.len() > 2_500_000);
         h.send(OpCode::Text, b"flood");
         assert!(h.session.queued_bytes() - stuck.len() < 1024, "queue freed");

@@ -49,7 +49,21 @@ impl Decoder {
     /// Decodes the frame at the start of `buf`, unmasking it in place. Returns the
     /// error whose close code answers the peer as soon as the header shows it (a frame
     /// over the size limit is refused before its payload arrives).
+    #[inline]
     pub fn step<'a>(&'a mut self, buf: &'a mut [u8]) -> Result<Step<'a>, ProtocolError> {
+        self.step_with(buf, false)
+    }
+
+    /// [`Decoder::step`], for a frame whose payload the caller has already unmasked
+    /// (`payload_unmasked`): a frame that spanned several receives is unmasked piece by
+    /// piece as it is gathered, and must not be unmasked a second time. Everything else
+    /// (header checks, size limits, reassembly, UTF-8) is the same.
+    #[inline]
+    pub fn step_with<'a>(
+        &'a mut self,
+        buf: &'a mut [u8],
+        payload_unmasked: bool,
+    ) -> Result<Step<'a>, ProtocolError> {
         let header = match parse_header(buf, &self.cfg)? {
             Decoded::Complete(h, _) => h,
             Decoded::Incomplete { needed } => return Ok(Step::NeedMore { needed }),
@@ -62,7 +76,7 @@ impl Decoder {
         }
         let total = total as usize;
         let payload = &mut buf[header.header_len..total];
-        if let Some(mask) = header.mask {
+        if let (Some(mask), false) = (header.mask, payload_unmasked) {
             unmask(payload, mask, 0);
         }
         let event = self

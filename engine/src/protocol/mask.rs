@@ -39,9 +39,65 @@ pub fn unmask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
     unmask_reference(tail, mask, phase);
 }
 
+/// Appends `src` to `dst` unmasked, in one pass: the same bytes as
+/// `dst.extend_from_slice(src)` followed by [`unmask`] over them, with `offset` the
+/// position of `src[0]` within the payload. This is how a payload that arrives in
+/// pieces is gathered: each byte is read and written once.
+#[inline]
+pub fn extend_unmasked(dst: &mut Vec<u8>, src: &[u8], mask: [u8; 4], offset: usize) {
+    let n = src.len();
+    dst.reserve(n);
+    let old_len = dst.len();
+    let spare = &mut dst.spare_capacity_mut()[..n];
+    // The key for 16 bytes at a time, in phase with `offset`.
+    let mut key = [0u8; 16];
+    for (i, k) in key.iter_mut().enumerate() {
+        *k = mask[(offset + i) % 4];
+    }
+    let mut out = spare.chunks_exact_mut(16);
+    let mut inp = src.chunks_exact(16);
+    for (o, s) in (&mut out).zip(&mut inp) {
+        for j in 0..16 {
+            o[j].write(s[j] ^ key[j]);
+        }
+    }
+    // 16 is a multiple of 4: the tail continues the same key from its start.
+    for (j, (o, s)) in out
+        .into_remainder()
+        .iter_mut()
+        .zip(inp.remainder())
+        .enumerate()
+    {
+        o.write(s ^ key[j]);
+    }
+    // SAFETY: `spare` is the first `n` elements of `dst`'s spare capacity (reserved
+    // above), and both loops together wrote every one of them: the chunks of 16 and
+    // the remainder cover `spare` and `src` alike, which have the same length `n`.
+    unsafe { dst.set_len(old_len + n) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extend_unmasked_equals_copy_then_reference() {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let src: Vec<u8> = (0..200u32).map(|i| (i * 7 + 3) as u8).collect();
+        for len in 0..=100 {
+            for start in 0..8 {
+                for offset in 0..4 {
+                    let piece = &src[start..start + len];
+                    let mut want = vec![0xaa; 3];
+                    want.extend_from_slice(piece);
+                    unmask_reference(&mut want[3..], mask, offset);
+                    let mut got = vec![0xaa; 3];
+                    extend_unmasked(&mut got, piece, mask, offset);
+                    assert_eq!(got, want, "len {len} start {start} offset {offset}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn fast_equals_reference_every_length_and_alignment() {
