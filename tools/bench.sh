@@ -120,6 +120,9 @@ REPEATS=${REPEATS:-$(q 1 3)}
 WARMUP=${WARMUP:-$(q 0.5 2)}
 DURATION=${DURATION:-$(q 1 5)}
 ECHO=${ECHO:-1}
+# SUMMARY_ONLY=1: no runs; rebuild table.md, results.json and the charts from the runs
+# already in OUT (after adding the runs of another invocation to OUT/runs.jsonl).
+SUMMARY_ONLY=${SUMMARY_ONLY:-0}
 MEMORY=${MEMORY:-1}
 MEMORY_CONNECTIONS=${MEMORY_CONNECTIONS:-$(q "1000" "10000 18000")}
 HOLD=${HOLD:-$(q 1 5)}
@@ -182,7 +185,11 @@ OUT=$(cd "$OUT" && pwd)
 LOGDIR="$OUT/logs"
 mkdir -p "$LOGDIR"
 RUNS="$OUT/runs.jsonl"
-: >"$RUNS"
+if [[ $SUMMARY_ONLY == 1 ]]; then
+    ECHO=0 MEMORY=0 HANDSHAKES=0
+else
+    : >"$RUNS"
+fi
 FAILED=0
 
 # --- cleanup: whatever is running when the script ends, for any reason -------------
