@@ -1,4 +1,4 @@
-//! An echo server on fastwebsockets 0.10, the baseline of `tools/bench_echo.sh`.
+//! An echo server on fastwebsockets 0.10, a baseline of `tools/bench.sh`.
 //!
 //! It is fastwebsockets' own `examples/echo_server.rs` made into a benchmark peer: one
 //! tokio current-thread runtime, hyper 1 for the HTTP upgrade (the `upgrade` feature, as

@@ -1,5 +1,5 @@
 //! An echo server on tokio-tungstenite 0.30, a second baseline for
-//! `tools/bench_echo.sh` (`SERVERS="... tungstenite"`).
+//! `tools/bench.sh`.
 //!
 //! One tokio current-thread runtime; each accepted socket (with `TCP_NODELAY`, as kythera
 //! sets it) gets a task that runs tokio-tungstenite's `accept_async` and then sends
