@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, as README.md names it: formatting, lints, unit, property,
 # integration and doc tests, loom models, then the release `kythera` binary against independent
-# clients (Python's `websockets`, and the Autobahn cases 1-10 run by `kosoku`). Run from
-# anywhere; it works on a fresh machine with the Rust toolchain (cargo, rustfmt, clippy)
-# and Python 3.11 with venv, and fetches crates from crates.io and the pinned Python
-# packages of tools/conformance/requirements.txt from PyPI into .venv.
+# clients (Python's `websockets`, and the Autobahn cases 1-10 run by `kosoku`), and the
+# demo page in headless Chromium. Run from anywhere; it works on a fresh machine with the
+# Rust toolchain (cargo, rustfmt, clippy), Python 3.11 with venv and Node.js with npm, and
+# fetches crates from crates.io, the pinned Python packages of
+# tools/conformance/requirements.txt from PyPI into .venv, playwright-core from npm into
+# tools/browser/node_modules, and Debian's chromium package (apt-get, as root) if
+# /usr/bin/chromium is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,3 +50,20 @@ echo "== autobahn cases 1-10 (kosoku) against kythera"
 # antikythera's) would close them with 1009, which Autobahn counts as a failure. The
 # conformance run raises the limit; the limit itself is tested in tests/lifecycle.rs.
 .venv/bin/python tools/conformance/autobahn.py --server-arg=--max-message-bytes=20000000
+
+echo "== demo page in headless Chromium (tools/browser: playwright-core, Debian's chromium)"
+# Debian's chromium: the page is driven by playwright-core with executablePath, since
+# Playwright's own browser download cannot run here.
+if [ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -qq chromium >/dev/null \
+        || { $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium >/dev/null; }
+fi
+# Install only when the lock file changed since the last install.
+if ! cmp -s tools/browser/package-lock.json tools/browser/node_modules/.kythera-lock.json; then
+    (cd tools/browser && npm ci --no-audit --no-fund --loglevel=error)
+    cp tools/browser/package-lock.json tools/browser/node_modules/.kythera-lock.json
+fi
+node tools/browser/demo.test.mjs

@@ -585,6 +585,11 @@ impl App {
         let _ = self.http.set(http);
     }
 
+    /// Whether the server drains (upgrades are refused with 503 meanwhile).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.http.get().is_some_and(|h| h.shared.is_draining())
+    }
+
     /// The answer to a plain (non-upgrade) request, if its path is one of ours.
     pub(crate) fn http_answer(&self, method: &str, path: &str) -> Option<HttpAnswer> {
         self.http.get()?.answer(self, method, path)

@@ -1,9 +1,10 @@
-//! kythera's engine.
+//! kythera's engine: shard-per-core io_uring executors that run gears.
 //!
-//! Today it holds the sans-I/O protocol core ([`protocol`]): the handshake, the frame
-//! codec, reassembly, UTF-8 and the closing handshake, as plain functions and state
-//! machines over bytes. Beside it sits the io_uring layer ([`uring`]): ring setup, provided
-//! buffer rings, sockets and completions, from which the shards will be built.
+//! [`Server`] binds the listeners and runs one [`shard`] per core; each shard owns its
+//! ring, its connections and their [`session`]s, which drive the sans-I/O [`protocol`]
+//! core (handshake, frame codec, reassembly, UTF-8, closing handshake) and call the
+//! gears mounted by [`route`]. The [`registry`] crate carries names and groups across
+//! shards; [`observe`] answers `/metrics`, `/healthz` and static files.
 #![deny(missing_docs)]
 
 pub mod config;
@@ -19,3 +20,4 @@ pub mod uring;
 
 pub use registry::{RegistryConfig, RegistryHandle, RegistryStats};
 pub use server::{RunError, RunningServer, Server, ServerBuilder, ServerHandle, StartError};
+pub use shard::ShardCounters;

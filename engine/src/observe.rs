@@ -40,6 +40,10 @@ pub struct GearCounters {
     pub bytes_in: Counter,
     /// Bytes of frames queued to clients.
     pub bytes_out: Counter,
+    /// Connections upgraded (after `init`).
+    pub opened: Counter,
+    /// Connections whose `terminate` ran.
+    pub terminated: Counter,
     closes_sent: [Counter; CLOSE_CODES.len() + 1],
     closes_received: [Counter; CLOSE_CODES.len() + 1],
     rejected: [Counter; REJECT_STATUSES.len() + 1],
@@ -255,6 +259,11 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
     );
     let accepted =
         counter_family::<ShardLabel>(&mut reg, "accepted", "Connections accepted per shard");
+    let websockets = gauge_family::<ShardLabel>(
+        &mut reg,
+        "shard_websockets",
+        "Connections running a gear per shard",
+    );
 
     let gear_names: Vec<String> = (0..app.gear_count())
         .map(|g| app.pattern(g).to_owned())
@@ -339,6 +348,11 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
         submissions.get_or_create(&label).inc_by(c.submissions);
         accepted.get_or_create(&label).inc_by(c.accepted);
         open.get_or_create(&label).set(c.open() as i64);
+        let running: u64 = shared.gear_counters[i]
+            .iter()
+            .map(|g| g.opened.get().saturating_sub(g.terminated.get()))
+            .sum();
+        websockets.get_or_create(&label).set(running as i64);
         registry_in.get_or_create(&label).inc_by(c.registry_in);
         depth
             .get_or_create(&label)

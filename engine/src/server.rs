@@ -28,11 +28,17 @@
 //! # Draining
 //!
 //! [`ServerHandle::drain`] sets a flag that every shard reads once per loop turn (at
-//! least once per timer tick, 64 ms). A draining shard stops accepting and closes its
-//! listeners, sends close 1001 "server shutting down; please reconnect" to its
-//! connections spread over [`Limits::drain_window`], waits for the closing handshakes
-//! (at most [`Limits::closing_timeout`] more), closes whatever is still open, and exits.
+//! least once per timer tick, 64 ms). A draining shard stops accepting websocket
+//! connections (an upgrade gets 503 `ServerDraining` with `Retry-After: 1`), sends close
+//! 1001 "server shutting down; please reconnect" to its connections spread over
+//! [`Limits::drain_window`], waits for the closing handshakes (at most
+//! [`Limits::closing_timeout`] more), closes whatever is still open, and exits.
 //! [`Server::run`] returns when every shard has exited.
+//!
+//! The listeners stay open while connections from before the drain remain (at most for
+//! the drain window), so that a load balancer polling `GET /healthz` sees 503 and stops
+//! sending clients here; plain HTTP requests (`/healthz`, `/metrics`, static files) are
+//! answered meanwhile. A shard with no connections closes its listeners at once.
 
 use std::fmt;
 use std::io;
@@ -577,9 +583,23 @@ impl ServerHandle {
         self.shared.is_draining()
     }
 
-    /// The counters of each shard, in shard order.
+    /// The counters of each shard, in shard order (with the gear figures of the shard
+    /// summed over its gears).
     pub fn stats(&self) -> Vec<ShardCounters> {
-        self.shared.stats.iter().map(ShardStats::snapshot).collect()
+        self.shared
+            .stats
+            .iter()
+            .zip(self.shared.gear_counters.iter())
+            .map(|(stats, gears)| {
+                let mut snap = stats.snapshot();
+                for g in gears.iter() {
+                    snap.websockets += g.opened.get().saturating_sub(g.terminated.get());
+                    snap.frames_in += g.frames_in.get();
+                    snap.frames_out += g.frames_out.get();
+                }
+                snap
+            })
+            .collect()
     }
 
     /// A handle to the registry of the gear mounted on `pattern`, for threads outside

@@ -587,6 +587,9 @@ impl Core {
             Ok(up) => up,
             Err(rej) => return self.reject(rej, regs),
         };
+        if app.is_draining() {
+            return self.reject(Rejection::Draining, regs);
+        }
         let Some(admission) = app.admit(routed.gear) else {
             return self.reject(Rejection::TooManyConnections, regs);
         };
@@ -649,6 +652,7 @@ impl Core {
             Ok(mut live) => {
                 live.meta().frames_out += outcome.frames;
                 if let Some(c) = regs.counters(Some(gear)) {
+                    c.opened.add(1);
                     c.frames_out.add(outcome.frames);
                     c.bytes_out.add(outcome.bytes);
                 }
@@ -962,6 +966,9 @@ impl Core {
             return;
         };
         let meta = live.meta();
+        if let Some(c) = regs.counters(Some(meta.gear)) {
+            c.terminated.add(1);
+        }
         info!(
             conn = %self.id,
             gear = app.pattern(meta.gear),

@@ -9,7 +9,8 @@
 //! 2. handle every completion: accepts create connections, recvs feed sessions with
 //!    bytes borrowed from the buffer ring (recycled right after), sends complete;
 //! 3. fire the timers that are due ([`TimerWheel`], lazy cancellation);
-//! 4. on drain, start closes (1001) spread over the drain window;
+//! 4. on drain, start closes (1001) spread over the drain window, and close the
+//!    listeners once the connections from before the drain are gone;
 //! 5. re-arm the recvs that ended with `ENOBUFS` (their buffers are back by now);
 //! 6. for every connection touched in this iteration: start a send of everything its
 //!    session queued (one send in flight per connection, so several frames go out in
@@ -178,6 +179,12 @@ pub struct ShardCounters {
     pub wakeups_sent: u64,
     /// Wake-ups received (from other shards or from foreign threads' eventfd writes).
     pub wakeups_received: u64,
+    /// Connections running a gear now (upgraded, `terminate` not run yet), all gears.
+    pub websockets: u64,
+    /// Data messages received from clients, all gears.
+    pub frames_in: u64,
+    /// Frames sent to clients, all gears.
+    pub frames_out: u64,
 }
 
 impl ShardCounters {
@@ -213,6 +220,10 @@ impl ShardStats {
             registry_in: get(&self.registry_in),
             wakeups_sent: get(&self.wakeups_sent),
             wakeups_received: get(&self.wakeups_received),
+            // Gear figures are kept per gear; `ServerHandle::stats` adds them.
+            websockets: 0,
+            frames_in: 0,
+            frames_out: 0,
         }
     }
 }
@@ -355,8 +366,7 @@ struct Conn {
     socket: Socket,
     /// Distinguishes this connection from earlier ones in the same slot (timers).
     generation: u32,
-    /// `None` while the peer address is read, and for a connection accepted during a
-    /// drain (closed at once).
+    /// `None` while the peer address is read.
     session: Option<Session>,
     /// The `SO_PEERNAME` operation is in flight, writing into this buffer.
     peer_buf: Option<Box<PeerBuf>>,
@@ -373,6 +383,9 @@ struct Conn {
     /// The deadline of the timer entry that stands for this connection, if any.
     scheduled_ms: Option<u64>,
     touched: bool,
+    /// Open when the drain started: the listeners stay open until every such
+    /// connection is gone (or the drain window is over).
+    before_drain: bool,
 }
 
 impl Conn {
@@ -422,6 +435,10 @@ struct Drain {
     queue: VecDeque<(u32, u32)>,
     total: usize,
     forced: bool,
+    /// Connections open when the drain started that are not closed yet.
+    before_left: usize,
+    /// The listeners were closed (accepts cancelled).
+    listeners_closed: bool,
 }
 
 struct Shard {
@@ -615,6 +632,7 @@ impl Shard {
         }
         if self.drain.is_some() {
             self.drain_step();
+            self.close_listeners_when_done()?;
         }
         self.deliver_registry();
 
@@ -832,10 +850,10 @@ impl Shard {
             }
         }
         if !more {
-            let draining = self.drain.is_some();
+            let closing = self.drain.as_ref().is_some_and(|d| d.listeners_closed);
             let l = &mut self.listeners[listener as usize];
             l.armed = false;
-            if draining {
+            if closing {
                 l.socket = None;
             } else if std::mem::take(&mut l.backoff_needed) {
                 l.backing_off = true;
@@ -857,11 +875,8 @@ impl Shard {
         debug_assert!(self.conns[slot].is_none(), "slot {slot} reused while open");
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & UserData::MAX_TAG;
-        let draining = self.drain.is_some();
-        let peer_buf = (!draining).then(|| {
-            // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
-            Box::new(PeerBuf(unsafe { std::mem::zeroed() }))
-        });
+        // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+        let peer_buf = Some(Box::new(PeerBuf(unsafe { std::mem::zeroed() })));
         self.conns[slot] = Some(Conn {
             socket,
             generation,
@@ -877,13 +892,9 @@ impl Shard {
             force_scheduled: false,
             scheduled_ms: None,
             touched: false,
+            before_drain: false,
         });
         self.open += 1;
-        if draining {
-            // Too late: close it without a word.
-            self.touch(index);
-            return Ok(());
-        }
         let Some(conn) = conn_in(&mut self.conns, index) else {
             return Ok(());
         };
@@ -921,10 +932,6 @@ impl Shard {
                 Socket::Fixed(_) => None,
             }
         };
-        if self.drain.is_some() {
-            self.touch(index);
-            return Ok(());
-        }
         let id = conn_id(self.index, index, conn.generation);
         conn.session = Some(Session::new(id, peer, self.now_ms, &self.app));
         self.touch(index);
@@ -1158,7 +1165,11 @@ impl Shard {
         }
         if let Some(slot) = self.conns.get_mut(index as usize) {
             // Dropping the session runs a terminate still owed (the end of a drain).
-            *slot = None;
+            if let (Some(conn), Some(drain)) = (slot.take(), self.drain.as_mut()) {
+                if conn.before_drain {
+                    drain.before_left -= 1;
+                }
+            }
             self.open -= 1;
             bump(&self.shared.stats[self.index].closed, 1);
         }
@@ -1251,7 +1262,7 @@ impl Shard {
                 if let Some(l) = self.listeners.get_mut(listener as usize) {
                     l.backing_off = false;
                 }
-                if self.drain.is_some() {
+                if self.drain.as_ref().is_some_and(|d| d.listeners_closed) {
                     if let Some(l) = self.listeners.get_mut(listener as usize) {
                         l.socket = None;
                     }
@@ -1274,12 +1285,47 @@ impl Shard {
 
     // ----- drain -----
 
+    /// Starts the drain. The listeners stay open until the connections open now are
+    /// gone or the drain window is over, so that `/healthz` can answer 503 to load
+    /// balancers meanwhile; upgrades that arrive during the drain are refused with 503
+    /// (`ServerDraining`) by the session.
     fn start_drain(&mut self) -> io::Result<()> {
         info!(
             shard = self.index,
             connections = self.open,
-            "draining: no more accepts, closing connections"
+            "draining: refusing upgrades, closing connections"
         );
+        let mut queue = VecDeque::new();
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            if let Some(c) = c {
+                c.before_drain = true;
+                queue.push_back((i as u32, c.generation));
+            }
+        }
+        self.drain = Some(Drain {
+            started_ms: self.now_ms,
+            total: queue.len(),
+            before_left: queue.len(),
+            queue,
+            forced: false,
+            listeners_closed: false,
+        });
+        self.close_listeners_when_done()
+    }
+
+    /// Closes the listeners once every connection open when the drain started is gone,
+    /// or the drain window is over.
+    fn close_listeners_when_done(&mut self) -> io::Result<()> {
+        let window_ms = ms(self.app.limits().drain_window);
+        let Some(drain) = self.drain.as_mut() else {
+            return Ok(());
+        };
+        let elapsed = self.now_ms.saturating_sub(drain.started_ms);
+        if drain.listeners_closed || (drain.before_left > 0 && elapsed < window_ms) {
+            return Ok(());
+        }
+        drain.listeners_closed = true;
+        debug!(shard = self.index, "drain: closing the listeners");
         for (i, l) in self.listeners.iter_mut().enumerate() {
             if l.armed {
                 // The listener closes when the accept's last completion arrives.
@@ -1289,18 +1335,6 @@ impl Shard {
                 l.socket = None;
             }
         }
-        let queue: VecDeque<(u32, u32)> = self
-            .conns
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| c.as_ref().map(|c| (i as u32, c.generation)))
-            .collect();
-        self.drain = Some(Drain {
-            started_ms: self.now_ms,
-            total: queue.len(),
-            queue,
-            forced: false,
-        });
         Ok(())
     }
 

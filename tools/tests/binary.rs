@@ -193,3 +193,130 @@ fn an_invalid_value_in_the_file_names_the_key_and_exits_2() {
         assert!(err.contains(key), "{text}: {err}");
     }
 }
+
+/// A plain HTTP GET; returns the status and the body.
+fn http_get(addr: SocketAddr, path: &str, upgrade: bool) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let extra = if upgrade {
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    } else {
+        ""
+    };
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n").ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    let status = response.get(9..12)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+/// The drain as a load balancer and clients see it: SIGTERM while 40 clients echo
+/// as fast as they can; `/healthz` turns 503 (and upgrades are refused with 503) while
+/// the connections are closed, every client receives close 1001, and the process
+/// exits 0.
+#[test]
+fn drain_under_load_is_observable() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Barrier};
+    use tungstenite::Message;
+    use tungstenite::protocol::frame::coding::CloseCode;
+
+    const CLIENTS: usize = 40;
+    let server = Kythera::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--shards",
+        "2",
+        "--drain-window-secs",
+        "2",
+    ]);
+    let addr = server.addr;
+    assert_eq!(http_get(addr, "/healthz", false).map(|r| r.0), Some(200));
+
+    let ready = Arc::new(Barrier::new(CLIENTS + 1));
+    let signalled = Arc::new(AtomicBool::new(false));
+    let echoed_after_signal = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (ready, signalled, after) = (
+                Arc::clone(&ready),
+                Arc::clone(&signalled),
+                Arc::clone(&echoed_after_signal),
+            );
+            std::thread::spawn(move || {
+                let (mut ws, _) = tungstenite::connect(format!("ws://{addr}/echo")).unwrap();
+                let mut ready = Some(ready);
+                for n in 0u64.. {
+                    let text = format!("client {i} message {n}");
+                    if ws.send(Message::text(text.clone())).is_err() {
+                        return None;
+                    }
+                    loop {
+                        match ws.read() {
+                            Ok(Message::Text(t)) => {
+                                assert_eq!(t.as_str(), text, "echo of client {i}");
+                                break;
+                            }
+                            Ok(Message::Close(frame)) => {
+                                // Answer the close and read until the server ends it.
+                                while ws.read().is_ok() {}
+                                return frame.map(|f| (f.code, f.reason.to_string()));
+                            }
+                            Ok(_) => {}
+                            Err(e) => panic!("client {i}: {e} before a close frame"),
+                        }
+                    }
+                    if n == 10 {
+                        if let Some(r) = ready.take() {
+                            r.wait();
+                        }
+                    }
+                    if signalled.load(Ordering::Relaxed) {
+                        after.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                unreachable!()
+            })
+        })
+        .collect();
+    ready.wait();
+
+    server.signal(libc::SIGTERM);
+    signalled.store(true, Ordering::Relaxed);
+    // The shards notice the flag within a loop turn; /healthz answers 503 from then on
+    // while connections from before the drain remain.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let health = loop {
+        let got = http_get(addr, "/healthz", false);
+        if got.as_ref().is_some_and(|(status, _)| *status == 503) || Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(
+        health,
+        Some((503, "draining\n".to_owned())),
+        "/healthz during the drain"
+    );
+    let upgrade = http_get(addr, "/echo", true).expect("the listener is still open");
+    assert_eq!(
+        upgrade,
+        (503, "ServerDraining".to_owned()),
+        "an upgrade during the drain"
+    );
+
+    for (i, client) in clients.into_iter().enumerate() {
+        let close = client.join().expect("client thread");
+        let (code, reason) = close.unwrap_or_else(|| panic!("client {i}: no close frame"));
+        assert_eq!(code, CloseCode::Away, "client {i}: {reason}");
+        assert_eq!(reason, "server shutting down; please reconnect");
+    }
+    assert!(
+        echoed_after_signal.load(Ordering::Relaxed) > 0,
+        "connections kept working while the drain spread its closes"
+    );
+    let status = server.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}

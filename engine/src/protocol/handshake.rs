@@ -26,6 +26,8 @@ pub enum Rejection {
     HeadersTooLarge,
     /// 503: the gear is at its connection limit.
     TooManyConnections,
+    /// 503: the server is draining; the client should connect again (elsewhere).
+    Draining,
 }
 
 impl Rejection {
@@ -37,7 +39,7 @@ impl Rejection {
             Rejection::MethodNotAllowed => 405,
             Rejection::UpgradeRequired => 426,
             Rejection::HeadersTooLarge => 431,
-            Rejection::TooManyConnections => 503,
+            Rejection::TooManyConnections | Rejection::Draining => 503,
         }
     }
 
@@ -48,6 +50,7 @@ impl Rejection {
             Rejection::UpgradeRequired => {
                 &[("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
             }
+            Rejection::Draining => &[("Retry-After", "1")],
             _ => &[],
         }
     }
@@ -63,6 +66,7 @@ impl Rejection {
             }
             Rejection::HeadersTooLarge => "request header fields too large",
             Rejection::TooManyConnections => "TooManyWebsocketConnections",
+            Rejection::Draining => "ServerDraining",
         }
     }
 

@@ -1,5 +1,5 @@
-//! The kythera server: the echo gear on `/echo` and `/`, the chat gear on `/chat`, one
-//! shard per core.
+//! The kythera server: the echo gear on `/echo` and `/`, the chat gear on `/chat`, the
+//! stats gear on `/stats`, the demo page at `GET /`, one shard per core.
 //!
 //! ```text
 //! kythera --listen 127.0.0.1:8080 --listen [::1]:8080 --shards 2
@@ -22,7 +22,7 @@ use mimalloc::MiMalloc;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tools::config::{self, Args, LogFormat};
-use tools::gears::{Chat, Echo};
+use tools::gears::{Chat, Echo, Stats};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
@@ -78,8 +78,13 @@ fn main() -> ExitCode {
         builder = builder.listen(*addr);
     }
     let server = match builder
+        .http(engine::observe::HttpConfig {
+            files: tools::demo::files(),
+            ..Default::default()
+        })
         .mount("/echo", Echo)
         .mount("/chat", Chat)
+        .mount("/stats", Stats)
         .mount("/", Echo)
         .build()
     {
@@ -128,6 +133,13 @@ fn main() -> ExitCode {
             }
         })
         .expect("spawn the signal thread");
+
+    // The demo page's live figures; the thread ends when the drain starts.
+    let _ = tools::gears::stats::spawn_feeder(
+        server.handle(),
+        "/stats",
+        std::time::Duration::from_secs(1),
+    );
 
     let shards = server.shards();
     let mut stdout = std::io::stdout().lock();

@@ -2,6 +2,8 @@
 
 pub mod chat;
 pub mod echo;
+pub mod stats;
 
 pub use chat::Chat;
 pub use echo::Echo;
+pub use stats::Stats;

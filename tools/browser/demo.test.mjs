@@ -1,0 +1,201 @@
+// The demo page in a real browser: starts the release `kythera` binary on an ephemeral
+// port, opens the page in two headless Chromium contexts (two users who share nothing),
+// they join a room and chat by room and by name, and every message is checked where it
+// must arrive (and not where it must not). A third context tries a taken name. The live
+// figures panel must show both shards and the open connections. Screenshots go to
+// target/browser/. Exits non-zero on the first failed check, naming it.
+//
+//   node tools/browser/demo.test.mjs       (after cargo build --release -p tools)
+//
+// KYTHERA_BIN overrides the binary, CHROMIUM the browser (default /usr/bin/chromium).
+
+import { spawn } from "node:child_process";
+import { mkdirSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+const bin = process.env.KYTHERA_BIN ?? join(root, "target/release/kythera");
+const browserPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const outDir = join(root, "target/browser");
+const WAIT = 10_000;
+
+mkdirSync(outDir, { recursive: true });
+
+/** Starts kythera and resolves with its address once it prints where it listens. */
+function startServer() {
+  const child = spawn(bin, ["--listen", "127.0.0.1:0", "--shards", "2"], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, RUST_LOG: "warn" },
+  });
+  let stderr = "";
+  child.stderr.on("data", (d) => (stderr += d));
+  const addr = new Promise((ok, fail) => {
+    let out = "";
+    const timer = setTimeout(() => fail(new Error(`kythera did not start: ${stderr}`)), WAIT);
+    child.stdout.on("data", (d) => {
+      out += d;
+      const m = out.match(/listening on ws:\/\/(\S+)/);
+      if (m) {
+        clearTimeout(timer);
+        ok(m[1]);
+      }
+    });
+    child.on("exit", (code) => fail(new Error(`kythera exited with ${code}: ${stderr}`)));
+  });
+  return { child, addr, stderr: () => stderr };
+}
+
+function check(ok, what) {
+  if (!ok) throw new Error(`check failed: ${what}`);
+  console.log(`ok - ${what}`);
+}
+
+async function messages(page) {
+  return page.locator("#messages li").allInnerTexts();
+}
+
+async function waitForMessage(page, text, who) {
+  await page.locator("#messages li", { hasText: text }).first().waitFor({ timeout: WAIT });
+  check(true, `${who} sees "${text}"`);
+}
+
+async function joinAs(page, name, room) {
+  await page.fill("#name", name);
+  await page.fill("#room", room);
+  await page.click("#join");
+}
+
+const server = startServer();
+let browser;
+let failed = false;
+try {
+  const addr = await server.addr;
+  const url = `http://${addr}/`;
+  console.log(`kythera at ${addr}; ${browserPath}`);
+  browser = await chromium.launch({
+    executablePath: browserPath,
+    headless: true,
+    // Without the background-networking flags Chromium keeps trying hosts this
+    // machine cannot reach.
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+  const [ctxA, ctxB, ctxC] = [
+    await browser.newContext({ viewport: { width: 1100, height: 720 } }),
+    await browser.newContext({ viewport: { width: 1100, height: 720 } }),
+    await browser.newContext(),
+  ];
+  const ann = await ctxA.newPage();
+  const bob = await ctxB.newPage();
+  const errors = [];
+  for (const [who, page] of [["ann", ann], ["bob", bob]]) {
+    page.on("pageerror", (e) => errors.push(`${who}: ${e.message}`));
+    const resp = await page.goto(url);
+    check(resp.status() === 200, `${who}'s page loads from GET / (200)`);
+  }
+  check((await ann.title()) === "kythera demo", "the page is the demo page");
+
+  await joinAs(ann, "ann", "lobby");
+  await ann.locator('#status[data-state="joined"]').waitFor({ timeout: WAIT });
+  check(true, "ann joined lobby");
+  await joinAs(bob, "bob", "lobby");
+  await bob.locator('#status[data-state="joined"]').waitFor({ timeout: WAIT });
+  check(true, "bob joined lobby");
+
+  // A room message reaches everyone in the room, the sender included.
+  await ann.fill("#text", "hello from ann");
+  await ann.click("#send");
+  await waitForMessage(bob, "ann: hello from ann", "bob");
+  await waitForMessage(ann, "ann: hello from ann", "ann");
+
+  // Non-ASCII text survives the round trip through the JSON frames.
+  await bob.fill("#text", "grüße 🌍 from bob");
+  await bob.press("#text", "Enter");
+  await waitForMessage(ann, "bob: grüße 🌍 from bob", "ann");
+
+  // A direct message reaches its recipient only.
+  await bob.fill("#to", "ann");
+  await bob.fill("#text", "psst, ann");
+  await bob.click("#send");
+  await waitForMessage(ann, "bob → ann: psst, ann", "ann");
+  await waitForMessage(bob, "me → ann: psst, ann", "bob (own copy, drawn by the page)");
+
+  // A direct message to nobody comes back as an error frame; the connection stays.
+  await bob.fill("#to", "nobody");
+  await bob.fill("#text", "anyone?");
+  await bob.click("#send");
+  await waitForMessage(bob, 'error: no user named "nobody"', "bob");
+  check((await bob.getAttribute("#status", "data-state")) === "joined", "bob is still in the room");
+
+  // Every message arrived exactly once.
+  const annSaw = await messages(ann);
+  const bobSaw = await messages(bob);
+  const count = (list, text) => list.filter((l) => l.includes(text)).length;
+  check(count(annSaw, "hello from ann") === 1, "ann saw her room message once");
+  check(count(bobSaw, "hello from ann") === 1, "bob saw ann's room message once");
+  check(count(annSaw, "grüße") === 1, "ann saw bob's room message once");
+  check(count(annSaw, "psst, ann") === 1, "ann saw the direct message once");
+  check(count(bobSaw, "bob → ann") === 0, "bob did not receive his own direct message");
+  check(count(annSaw, "anyone?") === 0, "ann did not see bob's message to nobody");
+
+  // A taken name is refused (409), and the page says so.
+  const eve = await ctxC.newPage();
+  await eve.goto(url);
+  await joinAs(eve, "ann", "lobby");
+  await eve.locator('#status[data-state="error"]').waitFor({ timeout: WAIT });
+  check(
+    (await eve.textContent("#status")).includes("may be taken"),
+    "a second \"ann\" is refused and told the name may be taken",
+  );
+
+  // The live figures: a row per shard and the open connections (3 stats watchers and
+  // 2 chat users, at least), pushed once a second over /stats.
+  await ann.waitForFunction(
+    () => Number(document.getElementById("total-connections").textContent.replace(/,/g, "")) >= 5,
+    null,
+    { timeout: WAIT },
+  );
+  const rows = await ann.locator("#shards tbody tr").count();
+  check(rows === 2, `the figures show both shards (${rows} rows)`);
+  const total = await ann.textContent("#total-connections");
+  check(Number(total) >= 5, `the figures count the open connections (${total})`);
+  check((await ann.getAttribute("#stats-status", "data-state")) === "live", "the figures are live");
+
+  await ann.screenshot({ path: join(outDir, "demo-ann.png"), fullPage: true });
+  await bob.screenshot({ path: join(outDir, "demo-bob.png"), fullPage: true });
+  console.log(`screenshots: ${join(outDir, "demo-ann.png")}, ${join(outDir, "demo-bob.png")}`);
+
+  // Leaving closes with 1000 and frees the name.
+  await bob.click("#leave");
+  await bob.locator('#status[data-state="idle"]').waitFor({ timeout: WAIT });
+  check(true, "bob left");
+  await joinAs(eve, "bob", "lobby");
+  await eve.locator('#status[data-state="joined"]').waitFor({ timeout: WAIT });
+  check(true, "bob's name is free again once he left");
+
+  check(errors.length === 0, `no script errors on the pages ${errors.join("; ")}`);
+} catch (e) {
+  failed = true;
+  console.error(`FAILED: ${e.message}`);
+  console.error(`kythera's log:\n${server.stderr()}`);
+} finally {
+  if (browser) await browser.close();
+  const exited = new Promise((ok) => server.child.on("exit", (code) => ok(code)));
+  server.child.kill("SIGTERM");
+  const code = await Promise.race([exited, new Promise((ok) => setTimeout(() => ok("timeout"), WAIT))]);
+  if (code !== 0) {
+    console.error(`kythera did not exit 0 after SIGTERM: ${code}`);
+    server.child.kill("SIGKILL");
+    failed = true;
+  }
+}
+process.exit(failed ? 1 : 0);
