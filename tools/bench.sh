@@ -63,7 +63,13 @@
 #   SERVERS       servers, in run order ["kythera fastwebsockets tungstenite"]; also
 #                 "kythera-plain" (plain fds instead of direct descriptors),
 #                 "kythera-zc" (zero-copy sends from 16 KiB), "kythera-64k" (256
-#                 receive buffers of 64 KiB)
+#                 receive buffers of 64 KiB), "kythera-deflate" (the client offers
+#                 permessage-deflate; kythera's defaults: no context takeover, one
+#                 compressor per shard) and "kythera-deflate-ctx" (context takeover both
+#                 ways: a compressor and a decompressor per connection). Compare them
+#                 with kythera in one run: SERVERS="kythera kythera-deflate
+#                 kythera-deflate-ctx"; the echo runs' "server_rss_per_connection" (RSS
+#                 at the end of the window) gives memory per connection after traffic.
 #   REFERENCE     the server the ratios are of [kythera]
 #   CONNECTIONS * connection counts ["100 1000 10000"; quick: 100]
 #   SIZES       * payload sizes in bytes ["20 512 16384"; quick: 20]
@@ -150,8 +156,8 @@ number() { [[ $2 =~ ^[0-9]*\.?[0-9]+$ ]] || die "$1 must be a number, not '$2'";
 
 for s in $SERVERS; do
     case $s in
-    kythera | kythera-plain | kythera-zc | kythera-64k | fastwebsockets | tungstenite) ;;
-    *) die "unknown server '$s' in SERVERS (kythera, kythera-plain, kythera-zc, kythera-64k, fastwebsockets, tungstenite)" ;;
+    kythera | kythera-plain | kythera-zc | kythera-64k | kythera-deflate | kythera-deflate-ctx | fastwebsockets | tungstenite) ;;
+    *) die "unknown server '$s' in SERVERS (kythera, kythera-plain, kythera-zc, kythera-64k, kythera-deflate, kythera-deflate-ctx, fastwebsockets, tungstenite)" ;;
     esac
 done
 case $KIND in text | binary) ;; *) die "KIND is text or binary, not '$KIND'" ;; esac
@@ -260,6 +266,14 @@ start_server() {
     kythera-64k)
         cmd=("$BIN/kythera" --listen "127.0.0.1:$port" --shards 1 --recv-buffer-bytes 65536 --recv-buffers 256)
         ;;
+    # permessage-deflate (the client offers it, see run_load): the defaults (no context
+    # takeover, compressors shared per shard), and context takeover both ways (a
+    # compressor and a decompressor per connection).
+    kythera-deflate) cmd=("$BIN/kythera" --listen "127.0.0.1:$port" --shards 1) ;;
+    kythera-deflate-ctx)
+        cmd=("$BIN/kythera" --listen "127.0.0.1:$port" --shards 1
+            --deflate-server-no-context-takeover false --deflate-client-no-context-takeover false)
+        ;;
     fastwebsockets)
         cmd=("$BIN/fastwebsockets-echo" --port "$port")
         [[ $FWS_HANDSHAKE == raw ]] && cmd+=(--raw-handshake)
@@ -309,12 +323,13 @@ index() { # test server repeat file rc extra-json
 # One kythera-load run against a fresh server: $1 test (echo, memory, handshake),
 # $2 server, $3 repeat, $4 tag, then kythera-load's arguments.
 run_load() {
-    local test=$1 name=$2 r=$3 tag=$4 rc=0 json
+    local test=$1 name=$2 r=$3 tag=$4 rc=0 json deflate=()
     shift 4
     json="raw/$tag.json"
+    [[ $name == kythera-deflate* ]] && deflate=(--deflate)
     start_server "$name" "$LOGDIR/$tag.server.log"
     set +e
-    taskset -c "$CLIENT_CPU" "$LOAD" "$@" --url "ws://127.0.0.1:$SERVER_PORT/echo" \
+    taskset -c "$CLIENT_CPU" "$LOAD" "$@" "${deflate[@]}" --url "ws://127.0.0.1:$SERVER_PORT/echo" \
         --server-pid "$SERVER_PID" --json "$OUT/$json" -q >"$LOGDIR/$tag.client.log" 2>&1 &
     CLIENT_PIDS=($!)
     wait "${CLIENT_PIDS[0]}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as README.md names it: formatting, lints, unit, property,
 # integration and doc tests, loom models, then the release `kythera` binary against independent
-# clients (Python's `websockets`, and the Autobahn cases 1-10 run by `kosoku`), and the
+# clients (Python's `websockets`, and the Autobahn cases 1-13 run by `kosoku`), and the
 # demo page in headless Chromium. Run from anywhere; it works on a fresh machine with the
 # Rust toolchain (cargo, rustfmt, clippy), Python 3.11 with venv and Node.js with npm, and
 # fetches crates from crates.io, the pinned Python packages of
@@ -42,14 +42,27 @@ fi
 echo "== kythera where io_uring is refused (seccomp: EPERM, ENOSYS)"
 .venv/bin/python tools/conformance/no_io_uring.py
 
-echo "== python websockets client against kythera"
+echo "== python websockets client against kythera (no compression; permessage-deflate)"
 .venv/bin/python tools/conformance/python_client.py
+.venv/bin/python tools/conformance/python_client.py --compression deflate
+# Context takeover both ways, a 12-bit client window, and messages under 100 bytes sent
+# uncompressed on the compressed connection.
+.venv/bin/python tools/conformance/python_client.py --compression deflate \
+    --server-arg=--deflate-server-no-context-takeover=false \
+    --server-arg=--deflate-client-no-context-takeover=false \
+    --server-arg=--deflate-client-max-window-bits=12 --server-arg=--deflate-min-bytes=100
 
-echo "== autobahn cases 1-10 (kosoku) against kythera"
+echo "== autobahn cases 1-13 (kosoku) against kythera"
 # Cases 9.1.5-9.2.6 echo 8 and 16 MiB messages; the default limit (5,000,000 bytes,
 # antikythera's) would close them with 1009, which Autobahn counts as a failure. The
 # conformance run raises the limit; the limit itself is tested in tests/lifecycle.rs.
 .venv/bin/python tools/conformance/autobahn.py --server-arg=--max-message-bytes=20000000
+echo "== autobahn cases 13.* with context takeover configured on the server"
+# kythera's defaults agree to no context takeover either way; this run makes the server
+# keep a compressor per connection (kosoku always offers client_no_context_takeover).
+.venv/bin/python tools/conformance/autobahn.py --cases '13.*' --outdir target/autobahn-takeover \
+    --server-arg=--deflate-server-no-context-takeover=false \
+    --server-arg=--deflate-client-no-context-takeover=false
 
 echo "== demo page in headless Chromium (tools/browser: playwright-core, Debian's chromium)"
 # Debian's chromium: the page is driven by playwright-core with executablePath, since

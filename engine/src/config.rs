@@ -1,6 +1,9 @@
-//! The limits of SPEC section 3, each with its default and what happens at it.
+//! The limits of SPEC section 3, each with its default and what happens at it, and the
+//! permessage-deflate settings.
 
 use std::time::Duration;
+
+pub use crate::protocol::deflate::DeflateConfig;
 
 /// Limits applied to every connection. Each one has a default that serves and a
 /// documented outcome.
@@ -36,6 +39,9 @@ pub struct Limits {
     /// With pings on: no pong within this long of a ping closes the connection
     /// (terminate `PongTimeout`). Default 20 s.
     pub pong_timeout: Duration,
+    /// permessage-deflate (RFC 7692): on by default, without context takeover either
+    /// way (no zlib state per connection); see [`crate::protocol::deflate`].
+    pub deflate: DeflateConfig,
 }
 
 impl Default for Limits {
@@ -51,6 +57,7 @@ impl Default for Limits {
             drain_window: Duration::from_secs(5),
             ping_interval: None,
             pong_timeout: Duration::from_secs(20),
+            deflate: DeflateConfig::default(),
         }
     }
 }

@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use handler_api::{
-    Bytes, CloseFrame, Conn, ConnId, Context, FrameSink, Message, NameTable, NoRegistry,
-    RegistryOps, Response, TerminateReason, Websocket,
+    CloseFrame, Conn, ConnId, Context, FrameSink, Message, NameTable, NoRegistry, RegistryOps,
+    Response, TerminateReason, Websocket,
 };
 use registry::{
-    Inbound, Registry, RegistryConfig, RegistryHandle, RegistryStats, ShardRegistry, Wakeup,
+    Inbound, Registry, RegistryConfig, RegistryHandle, RegistryStats, ShardRegistry, SharedFrame,
+    Wakeup,
 };
 
 use crate::config::Limits;
@@ -222,8 +223,8 @@ pub(crate) trait Deliveries {
     /// A server message for `conn` (`msg` is an `Option<M>` of the gear's type); false
     /// if the connection is gone or closing.
     fn message(&mut self, conn: ConnId, msg: &mut dyn Any, regs: &mut Registries) -> bool;
-    /// Encoded frame bytes of a `publish_frame` for `conn`.
-    fn bytes(&mut self, conn: ConnId, bytes: &Bytes, regs: &mut Registries) -> bool;
+    /// A frame of a `publish_frame` for `conn`.
+    fn frame(&mut self, conn: ConnId, frame: &SharedFrame, regs: &mut Registries) -> bool;
     /// A `publish_frame` of a close for `conn`.
     fn close(&mut self, conn: ConnId, close: Option<CloseFrame>, regs: &mut Registries) -> bool;
 }
@@ -403,7 +404,7 @@ fn deliver_batch<M: Clone + Send + 'static>(
     for item in batch.drain(..) {
         let delivered = match item {
             Inbound::Message(conn, msg) => to.message(conn, &mut Some(msg), regs),
-            Inbound::Bytes(conn, bytes) => to.bytes(conn, &bytes, regs),
+            Inbound::Frame(conn, frame) => to.frame(conn, &frame, regs),
             Inbound::Close(conn, close) => to.close(conn, close, regs),
         };
         gone += u64::from(!delivered);

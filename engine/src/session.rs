@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use handler_api::{
-    CloseCode, Conn, ConnId, DataKind, Frame, FrameSink, RequestParts, TerminateError,
+    CloseCode, Conn, ConnId, DataKind, Frame, FrameSink, Message, RequestParts, TerminateError,
     TerminateReason,
 };
 use tracing::{info, warn};
@@ -30,15 +30,17 @@ use crate::gear::{App, LiveConn, Registries};
 use crate::protocol::ProtocolError;
 use crate::protocol::close::{Closing, PeerCloseAction, encode_close_payload};
 use crate::protocol::codec::{
-    Decoded, DecoderConfig, OpCode, Role, encode_frame_into, encode_header, parse_header,
+    Decoded, DecoderConfig, OpCode, RSV1, Role, encode_frame_into, encode_header, parse_header,
 };
 use crate::protocol::decoder::{Decoder, Step};
+use crate::protocol::deflate::{ConnDeflate, negotiate, with_scratch};
 use crate::protocol::fragment::Event;
 use crate::protocol::handshake::{
     MAX_HEADERS, Rejection, parse_request, validate_upgrade, write_response,
     write_switching_protocols,
 };
 use crate::protocol::mask::{extend_unmasked, unmask};
+use registry::SharedFrame;
 
 /// The close reason sent to every connection on drain (SPEC section 3).
 pub const DRAIN_REASON: &str = "server shutting down; please reconnect";
@@ -83,6 +85,9 @@ struct Core {
     terminated: bool,
     /// The latest time the shard passed in, for the connection's duration.
     now_ms: u64,
+    /// permessage-deflate, when agreed (boxed: most connections have none, and an
+    /// idle connection's size matters).
+    pmd: Option<Box<ConnDeflate>>,
 }
 
 /// One connection, from the accept to the close of its socket.
@@ -167,6 +172,7 @@ impl Session {
                 finished: false,
                 terminated: false,
                 now_ms,
+                pmd: None,
             },
         }
     }
@@ -184,6 +190,9 @@ impl Session {
         }
         if let Phase::Handshake { .. } = self.core.phase {
             let rest = self.core.handshake(data, now_ms, app, regs);
+            if self.core.pmd.is_some() {
+                self.decoder.allow_rsv(RSV1);
+            }
             if let Some(rest) = rest {
                 // Bytes after the request head are the client's first frames.
                 self.append_pending(&rest);
@@ -288,6 +297,11 @@ impl Session {
                 .decoder
                 .step_with(&mut buf[start..], std::mem::take(&mut unmasked))
             {
+                Ok(Step::Event(Event::Compressed { binary, payload }, used)) => {
+                    start += used;
+                    echo = None;
+                    self.core.on_compressed(binary, payload, now_ms, app, regs);
+                }
                 Ok(Step::Event(event, used)) => {
                     start += used;
                     let in_place = (whole_buffer && start == len).then_some(end);
@@ -407,9 +421,9 @@ impl Session {
 
     /// Frame bytes of a `publish_frame`, encoded once for every member: appended to
     /// the output as they are. Returns false if the connection no longer takes frames.
-    pub fn on_published_bytes(
+    pub fn on_published_frame(
         &mut self,
-        bytes: &[u8],
+        frame: &SharedFrame,
         now_ms: u64,
         app: &App,
         regs: &mut Registries,
@@ -421,11 +435,40 @@ impl Session {
         if let Phase::Open(live) = &mut core.phase {
             live.meta().frames_out += 1;
         }
+        let before = core.out.len();
+        let payload = frame.payload();
+        match core.pmd.as_deref_mut() {
+            Some(pmd) if pmd.compresses(payload.len()) => {
+                let op = match frame.frame {
+                    Frame::Binary(_) => OpCode::Binary,
+                    _ => OpCode::Text,
+                };
+                // Compressed once for every member that would compress it the same way;
+                // with context takeover (or other parameters) for this member alone.
+                let shared = pmd.shared_key().and_then(|key| {
+                    frame.compressed(key, || {
+                        let mut wire = Vec::new();
+                        with_scratch(|compressed| {
+                            pmd.compress(payload, compressed);
+                            encode_frame_into(&mut wire, true, RSV1, op, compressed, None);
+                        });
+                        wire.into()
+                    })
+                });
+                match shared {
+                    Some(bytes) => core.out.extend_from_slice(bytes),
+                    None => with_scratch(|compressed| {
+                        pmd.compress(payload, compressed);
+                        encode_frame_into(&mut core.out, true, RSV1, op, compressed, None);
+                    }),
+                }
+            }
+            _ => core.out.extend_from_slice(&frame.encoded),
+        }
         if let Some(c) = regs.counters(core.gear()) {
             c.frames_out.add(1);
-            c.bytes_out.add(bytes.len() as u64);
+            c.bytes_out.add((core.out.len() - before) as u64);
         }
-        core.out.extend_from_slice(bytes);
         core.check_outgoing(now_ms, app, regs);
         true
     }
@@ -442,7 +485,7 @@ impl Session {
         if !core.accepts_frames(now_ms) {
             return false;
         }
-        let mut sink = OutSink::new(&mut core.out);
+        let mut sink = OutSink::new(&mut core.out, core.pmd.as_deref_mut());
         sink.send_frame(handler_api::Frame::Close(close));
         let outcome = sink.finish();
         core.after_callback(outcome, now_ms, app, regs);
@@ -587,6 +630,10 @@ impl Core {
             Ok(up) => up,
             Err(rej) => return self.reject(rej, regs),
         };
+        let deflate = negotiate(
+            req.header_all("sec-websocket-extensions"),
+            &app.limits().deflate,
+        );
         if app.is_draining() {
             return self.reject(Rejection::Draining, regs);
         }
@@ -639,11 +686,19 @@ impl Core {
             .response_headers()
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()));
-        write_switching_protocols(&mut self.out, &key, conn.subprotocol(), None, headers);
+        let extensions = deflate.map(|agreed| agreed.response());
+        write_switching_protocols(
+            &mut self.out,
+            &key,
+            conn.subprotocol(),
+            extensions.as_deref(),
+            headers,
+        );
+        self.pmd = deflate.map(|agreed| Box::new(ConnDeflate::new(agreed, &app.limits().deflate)));
         self.idle_deadline_ms = now_ms.saturating_add(ms(app.limits().idle_timeout));
         self.next_ping_ms = app.limits().ping_interval.map(|p| now_ms + ms(p));
         self.phase = Phase::Done;
-        let mut sink = OutSink::new(&mut self.out);
+        let mut sink = OutSink::new(&mut self.out, self.pmd.as_deref_mut());
         let init = catch_unwind(AssertUnwindSafe(|| {
             app.init(gear, &mut conn, &mut sink, peer, admission, now_ms, regs)
         }));
@@ -719,10 +774,12 @@ impl Core {
                     handler_api::Message::Text(t) => t.as_bytes(),
                     handler_api::Message::Binary(b) => b,
                 };
-                let mut sink = OutSink::new(&mut self.out);
+                let compressing = self.pmd.is_some();
+                let mut sink = OutSink::new(&mut self.out, self.pmd.as_deref_mut());
                 // Only a payload that ends the buffer lies in it (a reassembled one
-                // lies in the assembler's buffer).
-                if in_place.is_some_and(|end| payload.as_ptr_range().end == end) {
+                // lies in the assembler's buffer). With compression agreed, echoes are
+                // compressed, not sent in place.
+                if !compressing && in_place.is_some_and(|end| payload.as_ptr_range().end == end) {
                     sink.echo_candidate = Some(payload);
                 }
                 let result = catch_unwind(AssertUnwindSafe(|| {
@@ -749,7 +806,8 @@ impl Core {
                 self.after_callback(outcome, now_ms, app, regs);
                 return echo.map(|op| (op, payload.len()));
             }
-            Event::Fragment => {}
+            // Inflated by `on_compressed` first, which hands the message on.
+            Event::Fragment | Event::Compressed { .. } => {}
             Event::Ping(payload) => {
                 if self.closing.is_open() {
                     encode_frame_into(&mut self.out, true, 0, OpCode::Pong, payload, None);
@@ -847,7 +905,7 @@ impl Core {
             return false;
         };
         let id = self.id;
-        let mut sink = OutSink::new(&mut self.out);
+        let mut sink = OutSink::new(&mut self.out, self.pmd.as_deref_mut());
         let result = catch_unwind(AssertUnwindSafe(|| call(&mut **live, id, &mut sink, regs)));
         let mut outcome = sink.finish();
         live.meta().frames_out += outcome.frames;
@@ -926,6 +984,38 @@ impl Core {
 
     /// A protocol error: close with its code and close the socket without waiting for
     /// the peer's answer (RFC 6455 section 7.1.7, failing the connection).
+    /// A compressed message: inflated (at most the message size limit) into a scratch
+    /// buffer of the shard's, checked for UTF-8 if text, and handed on as a message.
+    fn on_compressed(
+        &mut self,
+        binary: bool,
+        payload: &[u8],
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) {
+        if !self.closing.is_open() {
+            return; // after our close, data is read and dropped (not inflated)
+        }
+        let limit = usize::try_from(app.limits().max_message_bytes).unwrap_or(usize::MAX);
+        with_scratch(|inflated| {
+            let result = match self.pmd.as_mut() {
+                Some(pmd) => pmd.inflate(payload, inflated, limit),
+                // RSV1 is refused by the decoder unless the extension was agreed.
+                None => Err(ProtocolError::ReservedBits),
+            };
+            let msg = match result {
+                Ok(()) if binary => Message::Binary(inflated),
+                Ok(()) => match simdutf8::basic::from_utf8(inflated) {
+                    Ok(text) => Message::Text(text),
+                    Err(_) => return self.fail(ProtocolError::InvalidUtf8, now_ms, app, regs),
+                },
+                Err(e) => return self.fail(e, now_ms, app, regs),
+            };
+            self.on_event(Event::Message(msg), None, now_ms, app, regs);
+        });
+    }
+
     fn fail(&mut self, e: ProtocolError, now_ms: u64, app: &App, regs: &mut Registries) {
         if self
             .closing
@@ -1051,6 +1141,9 @@ struct SinkOutcome {
 /// Encodes a callback's frames straight into the connection's output.
 struct OutSink<'a, 'p> {
     out: &'a mut Vec<u8>,
+    /// permessage-deflate, when agreed: data frames from its threshold on are
+    /// compressed.
+    pmd: Option<&'a mut ConnDeflate>,
     outcome: SinkOutcome,
     /// The incoming payload, when an echo of it as the first frame queued may be left
     /// to the session to queue in place ([`Core::echo_in_place`]).
@@ -1058,9 +1151,10 @@ struct OutSink<'a, 'p> {
 }
 
 impl<'a, 'p> OutSink<'a, 'p> {
-    fn new(out: &'a mut Vec<u8>) -> Self {
+    fn new(out: &'a mut Vec<u8>, pmd: Option<&'a mut ConnDeflate>) -> Self {
         OutSink {
             out,
+            pmd,
             outcome: SinkOutcome::default(),
             echo_candidate: None,
         }
@@ -1114,7 +1208,13 @@ impl<'a, 'p> OutSink<'a, 'p> {
             return;
         }
         let before = self.out.len();
-        encode_frame_into(self.out, true, 0, op, payload, None);
+        match self.pmd.as_deref_mut() {
+            Some(pmd) if pmd.compresses(payload.len()) => with_scratch(|compressed| {
+                pmd.compress(payload, compressed);
+                encode_frame_into(self.out, true, RSV1, op, compressed, None);
+            }),
+            _ => encode_frame_into(self.out, true, 0, op, payload, None),
+        }
         self.outcome.frames += 1;
         self.outcome.bytes += (self.out.len() - before) as u64;
     }
@@ -1817,5 +1917,298 @@ mod tests {
         h.recv(req.as_bytes());
         let out = String::from_utf8_lossy(&h.output()).into_owned();
         assert!(out.contains("Sec-WebSocket-Protocol: v1\r\n"), "{out}");
+    }
+
+    // ----- permessage-deflate -----
+
+    const UPGRADE_DEFLATE: &str = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n";
+
+    /// Server frames, with RSV1 frames inflated: (opcode, compressed, payload).
+    fn deflate_frames(mut bytes: &[u8], inflater: &mut Inflater) -> Vec<(OpCode, bool, Vec<u8>)> {
+        let cfg = DecoderConfig {
+            role: Role::Client,
+            max_message_bytes: u64::MAX >> 1,
+            allowed_rsv: RSV1,
+        };
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let mut copy = bytes.to_vec();
+            match crate::protocol::codec::decode_frame(&mut copy, &cfg).unwrap() {
+                Decoded::Complete(f, used) => {
+                    let compressed = f.header.rsv & RSV1 != 0;
+                    let payload = if compressed {
+                        let mut plain = Vec::new();
+                        inflater
+                            .inflate(f.payload, &mut plain, usize::MAX >> 1, false)
+                            .unwrap();
+                        plain
+                    } else {
+                        f.payload.to_vec()
+                    };
+                    out.push((f.header.opcode, compressed, payload));
+                    bytes = &bytes[used..];
+                }
+                Decoded::Incomplete { .. } => panic!("partial server frame"),
+            }
+        }
+        out
+    }
+
+    fn compressed_client_frame(op: OpCode, payload: &[u8], deflater: &mut Deflater) -> Vec<u8> {
+        let mut compressed = Vec::new();
+        deflater.compress(payload, &mut compressed, false);
+        let mut out = Vec::new();
+        encode_frame_into(&mut out, true, RSV1, op, &compressed, Some([9, 8, 7, 6]));
+        out
+    }
+
+    fn open_deflate(limits: Limits) -> (Harness, String) {
+        let mut h = harness(limits, None);
+        h.recv(UPGRADE_DEFLATE.as_bytes());
+        let out = h.output();
+        let head = String::from_utf8(out).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        (h, head)
+    }
+
+    use crate::protocol::deflate::{DeflateConfig, Deflater, Inflater};
+
+    /// The code of the close frame that ends the output, if it ends with one.
+    fn close_code(out: &[u8]) -> Option<u16> {
+        let got = deflate_frames(out, &mut Inflater::new(15));
+        match got.last() {
+            Some((OpCode::Close, false, payload)) if payload.len() >= 2 => {
+                Some(u16::from_be_bytes([payload[0], payload[1]]))
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn deflate_is_agreed_and_messages_go_both_ways_compressed() {
+        let (mut h, head) = open_deflate(Limits::default());
+        assert!(
+            head.contains("Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n"),
+            "{head}"
+        );
+        let (mut client, mut inflater) = (Deflater::new(6, 15), Inflater::new(15));
+        let text = "héllo, compressed world ".repeat(100);
+        h.recv(&compressed_client_frame(
+            OpCode::Text,
+            text.as_bytes(),
+            &mut client,
+        ));
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        h.recv(&compressed_client_frame(OpCode::Binary, &big, &mut client));
+        // An uncompressed message on the same connection is fine too.
+        h.send(OpCode::Text, b"plain");
+        let out = h.output();
+        let got = deflate_frames(&out, &mut inflater);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], (OpCode::Text, true, text.into_bytes()));
+        assert_eq!(got[1], (OpCode::Binary, true, big));
+        assert_eq!(got[2], (OpCode::Text, true, b"plain".to_vec()));
+        assert!(
+            out.len() < 100_000,
+            "the replies were compressed: {}",
+            out.len()
+        );
+        // Pings are never compressed.
+        h.send(OpCode::Ping, b"p");
+        assert_eq!(
+            deflate_frames(&h.output(), &mut inflater),
+            [(OpCode::Pong, false, b"p".to_vec())]
+        );
+    }
+
+    #[test]
+    fn fragmented_compressed_message() {
+        let (mut h, _) = open_deflate(Limits::default());
+        let mut compressed = Vec::new();
+        Deflater::new(1, 15).compress("fragmented ".repeat(50).as_bytes(), &mut compressed, true);
+        let (a, b) = compressed.split_at(compressed.len() / 2);
+        let mut wire = Vec::new();
+        encode_frame_into(&mut wire, false, RSV1, OpCode::Text, a, Some([1, 2, 3, 4]));
+        encode_frame_into(&mut wire, true, 0, OpCode::Ping, b"x", Some([1, 2, 3, 4]));
+        encode_frame_into(
+            &mut wire,
+            true,
+            0,
+            OpCode::Continuation,
+            b,
+            Some([1, 2, 3, 4]),
+        );
+        // Delivered in two receives, split inside the second frame.
+        let (first, second) = wire.split_at(a.len() + 5);
+        h.recv(first);
+        h.recv(second);
+        let got = deflate_frames(&h.output(), &mut Inflater::new(15));
+        assert_eq!(got[0], (OpCode::Pong, false, b"x".to_vec()));
+        assert_eq!(
+            got[1],
+            (OpCode::Text, true, "fragmented ".repeat(50).into_bytes())
+        );
+    }
+
+    #[test]
+    fn context_takeover_when_configured() {
+        let limits = Limits {
+            deflate: DeflateConfig {
+                server_no_context_takeover: false,
+                client_no_context_takeover: false,
+                client_max_window_bits: 10,
+                ..DeflateConfig::default()
+            },
+            ..Limits::default()
+        };
+        let (mut h, head) = open_deflate(limits);
+        assert!(
+            head.contains(
+                "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=10\r\n"
+            ),
+            "{head}"
+        );
+        let (mut client, mut inflater) = (Deflater::new(6, 10), Inflater::new(15));
+        let msg = br#"{"from":"ann","text":"the same words, again and again"}"#;
+        let mut sizes = Vec::new();
+        for _ in 0..3 {
+            h.recv(&compressed_client_frame(OpCode::Text, msg, &mut client));
+            let out = h.output();
+            sizes.push(out.len());
+            assert_eq!(
+                deflate_frames(&out, &mut inflater),
+                [(OpCode::Text, true, msg.to_vec())]
+            );
+        }
+        assert!(
+            sizes[2] < sizes[0] / 2,
+            "later replies refer back: {sizes:?}"
+        );
+    }
+
+    #[test]
+    fn a_compression_bomb_is_closed_with_1009() {
+        let limits = Limits {
+            max_message_bytes: 100_000,
+            ..Limits::default()
+        };
+        let (mut h, _) = open_deflate(limits);
+        let zeros = vec![0u8; 10_000_000];
+        let mut wire = Vec::new();
+        Deflater::new(9, 15).compress(&zeros, &mut wire, true);
+        assert!(wire.len() < 20_000);
+        let mut frame = Vec::new();
+        encode_frame_into(
+            &mut frame,
+            true,
+            RSV1,
+            OpCode::Binary,
+            &wire,
+            Some([1, 2, 3, 4]),
+        );
+        h.recv(&frame);
+        assert_eq!(close_code(&h.output()), Some(1009));
+        assert_eq!(
+            h.reasons(),
+            [TerminateReason::Error(TerminateError::MessageTooBig)]
+        );
+    }
+
+    #[test]
+    fn deflate_errors_and_their_close_codes() {
+        let cases: [(&str, Vec<u8>, u16); 4] = [
+            (
+                "not deflate data",
+                {
+                    let mut f = Vec::new();
+                    encode_frame_into(
+                        &mut f,
+                        true,
+                        RSV1,
+                        OpCode::Binary,
+                        &[0xff; 8],
+                        Some([1, 2, 3, 4]),
+                    );
+                    f
+                },
+                1007,
+            ),
+            (
+                "invalid UTF-8 once inflated",
+                {
+                    compressed_client_frame(
+                        OpCode::Text,
+                        &[b'a', 0xff, 0xfe],
+                        &mut Deflater::new(1, 15),
+                    )
+                },
+                1007,
+            ),
+            (
+                "RSV1 on a control frame",
+                {
+                    let mut f = Vec::new();
+                    encode_frame_into(&mut f, true, RSV1, OpCode::Ping, b"", Some([1, 2, 3, 4]));
+                    f
+                },
+                1002,
+            ),
+            (
+                "RSV1 on a continuation",
+                {
+                    let mut f = Vec::new();
+                    encode_frame_into(&mut f, false, 0, OpCode::Text, b"a", Some([1, 2, 3, 4]));
+                    encode_frame_into(
+                        &mut f,
+                        true,
+                        RSV1,
+                        OpCode::Continuation,
+                        b"b",
+                        Some([1, 2, 3, 4]),
+                    );
+                    f
+                },
+                1002,
+            ),
+        ];
+        for (what, wire, code) in cases {
+            let (mut h, _) = open_deflate(Limits::default());
+            h.recv(&wire);
+            assert_eq!(close_code(&h.output()), Some(code), "{what}");
+        }
+        // Without the extension agreed, RSV1 is a protocol error.
+        let mut h = harness(Limits::default(), None);
+        h.open();
+        h.recv(&compressed_client_frame(
+            OpCode::Text,
+            b"hello",
+            &mut Deflater::new(1, 15),
+        ));
+        assert_eq!(close_code(&h.output()), Some(1002));
+    }
+
+    #[test]
+    fn deflate_switched_off_or_declined() {
+        let limits = Limits {
+            deflate: DeflateConfig {
+                enabled: false,
+                ..DeflateConfig::default()
+            },
+            ..Limits::default()
+        };
+        let (_, head) = open_deflate(limits);
+        assert!(!head.contains("Sec-WebSocket-Extensions"), "{head}");
+        let mut h = harness(Limits::default(), None);
+        h.recv(
+            UPGRADE_DEFLATE
+                .replace("client_max_window_bits", "server_max_window_bits=8")
+                .as_bytes(),
+        );
+        let head = String::from_utf8(h.output()).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(
+            !head.contains("Sec-WebSocket-Extensions"),
+            "8-bit windows are declined: {head}"
+        );
     }
 }

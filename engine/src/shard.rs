@@ -44,11 +44,12 @@ use std::time::Duration;
 
 use std::any::Any;
 
-use handler_api::{Bytes, CloseFrame, ConnId};
+use handler_api::{CloseFrame, ConnId};
 use io_uring::cqueue;
 use io_uring::opcode;
 use io_uring::squeue;
 use io_uring::types::{self, CancelBuilder};
+use registry::SharedFrame;
 use tracing::{debug, info, warn};
 
 use crate::gear::{App, Deliveries, Registries};
@@ -1538,10 +1539,10 @@ impl Deliveries for ShardDeliveries<'_> {
             .is_some_and(|(_, s)| s.on_server_message(msg, now, app, regs))
     }
 
-    fn bytes(&mut self, conn: ConnId, bytes: &Bytes, regs: &mut Registries) -> bool {
+    fn frame(&mut self, conn: ConnId, frame: &SharedFrame, regs: &mut Registries) -> bool {
         let (now, app) = (self.now_ms, self.app);
         self.session(conn)
-            .is_some_and(|(_, s)| s.on_published_bytes(bytes, now, app, regs))
+            .is_some_and(|(_, s)| s.on_published_frame(frame, now, app, regs))
     }
 
     fn close(&mut self, conn: ConnId, close: Option<CloseFrame>, regs: &mut Registries) -> bool {

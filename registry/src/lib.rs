@@ -34,7 +34,7 @@ mod shard;
 mod wake;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
@@ -50,6 +50,38 @@ pub use wake::{ForeignWaker, Wakeup};
 
 /// Encodes a data frame as the engine writes it (server to client, unmasked).
 pub type FrameEncoder = fn(&Frame, &mut Vec<u8>);
+
+/// A data frame of `publish_frame`, shared by every member: encoded once as it goes
+/// to connections without compression, and compressed once for the members whose
+/// compressed form of it is the same (permessage-deflate without context takeover, one
+/// window size and level: the first such member's parameters are cached, members with
+/// other parameters compress for themselves).
+#[derive(Debug)]
+pub struct SharedFrame {
+    /// The frame on the wire, uncompressed.
+    pub encoded: Bytes,
+    /// The frame itself (text or binary), for members that compress.
+    pub frame: Frame,
+    compressed: OnceLock<((u8, u8), Bytes)>,
+}
+
+impl SharedFrame {
+    /// The compressed frame for parameters `key`: made by `make` the first time it is
+    /// asked for; `None` if it was made for other parameters already.
+    pub fn compressed(&self, key: (u8, u8), make: impl FnOnce() -> Bytes) -> Option<&Bytes> {
+        let (made_for, bytes) = self.compressed.get_or_init(|| (key, make()));
+        (*made_for == key).then_some(bytes)
+    }
+
+    /// The frame's payload.
+    pub fn payload(&self) -> &[u8] {
+        match &self.frame {
+            Frame::Text(t) => t.as_bytes(),
+            Frame::Binary(b) => b,
+            Frame::Close(_) => &[],
+        }
+    }
+}
 
 /// The size of the queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +113,8 @@ pub(crate) enum Envelope<M> {
 /// A frame of `publish_frame`, prepared once for every member.
 #[derive(Debug)]
 pub(crate) enum PublishedFrame {
-    /// The frame's bytes on the wire.
-    Encoded(Bytes),
+    /// A data frame, encoded once.
+    Data(Arc<SharedFrame>),
     /// A close: each member's session closes with it (and terminates with `Stop`).
     Close(Option<CloseFrame>),
 }
@@ -153,7 +185,11 @@ impl<M: Clone + Send + 'static> Shared<M> {
             data => {
                 let mut buf = Vec::new();
                 (self.encode)(&data, &mut buf);
-                PublishedFrame::Encoded(Bytes::from(buf))
+                PublishedFrame::Data(Arc::new(SharedFrame {
+                    encoded: Bytes::from(buf),
+                    frame: data,
+                    compressed: OnceLock::new(),
+                }))
             }
         }
     }

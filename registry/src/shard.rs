@@ -4,7 +4,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use handler_api::{
     CloseFrame, ConnHandle, ConnId, Deliver, Frame, NameTable, RegistryError, RegistryOps,
 };
@@ -12,7 +11,7 @@ use indexmap::IndexSet;
 
 use crate::groups::Group;
 use crate::names::Hasher;
-use crate::{ConnTarget, Envelope, PublishedFrame, Shared, to_each_shard};
+use crate::{ConnTarget, Envelope, PublishedFrame, Shared, SharedFrame, to_each_shard};
 
 /// What a connection holds, so that its end frees exactly that.
 struct Holdings<M> {
@@ -39,8 +38,8 @@ impl<M> Default for Holdings<M> {
 pub enum Inbound<M> {
     /// For the connection's `handle_server_message`.
     Message(ConnId, M),
-    /// Encoded frame bytes to append to the connection's output, no callback.
-    Bytes(ConnId, Bytes),
+    /// A frame of `publish_frame` for the connection's output, no callback.
+    Frame(ConnId, Arc<SharedFrame>),
     /// Close the connection with this frame (a `publish_frame` of a close).
     Close(ConnId, Option<CloseFrame>),
 }
@@ -49,7 +48,7 @@ impl<M> Inbound<M> {
     /// The connection it is for.
     pub fn conn(&self) -> ConnId {
         match self {
-            Inbound::Message(c, _) | Inbound::Bytes(c, _) | Inbound::Close(c, _) => *c,
+            Inbound::Message(c, _) | Inbound::Frame(c, _) | Inbound::Close(c, _) => *c,
         }
     }
 }
@@ -257,8 +256,8 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
                     return;
                 };
                 match &*frame {
-                    PublishedFrame::Encoded(bytes) => {
-                        out.extend(members.iter().map(|&c| Inbound::Bytes(c, bytes.clone())))
+                    PublishedFrame::Data(data) => {
+                        out.extend(members.iter().map(|&c| Inbound::Frame(c, Arc::clone(data))))
                     }
                     PublishedFrame::Close(close) => {
                         out.extend(members.iter().map(|&c| Inbound::Close(c, close.clone())))

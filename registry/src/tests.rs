@@ -52,7 +52,9 @@ impl Sim {
         out.into_iter()
             .map(|i| match i {
                 Inbound::Message(c, m) => (c, m),
-                Inbound::Bytes(c, b) => (c, format!("bytes:{}", String::from_utf8_lossy(&b))),
+                Inbound::Frame(c, f) => {
+                    (c, format!("bytes:{}", String::from_utf8_lossy(&f.encoded)))
+                }
                 Inbound::Close(c, f) => (c, format!("close:{f:?}")),
             })
             .collect()
@@ -154,7 +156,7 @@ fn publish_frame_encodes_once() {
     let ptrs: Vec<*const u8> = raw
         .iter()
         .map(|i| match i {
-            Inbound::Bytes(_, b) => b.as_ptr(),
+            Inbound::Frame(_, f) => f.encoded.as_ptr(),
             other => panic!("{other:?}"),
         })
         .collect();

@@ -116,6 +116,7 @@ fn server_receive(dec: &mut Decoder, ws: &mut WebSocket<Pipe>) -> Vec<String> {
                         format!("close:{:?}:{}", c.code.map(CloseCode::get), c.reason)
                     }
                     Event::Fragment => continue,
+                    Event::Compressed { .. } => panic!("no extension was agreed"),
                 });
             }
             Step::NeedMore { .. } => panic!("tungstenite wrote a partial frame"),

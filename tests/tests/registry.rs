@@ -551,3 +551,90 @@ async fn gears_cannot_reach_each_others_names_or_groups() {
     assert_eq!(server.registry::<String>("/b").count("all"), 2);
     server.stop();
 }
+
+/// A blocking client that offers permessage-deflate and reads frames as they come.
+struct DeflateClient(std::net::TcpStream);
+
+impl DeflateClient {
+    fn connect(addr: &str, path: &str) -> DeflateClient {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(
+            head.contains(
+                "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover"
+            ),
+            "{head}"
+        );
+        DeflateClient(s)
+    }
+
+    /// The next frame: RSV1, opcode, payload as it came.
+    fn frame(&mut self) -> (bool, u8, Vec<u8>) {
+        use std::io::Read;
+        let mut h = [0u8; 2];
+        self.0.read_exact(&mut h).unwrap();
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut b = [0u8; 2];
+                self.0.read_exact(&mut b).unwrap();
+                u64::from(u16::from_be_bytes(b))
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                self.0.read_exact(&mut b).unwrap();
+                u64::from_be_bytes(b)
+            }
+            n => u64::from(n),
+        };
+        let mut payload = vec![0u8; len as usize];
+        self.0.read_exact(&mut payload).unwrap();
+        (h[0] & 0x40 != 0, h[0] & 0x0f, payload)
+    }
+}
+
+#[tokio::test]
+async fn publish_frame_is_compressed_for_members_that_agreed_to_deflate() {
+    let server = TestServer::start(Limits::default());
+    let addr = server.addr().to_string();
+    let mut zipped = [
+        DeflateClient::connect(&addr, "/a?name=z1"),
+        DeflateClient::connect(&addr, "/a?name=z2"),
+    ];
+    let mut plain = connect(&server.url("/a?name=p1")).await;
+    let news = "compressible breaking news; ".repeat(20);
+    say(&mut plain, &format!("frame:{news}")).await;
+    assert_eq!(next_text(&mut plain).await, "frame:3");
+    assert_eq!(
+        next_text(&mut plain).await,
+        news,
+        "uncompressed for a plain member"
+    );
+    let got: Vec<(bool, u8, Vec<u8>)> = zipped.iter_mut().map(DeflateClient::frame).collect();
+    assert_eq!(got[0], got[1], "the same compressed bytes for both");
+    let (rsv1, opcode, payload) = &got[0];
+    assert!(*rsv1, "compressed");
+    assert_eq!(*opcode, 1, "text");
+    assert!(payload.len() < news.len() / 4, "{} bytes", payload.len());
+    let mut inflated = Vec::new();
+    engine::protocol::deflate::Inflater::default()
+        .inflate(payload, &mut inflated, 1 << 20, true)
+        .unwrap();
+    assert_eq!(String::from_utf8(inflated).unwrap(), news);
+    server.stop();
+}

@@ -12,6 +12,9 @@ then, on the echo route:
 
 each echo must come back with the same type and content, and each connection ends with
 a clean close: the client sends close 1000 and must see the server's close with 1000.
+With `--compression deflate` every connection offers permessage-deflate (websockets'
+default offer: `client_max_window_bits`, context takeover allowed) and must get it;
+`--server-arg` passes flags to kythera (its deflate settings, say).
 Exits 0 when all of that holds, 1 on the first mismatch, and stops the server
 (SIGTERM, then checks that it exits 0) in every case.
 """
@@ -78,17 +81,26 @@ def check_echo(sent: str | bytes, got: str | bytes, what: str) -> None:
         raise Mismatch(f"{what}: sent {describe(sent)}, got {describe(got)} differing at byte {at}")
 
 
+COMPRESSION: str | None = None
+
+
 def open_ws(url: str) -> ClientConnection:
-    # Compression off: the echo must come back frame for frame as sent, and the
-    # engine does not negotiate permessage-deflate yet.
-    return connect(
+    ws = connect(
         url,
         max_size=None,
-        compression=None,
+        compression=COMPRESSION,
         open_timeout=TIMEOUT,
         close_timeout=TIMEOUT,
         ping_interval=None,
     )
+    agreed = [e.name for e in ws.protocol.extensions]
+    if COMPRESSION == "deflate" and agreed != ["permessage-deflate"]:
+        ws.close()
+        raise Mismatch(f"permessage-deflate was offered, the server agreed to {agreed}")
+    if COMPRESSION is None and agreed:
+        ws.close()
+        raise Mismatch(f"no extension was offered, the server agreed to {agreed}")
+    return ws
 
 
 def close_clean(ws: ClientConnection, what: str) -> None:
@@ -153,7 +165,7 @@ def run(url: str, rounds: int, seed: int) -> None:
     n += concurrent(url, rng, 4, 25)
     print(
         f"python_client: {n} round trips on {url} matched, every close was 1000 "
-        f"({time.monotonic() - t:.1f} s, seed {seed})",
+        f"(compression: {COMPRESSION or 'none'}; {time.monotonic() - t:.1f} s, seed {seed})",
         flush=True,
     )
 
@@ -166,13 +178,25 @@ def main() -> int:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compression", choices=["none", "deflate"], default="none")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for kythera (repeatable), e.g. --server-arg=--flag",
+    )
     args = p.parse_args()
+    global COMPRESSION
+    COMPRESSION = None if args.compression == "none" else args.compression
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     try:
         if args.url:
             run(args.url, args.rounds, seed)
         else:
-            with KytheraServer(args.binary, args.shards, name="python_client") as srv:
+            with KytheraServer(
+                args.binary, args.shards, extra_args=args.server_arg, name="python_client"
+            ) as srv:
                 run(srv.url.rstrip("/") + args.path, args.rounds, seed)
     except (Mismatch, ServerError) as e:
         print(f"python_client: FAILED (seed {seed}): {e}", file=sys.stderr)

@@ -33,7 +33,7 @@ pub enum LogFormat {
 #[command(
     name = "kythera",
     version,
-    about = "A WebSocket engine on io_uring, serving the echo gear on /echo and /, and the chat gear on /chat.",
+    about = "A WebSocket engine on io_uring, serving the echo gear on /echo and /, the chat gear on /chat, the stats gear on /stats and the demo page at GET /.",
     after_help = "Precedence: flags over KYTHERA_* environment variables over the --config file over defaults. Log filtering: RUST_LOG (default info)."
 )]
 pub struct Args {
@@ -106,6 +106,45 @@ pub struct Args {
     /// Log line format [default: pretty].
     #[arg(long, value_name = "FORMAT", env = "KYTHERA_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Agree to permessage-deflate (RFC 7692) when a client offers it [default: true].
+    #[arg(long, value_name = "BOOL", env = "KYTHERA_DEFLATE", num_args = 0..=1, default_missing_value = "true")]
+    pub deflate: Option<bool>,
+    /// Compress every message on its own: no compressor per connection, one per shard
+    /// [default: true].
+    #[arg(
+        long,
+        value_name = "BOOL",
+        env = "KYTHERA_DEFLATE_SERVER_NO_CONTEXT_TAKEOVER"
+    )]
+    pub deflate_server_no_context_takeover: Option<bool>,
+    /// Ask clients to compress every message on its own: no decompressor per
+    /// connection [default: true].
+    #[arg(
+        long,
+        value_name = "BOOL",
+        env = "KYTHERA_DEFLATE_CLIENT_NO_CONTEXT_TAKEOVER"
+    )]
+    pub deflate_client_no_context_takeover: Option<bool>,
+    /// Largest compression window of the server, 9 to 15 [default: 15].
+    #[arg(
+        long,
+        value_name = "BITS",
+        env = "KYTHERA_DEFLATE_SERVER_MAX_WINDOW_BITS"
+    )]
+    pub deflate_server_max_window_bits: Option<u8>,
+    /// Largest window asked of clients that allow it, 9 to 15 [default: 15].
+    #[arg(
+        long,
+        value_name = "BITS",
+        env = "KYTHERA_DEFLATE_CLIENT_MAX_WINDOW_BITS"
+    )]
+    pub deflate_client_max_window_bits: Option<u8>,
+    /// zlib level of the server's compression, 0 to 9 [default: 1].
+    #[arg(long, value_name = "LEVEL", env = "KYTHERA_DEFLATE_LEVEL")]
+    pub deflate_level: Option<u8>,
+    /// Send messages shorter than this uncompressed; 0 compresses all [default: 0].
+    #[arg(long, value_name = "BYTES", env = "KYTHERA_DEFLATE_MIN_BYTES")]
+    pub deflate_min_bytes: Option<usize>,
 }
 
 /// The `--config` file: the same options, all optional; unknown keys are errors.
@@ -130,6 +169,13 @@ pub struct File {
     recv_buffer_bytes: Option<u32>,
     recv_buffers: Option<u16>,
     log_format: Option<LogFormat>,
+    deflate: Option<bool>,
+    deflate_server_no_context_takeover: Option<bool>,
+    deflate_client_no_context_takeover: Option<bool>,
+    deflate_server_max_window_bits: Option<u8>,
+    deflate_client_max_window_bits: Option<u8>,
+    deflate_level: Option<u8>,
+    deflate_min_bytes: Option<usize>,
 }
 
 /// Why the configuration was refused.
@@ -338,6 +384,68 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
     let log_format = pick(&args.log_format, &file.log_format)
         .0
         .unwrap_or(LogFormat::Pretty);
+    let d = defaults.deflate;
+    let deflate = engine::config::DeflateConfig {
+        enabled: pick(&args.deflate, &file.deflate).0.unwrap_or(d.enabled),
+        server_no_context_takeover: pick(
+            &args.deflate_server_no_context_takeover,
+            &file.deflate_server_no_context_takeover,
+        )
+        .0
+        .unwrap_or(d.server_no_context_takeover),
+        client_no_context_takeover: pick(
+            &args.deflate_client_no_context_takeover,
+            &file.deflate_client_no_context_takeover,
+        )
+        .0
+        .unwrap_or(d.client_no_context_takeover),
+        server_max_window_bits: pick(
+            &args.deflate_server_max_window_bits,
+            &file.deflate_server_max_window_bits,
+        )
+        .0
+        .unwrap_or(d.server_max_window_bits),
+        client_max_window_bits: pick(
+            &args.deflate_client_max_window_bits,
+            &file.deflate_client_max_window_bits,
+        )
+        .0
+        .unwrap_or(d.client_max_window_bits),
+        level: pick(&args.deflate_level, &file.deflate_level)
+            .0
+            .unwrap_or(d.level),
+        min_bytes: pick(&args.deflate_min_bytes, &file.deflate_min_bytes)
+            .0
+            .unwrap_or(d.min_bytes),
+    };
+    for (key, bits, src) in [
+        (
+            "deflate_server_max_window_bits",
+            deflate.server_max_window_bits,
+            pick(
+                &args.deflate_server_max_window_bits,
+                &file.deflate_server_max_window_bits,
+            )
+            .1,
+        ),
+        (
+            "deflate_client_max_window_bits",
+            deflate.client_max_window_bits,
+            pick(
+                &args.deflate_client_max_window_bits,
+                &file.deflate_client_max_window_bits,
+            )
+            .1,
+        ),
+    ] {
+        if !(9..=15).contains(&bits) {
+            return Err(err(key, src, "must be between 9 and 15"));
+        }
+    }
+    if deflate.level > 9 {
+        let src = pick(&args.deflate_level, &file.deflate_level).1;
+        return Err(err("deflate_level", src, "must be between 0 and 9"));
+    }
 
     Ok(Settings {
         listen,
@@ -352,6 +460,7 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
             drain_window: Duration::from_secs(drain),
             ping_interval: (ping > 0).then(|| Duration::from_secs(ping)),
             pong_timeout: Duration::from_secs(pong),
+            deflate,
             ..defaults
         },
         max_connections_per_gear: max_conns,
@@ -418,6 +527,11 @@ mod tests {
         assert!(e.to_string().contains("power of two"), "{e}");
         let e = resolve(&args(&["--idle-timeout-secs", "0"]), &File::default()).unwrap_err();
         assert_eq!(e.key, "idle_timeout_secs");
+        let e = resolve(&args(&[]), &file("deflate_server_max_window_bits = 8")).unwrap_err();
+        assert_eq!(e.key, "deflate_server_max_window_bits");
+        assert_eq!(e.source, "config file");
+        let e = resolve(&args(&["--deflate-level", "10"]), &File::default()).unwrap_err();
+        assert_eq!(e.key, "deflate_level");
     }
 
     #[test]
@@ -441,6 +555,22 @@ mod tests {
         assert_eq!(s.tuning.direct_slots, Some(0));
         let s = resolve(&args(&["--ping-interval-secs", "15"]), &File::default()).unwrap();
         assert_eq!(s.limits.ping_interval, Some(Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn deflate_can_be_switched_off_and_tuned() {
+        let s = resolve(
+            &args(&["--deflate", "false", "--deflate-level", "6"]),
+            &file(
+                "deflate_server_no_context_takeover = false\ndeflate_client_max_window_bits = 10",
+            ),
+        )
+        .unwrap();
+        assert!(!s.limits.deflate.enabled);
+        assert_eq!(s.limits.deflate.level, 6);
+        assert!(!s.limits.deflate.server_no_context_takeover);
+        assert_eq!(s.limits.deflate.client_max_window_bits, 10);
+        assert!(s.limits.deflate.client_no_context_takeover, "the default");
     }
 
     #[test]

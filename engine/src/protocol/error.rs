@@ -37,6 +37,8 @@ pub enum ProtocolError {
     InvalidCloseCode(u16),
     /// A close reason that is not UTF-8 (1007).
     InvalidCloseReason,
+    /// A compressed message (permessage-deflate) that does not inflate.
+    BadCompressedData,
 }
 
 impl ProtocolError {
@@ -44,9 +46,9 @@ impl ProtocolError {
     pub fn close_code(self) -> CloseCode {
         match self {
             ProtocolError::MessageTooBig => CloseCode::MESSAGE_TOO_BIG,
-            ProtocolError::InvalidUtf8 | ProtocolError::InvalidCloseReason => {
-                CloseCode::INVALID_PAYLOAD
-            }
+            ProtocolError::InvalidUtf8
+            | ProtocolError::InvalidCloseReason
+            | ProtocolError::BadCompressedData => CloseCode::INVALID_PAYLOAD,
             _ => CloseCode::PROTOCOL_ERROR,
         }
     }
@@ -69,6 +71,7 @@ impl ProtocolError {
             ProtocolError::CloseFrameTooShort => "close payload of 1 byte",
             ProtocolError::InvalidCloseCode(_) => "invalid close code",
             ProtocolError::InvalidCloseReason => "close reason not UTF-8",
+            ProtocolError::BadCompressedData => "compressed message does not inflate",
         }
     }
 

@@ -9,7 +9,7 @@
 use handler_api::Message;
 
 use super::close::{ClosePayload, parse_close_payload};
-use super::codec::{FrameHeader, OpCode};
+use super::codec::{FrameHeader, OpCode, RSV1};
 use super::error::ProtocolError;
 use super::utf8::{StreamingUtf8, Utf8State};
 
@@ -19,6 +19,15 @@ pub enum Event<'a> {
     /// A complete message, borrowed from the frame (unfragmented) or from the
     /// assembler's buffer (the last fragment).
     Message(Message<'a>),
+    /// A complete compressed message (permessage-deflate: RSV1 on its first frame),
+    /// as it arrived, borrowed like [`Event::Message`]; the receiver inflates it and
+    /// checks text for UTF-8.
+    Compressed {
+        /// A binary message (else text).
+        binary: bool,
+        /// The compressed bytes, without the four-byte tail.
+        payload: &'a [u8],
+    },
     /// A fragment was buffered; nothing to deliver yet.
     Fragment,
     /// A ping, to be answered with a pong carrying the same payload.
@@ -40,6 +49,8 @@ enum Kind {
 pub struct Assembler {
     /// The message in progress and its type; `None` between messages.
     kind: Option<Kind>,
+    /// The message in progress is compressed (its UTF-8 is checked once inflated).
+    compressed: bool,
     buf: Vec<u8>,
     utf8: StreamingUtf8,
     /// The last message was delivered from `buf`: clear it before the next frame.
@@ -65,6 +76,12 @@ impl Assembler {
         header: &FrameHeader,
         max_message_bytes: u64,
     ) -> Result<(), ProtocolError> {
+        // RSV1 (allowed only once permessage-deflate is agreed) marks the first frame
+        // of a compressed message; on a control frame or a continuation it is an
+        // error (RFC 7692 section 6.1).
+        if header.rsv & RSV1 != 0 && !matches!(header.opcode, OpCode::Text | OpCode::Binary) {
+            return Err(ProtocolError::ReservedBits);
+        }
         match header.opcode {
             OpCode::Continuation => {
                 if self.kind.is_none() {
@@ -97,6 +114,12 @@ impl Assembler {
             OpCode::Ping => Ok(Event::Ping(payload)),
             OpCode::Pong => Ok(Event::Pong(payload)),
             OpCode::Close => Ok(Event::Close(parse_close_payload(payload)?)),
+            OpCode::Text | OpCode::Binary if header.fin && header.rsv & RSV1 != 0 => {
+                Ok(Event::Compressed {
+                    binary: header.opcode == OpCode::Binary,
+                    payload,
+                })
+            }
             OpCode::Text if header.fin => simdutf8::basic::from_utf8(payload)
                 .map(|t| Event::Message(Message::Text(t)))
                 .map_err(|_| ProtocolError::InvalidUtf8),
@@ -108,6 +131,7 @@ impl Assembler {
                     Kind::Binary
                 };
                 self.kind = Some(kind);
+                self.compressed = header.rsv & RSV1 != 0;
                 self.append(payload, false)?;
                 Ok(Event::Fragment)
             }
@@ -118,6 +142,12 @@ impl Assembler {
                 }
                 let kind = self.kind.take();
                 self.delivered = true;
+                if std::mem::take(&mut self.compressed) {
+                    return Ok(Event::Compressed {
+                        binary: kind == Some(Kind::Binary),
+                        payload: &self.buf,
+                    });
+                }
                 match kind {
                     Some(Kind::Binary) => Ok(Event::Message(Message::Binary(&self.buf))),
                     // Validated as it streamed in; this second pass only turns the bytes
@@ -132,7 +162,7 @@ impl Assembler {
 
     fn append(&mut self, payload: &[u8], fin: bool) -> Result<(), ProtocolError> {
         self.buf.extend_from_slice(payload);
-        if self.kind == Some(Kind::Text) {
+        if self.kind == Some(Kind::Text) && !self.compressed {
             match self.utf8.feed(&self.buf) {
                 Utf8State::Invalid => return Err(ProtocolError::InvalidUtf8),
                 Utf8State::Incomplete if fin => return Err(ProtocolError::InvalidUtf8),

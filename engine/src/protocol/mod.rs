@@ -7,10 +7,12 @@
 //! - [`fragment`]: reassembly of fragmented messages.
 //! - [`close`]: close payloads and the closing handshake.
 //! - [`decoder`]: all of the receive side for one connection.
+//! - [`deflate`]: permessage-deflate (RFC 7692): negotiation, compression, inflation.
 
 pub mod close;
 pub mod codec;
 pub mod decoder;
+pub mod deflate;
 pub mod error;
 pub mod fragment;
 pub mod handshake;

@@ -100,6 +100,11 @@ struct Common {
     /// and per message.
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
+    /// Offer permessage-deflate (RFC 7692, `client_max_window_bits`) and fail any
+    /// connection the server does not agree to it on; every message is then sent
+    /// compressed and every compressed reply inflated and checked.
+    #[arg(long)]
+    deflate: bool,
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +204,7 @@ fn config(cli: Cli) -> Result<(Config, Option<PathBuf>), String> {
         rate,
         progress: !common.quiet,
         server_pid: common.server_pid,
+        deflate: common.deflate,
     };
     Ok((cfg, common.json))
 }

@@ -104,6 +104,7 @@ fn main() -> ExitCode {
         idle_timeout_secs = limits.idle_timeout.as_secs(),
         handshake_timeout_secs = limits.handshake_timeout.as_secs(),
         ping_interval_secs = limits.ping_interval.map_or(0, |p| p.as_secs()),
+        permessage_deflate = limits.deflate.enabled,
         ring = %features.ring_flags,
         msg_ring = features.msg_ring,
         direct_descriptors = settings.tuning.direct_slots != Some(0),

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use engine::protocol::codec::{self, Decoded, DecoderConfig, OpCode, Role as CodecRole};
+use engine::protocol::codec::{self, Decoded, DecoderConfig, OpCode, RSV1, Role as CodecRole};
+use engine::protocol::deflate::{ConnDeflate, DeflateConfig, with_scratch};
 use hdrhistogram::Histogram;
 
 use super::io::{self, Completion, Io};
@@ -79,8 +80,11 @@ struct Conn {
     out: Vec<u8>,
     /// The buffer of the last send, kept for reuse.
     spare: Vec<u8>,
-    /// A fragmented message being reassembled: its opcode and bytes so far.
-    frag: Option<(OpCode, Vec<u8>)>,
+    /// A fragmented message being reassembled: its opcode, whether it is compressed,
+    /// and its bytes so far.
+    frag: Option<(OpCode, bool, Vec<u8>)>,
+    /// permessage-deflate, when agreed (`--deflate`), seen from the client's side.
+    pmd: Option<Box<ConnDeflate>>,
     /// Echo: messages sent and not yet echoed, as `(seq, sent at)`.
     pending: VecDeque<(u64, u64)>,
     /// Echo and publisher: the next sequence number to send.
@@ -104,6 +108,7 @@ impl Conn {
             out: Vec::new(),
             spare: Vec::new(),
             frag: None,
+            pmd: None,
             pending: VecDeque::new(),
             next_seq: 0,
             expect: None,
@@ -207,6 +212,7 @@ pub(crate) fn run(
         Kind::Text => OpCode::Text,
         Kind::Binary => OpCode::Binary,
     };
+    let rsv = if cfg.deflate { RSV1 } else { 0 };
     let mut w = Worker {
         thread,
         live: conns.len(),
@@ -221,7 +227,7 @@ pub(crate) fn run(
         decoder: DecoderConfig {
             role: CodecRole::Client,
             max_message_bytes: 64 << 20,
-            allowed_rsv: 0,
+            allowed_rsv: rsv,
         },
         opcode,
         now: 0,
@@ -426,7 +432,13 @@ impl Worker {
             }
             Role::Echo | Role::Idle => self.cfg.target.path.clone(),
         };
-        wire::write_request(&mut c.out, &self.cfg.target.host, &path, &c.key);
+        wire::write_request(
+            &mut c.out,
+            &self.cfg.target.host,
+            &path,
+            &c.key,
+            self.cfg.deflate,
+        );
         self.mark(slot);
     }
 
@@ -438,7 +450,20 @@ impl Worker {
                 c.rbuf.extend_from_slice(bytes);
                 match wire::parse_response(&c.rbuf, &c.key) {
                     Ok(wire::Response::Partial) => {}
-                    Ok(wire::Response::Upgraded(head)) => {
+                    Ok(wire::Response::Upgraded(_, None)) if self.cfg.deflate => {
+                        self.result.errors.handshake += 1;
+                        self.fail(slot, || {
+                            "--deflate: the server did not agree to permessage-deflate".into()
+                        });
+                    }
+                    Ok(wire::Response::Upgraded(head, agreed)) => {
+                        // The client compresses at zlib's fastest level, every message.
+                        let cfg = DeflateConfig {
+                            level: 1,
+                            min_bytes: 0,
+                            ..DeflateConfig::default()
+                        };
+                        c.pmd = agreed.map(|a| Box::new(ConnDeflate::new(a.mirrored(), &cfg)));
                         c.rbuf.drain(..head);
                         self.on_open(slot);
                         let rbuf = std::mem::take(&mut self.conns[slot as usize].rbuf);
@@ -499,12 +524,13 @@ impl Worker {
             }
             let payload = &rest[header.header_len..total];
             at += total;
-            self.frame(slot, header.fin, header.opcode, payload);
+            let compressed = header.rsv & RSV1 != 0;
+            self.frame(slot, header.fin, compressed, header.opcode, payload);
         }
         at
     }
 
-    fn frame(&mut self, slot: u32, fin: bool, opcode: OpCode, payload: &[u8]) {
+    fn frame(&mut self, slot: u32, fin: bool, compressed: bool, opcode: OpCode, payload: &[u8]) {
         match opcode {
             OpCode::Ping => {
                 let mask = self.rng.mask();
@@ -520,7 +546,7 @@ impl Worker {
                     self.fail(slot, || "a new message inside a fragmented one".into());
                     return;
                 }
-                self.message(slot, opcode, payload);
+                self.message_maybe_compressed(slot, opcode, compressed, payload);
             }
             OpCode::Text | OpCode::Binary => {
                 let c = &mut self.conns[slot as usize];
@@ -529,21 +555,64 @@ impl Worker {
                     self.fail(slot, || "a new message inside a fragmented one".into());
                     return;
                 }
-                c.frag = Some((opcode, payload.to_vec()));
+                c.frag = Some((opcode, compressed, payload.to_vec()));
             }
             OpCode::Continuation => {
                 let c = &mut self.conns[slot as usize];
-                let Some((_, bytes)) = c.frag.as_mut() else {
+                let Some((_, _, bytes)) = c.frag.as_mut() else {
                     self.result.errors.protocol += 1;
                     self.fail(slot, || "a continuation frame outside a message".into());
                     return;
                 };
                 bytes.extend_from_slice(payload);
                 if fin {
-                    let (op, bytes) = c.frag.take().expect("fragment");
-                    self.message(slot, op, &bytes);
+                    let (op, compressed, bytes) = c.frag.take().expect("fragment");
+                    self.message_maybe_compressed(slot, op, compressed, &bytes);
                 }
             }
+        }
+    }
+
+    /// A whole message; a compressed one is inflated first.
+    fn message_maybe_compressed(
+        &mut self,
+        slot: u32,
+        opcode: OpCode,
+        compressed: bool,
+        payload: &[u8],
+    ) {
+        if !compressed {
+            return self.message(slot, opcode, payload);
+        }
+        with_scratch(|inflated| {
+            let c = &mut self.conns[slot as usize];
+            let result = match c.pmd.as_mut() {
+                Some(pmd) => pmd
+                    .inflate(payload, inflated, 64 << 20)
+                    .map_err(|e| e.to_string()),
+                None => Err("RSV1 without permessage-deflate".to_owned()),
+            };
+            match result {
+                Ok(()) => self.message(slot, opcode, inflated),
+                Err(e) => {
+                    self.result.errors.protocol += 1;
+                    self.fail(slot, || {
+                        format!("bad compressed message from the server: {e}")
+                    });
+                }
+            }
+        });
+    }
+
+    /// Appends a masked data frame for `payload`, compressed when the extension was
+    /// agreed.
+    fn encode_data(c: &mut Conn, opcode: OpCode, payload: &[u8], mask: [u8; 4]) {
+        match c.pmd.as_mut() {
+            Some(pmd) => with_scratch(|compressed| {
+                pmd.compress(payload, compressed);
+                codec::encode_frame_into(&mut c.out, true, RSV1, opcode, compressed, Some(mask));
+            }),
+            None => codec::encode_frame_into(&mut c.out, true, 0, opcode, payload, Some(mask)),
         }
     }
 
@@ -628,7 +697,7 @@ impl Worker {
         let seq = c.next_seq;
         c.next_seq += 1;
         wire::payload(&mut self.scratch, c.id, seq, self.now, self.cfg.bytes);
-        codec::encode_frame_into(&mut c.out, true, 0, self.opcode, &self.scratch, Some(mask));
+        Self::encode_data(c, self.opcode, &self.scratch, mask);
         c.pending.push_back((seq, self.now));
         self.mark(slot);
     }
@@ -792,7 +861,7 @@ impl Worker {
             let mask = self.rng.mask();
             wire::publication(&mut self.scratch, sent, self.now, self.cfg.bytes);
             let c = &mut self.conns[slot as usize];
-            codec::encode_frame_into(&mut c.out, true, 0, OpCode::Text, &self.scratch, Some(mask));
+            Self::encode_data(c, OpCode::Text, &self.scratch, mask);
             sent += 1;
             c.next_seq = sent;
             if self.in_window() {

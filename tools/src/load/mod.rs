@@ -93,6 +93,9 @@ pub struct Config {
     /// A server process whose resident memory is read before connecting and at the
     /// end of the window or hold (Linux `/proc/PID/status`), for memory per connection.
     pub server_pid: Option<u32>,
+    /// Offer permessage-deflate and require it; messages both ways are compressed
+    /// (client: zlib level 1, every message) and checked once inflated.
+    pub deflate: bool,
 }
 
 /// Counts of what went wrong, by kind; any of them fails the run.

@@ -4,6 +4,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 
 use base64::Engine as _;
+use engine::protocol::deflate::Agreed;
 use engine::protocol::handshake::accept_key;
 
 /// A `ws://host:port/path` target.
@@ -94,13 +95,23 @@ pub fn new_key(rng: &mut Rng) -> String {
     base64::engine::general_purpose::STANDARD.encode(raw)
 }
 
-/// Appends the upgrade request for `path` to `out`.
-pub fn write_request(out: &mut Vec<u8>, host: &str, path: &str, key: &str) {
+/// The extension offer of `--deflate`: permessage-deflate, letting the server pick the
+/// client's window (the offer browsers make).
+pub const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
+
+/// Appends the upgrade request for `path` to `out`, offering permessage-deflate when
+/// `deflate`.
+pub fn write_request(out: &mut Vec<u8>, host: &str, path: &str, key: &str, deflate: bool) {
+    let ext = if deflate {
+        format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n")
+    } else {
+        String::new()
+    };
     out.extend_from_slice(
         format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n\
-             Sec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Version: 13\r\n{ext}\r\n"
         )
         .as_bytes(),
     );
@@ -111,8 +122,9 @@ pub fn write_request(out: &mut Vec<u8>, host: &str, path: &str, key: &str) {
 pub enum Response {
     /// Not all of the head is there yet.
     Partial,
-    /// A valid 101; the head took this many bytes (frames may follow).
-    Upgraded(usize),
+    /// A valid 101; the head took this many bytes (frames may follow), and the
+    /// permessage-deflate parameters if the server agreed to it.
+    Upgraded(usize, Option<Agreed>),
 }
 
 /// The largest response head accepted.
@@ -159,7 +171,14 @@ pub fn parse_response(buf: &[u8], key: &str) -> Result<Response, String> {
     if accept.trim() != accept_key(key) {
         return Err(format!("wrong Sec-WebSocket-Accept {accept:?}"));
     }
-    Ok(Response::Upgraded(head_len))
+    let deflate = match header("sec-websocket-extensions") {
+        None => None,
+        Some(ext) => Some(
+            Agreed::from_response(ext.as_bytes())
+                .ok_or_else(|| format!("Sec-WebSocket-Extensions: {ext:?} was not offered"))?,
+        ),
+    };
+    Ok(Response::Upgraded(head_len, deflate))
 }
 
 /// Writes the payload of message `seq` of connection `conn`, sent at `ts` (ns), into
@@ -248,7 +267,7 @@ mod tests {
             Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81";
         assert_eq!(
             parse_response(good, key),
-            Ok(Response::Upgraded(good.len() - 1))
+            Ok(Response::Upgraded(good.len() - 1, None))
         );
         assert_eq!(parse_response(&good[..20], key), Ok(Response::Partial));
         let wrong = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
