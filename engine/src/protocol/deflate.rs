@@ -28,7 +28,8 @@
 //! compressor (zlib's deflate state: about 2^(w+2) bytes of window and chains plus
 //! 128 KiB of hash and pending buffers at memory level 8, so 256 KiB at w = 15,
 //! 129 KiB at w = 9) or decompressor (2^w bytes of window plus about 7 KiB) from its
-//! first compressed message until it closes.
+//! first compressed message until it closes. Measured with both (zlib-rs, mimalloc):
+//! about 470 KiB of resident memory per busy connection (README, "Compression").
 //!
 //! # Limits
 //!
