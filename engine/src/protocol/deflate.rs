@@ -548,8 +548,10 @@ pub struct ConnDeflate {
     agreed: Agreed,
     level: u8,
     min_bytes: usize,
-    deflater: Option<Deflater>,
-    inflater: Option<Inflater>,
+    /// Boxed: zlib's stream structs are a few hundred bytes even before their buffers,
+    /// and most connections never have them.
+    deflater: Option<Box<Deflater>>,
+    inflater: Option<Box<Inflater>>,
 }
 
 impl ConnDeflate {
@@ -590,7 +592,7 @@ impl ConnDeflate {
             with_shared_deflater(level, bits, |d| d.compress(payload, out, true));
         } else {
             self.deflater
-                .get_or_insert_with(|| Deflater::new(level, bits))
+                .get_or_insert_with(|| Box::new(Deflater::new(level, bits)))
                 .compress(payload, out, false);
         }
     }
@@ -607,7 +609,7 @@ impl ConnDeflate {
         } else {
             let bits = self.agreed.client_max_window_bits;
             self.inflater
-                .get_or_insert_with(|| Inflater::new(bits))
+                .get_or_insert_with(|| Box::new(Inflater::new(bits)))
                 .inflate(compressed, out, limit, false)
         }
     }
@@ -919,6 +921,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, b"Hello");
+    }
+
+    #[test]
+    fn a_connection_without_context_takeover_holds_little() {
+        // What an idle compressed connection keeps (boxed in its session).
+        assert!(
+            std::mem::size_of::<ConnDeflate>() <= 48,
+            "{}",
+            std::mem::size_of::<ConnDeflate>()
+        );
     }
 
     #[test]
