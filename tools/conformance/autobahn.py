@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kythera_proc import DEFAULT_BINARY, REPO, KytheraServer, ServerError  # noqa: E402
+from kythera_proc import DEFAULT_BINARY, add_server_arg_option, REPO, KytheraServer, ServerError  # noqa: E402
 
 ACCEPTED = {"OK", "NON-STRICT", "INFORMATIONAL"}
 # Autobahn has no groups 8 and 11.
@@ -190,13 +190,7 @@ def main() -> int:
     p.add_argument(
         "--parallelism", type=int, default=2, help="cases run at once by kosoku (default 2)"
     )
-    p.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for kythera (repeatable), e.g. --server-arg=--flag",
-    )
+    add_server_arg_option(p)
     p.add_argument("--timeout", type=float, default=900, help="seconds for the whole kosoku run")
     p.add_argument(
         "--cases",

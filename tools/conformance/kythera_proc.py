@@ -58,6 +58,17 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def add_server_arg_option(parser: "argparse.ArgumentParser") -> None:
+    """The `--server-arg` option the conformance scripts share: extra flags for kythera."""
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for kythera (repeatable), e.g. --server-arg=--flag",
+    )
+
+
 class KytheraServer:
     """A kythera process, as a context manager: `with KytheraServer() as srv: srv.url`."""
 

@@ -32,7 +32,7 @@ from websockets.sync.client import ClientConnection, connect
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kythera_proc import DEFAULT_BINARY, KytheraServer, ServerError  # noqa: E402
+from kythera_proc import DEFAULT_BINARY, add_server_arg_option, KytheraServer, ServerError  # noqa: E402
 
 SIZES = [0, 1, 125, 126, 1000, 65535, 65536, 500_000]
 # Characters of each UTF-8 length, so that text messages cross code-point boundaries at
@@ -179,13 +179,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--compression", choices=["none", "deflate"], default="none")
-    p.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for kythera (repeatable), e.g. --server-arg=--flag",
-    )
+    add_server_arg_option(p)
     args = p.parse_args()
     global COMPRESSION
     COMPRESSION = None if args.compression == "none" else args.compression
