@@ -18,6 +18,7 @@
 
 use std::any::Any;
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use handler_api::{
@@ -42,21 +43,30 @@ use crate::protocol::handshake::{
 use crate::protocol::mask::{extend_unmasked, unmask};
 use registry::SharedFrame;
 
+/// A deadline at `at_ms` (`None` only for 0, which no deadline is).
+fn deadline(at_ms: u64) -> Option<NonZeroU64> {
+    NonZeroU64::new(at_ms.max(1))
+}
+
 /// The close reason sent to every connection on drain (SPEC section 3).
 pub const DRAIN_REASON: &str = "server shutting down; please reconnect";
 
 enum Phase {
-    /// Reading the upgrade request.
-    Handshake {
-        head: Vec<u8>,
-        deadline_ms: u64,
-        peer: Option<SocketAddr>,
-    },
+    /// Reading the upgrade request (boxed: it is short-lived, and an open connection's
+    /// session should not carry its size).
+    Handshake(Box<Handshaking>),
     /// The gear runs.
     Open(Box<dyn LiveConn>),
     /// `terminate` has run (or the gear never started): only the closing handshake and
     /// flushing are left.
     Done,
+}
+
+/// A connection whose upgrade request is still arriving.
+struct Handshaking {
+    head: Vec<u8>,
+    deadline_ms: u64,
+    peer: Option<SocketAddr>,
 }
 
 /// The part of a session that frame events act on (split from the decoder, which
@@ -78,8 +88,10 @@ struct Core {
     /// Bytes handed to the shard and not yet sent.
     in_flight: usize,
     idle_deadline_ms: u64,
-    next_ping_ms: Option<u64>,
-    pong_deadline_ms: Option<u64>,
+    /// Deadlines as `NonZeroU64` (8 bytes with their `None`): a deadline is never at
+    /// time 0, since intervals are at least a second.
+    next_ping_ms: Option<NonZeroU64>,
+    pong_deadline_ms: Option<NonZeroU64>,
     /// Close the socket once the output is flushed.
     finished: bool,
     terminated: bool,
@@ -156,11 +168,11 @@ impl Session {
             core: Core {
                 id,
                 gear: u32::MAX,
-                phase: Phase::Handshake {
+                phase: Phase::Handshake(Box::new(Handshaking {
                     head: Vec::new(),
                     deadline_ms: now_ms + ms(limits.handshake_timeout),
                     peer,
-                },
+                })),
                 closing: Closing::default(),
                 out: Vec::new(),
                 out_start: 0,
@@ -188,7 +200,7 @@ impl Session {
         if self.core.finished {
             return;
         }
-        if let Phase::Handshake { .. } = self.core.phase {
+        if let Phase::Handshake(_) = self.core.phase {
             let rest = self.core.handshake(data, now_ms, app, regs);
             if self.core.pmd.is_some() {
                 self.decoder.allow_rsv(RSV1);
@@ -343,11 +355,11 @@ impl Session {
             return;
         }
         match &core.phase {
-            Phase::Handshake { deadline_ms, .. } if now_ms >= *deadline_ms => {
+            Phase::Handshake(h) if now_ms >= h.deadline_ms => {
                 core.finished = true;
                 return;
             }
-            Phase::Handshake { .. } => return,
+            Phase::Handshake(_) => return,
             _ => {}
         }
         if core.closing.poll_timeout(now_ms) {
@@ -369,7 +381,7 @@ impl Session {
             core.terminate(TerminateReason::Timeout, app, regs);
             return;
         }
-        if core.pong_deadline_ms.is_some_and(|d| now_ms >= d) {
+        if core.pong_deadline_ms.is_some_and(|d| now_ms >= d.get()) {
             core.terminate(
                 TerminateReason::Error(TerminateError::PongTimeout),
                 app,
@@ -379,11 +391,11 @@ impl Session {
             return;
         }
         if let (Some(at), Some(every)) = (core.next_ping_ms, app.limits().ping_interval) {
-            if now_ms >= at {
+            if now_ms >= at.get() {
                 encode_frame_into(&mut core.out, true, 0, OpCode::Ping, b"kythera", None);
-                core.next_ping_ms = Some(now_ms + ms(every));
+                core.next_ping_ms = deadline(now_ms + ms(every));
                 if core.pong_deadline_ms.is_none() {
-                    core.pong_deadline_ms = Some(now_ms + ms(app.limits().pong_timeout));
+                    core.pong_deadline_ms = deadline(now_ms + ms(app.limits().pong_timeout));
                 }
             }
         }
@@ -393,7 +405,7 @@ impl Session {
     pub fn start_drain(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
         let core = &mut self.core;
         match core.phase {
-            Phase::Handshake { .. } => core.finished = true,
+            Phase::Handshake(_) => core.finished = true,
             Phase::Open(_) if core.closing.is_open() => {
                 core.close(CloseCode::GOING_AWAY, DRAIN_REASON, now_ms, app, regs);
                 core.terminate(TerminateReason::Stop, app, regs);
@@ -506,7 +518,7 @@ impl Session {
             return None;
         }
         match &core.phase {
-            Phase::Handshake { deadline_ms, .. } => return Some(*deadline_ms),
+            Phase::Handshake(h) => return Some(h.deadline_ms),
             Phase::Open(_) | Phase::Done => {}
         }
         if let Some(d) = core.closing.deadline_ms() {
@@ -517,8 +529,8 @@ impl Session {
         }
         [
             Some(core.idle_deadline_ms),
-            core.next_ping_ms,
-            core.pong_deadline_ms,
+            core.next_ping_ms.map(NonZeroU64::get),
+            core.pong_deadline_ms.map(NonZeroU64::get),
         ]
         .into_iter()
         .flatten()
@@ -544,8 +556,18 @@ impl Session {
     pub fn sent(&mut self, mut buf: Vec<u8>) {
         let core = &mut self.core;
         core.in_flight = 0;
-        // Keep a modest allocation for the next send; give large ones back.
-        if buf.capacity() <= 64 * 1024 && core.spare.capacity() == 0 {
+        // Keep a modest allocation for the next send; give large ones back. A
+        // connection that has not exchanged a frame yet (it only sent its 101) keeps
+        // nothing: most such connections stay idle, and an idle connection should hold
+        // no buffer.
+        let conversing = match &mut core.phase {
+            Phase::Open(live) => {
+                let meta = live.meta();
+                meta.frames_in + meta.frames_out > 0
+            }
+            Phase::Handshake(_) | Phase::Done => false,
+        };
+        if conversing && buf.capacity() <= 64 * 1024 && core.spare.capacity() == 0 {
             buf.clear();
             core.spare = buf;
         }
@@ -595,18 +617,18 @@ impl Core {
         app: &App,
         regs: &mut Registries,
     ) -> Option<Vec<u8>> {
-        let Phase::Handshake { head, peer, .. } = &mut self.phase else {
+        let Phase::Handshake(hs) = &mut self.phase else {
             return None;
         };
-        head.extend_from_slice(data);
-        let peer = *peer;
-        let head = std::mem::take(head);
+        hs.head.extend_from_slice(data);
+        let peer = hs.peer;
+        let head = std::mem::take(&mut hs.head);
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let req = match parse_request(&head, &mut headers, app.limits().max_head_bytes) {
             Ok(Some(req)) => req,
             Ok(None) => {
-                if let Phase::Handshake { head: h, .. } = &mut self.phase {
-                    *h = head;
+                if let Phase::Handshake(hs) = &mut self.phase {
+                    hs.head = head;
                 }
                 return None;
             }
@@ -696,7 +718,10 @@ impl Core {
         );
         self.pmd = deflate.map(|agreed| Box::new(ConnDeflate::new(agreed, &app.limits().deflate)));
         self.idle_deadline_ms = now_ms.saturating_add(ms(app.limits().idle_timeout));
-        self.next_ping_ms = app.limits().ping_interval.map(|p| now_ms + ms(p));
+        self.next_ping_ms = app
+            .limits()
+            .ping_interval
+            .and_then(|p| deadline(now_ms + ms(p)));
         self.phase = Phase::Done;
         let mut sink = OutSink::new(&mut self.out, self.pmd.as_deref_mut());
         let init = catch_unwind(AssertUnwindSafe(|| {

@@ -37,6 +37,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener};
+use std::num::NonZeroU64;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -382,7 +383,9 @@ struct Conn {
     forced: bool,
     force_scheduled: bool,
     /// The deadline of the timer entry that stands for this connection, if any.
-    scheduled_ms: Option<u64>,
+    /// (`NonZeroU64`: 8 bytes with its `None`; the timer wheel never fires at 0, and
+    /// a deadline of 0 is kept as 1.)
+    scheduled_ms: Option<NonZeroU64>,
     touched: bool,
     /// Open when the drain started: the listeners stay open until every such
     /// connection is gone (or the drain window is over).
@@ -1209,8 +1212,8 @@ impl Shard {
         }
         let deadline = conn.live_session().and_then(|s| s.next_deadline_ms());
         if let Some(deadline) = deadline {
-            if conn.scheduled_ms.is_none_or(|s| deadline < s) {
-                conn.scheduled_ms = Some(deadline);
+            if conn.scheduled_ms.is_none_or(|s| deadline < s.get()) {
+                conn.scheduled_ms = NonZeroU64::new(deadline.max(1));
                 let key = TimerKey::Session {
                     index,
                     generation: conn.generation,
@@ -1239,7 +1242,9 @@ impl Shard {
                 };
                 // Lazy cancellation: an entry of an earlier connection in this slot, or
                 // one that an earlier entry replaced, means nothing.
-                if conn.generation != generation || conn.scheduled_ms != Some(entry.deadline_ms) {
+                if conn.generation != generation
+                    || conn.scheduled_ms != NonZeroU64::new(entry.deadline_ms.max(1))
+                {
                     return Ok(());
                 }
                 conn.scheduled_ms = None;
