@@ -460,19 +460,13 @@ impl Session {
                 let shared = pmd.shared_key().and_then(|key| {
                     frame.compressed(key, || {
                         let mut wire = Vec::new();
-                        with_scratch(|compressed| {
-                            pmd.compress(payload, compressed);
-                            encode_frame_into(&mut wire, true, RSV1, op, compressed, None);
-                        });
+                        pmd.encode_frame(&mut wire, op, payload, None);
                         wire.into()
                     })
                 });
                 match shared {
                     Some(bytes) => core.out.extend_from_slice(bytes),
-                    None => with_scratch(|compressed| {
-                        pmd.compress(payload, compressed);
-                        encode_frame_into(&mut core.out, true, RSV1, op, compressed, None);
-                    }),
+                    None => pmd.encode_frame(&mut core.out, op, payload, None),
                 }
             }
             _ => core.out.extend_from_slice(&frame.encoded),
@@ -1234,10 +1228,9 @@ impl<'a, 'p> OutSink<'a, 'p> {
         }
         let before = self.out.len();
         match self.pmd.as_deref_mut() {
-            Some(pmd) if pmd.compresses(payload.len()) => with_scratch(|compressed| {
-                pmd.compress(payload, compressed);
-                encode_frame_into(self.out, true, RSV1, op, compressed, None);
-            }),
+            Some(pmd) if pmd.compresses(payload.len()) => {
+                pmd.encode_frame(self.out, op, payload, None)
+            }
             _ => encode_frame_into(self.out, true, 0, op, payload, None),
         }
         self.outcome.frames += 1;

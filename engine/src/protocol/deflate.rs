@@ -42,6 +42,7 @@ use std::cell::RefCell;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
+use super::codec::{OpCode, RSV1, encode_frame_into};
 use super::error::ProtocolError;
 
 /// The four bytes a sync flush ends with, which RFC 7692 strips from each message and
@@ -595,6 +596,21 @@ impl ConnDeflate {
                 .get_or_insert_with(|| Box::new(Deflater::new(level, bits)))
                 .compress(payload, out, false);
         }
+    }
+
+    /// Appends a whole data frame for `payload`, compressed (RSV1 set), to `out`;
+    /// masked with `mask` when a client sends it.
+    pub fn encode_frame(
+        &mut self,
+        out: &mut Vec<u8>,
+        opcode: OpCode,
+        payload: &[u8],
+        mask: Option<[u8; 4]>,
+    ) {
+        with_scratch(|compressed| {
+            self.compress(payload, compressed);
+            encode_frame_into(out, true, RSV1, opcode, compressed, mask);
+        });
     }
 
     /// Inflates a received message into `out`, at most `limit` bytes.

@@ -608,10 +608,7 @@ impl Worker {
     /// agreed.
     fn encode_data(c: &mut Conn, opcode: OpCode, payload: &[u8], mask: [u8; 4]) {
         match c.pmd.as_mut() {
-            Some(pmd) => with_scratch(|compressed| {
-                pmd.compress(payload, compressed);
-                codec::encode_frame_into(&mut c.out, true, RSV1, opcode, compressed, Some(mask));
-            }),
+            Some(pmd) => pmd.encode_frame(&mut c.out, opcode, payload, Some(mask)),
             None => codec::encode_frame_into(&mut c.out, true, 0, opcode, payload, Some(mask)),
         }
     }
