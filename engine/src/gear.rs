@@ -23,13 +23,60 @@ use crate::route::{InvalidRoute, Router};
 /// line. Lives in the same allocation as the gear's state.
 #[derive(Debug)]
 pub(crate) struct Meta {
-    pub gear: usize,
-    pub peer: Option<SocketAddr>,
     pub opened_ms: u64,
     pub frames_in: u64,
     pub frames_out: u64,
     /// Counts this connection against its gear's limit until dropped.
     _admission: Admission,
+    pub gear: u32,
+    pub peer: PeerAddr,
+}
+
+/// A peer address in 19 bytes rather than `Option<SocketAddr>`'s 32: every open
+/// connection keeps one (for its DISCONNECTED line), and memory per idle connection is
+/// counted in bytes. IPv6 flow information and scope ids are not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PeerAddr {
+    ip: [u8; 16],
+    port: [u8; 2],
+    /// 0: unknown, 4 or 6.
+    family: u8,
+}
+
+impl PeerAddr {
+    /// Packs an address.
+    pub fn new(addr: Option<SocketAddr>) -> PeerAddr {
+        let mut ip = [0; 16];
+        let (family, port) = match addr {
+            None => (0, 0),
+            Some(SocketAddr::V4(a)) => {
+                ip[..4].copy_from_slice(&a.ip().octets());
+                (4, a.port())
+            }
+            Some(SocketAddr::V6(a)) => {
+                ip = a.ip().octets();
+                (6, a.port())
+            }
+        };
+        PeerAddr {
+            ip,
+            port: port.to_be_bytes(),
+            family,
+        }
+    }
+
+    /// The address.
+    pub fn get(&self) -> Option<SocketAddr> {
+        let port = u16::from_be_bytes(self.port);
+        match self.family {
+            4 => {
+                let [a, b, c, d, ..] = self.ip;
+                Some(SocketAddr::from(([a, b, c, d], port)))
+            }
+            6 => Some(SocketAddr::from((self.ip, port))),
+            _ => None,
+        }
+    }
 }
 
 /// A gear's state for one connection, behind a trait object so that one shard can hold
@@ -80,7 +127,7 @@ impl<G: Websocket> Live<G> {
         f: impl FnOnce(&G, &mut G::State, &mut Context<'_, G::Message>),
     ) {
         let mut none = NoRegistry;
-        let registry = regs.ops::<G::Message>(self.meta.gear, &mut none);
+        let registry = regs.ops::<G::Message>(self.meta.gear as usize, &mut none);
         let mut ctx = Context::new(id, false, sink, registry);
         f(&self.gear, &mut self.state, &mut ctx);
     }
@@ -124,7 +171,7 @@ impl<G: Websocket> LiveConn for Live<G> {
         sink: &mut dyn FrameSink,
         regs: &mut Registries,
     ) {
-        let gear_index = self.meta.gear;
+        let gear_index = self.meta.gear as usize;
         // Names and memberships go first, so that `terminate` publishing a farewell
         // does not reach the leaving connection itself ...
         regs.remove_conn(gear_index, id);
@@ -168,7 +215,7 @@ impl<G: Websocket> DynGear for Arc<G> {
         meta: Meta,
         regs: &mut Registries,
     ) -> Box<dyn LiveConn> {
-        let gear = meta.gear;
+        let gear = meta.gear as usize;
         regs.adopt_names(gear, conn.id(), conn.take_registered());
         let mut none = NoRegistry;
         let registry = regs.ops::<G::Message>(gear, &mut none);
@@ -651,13 +698,31 @@ impl App {
         regs: &mut Registries,
     ) -> Box<dyn LiveConn> {
         let meta = Meta {
-            gear,
-            peer,
+            gear: gear as u32,
+            peer: PeerAddr::new(peer),
             opened_ms: now_ms,
             frames_in: 0,
             frames_out: 0,
             _admission: admission,
         };
         self.gears[gear].gear.init(conn, sink, meta, regs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addresses_pack_and_unpack() {
+        for addr in [
+            None,
+            Some("127.0.0.1:8080".parse().unwrap()),
+            Some("[2001:db8::1]:65535".parse().unwrap()),
+            Some("[::ffff:10.0.0.1]:1".parse().unwrap()),
+        ] {
+            assert_eq!(PeerAddr::new(addr).get(), addr);
+        }
+        assert_eq!(size_of::<PeerAddr>(), 19);
     }
 }

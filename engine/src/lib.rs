@@ -15,6 +15,7 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod shard;
+mod side_table;
 pub mod timer;
 pub mod uring;
 

@@ -51,20 +51,21 @@ fn deadline(at_ms: u64) -> Option<NonZeroU64> {
 /// The close reason sent to every connection on drain (SPEC section 3).
 pub const DRAIN_REASON: &str = "server shutting down; please reconnect";
 
+/// Whether the gear runs. Two variants, so that the enum is the size of its box
+/// pointer; the handshake is `Done` with `Core::handshaking` set.
 enum Phase {
-    /// Reading the upgrade request (boxed: it is short-lived, and an open connection's
-    /// session should not carry its size).
-    Handshake(Box<Handshaking>),
     /// The gear runs.
     Open(Box<dyn LiveConn>),
-    /// `terminate` has run (or the gear never started): only the closing handshake and
-    /// flushing are left.
+    /// Reading the upgrade request (`Core::handshaking`; what it needs is in the
+    /// session's `partial` box: it is short-lived, and an open connection's session
+    /// should not carry its size), or `terminate` has run (or the gear never started):
+    /// only the closing handshake and flushing are left.
     Done,
 }
 
-/// A connection whose upgrade request is still arriving.
+/// A connection whose upgrade request is still arriving (the request's bytes so far
+/// are in `Partial::pending`).
 struct Handshaking {
-    head: Vec<u8>,
     deadline_ms: u64,
     peer: Option<SocketAddr>,
 }
@@ -75,41 +76,97 @@ struct Core {
     id: ConnId,
     /// The gear, once routed (for its counters); `u32::MAX` before.
     gear: u32,
+    /// Close the socket once the output is flushed.
+    finished: bool,
+    terminated: bool,
+    /// The upgrade request is still arriving.
+    handshaking: bool,
     phase: Phase,
-    closing: Closing,
+    idle_deadline_ms: u64,
+    /// A deadline as `NonZeroU64` (8 bytes with its `None`): a deadline is never at
+    /// time 0, since intervals are at least a second.
+    next_ping_ms: Option<NonZeroU64>,
+    /// permessage-deflate, when agreed (boxed: most connections have none, and an
+    /// idle connection's size matters).
+    pmd: Option<Box<ConnDeflate>>,
+    /// Output and closing state; `None` while there is none (see [`Tx`]).
+    tx: Option<Box<Tx>>,
+}
+
+/// What a connection holds while it sends, closes or waits for a pong. Allocated by
+/// the first thing to send and dropped once nothing is left in it and the connection
+/// has been quiet for [`TX_QUIET_MS`] (at once after a handshake's response, when no
+/// frame has been exchanged yet): an idle connection holds none, and one that
+/// converses keeps its buffers from message to message instead of allocating them
+/// for each.
+#[derive(Default)]
+struct Tx {
     /// Frames encoded and not yet handed to the shard, from `out_start` on.
     out: Vec<u8>,
-    /// Where the output starts in `out`: not 0 only when `out` is a received frame's
-    /// buffer whose payload is echoed in place (the bytes before are the rest of the
-    /// client's header).
-    out_start: u8,
     /// The allocation of the last completed send, reused for the next.
     spare: Vec<u8>,
     /// Bytes handed to the shard and not yet sent.
     in_flight: usize,
-    idle_deadline_ms: u64,
-    /// Deadlines as `NonZeroU64` (8 bytes with their `None`): a deadline is never at
-    /// time 0, since intervals are at least a second.
-    next_ping_ms: Option<NonZeroU64>,
+    /// When output was last taken or bytes last received.
+    active_ms: u64,
     pong_deadline_ms: Option<NonZeroU64>,
-    /// Close the socket once the output is flushed.
-    finished: bool,
-    terminated: bool,
-    /// The latest time the shard passed in, for the connection's duration.
-    now_ms: u64,
-    /// permessage-deflate, when agreed (boxed: most connections have none, and an
-    /// idle connection's size matters).
-    pmd: Option<Box<ConnDeflate>>,
+    closing: Closing,
+    /// Where the output starts in `out`: not 0 only when `out` is a received frame's
+    /// buffer whose payload is echoed in place (the bytes before are the rest of the
+    /// client's header).
+    out_start: u8,
+}
+
+/// How long a connection stays quiet before its output buffers are given back.
+pub const TX_QUIET_MS: u64 = 1_000;
+
+impl Tx {
+    /// Nothing queued, nothing in flight, no closing handshake or ping under way: the
+    /// box can go (what it holds is only an allocation to reuse).
+    fn is_empty(&self) -> bool {
+        self.out.len() == usize::from(self.out_start)
+            && self.in_flight == 0
+            && self.pong_deadline_ms.is_none()
+            && self.closing.is_open()
+    }
+}
+
+/// The connection's `Tx`, allocated if it has none.
+fn tx(slot: &mut Option<Box<Tx>>) -> &mut Tx {
+    slot.get_or_insert_with(Box::default)
 }
 
 /// One connection, from the accept to the close of its socket.
+///
+/// What an idle connection needs is all that is kept inline (`Core` without its
+/// boxes); receive and send state live in boxes that exist only while they hold
+/// something, so that memory per idle connection stays small (README, "Memory").
 pub struct Session {
+    /// The upgrade request while it arrives, then a frame that continues in the next
+    /// receive or a fragmented message in progress; `None` between whole frames (the
+    /// common case: a frame that lies whole in one receive is decoded with a decoder on
+    /// the stack).
+    partial: Option<Box<Partial>>,
+    core: Core,
+}
+
+/// Receive state that outlives one receive.
+struct Partial {
+    /// Its reassembler holds the fragments of a message in progress.
     decoder: Decoder,
     /// The start of a frame whose rest has not arrived yet. Once the frame's header is
     /// whole in it, the payload bytes in it are unmasked already (and unmasked as they
-    /// are appended).
+    /// are appended). During the handshake: the request so far.
     pending: Vec<u8>,
-    core: Core,
+    /// Only during the handshake.
+    handshake: Option<Handshaking>,
+}
+
+impl Partial {
+    /// Whether it still holds anything (else it is dropped).
+    fn holds_something(&mut self) -> bool {
+        !self.pending.is_empty() || self.decoder.assembler_mut().in_progress()
+    }
 }
 
 /// The frame at the start of a buffer, when its header is whole.
@@ -158,35 +215,39 @@ impl Session {
     /// A session for a socket just accepted.
     pub fn new(id: ConnId, peer: Option<SocketAddr>, now_ms: u64, app: &App) -> Session {
         let limits = app.limits();
+        let decoder = Decoder::new(DecoderConfig {
+            role: Role::Server,
+            max_message_bytes: limits.max_message_bytes,
+            allowed_rsv: 0,
+        });
         Session {
-            decoder: Decoder::new(DecoderConfig {
-                role: Role::Server,
-                max_message_bytes: limits.max_message_bytes,
-                allowed_rsv: 0,
-            }),
-            pending: Vec::new(),
+            partial: Some(Box::new(Partial {
+                decoder,
+                pending: Vec::new(),
+                handshake: Some(Handshaking {
+                    deadline_ms: now_ms + ms(limits.handshake_timeout),
+                    peer,
+                }),
+            })),
             core: Core {
                 id,
                 gear: u32::MAX,
-                phase: Phase::Handshake(Box::new(Handshaking {
-                    head: Vec::new(),
-                    deadline_ms: now_ms + ms(limits.handshake_timeout),
-                    peer,
-                })),
-                closing: Closing::default(),
-                out: Vec::new(),
-                out_start: 0,
-                spare: Vec::new(),
-                in_flight: 0,
-                idle_deadline_ms: u64::MAX,
-                next_ping_ms: None,
-                pong_deadline_ms: None,
+                phase: Phase::Done,
+                handshaking: true,
                 finished: false,
                 terminated: false,
-                now_ms,
+                idle_deadline_ms: u64::MAX,
+                next_ping_ms: None,
                 pmd: None,
+                tx: None,
             },
         }
+    }
+
+    /// When the upgrade request must be whole, during the handshake.
+    fn handshake_deadline_ms(&self) -> Option<u64> {
+        let hs = self.partial.as_ref()?.handshake.as_ref()?;
+        Some(hs.deadline_ms)
     }
 
     /// This connection's id.
@@ -196,19 +257,23 @@ impl Session {
 
     /// Received bytes, borrowed from the receive buffer; frames are unmasked in place.
     pub fn on_recv(&mut self, data: &mut [u8], now_ms: u64, app: &App, regs: &mut Registries) {
-        self.core.now_ms = now_ms;
         if self.core.finished {
             return;
         }
-        if let Phase::Handshake(_) = self.core.phase {
-            let rest = self.core.handshake(data, now_ms, app, regs);
-            if self.core.pmd.is_some() {
-                self.decoder.allow_rsv(RSV1);
+        if self.core.handshaking {
+            let Some(mut hs) = self.partial.take() else {
+                return;
+            };
+            let rest = self.core.handshake(&mut hs, data, now_ms, app, regs);
+            if self.core.handshaking {
+                self.partial = Some(hs); // the request is not whole yet
+                return;
             }
-            if let Some(rest) = rest {
+            if let Some(rest) = rest.filter(|r| !r.is_empty()) {
                 // Bytes after the request head are the client's first frames.
-                self.append_pending(&rest);
-                self.process_pending(now_ms, app, regs);
+                let mut partial = self.core.new_partial(app);
+                append_pending(&mut partial, &rest);
+                self.process_pending(partial, now_ms, app, regs);
             }
             return;
         }
@@ -216,156 +281,128 @@ impl Session {
         if let Some(c) = regs.counters(self.core.gear()) {
             c.bytes_in.add(data.len() as u64);
         }
-        if self.pending.is_empty() {
-            let (used, needed, _) = self.process(data, false, false, now_ms, app, regs);
-            if used < data.len() && !self.core.finished {
-                reserve_frame(&mut self.pending, needed, app);
-                self.append_pending(&data[used..]);
+        match self.partial.take() {
+            None => {
+                // Whole frames need no state kept between receives: decode them with
+                // a decoder on the stack, and box one only if something is left over.
+                let mut decoder = Decoder::new(self.core.decoder_config(app));
+                let (used, needed, _) = process(
+                    &mut decoder,
+                    &mut self.core,
+                    data,
+                    false,
+                    false,
+                    now_ms,
+                    app,
+                    regs,
+                );
+                if self.core.finished {
+                    return;
+                }
+                let leftover = used < data.len();
+                if leftover || decoder.assembler_mut().in_progress() {
+                    let mut partial = Box::new(Partial {
+                        decoder,
+                        pending: Vec::new(),
+                        handshake: None,
+                    });
+                    if leftover {
+                        reserve_frame(&mut partial.pending, needed, app);
+                        append_pending(&mut partial, &data[used..]);
+                    }
+                    self.partial = Some(partial);
+                }
             }
-        } else if self.append_pending(data) {
-            self.process_pending(now_ms, app, regs);
-        }
-    }
-
-    /// Appends received bytes to `pending`, unmasking those that belong to the payload
-    /// of its first frame as they are copied. Returns false while that frame's header
-    /// is whole and the frame is not (nothing to decode yet).
-    fn append_pending(&mut self, data: &[u8]) -> bool {
-        let cfg = self.decoder.config();
-        let at = self.pending.len();
-        let frame = if at == 0 {
-            started_frame(data, cfg)
-        } else {
-            started_frame(&self.pending, cfg)
-        };
-        let Some(f) = frame else {
-            // The header was not whole before: unmask what is there if it is now.
-            self.pending.extend_from_slice(data);
-            unmask_started(&mut self.pending, cfg);
-            return true;
-        };
-        // The header (when `pending` was empty), the payload (unmasked as it is
-        // copied), then whatever follows the frame.
-        let head = f.payload_start.saturating_sub(at).min(data.len());
-        let (header, rest) = data.split_at(head);
-        let body = f.end.saturating_sub(at + head).min(rest.len());
-        let (payload, after) = rest.split_at(body);
-        self.pending.extend_from_slice(header);
-        extend_unmasked(
-            &mut self.pending,
-            payload,
-            f.mask,
-            at + head - f.payload_start,
-        );
-        self.pending.extend_from_slice(after);
-        self.pending.len() >= f.end
-    }
-
-    fn process_pending(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
-        let mut buf = std::mem::take(&mut self.pending);
-        let unmasked = started_frame(&buf, self.decoder.config()).is_some();
-        let (used, needed, echo) = self.process(&mut buf, unmasked, true, now_ms, app, regs);
-        if let Some((op, len)) = echo {
-            // The frame was the whole buffer and its payload is echoed as it is.
-            self.core.echo_in_place(buf, op, len, now_ms, app, regs);
-            return;
-        }
-        if used < buf.len() && !self.core.finished {
-            if used > 0 {
-                buf.drain(..used);
-                unmask_started(&mut buf, self.decoder.config());
+            Some(mut partial) => {
+                if append_pending(&mut partial, data) {
+                    self.process_pending(partial, now_ms, app, regs);
+                } else {
+                    self.partial = Some(partial);
+                }
             }
-            reserve_frame(&mut buf, needed, app);
-            self.pending = buf;
         }
     }
 
-    /// Decodes and acts on every whole frame at the start of `buf`; returns how many
-    /// bytes were used, if a frame is incomplete how many bytes it needs from where it
-    /// starts, and, when `owned` (`buf` is `pending`, to be given away) and the gear
-    /// echoed a frame that was all of `buf` as it is, that echo's opcode and length
-    /// (not queued yet: see [`Core::echo_in_place`]). `first_unmasked`: the first
-    /// frame's payload is unmasked already.
-    fn process(
+    /// Decodes what `pending` holds (its first frame is whole) and keeps `partial` if
+    /// it still holds something.
+    fn process_pending(
         &mut self,
-        buf: &mut [u8],
-        first_unmasked: bool,
-        owned: bool,
+        mut partial: Box<Partial>,
         now_ms: u64,
         app: &App,
         regs: &mut Registries,
-    ) -> (usize, u64, Option<(OpCode, usize)>) {
-        let mut start = 0;
-        let mut needed = 0;
-        let mut unmasked = first_unmasked;
-        // Only ever set for the last frame of `buf`, which ends the loop.
-        let mut echo = None;
-        // Where `buf` ends: a message whose payload ends there, in a frame that starts
-        // the buffer, can be echoed in place.
-        let (len, end) = (buf.len(), buf.as_ptr_range().end);
-        while start < len && !self.core.finished {
-            let whole_buffer = owned && start == 0;
-            match self
-                .decoder
-                .step_with(&mut buf[start..], std::mem::take(&mut unmasked))
-            {
-                Ok(Step::Event(Event::Compressed { binary, payload }, used)) => {
-                    start += used;
-                    echo = None;
-                    self.core.on_compressed(binary, payload, now_ms, app, regs);
-                }
-                Ok(Step::Event(event, used)) => {
-                    start += used;
-                    let in_place = (whole_buffer && start == len).then_some(end);
-                    echo = self.core.on_event(event, in_place, now_ms, app, regs);
-                }
-                Ok(Step::NeedMore { needed: n }) => {
-                    needed = n;
-                    break;
-                }
-                Err(e) => {
-                    self.core.fail(e, now_ms, app, regs);
-                    break;
-                }
+    ) {
+        let mut buf = std::mem::take(&mut partial.pending);
+        let unmasked = started_frame(&buf, partial.decoder.config()).is_some();
+        let core = &mut self.core;
+        let (used, needed, echo) = process(
+            &mut partial.decoder,
+            core,
+            &mut buf,
+            unmasked,
+            true,
+            now_ms,
+            app,
+            regs,
+        );
+        if let Some((op, len)) = echo {
+            // The frame was the whole buffer and its payload is echoed as it is.
+            core.echo_in_place(buf, op, len, now_ms, app, regs);
+        } else if used < buf.len() && !core.finished {
+            if used > 0 {
+                buf.drain(..used);
+                unmask_started(&mut buf, partial.decoder.config());
             }
+            reserve_frame(&mut buf, needed, app);
+            partial.pending = buf;
         }
-        if !self.decoder.assembler_mut().in_progress() {
-            self.decoder.assembler_mut().release();
+        if !core.finished && partial.holds_something() {
+            self.partial = Some(partial);
         }
-        (start, needed, echo)
     }
 
     /// The peer is gone: `None` for EOF, `Some(errno)` for a socket error.
-    pub fn on_peer_gone(&mut self, errno: Option<i32>, app: &App, regs: &mut Registries) {
+    pub fn on_peer_gone(
+        &mut self,
+        errno: Option<i32>,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) {
         let reason = match errno {
             Some(e) => TerminateReason::Error(TerminateError::Io(e)),
             None => TerminateReason::Remote,
         };
-        self.core.terminate(reason, app, regs);
-        self.core.out = Vec::new();
-        self.core.out_start = 0;
+        self.core.terminate(reason, now_ms, app, regs);
+        if let Some(tx) = &mut self.core.tx {
+            tx.out = Vec::new();
+            tx.out_start = 0;
+        }
         self.core.finished = true;
     }
 
     /// Timers: handshake, idle, ping/pong and closing deadlines.
     pub fn on_tick(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
+        let handshake_deadline = self.handshake_deadline_ms();
         let core = &mut self.core;
-        core.now_ms = now_ms;
         if core.finished {
             return;
         }
-        match &core.phase {
-            Phase::Handshake(h) if now_ms >= h.deadline_ms => {
+        if core.handshaking {
+            if handshake_deadline.is_none_or(|d| now_ms >= d) {
                 core.finished = true;
-                return;
             }
-            Phase::Handshake(_) => return,
-            _ => {}
+            return;
         }
-        if core.closing.poll_timeout(now_ms) {
+        if core
+            .tx
+            .as_mut()
+            .is_some_and(|t| t.closing.poll_timeout(now_ms))
+        {
             if !core.terminated {
                 core.terminate(
                     TerminateReason::Error(TerminateError::ClosingTimeout),
+                    now_ms,
                     app,
                     regs,
                 );
@@ -373,17 +410,19 @@ impl Session {
             core.finished = true;
             return;
         }
-        if !core.closing.is_open() {
+        if !core.closing_open() {
             return;
         }
         if now_ms >= core.idle_deadline_ms {
             core.close(CloseCode::NORMAL, "idle timeout", now_ms, app, regs);
-            core.terminate(TerminateReason::Timeout, app, regs);
+            core.terminate(TerminateReason::Timeout, now_ms, app, regs);
             return;
         }
-        if core.pong_deadline_ms.is_some_and(|d| now_ms >= d.get()) {
+        let pong_deadline = core.tx.as_ref().and_then(|t| t.pong_deadline_ms);
+        if pong_deadline.is_some_and(|d| now_ms >= d.get()) {
             core.terminate(
                 TerminateReason::Error(TerminateError::PongTimeout),
+                now_ms,
                 app,
                 regs,
             );
@@ -392,23 +431,25 @@ impl Session {
         }
         if let (Some(at), Some(every)) = (core.next_ping_ms, app.limits().ping_interval) {
             if now_ms >= at.get() {
-                encode_frame_into(&mut core.out, true, 0, OpCode::Ping, b"kythera", None);
+                let tx = tx(&mut core.tx);
+                encode_frame_into(&mut tx.out, true, 0, OpCode::Ping, b"kythera", None);
                 core.next_ping_ms = deadline(now_ms + ms(every));
-                if core.pong_deadline_ms.is_none() {
-                    core.pong_deadline_ms = deadline(now_ms + ms(app.limits().pong_timeout));
+                if tx.pong_deadline_ms.is_none() {
+                    tx.pong_deadline_ms = deadline(now_ms + ms(app.limits().pong_timeout));
                 }
             }
         }
+        core.trim(now_ms);
     }
 
     /// The server drains: close 1001, terminate `Stop`.
     pub fn start_drain(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
         let core = &mut self.core;
         match core.phase {
-            Phase::Handshake(_) => core.finished = true,
-            Phase::Open(_) if core.closing.is_open() => {
+            _ if core.handshaking => core.finished = true,
+            Phase::Open(_) if core.closing_open() => {
                 core.close(CloseCode::GOING_AWAY, DRAIN_REASON, now_ms, app, regs);
-                core.terminate(TerminateReason::Stop, app, regs);
+                core.terminate(TerminateReason::Stop, now_ms, app, regs);
             }
             _ => {}
         }
@@ -425,7 +466,7 @@ impl Session {
         regs: &mut Registries,
     ) -> bool {
         let core = &mut self.core;
-        core.accepts_frames(now_ms)
+        core.accepts_frames()
             && core.run_callback(now_ms, app, regs, |live, id, sink, regs| {
                 live.server_message(id, msg, sink, regs)
             })
@@ -441,13 +482,14 @@ impl Session {
         regs: &mut Registries,
     ) -> bool {
         let core = &mut self.core;
-        if !core.accepts_frames(now_ms) {
+        if !core.accepts_frames() {
             return false;
         }
         if let Phase::Open(live) = &mut core.phase {
             live.meta().frames_out += 1;
         }
-        let before = core.out.len();
+        let out = &mut tx(&mut core.tx).out;
+        let before = out.len();
         let payload = frame.payload();
         match core.pmd.as_deref_mut() {
             Some(pmd) if pmd.compresses(payload.len()) => {
@@ -465,15 +507,16 @@ impl Session {
                     })
                 });
                 match shared {
-                    Some(bytes) => core.out.extend_from_slice(bytes),
-                    None => pmd.encode_frame(&mut core.out, op, payload, None),
+                    Some(bytes) => out.extend_from_slice(bytes),
+                    None => pmd.encode_frame(out, op, payload, None),
                 }
             }
-            _ => core.out.extend_from_slice(&frame.encoded),
+            _ => out.extend_from_slice(&frame.encoded),
         }
+        let bytes = (out.len() - before) as u64;
         if let Some(c) = regs.counters(core.gear()) {
             c.frames_out.add(1);
-            c.bytes_out.add((core.out.len() - before) as u64);
+            c.bytes_out.add(bytes);
         }
         core.check_outgoing(now_ms, app, regs);
         true
@@ -488,10 +531,10 @@ impl Session {
         regs: &mut Registries,
     ) -> bool {
         let core = &mut self.core;
-        if !core.accepts_frames(now_ms) {
+        if !core.accepts_frames() {
             return false;
         }
-        let mut sink = OutSink::new(&mut core.out, core.pmd.as_deref_mut());
+        let mut sink = OutSink::new(&mut core.tx, core.pmd.as_deref_mut());
         sink.send_frame(handler_api::Frame::Close(close));
         let outcome = sink.finish();
         core.after_callback(outcome, now_ms, app, regs);
@@ -500,8 +543,9 @@ impl Session {
 
     /// The shard stops with this session still open (the end of a drain): `terminate`
     /// runs with `Stop`, with the registry at hand so that names and groups are freed.
-    pub fn shut_down(&mut self, app: &App, regs: &mut Registries) {
-        self.core.terminate(TerminateReason::Stop, app, regs);
+    pub fn shut_down(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
+        self.core
+            .terminate(TerminateReason::Stop, now_ms, app, regs);
         self.core.finished = true;
     }
 
@@ -511,20 +555,23 @@ impl Session {
         if core.finished {
             return None;
         }
-        match &core.phase {
-            Phase::Handshake(h) => return Some(h.deadline_ms),
-            Phase::Open(_) | Phase::Done => {}
+        if core.handshaking {
+            return self.handshake_deadline_ms();
         }
-        if let Some(d) = core.closing.deadline_ms() {
+        let tx = core.tx.as_deref();
+        if let Some(d) = tx.and_then(|t| t.closing.deadline_ms()) {
             return Some(d);
         }
-        if !core.closing.is_open() {
+        if !core.closing_open() {
             return None;
         }
         [
             Some(core.idle_deadline_ms),
             core.next_ping_ms.map(NonZeroU64::get),
-            core.pong_deadline_ms.map(NonZeroU64::get),
+            tx.and_then(|t| t.pong_deadline_ms).map(NonZeroU64::get),
+            // Give the output buffers back once quiet.
+            tx.filter(|t| t.is_empty())
+                .map(|t| t.active_ms.saturating_add(TX_QUIET_MS)),
         ]
         .into_iter()
         .flatten()
@@ -534,22 +581,24 @@ impl Session {
     /// Takes the bytes to send now, if any: a buffer and where in it the bytes to send
     /// start (the rest of the buffer is sent). One send per connection is in flight at
     /// a time; give the buffer back with [`Session::sent`].
-    pub fn take_output(&mut self) -> Option<(Vec<u8>, usize)> {
+    pub fn take_output(&mut self, now_ms: u64) -> Option<(Vec<u8>, usize)> {
         let core = &mut self.core;
-        if core.out.is_empty() {
-            return None;
-        }
-        let next = std::mem::take(&mut core.spare);
-        let buf = std::mem::replace(&mut core.out, next);
-        let start = usize::from(std::mem::take(&mut core.out_start));
-        core.in_flight = buf.len() - start;
+        let tx = core.tx.as_deref_mut().filter(|t| !t.out.is_empty())?;
+        let next = std::mem::take(&mut tx.spare);
+        let buf = std::mem::replace(&mut tx.out, next);
+        let start = usize::from(std::mem::take(&mut tx.out_start));
+        tx.in_flight = buf.len() - start;
+        tx.active_ms = now_ms;
         Some((buf, start))
     }
 
     /// The send of a buffer from [`Session::take_output`] completed.
     pub fn sent(&mut self, mut buf: Vec<u8>) {
         let core = &mut self.core;
-        core.in_flight = 0;
+        let Some(tx) = core.tx.as_deref_mut() else {
+            return;
+        };
+        tx.in_flight = 0;
         // Keep a modest allocation for the next send; give large ones back. A
         // connection that has not exchanged a frame yet (it only sent its 101) keeps
         // nothing: most such connections stay idle, and an idle connection should hold
@@ -559,11 +608,15 @@ impl Session {
                 let meta = live.meta();
                 meta.frames_in + meta.frames_out > 0
             }
-            Phase::Handshake(_) | Phase::Done => false,
+            Phase::Done => false,
         };
-        if conversing && buf.capacity() <= 64 * 1024 && core.spare.capacity() == 0 {
+        if !conversing {
+            if tx.is_empty() {
+                core.tx = None;
+            }
+        } else if buf.capacity() <= 64 * 1024 && tx.spare.capacity() == 0 {
             buf.clear();
-            core.spare = buf;
+            tx.spare = buf;
         }
     }
 
@@ -579,7 +632,7 @@ impl Session {
 
     /// Bytes queued and in flight towards the client.
     pub fn queued_bytes(&self) -> usize {
-        self.core.queued() + self.core.in_flight
+        self.core.queued() + self.core.tx.as_ref().map_or(0, |t| t.in_flight)
     }
 }
 
@@ -606,26 +659,19 @@ impl Core {
     /// Feeds the upgrade request; on success returns the bytes after its head.
     fn handshake(
         &mut self,
+        hs: &mut Partial,
         data: &[u8],
         now_ms: u64,
         app: &App,
         regs: &mut Registries,
     ) -> Option<Vec<u8>> {
-        let Phase::Handshake(hs) = &mut self.phase else {
-            return None;
-        };
-        hs.head.extend_from_slice(data);
-        let peer = hs.peer;
-        let head = std::mem::take(&mut hs.head);
+        hs.pending.extend_from_slice(data);
+        let peer = hs.handshake.as_ref().and_then(|h| h.peer);
+        let head = &hs.pending;
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let req = match parse_request(&head, &mut headers, app.limits().max_head_bytes) {
+        let req = match parse_request(head, &mut headers, app.limits().max_head_bytes) {
             Ok(Some(req)) => req,
-            Ok(None) => {
-                if let Phase::Handshake(hs) = &mut self.phase {
-                    hs.head = head;
-                }
-                return None;
-            }
+            Ok(None) => return None,
             Err(rej) => return self.reject(rej, regs),
         };
         if !is_upgrade(&req) {
@@ -634,7 +680,12 @@ impl Core {
                     ("content-type", answer.content_type),
                     ("cache-control", "no-store"),
                 ];
-                write_response(&mut self.out, answer.status, headers, &answer.body);
+                write_response(
+                    &mut tx(&mut self.tx).out,
+                    answer.status,
+                    headers,
+                    &answer.body,
+                );
                 return self.end_handshake();
             }
         }
@@ -688,13 +739,14 @@ impl Core {
                     c.rejected(resp.status());
                 }
                 let headers = resp.headers().iter().map(|(k, v)| (k.as_str(), v.as_str()));
-                write_response(&mut self.out, resp.status(), headers, resp.body_bytes());
+                let out = &mut tx(&mut self.tx).out;
+                write_response(out, resp.status(), headers, resp.body_bytes());
                 return self.end_handshake();
             }
             Err(panic) => {
                 release_names(&mut conn, app, gear);
                 warn!(conn = %self.id, gear = app.pattern(gear), panic = panic_message(&panic), "connect panicked");
-                write_response(&mut self.out, 500, [], b"internal error");
+                write_response(&mut tx(&mut self.tx).out, 500, [], b"internal error");
                 return self.end_handshake();
             }
         }
@@ -704,7 +756,7 @@ impl Core {
             .map(|(k, v)| (k.as_str(), v.as_str()));
         let extensions = deflate.map(|agreed| agreed.response());
         write_switching_protocols(
-            &mut self.out,
+            &mut tx(&mut self.tx).out,
             &key,
             conn.subprotocol(),
             extensions.as_deref(),
@@ -716,8 +768,9 @@ impl Core {
             .limits()
             .ping_interval
             .and_then(|p| deadline(now_ms + ms(p)));
+        self.handshaking = false;
         self.phase = Phase::Done;
-        let mut sink = OutSink::new(&mut self.out, self.pmd.as_deref_mut());
+        let mut sink = OutSink::new(&mut self.tx, self.pmd.as_deref_mut());
         let init = catch_unwind(AssertUnwindSafe(|| {
             app.init(gear, &mut conn, &mut sink, peer, admission, now_ms, regs)
         }));
@@ -752,11 +805,12 @@ impl Core {
         if let Some(c) = regs.counters(self.gear()) {
             c.rejected(rej.status());
         }
-        rej.write_response(&mut self.out);
+        rej.write_response(&mut tx(&mut self.tx).out);
         self.end_handshake()
     }
 
     fn end_handshake(&mut self) -> Option<Vec<u8>> {
+        self.handshaking = false;
         self.phase = Phase::Done;
         self.finished = true;
         None
@@ -777,7 +831,7 @@ impl Core {
     ) -> Option<(OpCode, usize)> {
         match event {
             Event::Message(msg) => {
-                if !self.closing.is_open() {
+                if !self.closing_open() {
                     return None; // after our close, data is read and dropped
                 }
                 let counters = regs.counters(self.gear());
@@ -794,7 +848,7 @@ impl Core {
                     handler_api::Message::Binary(b) => b,
                 };
                 let compressing = self.pmd.is_some();
-                let mut sink = OutSink::new(&mut self.out, self.pmd.as_deref_mut());
+                let mut sink = OutSink::new(&mut self.tx, self.pmd.as_deref_mut());
                 // Only a payload that ends the buffer lies in it (a reassembled one
                 // lies in the assembler's buffer). With compression agreed, echoes are
                 // compressed, not sent in place.
@@ -818,7 +872,8 @@ impl Core {
                     if outcome.panic.is_some() || outcome.gear_error.is_some() || outcome.closed {
                         // Nothing was queued after the echo (a later send would have
                         // queued it first): queue it now, before what the outcome adds.
-                        encode_frame_into(&mut self.out, true, 0, op, payload, None);
+                        let out = &mut tx(&mut self.tx).out;
+                        encode_frame_into(out, true, 0, op, payload, None);
                         echo = None;
                     }
                 }
@@ -828,17 +883,22 @@ impl Core {
             // Inflated by `on_compressed` first, which hands the message on.
             Event::Fragment | Event::Compressed { .. } => {}
             Event::Ping(payload) => {
-                if self.closing.is_open() {
-                    encode_frame_into(&mut self.out, true, 0, OpCode::Pong, payload, None);
+                if self.closing_open() {
+                    let out = &mut tx(&mut self.tx).out;
+                    encode_frame_into(out, true, 0, OpCode::Pong, payload, None);
                     self.check_outgoing(now_ms, app, regs);
                 }
             }
-            Event::Pong(_) => self.pong_deadline_ms = None,
+            Event::Pong(_) => {
+                if let Some(tx) = &mut self.tx {
+                    tx.pong_deadline_ms = None;
+                }
+            }
             Event::Close(close) => {
                 if let Some(c) = regs.counters(self.gear()) {
                     c.close_received(close.code.map(CloseCode::get));
                 }
-                match self.closing.peer_close(close.code) {
+                match tx(&mut self.tx).closing.peer_close(close.code) {
                     PeerCloseAction::Reply(code) => {
                         self.send_close(code, "", regs);
                         self.terminate(
@@ -846,6 +906,7 @@ impl Core {
                                 code: close.code,
                                 reason: close.reason.to_owned(),
                             },
+                            now_ms,
                             app,
                             regs,
                         );
@@ -877,25 +938,70 @@ impl Core {
         let start = payload_start
             .checked_sub(header.len())
             .and_then(|s| u8::try_from(s).ok());
+        let tx = tx(&mut self.tx);
         match start {
-            Some(start) if self.out.is_empty() => {
+            Some(start) if tx.out.is_empty() => {
                 buf[usize::from(start)..payload_start].copy_from_slice(header);
-                let old = std::mem::replace(&mut self.out, buf);
-                if self.spare.capacity() == 0 && old.capacity() <= 64 * 1024 {
-                    self.spare = old;
+                let old = std::mem::replace(&mut tx.out, buf);
+                if tx.spare.capacity() == 0 && old.capacity() <= 64 * 1024 {
+                    tx.spare = old;
                 }
-                self.out_start = start;
+                tx.out_start = start;
             }
             // Not reached (nothing is queued after a deferred echo, and a client's
             // header is longer than ours), but correct: copy.
-            _ => encode_frame_into(&mut self.out, true, 0, op, &buf[payload_start..], None),
+            _ => encode_frame_into(&mut tx.out, true, 0, op, &buf[payload_start..], None),
         }
         self.check_outgoing(now_ms, app, regs);
     }
 
+    /// How this connection's frames are decoded: the server's side, the message limit,
+    /// RSV1 once permessage-deflate is agreed.
+    fn decoder_config(&self, app: &App) -> DecoderConfig {
+        DecoderConfig {
+            role: Role::Server,
+            max_message_bytes: app.limits().max_message_bytes,
+            allowed_rsv: if self.pmd.is_some() { RSV1 } else { 0 },
+        }
+    }
+
+    /// Empty receive state, for a frame that continues in the next receive.
+    fn new_partial(&self, app: &App) -> Box<Partial> {
+        Box::new(Partial {
+            decoder: Decoder::new(self.decoder_config(app)),
+            pending: Vec::new(),
+            handshake: None,
+        })
+    }
+
     /// Bytes queued and not handed to the shard yet.
     fn queued(&self) -> usize {
-        self.out.len() - usize::from(self.out_start)
+        self.tx
+            .as_ref()
+            .map_or(0, |t| t.out.len() - usize::from(t.out_start))
+    }
+
+    /// Whether no close has been sent or received: data still flows both ways.
+    fn closing_open(&self) -> bool {
+        self.tx.as_ref().is_none_or(|t| t.closing.is_open())
+    }
+
+    /// Starts the closing handshake from our side; false if a close was sent already.
+    fn local_close(&mut self, now_ms: u64, app: &App) -> bool {
+        tx(&mut self.tx)
+            .closing
+            .local_close(now_ms, ms(app.limits().closing_timeout))
+    }
+
+    /// Gives the output buffers back if the connection has been quiet long enough.
+    fn trim(&mut self, now_ms: u64) {
+        if self
+            .tx
+            .as_ref()
+            .is_some_and(|t| t.is_empty() && now_ms >= t.active_ms.saturating_add(TX_QUIET_MS))
+        {
+            self.tx = None;
+        }
     }
 
     /// The routed gear, if any.
@@ -905,9 +1011,8 @@ impl Core {
 
     /// Whether the gear is running and no close has been sent: the connection takes
     /// server messages and published frames.
-    fn accepts_frames(&mut self, now_ms: u64) -> bool {
-        self.now_ms = now_ms;
-        !self.finished && self.closing.is_open() && matches!(self.phase, Phase::Open(_))
+    fn accepts_frames(&self) -> bool {
+        !self.finished && self.closing_open() && matches!(self.phase, Phase::Open(_))
     }
 
     /// Runs one gear callback on an open connection: its frames go to the output, a
@@ -924,7 +1029,7 @@ impl Core {
             return false;
         };
         let id = self.id;
-        let mut sink = OutSink::new(&mut self.out, self.pmd.as_deref_mut());
+        let mut sink = OutSink::new(&mut self.tx, self.pmd.as_deref_mut());
         let result = catch_unwind(AssertUnwindSafe(|| call(&mut **live, id, &mut sink, regs)));
         let mut outcome = sink.finish();
         live.meta().frames_out += outcome.frames;
@@ -952,6 +1057,7 @@ impl Core {
             self.close(CloseCode::INTERNAL_ERROR, "", now_ms, app, regs);
             self.terminate(
                 TerminateReason::Error(TerminateError::HandlerPanic(msg)),
+                now_ms,
                 app,
                 regs,
             );
@@ -960,18 +1066,16 @@ impl Core {
         if let Some(err) = outcome.gear_error {
             warn!(conn = %self.id, error = %err, "gear error; closing");
             // The context already queued the close frame (1011).
-            self.closing
-                .local_close(now_ms, ms(app.limits().closing_timeout));
-            self.terminate(TerminateReason::Error(err), app, regs);
+            self.local_close(now_ms, app);
+            self.terminate(TerminateReason::Error(err), now_ms, app, regs);
             return;
         }
         if outcome.closed {
             if let Some(c) = regs.counters(self.gear()) {
                 c.close_sent(outcome.close_code);
             }
-            self.closing
-                .local_close(now_ms, ms(app.limits().closing_timeout));
-            self.terminate(TerminateReason::Stop, app, regs);
+            self.local_close(now_ms, app);
+            self.terminate(TerminateReason::Stop, now_ms, app, regs);
             return;
         }
         self.check_outgoing(now_ms, app, regs);
@@ -982,20 +1086,20 @@ impl Core {
     /// flight count: output the kernel can take at once (one large echo, say) is not a
     /// sign of a client that stopped reading.
     fn check_outgoing(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
-        if self.in_flight == 0 || self.queued() <= app.limits().max_outgoing_bytes {
+        let in_flight = self.tx.as_ref().map_or(0, |t| t.in_flight);
+        if in_flight == 0 || self.queued() <= app.limits().max_outgoing_bytes {
             return;
         }
-        self.out = Vec::new();
-        self.out_start = 0;
-        self.spare = Vec::new();
-        if self
-            .closing
-            .local_close(now_ms, ms(app.limits().closing_timeout))
-        {
+        let tx = tx(&mut self.tx);
+        tx.out = Vec::new();
+        tx.out_start = 0;
+        tx.spare = Vec::new();
+        if self.local_close(now_ms, app) {
             self.send_close(Some(CloseCode::POLICY_VIOLATION), "slow consumer", regs);
         }
         self.terminate(
             TerminateReason::Error(TerminateError::SlowConsumer),
+            now_ms,
             app,
             regs,
         );
@@ -1013,7 +1117,7 @@ impl Core {
         app: &App,
         regs: &mut Registries,
     ) {
-        if !self.closing.is_open() {
+        if !self.closing_open() {
             return; // after our close, data is read and dropped (not inflated)
         }
         let limit = usize::try_from(app.limits().max_message_bytes).unwrap_or(usize::MAX);
@@ -1036,22 +1140,21 @@ impl Core {
     }
 
     fn fail(&mut self, e: ProtocolError, now_ms: u64, app: &App, regs: &mut Registries) {
-        if self
-            .closing
-            .local_close(now_ms, ms(app.limits().closing_timeout))
-        {
+        if self.local_close(now_ms, app) {
             self.send_close(Some(e.close_code()), e.as_str(), regs);
         }
-        self.terminate(TerminateReason::Error(e.to_terminate_error()), app, regs);
+        self.terminate(
+            TerminateReason::Error(e.to_terminate_error()),
+            now_ms,
+            app,
+            regs,
+        );
         self.finished = true;
     }
 
     /// Starts the closing handshake from our side.
     fn close(&mut self, code: CloseCode, reason: &str, now_ms: u64, app: &App, regs: &Registries) {
-        if self
-            .closing
-            .local_close(now_ms, ms(app.limits().closing_timeout))
-        {
+        if self.local_close(now_ms, app) {
             self.send_close(Some(code), reason, regs);
         }
     }
@@ -1062,11 +1165,18 @@ impl Core {
         }
         let mut payload = [0u8; 125];
         let n = encode_close_payload(code, reason, &mut payload);
-        encode_frame_into(&mut self.out, true, 0, OpCode::Close, &payload[..n], None);
+        let out = &mut tx(&mut self.tx).out;
+        encode_frame_into(out, true, 0, OpCode::Close, &payload[..n], None);
     }
 
     /// Calls the gear's `terminate` once and logs the DISCONNECTED line.
-    fn terminate(&mut self, reason: TerminateReason, app: &App, regs: &mut Registries) {
+    fn terminate(
+        &mut self,
+        reason: TerminateReason,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) {
         if self.terminated {
             return;
         }
@@ -1075,16 +1185,17 @@ impl Core {
             return;
         };
         let meta = live.meta();
-        if let Some(c) = regs.counters(Some(meta.gear)) {
+        let gear = meta.gear as usize;
+        if let Some(c) = regs.counters(Some(gear)) {
             c.terminated.add(1);
         }
         info!(
             conn = %self.id,
-            gear = app.pattern(meta.gear),
-            peer = ?meta.peer,
+            gear = app.pattern(gear),
+            peer = ?meta.peer.get(),
             frames_in = meta.frames_in,
             frames_out = meta.frames_out,
-            duration_ms = self.now_ms.saturating_sub(meta.opened_ms),
+            duration_ms = now_ms.saturating_sub(meta.opened_ms),
             reason = %reason,
             "DISCONNECTED"
         );
@@ -1096,6 +1207,90 @@ impl Core {
             warn!(conn = %id, panic = panic_message(&panic), "terminate panicked");
         }
     }
+}
+
+/// Appends received bytes to `pending`, unmasking those that belong to the payload of
+/// its first frame as they are copied. Returns false while that frame's header is whole
+/// and the frame is not (nothing to decode yet).
+fn append_pending(partial: &mut Partial, data: &[u8]) -> bool {
+    let cfg = partial.decoder.config();
+    let pending = &mut partial.pending;
+    let at = pending.len();
+    let frame = if at == 0 {
+        started_frame(data, cfg)
+    } else {
+        started_frame(pending, cfg)
+    };
+    let Some(f) = frame else {
+        // The header was not whole before: unmask what is there if it is now.
+        pending.extend_from_slice(data);
+        unmask_started(pending, cfg);
+        return true;
+    };
+    // The header (when `pending` was empty), the payload (unmasked as it is copied),
+    // then whatever follows the frame.
+    let head = f.payload_start.saturating_sub(at).min(data.len());
+    let (header, rest) = data.split_at(head);
+    let body = f.end.saturating_sub(at + head).min(rest.len());
+    let (payload, after) = rest.split_at(body);
+    pending.extend_from_slice(header);
+    extend_unmasked(pending, payload, f.mask, at + head - f.payload_start);
+    pending.extend_from_slice(after);
+    pending.len() >= f.end
+}
+
+/// Decodes and acts on every whole frame at the start of `buf`; returns how many bytes
+/// were used, if a frame is incomplete how many bytes it needs from where it starts,
+/// and, when `owned` (`buf` is `pending`, to be given away) and the gear echoed a frame
+/// that was all of `buf` as it is, that echo's opcode and length (not queued yet: see
+/// [`Core::echo_in_place`]). `first_unmasked`: the first frame's payload is unmasked
+/// already.
+#[allow(clippy::too_many_arguments)]
+fn process(
+    decoder: &mut Decoder,
+    core: &mut Core,
+    buf: &mut [u8],
+    first_unmasked: bool,
+    owned: bool,
+    now_ms: u64,
+    app: &App,
+    regs: &mut Registries,
+) -> (usize, u64, Option<(OpCode, usize)>) {
+    let mut start = 0;
+    let mut needed = 0;
+    let mut unmasked = first_unmasked;
+    // Only ever set for the last frame of `buf`, which ends the loop.
+    let mut echo = None;
+    // Where `buf` ends: a message whose payload ends there, in a frame that starts the
+    // buffer, can be echoed in place.
+    let (len, end) = (buf.len(), buf.as_ptr_range().end);
+    while start < len && !core.finished {
+        let whole_buffer = owned && start == 0;
+        match decoder.step_with(&mut buf[start..], std::mem::take(&mut unmasked)) {
+            Ok(Step::Event(Event::Compressed { binary, payload }, used)) => {
+                start += used;
+                echo = None;
+                core.on_compressed(binary, payload, now_ms, app, regs);
+            }
+            Ok(Step::Event(event, used)) => {
+                start += used;
+                let in_place = (whole_buffer && start == len).then_some(end);
+                echo = core.on_event(event, in_place, now_ms, app, regs);
+            }
+            Ok(Step::NeedMore { needed: n }) => {
+                needed = n;
+                break;
+            }
+            Err(e) => {
+                core.fail(e, now_ms, app, regs);
+                break;
+            }
+        }
+    }
+    if !decoder.assembler_mut().in_progress() {
+        decoder.assembler_mut().release();
+    }
+    (start, needed, echo)
 }
 
 /// Gives back the names `connect` or `init` registered, when the handshake fails.
@@ -1157,9 +1352,10 @@ struct SinkOutcome {
     panic: Option<String>,
 }
 
-/// Encodes a callback's frames straight into the connection's output.
+/// Encodes a callback's frames straight into the connection's output (allocating its
+/// `Tx` only if the callback sends something).
 struct OutSink<'a, 'p> {
-    out: &'a mut Vec<u8>,
+    tx: &'a mut Option<Box<Tx>>,
     /// permessage-deflate, when agreed: data frames from its threshold on are
     /// compressed.
     pmd: Option<&'a mut ConnDeflate>,
@@ -1170,9 +1366,9 @@ struct OutSink<'a, 'p> {
 }
 
 impl<'a, 'p> OutSink<'a, 'p> {
-    fn new(out: &'a mut Vec<u8>, pmd: Option<&'a mut ConnDeflate>) -> Self {
+    fn new(tx: &'a mut Option<Box<Tx>>, pmd: Option<&'a mut ConnDeflate>) -> Self {
         OutSink {
-            out,
+            tx,
             pmd,
             outcome: SinkOutcome::default(),
             echo_candidate: None,
@@ -1183,12 +1379,16 @@ impl<'a, 'p> OutSink<'a, 'p> {
         self.outcome
     }
 
+    fn out(&mut self) -> &mut Vec<u8> {
+        &mut tx(self.tx).out
+    }
+
     /// Queues the deferred echo, if any, before anything else is queued.
     #[cold]
     #[inline(never)]
     fn undefer(&mut self) {
         if let (Some(op), Some(payload)) = (self.outcome.echo.take(), self.echo_candidate) {
-            encode_frame_into(self.out, true, 0, op, payload, None);
+            encode_frame_into(self.out(), true, 0, op, payload, None);
         }
     }
 
@@ -1199,7 +1399,7 @@ impl<'a, 'p> OutSink<'a, 'p> {
     fn defer_echo(&mut self, op: OpCode, payload: &[u8]) -> bool {
         if let Some(candidate) = self.echo_candidate {
             if self.outcome.frames == 0
-                && self.out.is_empty()
+                && self.tx.as_ref().is_none_or(|t| t.out.is_empty())
                 && payload.as_ptr() == candidate.as_ptr()
                 && payload.len() == candidate.len()
             {
@@ -1226,15 +1426,14 @@ impl<'a, 'p> OutSink<'a, 'p> {
         if self.echo_candidate.is_some() && self.defer_echo(op, payload) {
             return;
         }
-        let before = self.out.len();
+        let out = &mut tx(self.tx).out;
+        let before = out.len();
         match self.pmd.as_deref_mut() {
-            Some(pmd) if pmd.compresses(payload.len()) => {
-                pmd.encode_frame(self.out, op, payload, None)
-            }
-            _ => encode_frame_into(self.out, true, 0, op, payload, None),
+            Some(pmd) if pmd.compresses(payload.len()) => pmd.encode_frame(out, op, payload, None),
+            _ => encode_frame_into(out, true, 0, op, payload, None),
         }
         self.outcome.frames += 1;
-        self.outcome.bytes += (self.out.len() - before) as u64;
+        self.outcome.bytes += (out.len() - before) as u64;
     }
 }
 
@@ -1263,7 +1462,7 @@ impl FrameSink for OutSink<'_, '_> {
                     Some(c) => encode_close_payload(Some(c.code), c.reason.as_str(), &mut payload),
                     None => 0,
                 };
-                encode_frame_into(self.out, true, 0, OpCode::Close, &payload[..n], None);
+                encode_frame_into(self.out(), true, 0, OpCode::Close, &payload[..n], None);
                 self.outcome.frames += 1;
                 self.outcome.bytes += 2 + n as u64;
                 self.outcome.closed = true;
@@ -1401,7 +1600,7 @@ mod tests {
         }
 
         fn output(&mut self) -> Vec<u8> {
-            match self.session.take_output() {
+            match self.session.take_output(self.now) {
                 Some((buf, start)) => {
                     let copy = buf[start..].to_vec();
                     self.session.sent(buf);
@@ -1630,7 +1829,7 @@ mod tests {
             }]
         );
         h.session
-            .on_peer_gone(None, &h.app, &mut Registries::none());
+            .on_peer_gone(None, h.now, &h.app, &mut Registries::none());
         assert_eq!(h.reasons().len(), 1, "terminate runs once");
         assert_eq!(h.app.connections("/ws"), Some(0));
     }
@@ -1699,13 +1898,13 @@ mod tests {
             &first.app,
             &mut Registries::none(),
         );
-        let out = String::from_utf8(second.take_output().unwrap().0).unwrap();
+        let out = String::from_utf8(second.take_output(0).unwrap().0).unwrap();
         assert!(out.starts_with("HTTP/1.1 503"));
         assert!(out.ends_with("TooManyWebsocketConnections"));
         assert_eq!(first.app.connections("/ws"), Some(1));
         first
             .session
-            .on_peer_gone(None, &first.app, &mut Registries::none());
+            .on_peer_gone(None, first.now, &first.app, &mut Registries::none());
         assert_eq!(first.app.connections("/ws"), Some(0));
     }
 
@@ -1823,6 +2022,11 @@ mod tests {
         h.now = 2000;
         h.send(OpCode::Text, b"keepalive");
         h.output();
+        // First the output buffers are given back, once quiet.
+        assert_eq!(h.session.next_deadline_ms(), Some(2000 + TX_QUIET_MS));
+        h.session
+            .on_tick(2000 + TX_QUIET_MS, &h.app, &mut Registries::none());
+        assert!(h.session.core.tx.is_none());
         assert_eq!(
             h.session.next_deadline_ms(),
             Some(5000),
@@ -1855,7 +2059,7 @@ mod tests {
         assert!(h.reasons().is_empty());
         // The client does not read: that send stays in flight, and the next flood
         // waits behind it.
-        let (stuck, _) = h.session.take_output().unwrap();
+        let (stuck, _) = h.session.take_output(h.now).unwrap();
         assert!(stuck.len() > 2_500_000);
         h.send(OpCode::Text, b"flood");
         assert!(h.session.queued_bytes() - stuck.len() < 1024, "queue freed");
@@ -1910,7 +2114,7 @@ mod tests {
         let mut h = harness(Limits::default(), None);
         h.open();
         h.session
-            .on_peer_gone(Some(104), &h.app, &mut Registries::none());
+            .on_peer_gone(Some(104), h.now, &h.app, &mut Registries::none());
         assert_eq!(
             h.reasons(),
             [TerminateReason::Error(TerminateError::Io(104))]

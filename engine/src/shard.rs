@@ -56,6 +56,7 @@ use tracing::{debug, info, warn};
 use crate::gear::{App, Deliveries, Registries};
 use crate::server::Shared;
 use crate::session::Session;
+use crate::side_table::{Key, SideTable};
 use crate::timer::{self, TimerWheel};
 use crate::uring::buf_ring::BufRing;
 use crate::uring::completion::{Op, UserData, buffer_id, has_more};
@@ -370,12 +371,14 @@ struct Conn {
     generation: u32,
     /// `None` while the peer address is read.
     session: Option<Session>,
-    /// The `SO_PEERNAME` operation is in flight, writing into this buffer.
-    peer_buf: Option<Box<PeerBuf>>,
+    /// The `SO_PEERNAME` operation is in flight, writing into this buffer (in
+    /// `Shard::peer_bufs`).
+    peer_buf: Key,
     recv_armed: bool,
     /// The recv saw end-of-file or an error: never re-armed.
     recv_ended: bool,
-    sending: Option<InFlightSend>,
+    /// The send in flight, if any (in `Shard::sends`).
+    sending: Key,
     shutdown_sent: bool,
     shutdown_in_flight: bool,
     close_sent: bool,
@@ -455,6 +458,9 @@ struct Shard {
     tuning: ShardTuning,
     listeners: Vec<Listener>,
     conns: Vec<Option<Conn>>,
+    /// Sends in flight and peer-address buffers, out of the connection slots.
+    sends: SideTable<InFlightSend>,
+    peer_bufs: SideTable<Box<PeerBuf>>,
     open: usize,
     next_generation: u32,
     timers: TimerWheel<TimerKey>,
@@ -560,6 +566,8 @@ impl Shard {
             } else {
                 crate::uring::probe::open_file_limit().unwrap_or(1024)
             }),
+            sends: SideTable::default(),
+            peer_bufs: SideTable::default(),
             open: 0,
             next_generation: 0,
             fired: Vec::new(),
@@ -880,7 +888,9 @@ impl Shard {
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & UserData::MAX_TAG;
         // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
-        let peer_buf = Some(Box::new(PeerBuf(unsafe { std::mem::zeroed() })));
+        let peer_buf = self
+            .peer_bufs
+            .insert(Box::new(PeerBuf(unsafe { std::mem::zeroed() })));
         self.conns[slot] = Some(Conn {
             socket,
             generation,
@@ -888,7 +898,7 @@ impl Shard {
             peer_buf,
             recv_armed: false,
             recv_ended: false,
-            sending: None,
+            sending: Key::NONE,
             shutdown_sent: false,
             shutdown_in_flight: false,
             close_sent: false,
@@ -907,7 +917,7 @@ impl Shard {
         } else {
             size_of::<libc::sockaddr_in>()
         };
-        let buf = conn.peer_buf.as_mut().map(|b| &raw mut b.0);
+        let buf = self.peer_bufs.get_mut(conn.peer_buf).map(|b| &raw mut b.0);
         let Some(buf) = buf else { return Ok(()) };
         let entry = conn
             .socket
@@ -923,7 +933,7 @@ impl Shard {
         let Some(conn) = conn_in(&mut self.conns, index) else {
             return Ok(());
         };
-        let Some(buf) = conn.peer_buf.take() else {
+        let Some(buf) = self.peer_bufs.take(&mut conn.peer_buf) else {
             return Ok(());
         };
         let peer = if res > 0 {
@@ -987,7 +997,7 @@ impl Shard {
             conn.recv_ended = true;
             let errno = (res < 0).then_some(-res);
             if let Some(session) = conn.live_session() {
-                session.on_peer_gone(errno, &self.app, &mut self.regs);
+                session.on_peer_gone(errno, now_ms, &self.app, &mut self.regs);
             }
         }
         if !more {
@@ -1009,7 +1019,7 @@ impl Shard {
         let Some(conn) = conn_in(&mut self.conns, index) else {
             return Ok(());
         };
-        let Some(send) = &conn.sending else {
+        let Some(send) = self.sends.get(conn.sending) else {
             return Ok(());
         };
         let rest = &send.bytes[send.sent..];
@@ -1020,7 +1030,7 @@ impl Shard {
             conn.socket.send(rest.as_ptr(), len)
         };
         let entry = entry.user_data(conn.user_data(Op::Send, index));
-        // SAFETY: `conn.sending` owns the bytes until the send's last completion (and a
+        // SAFETY: `self.sends` owns the bytes until the send's last completion (and a
         // zero-copy send's notification); the slot is not freed while a send is in
         // flight (`begin_close`), and Drop leaks them if it could not wait.
         unsafe { self.io.push(&entry) }
@@ -1032,14 +1042,14 @@ impl Shard {
             debug_assert!(false, "send notification for empty slot {index}");
             return;
         };
-        let Some(send) = conn.sending.as_mut() else {
+        let Some(send) = self.sends.get_mut(conn.sending) else {
             debug_assert!(false, "send notification without a send on {index}");
             return;
         };
         send.zc_notifs -= 1;
         bump(&self.shared.stats[self.index].zero_copy_notifications, 1);
         if send.done && send.zc_notifs == 0 {
-            if let Some(send) = conn.sending.take() {
+            if let Some(send) = self.sends.take(&mut conn.sending) {
                 if let Some(session) = conn.session.as_mut() {
                     session.sent(send.bytes);
                 }
@@ -1053,7 +1063,7 @@ impl Shard {
             debug_assert!(false, "send completion for empty slot {index}");
             return Ok(());
         };
-        let Some(mut send) = conn.sending.take() else {
+        let Some(send) = self.sends.get_mut(conn.sending) else {
             debug_assert!(false, "send completion without a send on {index}");
             return Ok(());
         };
@@ -1067,7 +1077,7 @@ impl Shard {
             // rather than loop on it.)
             let errno = if res < 0 { -res } else { libc::EPIPE };
             if let Some(session) = conn.live_session() {
-                session.on_peer_gone(Some(errno), &self.app, &mut self.regs);
+                session.on_peer_gone(Some(errno), self.now_ms, &self.app, &mut self.regs);
             }
             send.done = true;
         } else {
@@ -1076,19 +1086,21 @@ impl Shard {
             if send.sent < send.bytes.len() {
                 bump(&stats.partial_sends, 1);
                 if !conn.forced {
-                    conn.sending = Some(send);
                     return self.submit_send(index);
                 }
                 // Forced: the rest is dropped.
             }
             send.done = true;
         }
-        if send.zc_notifs > 0 {
-            // The kernel may still read the bytes: keep them until the notification.
-            conn.sending = Some(send);
-        } else if let Some(session) = conn.session.as_mut() {
-            if send.sent == send.bytes.len() {
-                session.sent(send.bytes);
+        // While notifications are due, the kernel may still read the bytes: they are
+        // kept until the last one.
+        if send.zc_notifs == 0 {
+            if let Some(send) = self.sends.take(&mut conn.sending) {
+                if let (Some(session), true) =
+                    (conn.session.as_mut(), send.sent == send.bytes.len())
+                {
+                    session.sent(send.bytes);
+                }
             }
         }
         self.touch(index);
@@ -1184,6 +1196,7 @@ impl Shard {
     /// Sends what the session queued (if no send is in flight), schedules its next
     /// deadline, and closes it when it is finished.
     fn flush(&mut self, index: u32) -> io::Result<()> {
+        let now_ms = self.now_ms;
         let Some(conn) = conn_in(&mut self.conns, index) else {
             return Ok(());
         };
@@ -1194,12 +1207,12 @@ impl Shard {
         let mut start_send = false;
         if !conn.forced && conn.sending.is_none() {
             if let Some(session) = conn.session.as_mut() {
-                while let Some((buf, start)) = session.take_output() {
+                while let Some((buf, start)) = session.take_output(now_ms) {
                     if buf.len() <= start {
                         session.sent(buf);
                         continue;
                     }
-                    conn.sending = Some(InFlightSend {
+                    conn.sending = self.sends.insert(InFlightSend {
                         bytes: buf,
                         sent: start,
                         zc_notifs: 0,
@@ -1438,7 +1451,7 @@ impl Drop for Shard {
         for conn in self.conns.iter_mut().flatten() {
             if let Some(session) = conn.session.as_mut() {
                 if !session.is_terminated() {
-                    session.shut_down(&self.app, &mut self.regs);
+                    session.shut_down(self.now_ms, &self.app, &mut self.regs);
                 }
             }
         }
@@ -1476,8 +1489,8 @@ impl Drop for Shard {
                     if let Some(ud) = UserData::decode(cqe.user_data()) {
                         if let Some(conn) = conn_in(&mut self.conns, ud.index) {
                             match ud.op {
-                                Op::Send => conn.sending = None,
-                                Op::PeerName => conn.peer_buf = None,
+                                Op::Send => drop(self.sends.take(&mut conn.sending)),
+                                Op::PeerName => drop(self.peer_bufs.take(&mut conn.peer_buf)),
                                 _ => {}
                             }
                         }
@@ -1486,13 +1499,11 @@ impl Drop for Shard {
             }
         }
         if self.io.in_flight > 0 {
-            for conn in self.conns.iter_mut().flatten() {
-                if let Some(send) = conn.sending.take() {
-                    std::mem::forget(send.bytes);
-                }
-                if let Some(buf) = conn.peer_buf.take() {
-                    std::mem::forget(buf);
-                }
+            for send in self.sends.drain() {
+                std::mem::forget(send.bytes);
+            }
+            for buf in self.peer_bufs.drain() {
+                std::mem::forget(buf);
             }
         }
     }
@@ -1635,5 +1646,21 @@ mod tests {
         let snap = stats.snapshot();
         assert_eq!(snap.accepted, 3);
         assert_eq!(snap.open(), 2);
+    }
+}
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn print_sizes() {
+        eprintln!(
+            "Option<Conn> {} Session {} InFlightSend {} Socket {} Meta {} Live<echo> {} TimerEntry {}",
+            size_of::<Option<super::Conn>>(),
+            size_of::<crate::session::Session>(),
+            size_of::<Option<super::InFlightSend>>(),
+            size_of::<super::Socket>(),
+            size_of::<crate::gear::Meta>(),
+            size_of::<(std::sync::Arc<u8>, crate::gear::Meta)>(),
+            size_of::<crate::timer::Entry<super::TimerKey>>()
+        );
     }
 }
