@@ -549,8 +549,13 @@ impl Session {
         self.core.finished = true;
     }
 
-    /// The earliest time at which [`Session::on_tick`] has something to do.
-    pub fn next_deadline_ms(&self) -> Option<u64> {
+    /// The earliest of the deadlines that the shard's sweep looks after: the
+    /// handshake's, the idle timeout, the next ping, the pong awaited, and the return
+    /// of the output buffers once quiet. Every open connection has one, so keeping a
+    /// timer entry for each would cost memory per idle connection; they are coarse
+    /// (a second late is fine), so the shard looks at every connection once per sweep
+    /// instead and calls [`Session::on_tick`] when this has passed.
+    pub fn swept_deadline_ms(&self) -> Option<u64> {
         let core = &self.core;
         if core.finished {
             return None;
@@ -558,13 +563,10 @@ impl Session {
         if core.handshaking {
             return self.handshake_deadline_ms();
         }
-        let tx = core.tx.as_deref();
-        if let Some(d) = tx.and_then(|t| t.closing.deadline_ms()) {
-            return Some(d);
-        }
         if !core.closing_open() {
             return None;
         }
+        let tx = core.tx.as_deref();
         [
             Some(core.idle_deadline_ms),
             core.next_ping_ms.map(NonZeroU64::get),
@@ -576,6 +578,15 @@ impl Session {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// The deadline that needs a timer's precision, if any: the end of the wait for
+    /// the peer's close. Call [`Session::on_tick`] once it has passed.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        if self.core.finished {
+            return None;
+        }
+        self.core.tx.as_ref()?.closing.deadline_ms()
     }
 
     /// Takes the bytes to send now, if any: a buffer and where in it the bytes to send
@@ -2023,12 +2034,13 @@ mod tests {
         h.send(OpCode::Text, b"keepalive");
         h.output();
         // First the output buffers are given back, once quiet.
-        assert_eq!(h.session.next_deadline_ms(), Some(2000 + TX_QUIET_MS));
+        assert_eq!(h.session.swept_deadline_ms(), Some(2000 + TX_QUIET_MS));
         h.session
             .on_tick(2000 + TX_QUIET_MS, &h.app, &mut Registries::none());
         assert!(h.session.core.tx.is_none());
+        assert_eq!(h.session.next_deadline_ms(), None, "no timer needed");
         assert_eq!(
-            h.session.next_deadline_ms(),
+            h.session.swept_deadline_ms(),
             Some(5000),
             "reset by incoming data"
         );
@@ -2044,7 +2056,8 @@ mod tests {
     fn handshake_timeout() {
         let mut h = harness(Limits::default(), None);
         h.recv(b"GET /ws HTTP/1.1\r\n");
-        assert_eq!(h.session.next_deadline_ms(), Some(10_000));
+        assert_eq!(h.session.swept_deadline_ms(), Some(10_000));
+        assert_eq!(h.session.next_deadline_ms(), None);
         h.session.on_tick(10_000, &h.app, &mut Registries::none());
         assert!(h.session.should_close());
         assert!(h.output().is_empty());

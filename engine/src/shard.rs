@@ -461,6 +461,12 @@ struct Shard {
     /// Sends in flight and peer-address buffers, out of the connection slots.
     sends: SideTable<InFlightSend>,
     peer_bufs: SideTable<Box<PeerBuf>>,
+    /// The idle sweep ([`Shard::sweep_idle`]): the next slot to look at, slots owed
+    /// (times `sweep_ms`), when it last ran, and how long a whole pass takes.
+    sweep_next: usize,
+    sweep_credit: u64,
+    swept_ms: u64,
+    sweep_ms: u64,
     open: usize,
     next_generation: u32,
     timers: TimerWheel<TimerKey>,
@@ -528,6 +534,7 @@ impl Shard {
             "shard started"
         );
         let now_ms = shared.now_ms();
+        let sweep_ms = idle_sweep_ms(&app, &tuning);
         let regs = app.shard_registries(index, Arc::clone(&shared.gear_counters[index]));
         shared.ring_fds[index].store(ring.as_raw_fd(), Ordering::Release);
         let shards = shared.ring_fds.len();
@@ -568,6 +575,10 @@ impl Shard {
             }),
             sends: SideTable::default(),
             peer_bufs: SideTable::default(),
+            sweep_next: 0,
+            sweep_credit: 0,
+            swept_ms: now_ms,
+            sweep_ms,
             open: 0,
             next_generation: 0,
             fired: Vec::new(),
@@ -638,6 +649,7 @@ impl Shard {
             self.on_timer(entry)?;
         }
         self.fired = fired;
+        self.sweep_idle();
 
         if self.drain.is_none() && self.shared.is_draining() {
             self.start_drain()?;
@@ -1293,6 +1305,49 @@ impl Shard {
         Ok(())
     }
 
+    /// The coarse deadlines every connection has (handshake, idle, ping, pong, the
+    /// return of quiet output buffers: [`Session::swept_deadline_ms`]) are not in the
+    /// timer wheel: an entry per connection would cost 24 bytes per idle connection,
+    /// and the idle deadline moves with every message. Instead every slot is looked at
+    /// once per `sweep_ms`, a share of them at each turn in proportion to the time
+    /// since the last, so such a deadline is acted on at most `sweep_ms` (plus a tick)
+    /// after it passed. The wheel keeps the closing timeouts, which are rare.
+    fn sweep_idle(&mut self) {
+        let len = self.conns.len();
+        let elapsed = self.now_ms.saturating_sub(self.swept_ms);
+        self.swept_ms = self.now_ms;
+        if len == 0 {
+            return;
+        }
+        self.sweep_credit += len as u64 * elapsed;
+        let due = self.sweep_credit / self.sweep_ms;
+        if due == 0 {
+            return;
+        }
+        self.sweep_credit -= due * self.sweep_ms;
+        let due = if due >= len as u64 {
+            self.sweep_credit = 0;
+            len
+        } else {
+            due as usize
+        };
+        let now_ms = self.now_ms;
+        for _ in 0..due {
+            let index = self.sweep_next % len;
+            self.sweep_next = index + 1;
+            let Some(conn) = self.conns[index].as_mut() else {
+                continue;
+            };
+            let Some(session) = conn.live_session() else {
+                continue;
+            };
+            if session.swept_deadline_ms().is_some_and(|d| d <= now_ms) {
+                session.on_tick(now_ms, &self.app, &mut self.regs);
+                self.touch(index as u32);
+            }
+        }
+    }
+
     /// Stops waiting for the connection's sends and closes it.
     fn force(&mut self, index: u32) {
         if let Some(conn) = conn_in(&mut self.conns, index) {
@@ -1507,6 +1562,25 @@ impl Drop for Shard {
             }
         }
     }
+}
+
+/// How long one pass of the sweep takes: an eighth of the shortest swept timeout, at
+/// least a tick and at most a second (so with the defaults a 60 s idle connection is
+/// closed within 61 s).
+fn idle_sweep_ms(app: &App, tuning: &ShardTuning) -> u64 {
+    let l = app.limits();
+    let shortest = [
+        Some(l.idle_timeout),
+        Some(l.handshake_timeout),
+        Some(l.pong_timeout),
+        l.ping_interval,
+    ]
+    .into_iter()
+    .flatten()
+    .map(ms)
+    .min()
+    .unwrap_or(u64::MAX);
+    (shortest / 8).clamp(tuning.tick_ms.max(1), 1_000)
 }
 
 /// A connection's id: the shard, the slot and the slot's generation, so that a
