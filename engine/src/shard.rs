@@ -37,7 +37,6 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener};
-use std::num::NonZeroU64;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -365,40 +364,61 @@ struct InFlightSend {
     done: bool,
 }
 
+/// A connection's slot. Its socket is not stored: the slot's index is the socket's
+/// (its direct descriptor, or its fd), and the shard knows which kind it uses.
 struct Conn {
-    socket: Socket,
-    /// Distinguishes this connection from earlier ones in the same slot (timers).
-    generation: u32,
     /// `None` while the peer address is read.
     session: Option<Session>,
+    /// Distinguishes this connection from earlier ones in the same slot (timers).
+    generation: u32,
     /// The `SO_PEERNAME` operation is in flight, writing into this buffer (in
     /// `Shard::peer_bufs`).
     peer_buf: Key,
-    recv_armed: bool,
-    /// The recv saw end-of-file or an error: never re-armed.
-    recv_ended: bool,
     /// The send in flight, if any (in `Shard::sends`).
     sending: Key,
-    shutdown_sent: bool,
-    shutdown_in_flight: bool,
-    close_sent: bool,
+    flags: ConnFlags,
+}
+
+/// A connection's state bits (one `u16` rather than a `bool` each: memory per idle
+/// connection is counted in bytes).
+#[derive(Debug, Clone, Copy, Default)]
+struct ConnFlags(u16);
+
+impl ConnFlags {
+    const RECV_ARMED: u16 = 1;
+    /// The recv saw end-of-file or an error: never re-armed.
+    const RECV_ENDED: u16 = 1 << 1;
+    const SHUTDOWN_SENT: u16 = 1 << 2;
+    const SHUTDOWN_IN_FLIGHT: u16 = 1 << 3;
+    const CLOSE_SENT: u16 = 1 << 4;
     /// Stop waiting for sends: shut down and close.
-    forced: bool,
-    force_scheduled: bool,
-    /// The deadline of the timer entry that stands for this connection, if any.
-    /// (`NonZeroU64`: 8 bytes with its `None`; the timer wheel never fires at 0, and
-    /// a deadline of 0 is kept as 1.)
-    scheduled_ms: Option<NonZeroU64>,
-    touched: bool,
+    const FORCED: u16 = 1 << 5;
+    const FORCE_SCHEDULED: u16 = 1 << 6;
+    /// A timer entry stands for the session's next deadline.
+    const TIMER_ARMED: u16 = 1 << 7;
+    /// In the shard's list of connections to flush after this turn.
+    const TOUCHED: u16 = 1 << 8;
     /// Open when the drain started: the listeners stay open until every such
     /// connection is gone (or the drain window is over).
-    before_drain: bool,
+    const BEFORE_DRAIN: u16 = 1 << 9;
+
+    fn has(self, bit: u16) -> bool {
+        self.0 & bit != 0
+    }
+
+    fn set(&mut self, bit: u16, on: bool) {
+        if on {
+            self.0 |= bit;
+        } else {
+            self.0 &= !bit;
+        }
+    }
 }
 
 impl Conn {
     /// Whether the connection is to be closed (by the session, or by force).
     fn finished(&self) -> bool {
-        if self.forced {
+        if self.flags.has(ConnFlags::FORCED) {
             return true;
         }
         match &self.session {
@@ -409,7 +429,7 @@ impl Conn {
 
     /// The session, while the shard still talks to it.
     fn live_session(&mut self) -> Option<&mut Session> {
-        if self.forced {
+        if self.flags.has(ConnFlags::FORCED) {
             return None;
         }
         self.session.as_mut().filter(|s| !s.should_close())
@@ -743,8 +763,8 @@ impl Shard {
 
     fn touch(&mut self, index: u32) {
         if let Some(conn) = conn_in(&mut self.conns, index) {
-            if !conn.touched {
-                conn.touched = true;
+            if !conn.flags.has(ConnFlags::TOUCHED) {
+                conn.flags.set(ConnFlags::TOUCHED, true);
                 self.touched.push(index);
             }
         }
@@ -904,21 +924,11 @@ impl Shard {
             .peer_bufs
             .insert(Box::new(PeerBuf(unsafe { std::mem::zeroed() })));
         self.conns[slot] = Some(Conn {
-            socket,
-            generation,
             session: None,
+            generation,
             peer_buf,
-            recv_armed: false,
-            recv_ended: false,
             sending: Key::NONE,
-            shutdown_sent: false,
-            shutdown_in_flight: false,
-            close_sent: false,
-            forced: false,
-            force_scheduled: false,
-            scheduled_ms: None,
-            touched: false,
-            before_drain: false,
+            flags: ConnFlags::default(),
         });
         self.open += 1;
         let Some(conn) = conn_in(&mut self.conns, index) else {
@@ -931,8 +941,7 @@ impl Shard {
         };
         let buf = self.peer_bufs.get_mut(conn.peer_buf).map(|b| &raw mut b.0);
         let Some(buf) = buf else { return Ok(()) };
-        let entry = conn
-            .socket
+        let entry = socket_at(index, self.direct)
             .peer_name(buf, len as u32)
             .user_data(conn.user_data(Op::PeerName, index));
         // SAFETY: the address buffer is boxed in the connection and dropped only in
@@ -953,7 +962,7 @@ impl Shard {
         } else {
             // Kernels before 6.7 have no getsockopt in io_uring; a plain fd can still be
             // asked directly.
-            match conn.socket {
+            match socket_at(index, self.direct) {
                 Socket::Fd(fd) => getpeername(fd),
                 Socket::Fixed(_) => None,
             }
@@ -970,12 +979,15 @@ impl Shard {
         let Some(conn) = conn_in(&mut self.conns, index) else {
             return Ok(());
         };
-        if conn.recv_armed || conn.recv_ended || conn.close_sent || conn.finished() {
+        if conn.flags.has(ConnFlags::RECV_ARMED)
+            || conn.flags.has(ConnFlags::RECV_ENDED)
+            || conn.flags.has(ConnFlags::CLOSE_SENT)
+            || conn.finished()
+        {
             return Ok(());
         }
-        conn.recv_armed = true;
-        let entry = conn
-            .socket
+        conn.flags.set(ConnFlags::RECV_ARMED, true);
+        let entry = socket_at(index, self.direct)
             .recv_multi(BGID)
             .user_data(conn.user_data(Op::Recv, index));
         // SAFETY: the recv writes only into buffers of `self.bufs`, which stays
@@ -1006,15 +1018,15 @@ impl Shard {
             bump(&self.shared.stats[self.index].enobufs, 1);
         } else if res <= 0 {
             // End-of-file, or an error (ECANCELED after a failed shutdown).
-            conn.recv_ended = true;
+            conn.flags.set(ConnFlags::RECV_ENDED, true);
             let errno = (res < 0).then_some(-res);
             if let Some(session) = conn.live_session() {
                 session.on_peer_gone(errno, now_ms, &self.app, &mut self.regs);
             }
         }
         if !more {
-            conn.recv_armed = false;
-            if !conn.recv_ended {
+            conn.flags.set(ConnFlags::RECV_ARMED, false);
+            if !conn.flags.has(ConnFlags::RECV_ENDED) {
                 bump(&self.shared.stats[self.index].recv_rearms, 1);
                 self.rearm.push(index);
             }
@@ -1037,9 +1049,9 @@ impl Shard {
         let rest = &send.bytes[send.sent..];
         let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
         let entry = if zc_min.is_some_and(|min| rest.len() >= min) {
-            conn.socket.send_zc(rest.as_ptr(), len)
+            socket_at(index, self.direct).send_zc(rest.as_ptr(), len)
         } else {
-            conn.socket.send(rest.as_ptr(), len)
+            socket_at(index, self.direct).send(rest.as_ptr(), len)
         };
         let entry = entry.user_data(conn.user_data(Op::Send, index));
         // SAFETY: `self.sends` owns the bytes until the send's last completion (and a
@@ -1097,7 +1109,7 @@ impl Shard {
             bump(&stats.bytes_sent, res as u64);
             if send.sent < send.bytes.len() {
                 bump(&stats.partial_sends, 1);
-                if !conn.forced {
+                if !conn.flags.has(ConnFlags::FORCED) {
                     return self.submit_send(index);
                 }
                 // Forced: the rest is dropped.
@@ -1129,12 +1141,12 @@ impl Shard {
         let Some(conn) = conn_in(&mut self.conns, index) else {
             return Ok(());
         };
-        if conn.close_sent {
+        if conn.flags.has(ConnFlags::CLOSE_SENT) {
             return Ok(());
         }
-        if conn.sending.is_some() && !conn.forced {
-            if !conn.force_scheduled {
-                conn.force_scheduled = true;
+        if conn.sending.is_some() && !conn.flags.has(ConnFlags::FORCED) {
+            if !conn.flags.has(ConnFlags::FORCE_SCHEDULED) {
+                conn.flags.set(ConnFlags::FORCE_SCHEDULED, true);
                 let key = TimerKey::ForceClose {
                     index,
                     generation: conn.generation,
@@ -1143,12 +1155,11 @@ impl Shard {
             }
             return Ok(());
         }
-        if conn.recv_armed || conn.sending.is_some() {
-            if !conn.shutdown_sent {
-                conn.shutdown_sent = true;
-                conn.shutdown_in_flight = true;
-                let entry = conn
-                    .socket
+        if conn.flags.has(ConnFlags::RECV_ARMED) || conn.sending.is_some() {
+            if !conn.flags.has(ConnFlags::SHUTDOWN_SENT) {
+                conn.flags.set(ConnFlags::SHUTDOWN_SENT, true);
+                conn.flags.set(ConnFlags::SHUTDOWN_IN_FLIGHT, true);
+                let entry = socket_at(index, self.direct)
                     .shutdown()
                     .user_data(conn.user_data(Op::Shutdown, index));
                 // SAFETY: a shutdown points to no memory.
@@ -1156,12 +1167,11 @@ impl Shard {
             }
             return Ok(());
         }
-        if conn.shutdown_in_flight || conn.peer_buf.is_some() {
+        if conn.flags.has(ConnFlags::SHUTDOWN_IN_FLIGHT) || conn.peer_buf.is_some() {
             return Ok(());
         }
-        conn.close_sent = true;
-        let entry = conn
-            .socket
+        conn.flags.set(ConnFlags::CLOSE_SENT, true);
+        let entry = socket_at(index, self.direct)
             .close()
             .user_data(conn.user_data(Op::Close, index));
         // SAFETY: a close points to no memory.
@@ -1172,8 +1182,8 @@ impl Shard {
         let Some(conn) = conn_in(&mut self.conns, index) else {
             return Ok(());
         };
-        conn.shutdown_in_flight = false;
-        if res < 0 && conn.recv_armed {
+        conn.flags.set(ConnFlags::SHUTDOWN_IN_FLIGHT, false);
+        if res < 0 && conn.flags.has(ConnFlags::RECV_ARMED) {
             // ENOTCONN (the peer reset already, yet the recv has not ended): cancel it.
             let ud = conn.user_data(Op::Recv, index);
             self.io.cancel(ud)?;
@@ -1194,7 +1204,7 @@ impl Shard {
         if let Some(slot) = self.conns.get_mut(index as usize) {
             // Dropping the session runs a terminate still owed (the end of a drain).
             if let (Some(conn), Some(drain)) = (slot.take(), self.drain.as_mut()) {
-                if conn.before_drain {
+                if conn.flags.has(ConnFlags::BEFORE_DRAIN) {
                     drain.before_left -= 1;
                 }
             }
@@ -1212,12 +1222,12 @@ impl Shard {
         let Some(conn) = conn_in(&mut self.conns, index) else {
             return Ok(());
         };
-        conn.touched = false;
-        if conn.close_sent {
+        conn.flags.set(ConnFlags::TOUCHED, false);
+        if conn.flags.has(ConnFlags::CLOSE_SENT) {
             return Ok(());
         }
         let mut start_send = false;
-        if !conn.forced && conn.sending.is_none() {
+        if !conn.flags.has(ConnFlags::FORCED) && conn.sending.is_none() {
             if let Some(session) = conn.session.as_mut() {
                 while let Some((buf, start)) = session.take_output(now_ms) {
                     if buf.len() <= start {
@@ -1235,10 +1245,12 @@ impl Shard {
                 }
             }
         }
+        // The only deadline kept in the wheel is the closing timeout, set once: one
+        // entry per connection at a time is enough.
         let deadline = conn.live_session().and_then(|s| s.next_deadline_ms());
         if let Some(deadline) = deadline {
-            if conn.scheduled_ms.is_none_or(|s| deadline < s.get()) {
-                conn.scheduled_ms = NonZeroU64::new(deadline.max(1));
+            if !conn.flags.has(ConnFlags::TIMER_ARMED) {
+                conn.flags.set(ConnFlags::TIMER_ARMED, true);
                 let key = TimerKey::Session {
                     index,
                     generation: conn.generation,
@@ -1265,14 +1277,12 @@ impl Shard {
                 let Some(conn) = conn_in(&mut self.conns, index) else {
                     return Ok(());
                 };
-                // Lazy cancellation: an entry of an earlier connection in this slot, or
-                // one that an earlier entry replaced, means nothing.
-                if conn.generation != generation
-                    || conn.scheduled_ms != NonZeroU64::new(entry.deadline_ms.max(1))
-                {
+                // Lazy cancellation: an entry of an earlier connection in this slot
+                // means nothing.
+                if conn.generation != generation {
                     return Ok(());
                 }
-                conn.scheduled_ms = None;
+                conn.flags.set(ConnFlags::TIMER_ARMED, false);
                 if let Some(session) = conn.live_session() {
                     if session.next_deadline_ms().is_some_and(|d| d <= now_ms) {
                         session.on_tick(now_ms, &self.app, &mut self.regs);
@@ -1284,7 +1294,10 @@ impl Shard {
                 let Some(conn) = conn_in(&mut self.conns, index) else {
                     return Ok(());
                 };
-                if conn.generation != generation || conn.close_sent || conn.forced {
+                if conn.generation != generation
+                    || conn.flags.has(ConnFlags::CLOSE_SENT)
+                    || conn.flags.has(ConnFlags::FORCED)
+                {
                     return Ok(());
                 }
                 self.force(index);
@@ -1351,7 +1364,7 @@ impl Shard {
     /// Stops waiting for the connection's sends and closes it.
     fn force(&mut self, index: u32) {
         if let Some(conn) = conn_in(&mut self.conns, index) {
-            conn.forced = true;
+            conn.flags.set(ConnFlags::FORCED, true);
             bump(&self.shared.stats[self.index].forced_closes, 1);
             self.touch(index);
         }
@@ -1372,7 +1385,7 @@ impl Shard {
         let mut queue = VecDeque::new();
         for (i, c) in self.conns.iter_mut().enumerate() {
             if let Some(c) = c {
-                c.before_drain = true;
+                c.flags.set(ConnFlags::BEFORE_DRAIN, true);
                 queue.push_back((i as u32, c.generation));
             }
         }
@@ -1457,7 +1470,10 @@ impl Shard {
                 .conns
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| c.as_ref().is_some_and(|c| !c.close_sent))
+                .filter(|(_, c)| {
+                    c.as_ref()
+                        .is_some_and(|c| !c.flags.has(ConnFlags::CLOSE_SENT))
+                })
                 .map(|(i, _)| i as u32)
                 .collect();
             if !open.is_empty() {
@@ -1564,6 +1580,11 @@ impl Drop for Shard {
     }
 }
 
+/// The socket of slot `index`: slots are numbered by direct descriptor, or by fd.
+fn socket_at(index: u32, direct: bool) -> Socket {
+    Socket::accepted(index as i32, direct)
+}
+
 /// How long one pass of the sweep takes: an eighth of the shortest swept timeout, at
 /// least a tick and at most a second (so with the defaults a 60 s idle connection is
 /// closed within 61 s).
@@ -1614,8 +1635,8 @@ impl ShardDeliveries<'_> {
         if conn.generation != generation {
             return None;
         }
-        if !conn.touched {
-            conn.touched = true;
+        if !conn.flags.has(ConnFlags::TOUCHED) {
+            conn.flags.set(ConnFlags::TOUCHED, true);
             self.touched.push(index);
         }
         Some((index, conn.live_session()?))
