@@ -89,11 +89,13 @@ struct Core {
     /// permessage-deflate, when agreed (boxed: most connections have none, and an
     /// idle connection's size matters).
     pmd: Option<Box<ConnDeflate>>,
-    /// Output and closing state; `None` while there is none (see [`Tx`]).
+    /// Output, closing and partial receive state; `None` while there is none (see
+    /// [`Tx`]).
     tx: Option<Box<Tx>>,
 }
 
-/// What a connection holds while it sends, closes or waits for a pong. Allocated by
+/// What a connection holds while it sends, closes, waits for a pong or has received
+/// part of a frame. Allocated by
 /// the first thing to send and dropped once nothing is left in it and the connection
 /// has been quiet for [`TX_QUIET_MS`] (at once after a handshake's response, when no
 /// frame has been exchanged yet): an idle connection holds none, and one that
@@ -101,6 +103,12 @@ struct Core {
 /// for each.
 #[derive(Default)]
 struct Tx {
+    /// The upgrade request while it arrives, then a frame that continues in the next
+    /// receive or a fragmented message in progress; `None` between whole frames (the
+    /// common case: a frame that lies whole in one receive is decoded with a decoder on
+    /// the stack). Here rather than in the session so that an idle connection holds
+    /// one pointer for both.
+    partial: Option<Box<Partial>>,
     /// Frames encoded and not yet handed to the shard, from `out_start` on.
     out: Vec<u8>,
     /// The allocation of the last completed send, reused for the next.
@@ -125,6 +133,7 @@ impl Tx {
     /// box can go (what it holds is only an allocation to reuse).
     fn is_empty(&self) -> bool {
         self.out.len() == usize::from(self.out_start)
+            && self.partial.is_none()
             && self.in_flight == 0
             && self.pong_deadline_ms.is_none()
             && self.closing.is_open()
@@ -142,11 +151,6 @@ fn tx(slot: &mut Option<Box<Tx>>) -> &mut Tx {
 /// boxes); receive and send state live in boxes that exist only while they hold
 /// something, so that memory per idle connection stays small (README, "Memory").
 pub struct Session {
-    /// The upgrade request while it arrives, then a frame that continues in the next
-    /// receive or a fragmented message in progress; `None` between whole frames (the
-    /// common case: a frame that lies whole in one receive is decoded with a decoder on
-    /// the stack).
-    partial: Option<Box<Partial>>,
     core: Core,
 }
 
@@ -220,7 +224,7 @@ impl Session {
             max_message_bytes: limits.max_message_bytes,
             allowed_rsv: 0,
         });
-        Session {
+        let tx = Tx {
             partial: Some(Box::new(Partial {
                 decoder,
                 pending: Vec::new(),
@@ -229,6 +233,9 @@ impl Session {
                     peer,
                 }),
             })),
+            ..Tx::default()
+        };
+        Session {
             core: Core {
                 id,
                 gear: u32::MAX,
@@ -239,14 +246,23 @@ impl Session {
                 idle_deadline_ms: u64::MAX,
                 next_ping_ms: None,
                 pmd: None,
-                tx: None,
+                tx: Some(Box::new(tx)),
             },
         }
     }
 
+    fn take_partial(&mut self) -> Option<Box<Partial>> {
+        self.core.tx.as_mut()?.partial.take()
+    }
+
+    fn put_partial(&mut self, partial: Box<Partial>) {
+        tx(&mut self.core.tx).partial = Some(partial);
+    }
+
     /// When the upgrade request must be whole, during the handshake.
     fn handshake_deadline_ms(&self) -> Option<u64> {
-        let hs = self.partial.as_ref()?.handshake.as_ref()?;
+        let partial = self.core.tx.as_ref()?.partial.as_ref()?;
+        let hs = partial.handshake.as_ref()?;
         Some(hs.deadline_ms)
     }
 
@@ -261,12 +277,12 @@ impl Session {
             return;
         }
         if self.core.handshaking {
-            let Some(mut hs) = self.partial.take() else {
+            let Some(mut hs) = self.take_partial() else {
                 return;
             };
             let rest = self.core.handshake(&mut hs, data, now_ms, app, regs);
             if self.core.handshaking {
-                self.partial = Some(hs); // the request is not whole yet
+                self.put_partial(hs); // the request is not whole yet
                 return;
             }
             if let Some(rest) = rest.filter(|r| !r.is_empty()) {
@@ -281,7 +297,7 @@ impl Session {
         if let Some(c) = regs.counters(self.core.gear()) {
             c.bytes_in.add(data.len() as u64);
         }
-        match self.partial.take() {
+        match self.take_partial() {
             None => {
                 // Whole frames need no state kept between receives: decode them with
                 // a decoder on the stack, and box one only if something is left over.
@@ -310,14 +326,14 @@ impl Session {
                         reserve_frame(&mut partial.pending, needed, app);
                         append_pending(&mut partial, &data[used..]);
                     }
-                    self.partial = Some(partial);
+                    self.put_partial(partial);
                 }
             }
             Some(mut partial) => {
                 if append_pending(&mut partial, data) {
                     self.process_pending(partial, now_ms, app, regs);
                 } else {
-                    self.partial = Some(partial);
+                    self.put_partial(partial);
                 }
             }
         }
@@ -357,7 +373,7 @@ impl Session {
             partial.pending = buf;
         }
         if !core.finished && partial.holds_something() {
-            self.partial = Some(partial);
+            self.put_partial(partial);
         }
     }
 
