@@ -82,10 +82,12 @@ struct Core {
     /// The upgrade request is still arriving.
     handshaking: bool,
     phase: Phase,
+    /// When the idle timeout closes the connection: the last receive plus the idle
+    /// timeout (pings are due `ping_interval` after the last receive: see
+    /// [`Core::ping_due_ms`]).
     idle_deadline_ms: u64,
-    /// A deadline as `NonZeroU64` (8 bytes with its `None`): a deadline is never at
-    /// time 0, since intervals are at least a second.
-    next_ping_ms: Option<NonZeroU64>,
+    /// When the connection opened (for its duration in the DISCONNECTED line).
+    opened_ms: u64,
     /// permessage-deflate, when agreed (boxed: most connections have none, and an
     /// idle connection's size matters).
     pmd: Option<Box<ConnDeflate>>,
@@ -244,7 +246,7 @@ impl Session {
                 finished: false,
                 terminated: false,
                 idle_deadline_ms: u64::MAX,
-                next_ping_ms: None,
+                opened_ms: now_ms,
                 pmd: None,
                 tx: Some(Box::new(tx)),
             },
@@ -445,15 +447,10 @@ impl Session {
             core.finished = true;
             return;
         }
-        if let (Some(at), Some(every)) = (core.next_ping_ms, app.limits().ping_interval) {
-            if now_ms >= at.get() {
-                let tx = tx(&mut core.tx);
-                encode_frame_into(&mut tx.out, true, 0, OpCode::Ping, b"kythera", None);
-                core.next_ping_ms = deadline(now_ms + ms(every));
-                if tx.pong_deadline_ms.is_none() {
-                    tx.pong_deadline_ms = deadline(now_ms + ms(app.limits().pong_timeout));
-                }
-            }
+        if core.ping_due_ms(app).is_some_and(|at| now_ms >= at) {
+            let tx = tx(&mut core.tx);
+            encode_frame_into(&mut tx.out, true, 0, OpCode::Ping, b"kythera", None);
+            tx.pong_deadline_ms = deadline(now_ms + ms(app.limits().pong_timeout));
         }
         core.trim(now_ms);
     }
@@ -483,8 +480,8 @@ impl Session {
     ) -> bool {
         let core = &mut self.core;
         core.accepts_frames()
-            && core.run_callback(now_ms, app, regs, |live, id, sink, regs| {
-                live.server_message(id, msg, sink, regs)
+            && core.run_callback(now_ms, app, regs, |live, gear, id, sink, regs| {
+                live.server_message(gear, id, msg, sink, regs)
             })
     }
 
@@ -571,7 +568,7 @@ impl Session {
     /// timer entry for each would cost memory per idle connection; they are coarse
     /// (a second late is fine), so the shard looks at every connection once per sweep
     /// instead and calls [`Session::on_tick`] when this has passed.
-    pub fn swept_deadline_ms(&self) -> Option<u64> {
+    pub fn swept_deadline_ms(&self, app: &App) -> Option<u64> {
         let core = &self.core;
         if core.finished {
             return None;
@@ -585,7 +582,7 @@ impl Session {
         let tx = core.tx.as_deref();
         [
             Some(core.idle_deadline_ms),
-            core.next_ping_ms.map(NonZeroU64::get),
+            core.ping_due_ms(app),
             tx.and_then(|t| t.pong_deadline_ms).map(NonZeroU64::get),
             // Give the output buffers back once quiet.
             tx.filter(|t| t.is_empty())
@@ -668,10 +665,11 @@ impl Drop for Session {
         // A session dropped with its gear still running (the shard stopped at the end
         // of a drain) still owes the gear its terminate.
         if let Phase::Open(live) = std::mem::replace(&mut self.core.phase, Phase::Done) {
-            let id = self.core.id;
+            let (gear, id) = (self.core.gear as usize, self.core.id);
             let mut sink = Discard;
             let _ = catch_unwind(AssertUnwindSafe(move || {
                 live.terminate(
+                    gear,
                     id,
                     &TerminateReason::Stop,
                     &mut sink,
@@ -791,15 +789,12 @@ impl Core {
         );
         self.pmd = deflate.map(|agreed| Box::new(ConnDeflate::new(agreed, &app.limits().deflate)));
         self.idle_deadline_ms = now_ms.saturating_add(ms(app.limits().idle_timeout));
-        self.next_ping_ms = app
-            .limits()
-            .ping_interval
-            .and_then(|p| deadline(now_ms + ms(p)));
+        self.opened_ms = now_ms;
         self.handshaking = false;
         self.phase = Phase::Done;
         let mut sink = OutSink::new(&mut self.tx, self.pmd.as_deref_mut());
         let init = catch_unwind(AssertUnwindSafe(|| {
-            app.init(gear, &mut conn, &mut sink, peer, admission, now_ms, regs)
+            app.init(gear, &mut conn, &mut sink, peer, admission, regs)
         }));
         let outcome = sink.finish();
         match init {
@@ -869,7 +864,7 @@ impl Core {
                     return None;
                 };
                 live.meta().frames_in += 1;
-                let id = self.id;
+                let (gear_index, id) = (self.gear as usize, self.id);
                 let payload = match msg {
                     handler_api::Message::Text(t) => t.as_bytes(),
                     handler_api::Message::Binary(b) => b,
@@ -883,7 +878,7 @@ impl Core {
                     sink.echo_candidate = Some(payload);
                 }
                 let result = catch_unwind(AssertUnwindSafe(|| {
-                    live.client_message(id, msg, &mut sink, regs)
+                    live.client_message(gear_index, id, msg, &mut sink, regs)
                 }));
                 let mut outcome = sink.finish();
                 live.meta().frames_out += outcome.frames;
@@ -1008,6 +1003,24 @@ impl Core {
             .map_or(0, |t| t.out.len() - usize::from(t.out_start))
     }
 
+    /// When to ping, with pings on and no pong awaited: `ping_interval` after the last
+    /// receive. A connection that keeps sending is known to be there and is not
+    /// pinged; a quiet one is pinged once per interval (a pong counts as a receive).
+    fn ping_due_ms(&self, app: &App) -> Option<u64> {
+        let every = app.limits().ping_interval?;
+        if self
+            .tx
+            .as_ref()
+            .is_some_and(|t| t.pong_deadline_ms.is_some())
+        {
+            return None;
+        }
+        let last_receive = self
+            .idle_deadline_ms
+            .saturating_sub(ms(app.limits().idle_timeout));
+        Some(last_receive.saturating_add(ms(every)))
+    }
+
     /// Whether no close has been sent or received: data still flows both ways.
     fn closing_open(&self) -> bool {
         self.tx.as_ref().is_none_or(|t| t.closing.is_open())
@@ -1050,14 +1063,16 @@ impl Core {
         now_ms: u64,
         app: &App,
         regs: &mut Registries,
-        call: impl FnOnce(&mut dyn LiveConn, ConnId, &mut dyn FrameSink, &mut Registries),
+        call: impl FnOnce(&mut dyn LiveConn, usize, ConnId, &mut dyn FrameSink, &mut Registries),
     ) -> bool {
         let Phase::Open(live) = &mut self.phase else {
             return false;
         };
-        let id = self.id;
+        let (gear, id) = (self.gear as usize, self.id);
         let mut sink = OutSink::new(&mut self.tx, self.pmd.as_deref_mut());
-        let result = catch_unwind(AssertUnwindSafe(|| call(&mut **live, id, &mut sink, regs)));
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            call(&mut **live, gear, id, &mut sink, regs)
+        }));
         let mut outcome = sink.finish();
         live.meta().frames_out += outcome.frames;
         if let Some(c) = regs.counters(self.gear()) {
@@ -1212,7 +1227,7 @@ impl Core {
             return;
         };
         let meta = live.meta();
-        let gear = meta.gear as usize;
+        let gear = self.gear as usize;
         if let Some(c) = regs.counters(Some(gear)) {
             c.terminated.add(1);
         }
@@ -1222,14 +1237,14 @@ impl Core {
             peer = ?meta.peer.get(),
             frames_in = meta.frames_in,
             frames_out = meta.frames_out,
-            duration_ms = now_ms.saturating_sub(meta.opened_ms),
+            duration_ms = now_ms.saturating_sub(self.opened_ms),
             reason = %reason,
             "DISCONNECTED"
         );
         let id = self.id;
         let mut sink = Discard;
         if let Err(panic) = catch_unwind(AssertUnwindSafe(move || {
-            live.terminate(id, &reason, &mut sink, regs)
+            live.terminate(gear, id, &reason, &mut sink, regs)
         })) {
             warn!(conn = %id, panic = panic_message(&panic), "terminate panicked");
         }
@@ -2050,13 +2065,16 @@ mod tests {
         h.send(OpCode::Text, b"keepalive");
         h.output();
         // First the output buffers are given back, once quiet.
-        assert_eq!(h.session.swept_deadline_ms(), Some(2000 + TX_QUIET_MS));
+        assert_eq!(
+            h.session.swept_deadline_ms(&h.app),
+            Some(2000 + TX_QUIET_MS)
+        );
         h.session
             .on_tick(2000 + TX_QUIET_MS, &h.app, &mut Registries::none());
         assert!(h.session.core.tx.is_none());
         assert_eq!(h.session.next_deadline_ms(), None, "no timer needed");
         assert_eq!(
-            h.session.swept_deadline_ms(),
+            h.session.swept_deadline_ms(&h.app),
             Some(5000),
             "reset by incoming data"
         );
@@ -2072,7 +2090,7 @@ mod tests {
     fn handshake_timeout() {
         let mut h = harness(Limits::default(), None);
         h.recv(b"GET /ws HTTP/1.1\r\n");
-        assert_eq!(h.session.swept_deadline_ms(), Some(10_000));
+        assert_eq!(h.session.swept_deadline_ms(&h.app), Some(10_000));
         assert_eq!(h.session.next_deadline_ms(), None);
         h.session.on_tick(10_000, &h.app, &mut Registries::none());
         assert!(h.session.should_close());
@@ -2116,7 +2134,7 @@ mod tests {
     }
 
     #[test]
-    fn server_pings_and_pong_deadline() {
+    fn server_pings_quiet_connections_and_pong_deadline() {
         let limits = Limits {
             ping_interval: Some(Duration::from_secs(1)),
             pong_timeout: Duration::from_secs(2),
@@ -2124,14 +2142,30 @@ mod tests {
         };
         let mut h = harness(limits, None);
         h.open();
+        assert_eq!(h.session.swept_deadline_ms(&h.app), Some(1000));
         h.session.on_tick(1000, &h.app, &mut Registries::none());
         assert_eq!(frames(&h.output()), [(OpCode::Ping, b"kythera".to_vec())]);
+        assert_eq!(
+            h.session.swept_deadline_ms(&h.app),
+            Some(3000),
+            "the pong's"
+        );
         h.now = 1500;
         h.send(OpCode::Pong, b"kythera");
         h.session.on_tick(2000, &h.app, &mut Registries::none());
+        assert!(h.output().is_empty(), "the pong was a receive at 1500");
+        // A connection that sends is not pinged.
+        h.now = 2400;
+        h.send(OpCode::Text, b"still here");
         h.output();
-        h.session.on_tick(4000, &h.app, &mut Registries::none());
-        assert!(h.session.should_close(), "no pong for the ping at 2000");
+        h.session.on_tick(2500, &h.app, &mut Registries::none());
+        assert!(h.output().is_empty());
+        h.session.on_tick(3400, &h.app, &mut Registries::none());
+        assert_eq!(frames(&h.output()), [(OpCode::Ping, b"kythera".to_vec())]);
+        h.session.on_tick(5399, &h.app, &mut Registries::none());
+        assert!(!h.session.should_close());
+        h.session.on_tick(5400, &h.app, &mut Registries::none());
+        assert!(h.session.should_close(), "no pong for the ping at 3400");
         assert_eq!(
             h.reasons(),
             [TerminateReason::Error(TerminateError::PongTimeout)]
