@@ -20,5 +20,8 @@ pub mod timer;
 pub mod uring;
 
 pub use registry::{RegistryConfig, RegistryHandle, RegistryStats};
-pub use server::{RunError, RunningServer, Server, ServerBuilder, ServerHandle, StartError};
+pub use server::{
+    RunError, RunningServer, Server, ServerBuilder, ServerHandle, StartError,
+    disable_transparent_huge_pages,
+};
 pub use shard::ShardCounters;

@@ -41,6 +41,10 @@ fn load_settings(args: &Args) -> Result<config::Settings, config::ConfigError> {
 }
 
 fn main() -> ExitCode {
+    // First, before the heap grows: memory per connection is counted in bytes, and
+    // 2 MiB heap pages would hide it (`disable_transparent_huge_pages`). Without the
+    // prctl (old kernels, seccomp) the server runs the same, with a larger RSS.
+    let thp_off = engine::disable_transparent_huge_pages();
     let args = Args::parse();
     let settings = match load_settings(&args) {
         Ok(settings) => settings,
@@ -56,6 +60,9 @@ fn main() -> ExitCode {
     match settings.log_format {
         LogFormat::Pretty => logs.init(),
         LogFormat::Json => logs.json().init(),
+    }
+    if let Err(err) = thp_off {
+        tracing::debug!(error = %err, "transparent huge pages stay on");
     }
 
     let shards = settings
