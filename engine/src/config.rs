@@ -34,7 +34,9 @@ pub struct Limits {
     /// On drain, closes (1001) are spread over this window; connections still open at
     /// its end are closed. Default 5 s.
     pub drain_window: Duration,
-    /// Send a ping this often (off by default).
+    /// Ping a connection that has sent nothing (a pong counts) for this long (off by
+    /// default). A connection that keeps sending is known to be there and is not
+    /// pinged, so no per-connection ping deadline is kept.
     pub ping_interval: Option<Duration>,
     /// With pings on: no pong within this long of a ping closes the connection
     /// (terminate `PongTimeout`). Default 20 s.

@@ -8,7 +8,11 @@
 //! 1. submit what is queued and wait for a completion or the next timer tick;
 //! 2. handle every completion: accepts create connections, recvs feed sessions with
 //!    bytes borrowed from the buffer ring (recycled right after), sends complete;
-//! 3. fire the timers that are due ([`TimerWheel`], lazy cancellation);
+//! 3. fire the timers that are due ([`TimerWheel`], lazy cancellation: only closing
+//!    timeouts, accept back-offs and forced closes), and sweep a share of the slots for
+//!    the coarse per-connection deadlines (handshake, idle, ping, pong, quiet output
+//!    buffers: [`Session::swept_deadline_ms`]) so that an idle connection needs no
+//!    timer entry;
 //! 4. on drain, start closes (1001) spread over the drain window, and close the
 //!    listeners once the connections from before the drain are gone;
 //! 5. re-arm the recvs that ended with `ENOBUFS` (their buffers are back by now);

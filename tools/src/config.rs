@@ -79,7 +79,8 @@ pub struct Args {
     /// On SIGTERM/SIGINT, spread the 1001 closes over this many seconds [default: 5].
     #[arg(long, value_name = "SECS", env = "KYTHERA_DRAIN_WINDOW_SECS")]
     pub drain_window_secs: Option<u64>,
-    /// Ping every connection this often, in seconds; 0 is off [default: 0].
+    /// Ping a connection that has sent nothing for this many seconds; 0 is off
+    /// [default: 0].
     #[arg(long, value_name = "SECS", env = "KYTHERA_PING_INTERVAL_SECS")]
     pub ping_interval_secs: Option<u64>,
     /// With pings on, close a connection whose pong is this late, in seconds [default: 20].
