@@ -52,14 +52,14 @@ fn deadline(at_ms: u64) -> Option<NonZeroU64> {
 pub const DRAIN_REASON: &str = "server shutting down; please reconnect";
 
 /// Whether the gear runs. Two variants, so that the enum is the size of its box
-/// pointer; the handshake is `Done` with `Core::handshaking` set.
+/// pointer; the handshake is `Done` with `Session::handshaking` set.
 enum Phase {
     /// The gear runs.
     Open(Box<dyn LiveConn>),
-    /// Reading the upgrade request (`Core::handshaking`; what it needs is in the
-    /// session's `partial` box: it is short-lived, and an open connection's session
-    /// should not carry its size), or `terminate` has run (or the gear never started):
-    /// only the closing handshake and flushing are left.
+    /// Reading the upgrade request (`Session::handshaking`; what it needs is in the
+    /// `Tx` box's `partial`: it is short-lived, and an open connection should not carry
+    /// its size), or `terminate` has run (or the gear never started): only the closing
+    /// handshake and flushing are left.
     Done,
 }
 
@@ -70,9 +70,13 @@ struct Handshaking {
     peer: Option<SocketAddr>,
 }
 
-/// The part of a session that frame events act on (split from the decoder, which
-/// the events borrow).
-struct Core {
+/// One connection, from the accept to the close of its socket.
+///
+/// What an idle connection needs is all that is kept inline; receive and send state
+/// live in the [`Tx`] box, which exists only while it holds something, so that memory
+/// per idle connection stays small (docs/architecture.md, "Memory per idle
+/// connection").
+pub struct Session {
     id: ConnId,
     /// The gear, once routed (for its counters); `u32::MAX` before.
     gear: u32,
@@ -84,7 +88,7 @@ struct Core {
     phase: Phase,
     /// When the idle timeout closes the connection: the last receive plus the idle
     /// timeout (pings are due `ping_interval` after the last receive: see
-    /// [`Core::ping_due_ms`]).
+    /// [`Session::ping_due_ms`]).
     idle_deadline_ms: u64,
     /// When the connection opened (for its duration in the DISCONNECTED line).
     opened_ms: u64,
@@ -97,8 +101,8 @@ struct Core {
 }
 
 /// What a connection holds while it sends, closes, waits for a pong or has received
-/// part of a frame. Allocated by
-/// the first thing to send and dropped once nothing is left in it and the connection
+/// part of a frame. Allocated at the accept (for the upgrade request) or by the first
+/// thing to send, and dropped once nothing is left in it and the connection
 /// has been quiet for [`TX_QUIET_MS`] (at once after a handshake's response, when no
 /// frame has been exchanged yet): an idle connection holds none, and one that
 /// converses keeps its buffers from message to message instead of allocating them
@@ -117,7 +121,7 @@ struct Tx {
     spare: Vec<u8>,
     /// Bytes handed to the shard and not yet sent.
     in_flight: usize,
-    /// When output was last taken or bytes last received.
+    /// When output was last handed to the shard (the quiet period counts from there).
     active_ms: u64,
     pong_deadline_ms: Option<NonZeroU64>,
     closing: Closing,
@@ -145,15 +149,6 @@ impl Tx {
 /// The connection's `Tx`, allocated if it has none.
 fn tx(slot: &mut Option<Box<Tx>>) -> &mut Tx {
     slot.get_or_insert_with(Box::default)
-}
-
-/// One connection, from the accept to the close of its socket.
-///
-/// What an idle connection needs is all that is kept inline (`Core` without its
-/// boxes); receive and send state live in boxes that exist only while they hold
-/// something, so that memory per idle connection stays small (README, "Memory").
-pub struct Session {
-    core: Core,
 }
 
 /// Receive state that outlives one receive.
@@ -210,9 +205,9 @@ fn unmask_started(buf: &mut [u8], cfg: &DecoderConfig) {
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
-            .field("id", &self.core.id)
-            .field("finished", &self.core.finished)
-            .field("terminated", &self.core.terminated)
+            .field("id", &self.id)
+            .field("finished", &self.finished)
+            .field("terminated", &self.terminated)
             .finish_non_exhaustive()
     }
 }
@@ -220,101 +215,82 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// A session for a socket just accepted.
     pub fn new(id: ConnId, peer: Option<SocketAddr>, now_ms: u64, app: &App) -> Session {
-        let limits = app.limits();
-        let decoder = Decoder::new(DecoderConfig {
-            role: Role::Server,
-            max_message_bytes: limits.max_message_bytes,
-            allowed_rsv: 0,
-        });
-        let tx = Tx {
-            partial: Some(Box::new(Partial {
-                decoder,
-                pending: Vec::new(),
-                handshake: Some(Handshaking {
-                    deadline_ms: now_ms + ms(limits.handshake_timeout),
-                    peer,
-                }),
-            })),
-            ..Tx::default()
+        let mut session = Session {
+            id,
+            gear: u32::MAX,
+            phase: Phase::Done,
+            handshaking: true,
+            finished: false,
+            terminated: false,
+            idle_deadline_ms: u64::MAX,
+            opened_ms: now_ms,
+            pmd: None,
+            tx: None,
         };
-        Session {
-            core: Core {
-                id,
-                gear: u32::MAX,
-                phase: Phase::Done,
-                handshaking: true,
-                finished: false,
-                terminated: false,
-                idle_deadline_ms: u64::MAX,
-                opened_ms: now_ms,
-                pmd: None,
-                tx: Some(Box::new(tx)),
-            },
-        }
+        // The request arrives into the partial box's `pending`.
+        let mut partial = session.new_partial(app);
+        partial.handshake = Some(Handshaking {
+            deadline_ms: now_ms + ms(app.limits().handshake_timeout),
+            peer,
+        });
+        session.put_partial(partial);
+        session
     }
 
     fn take_partial(&mut self) -> Option<Box<Partial>> {
-        self.core.tx.as_mut()?.partial.take()
+        self.tx.as_mut()?.partial.take()
     }
 
     fn put_partial(&mut self, partial: Box<Partial>) {
-        tx(&mut self.core.tx).partial = Some(partial);
+        tx(&mut self.tx).partial = Some(partial);
     }
 
     /// When the upgrade request must be whole, during the handshake.
     fn handshake_deadline_ms(&self) -> Option<u64> {
-        let partial = self.core.tx.as_ref()?.partial.as_ref()?;
+        let partial = self.tx.as_ref()?.partial.as_ref()?;
         let hs = partial.handshake.as_ref()?;
         Some(hs.deadline_ms)
     }
 
     /// This connection's id.
     pub fn id(&self) -> ConnId {
-        self.core.id
+        self.id
     }
 
     /// Received bytes, borrowed from the receive buffer; frames are unmasked in place.
     pub fn on_recv(&mut self, data: &mut [u8], now_ms: u64, app: &App, regs: &mut Registries) {
-        if self.core.finished {
+        if self.finished {
             return;
         }
-        if self.core.handshaking {
+        if self.handshaking {
             let Some(mut hs) = self.take_partial() else {
                 return;
             };
-            let rest = self.core.handshake(&mut hs, data, now_ms, app, regs);
-            if self.core.handshaking {
+            let rest = self.handshake(&mut hs, data, now_ms, app, regs);
+            if self.handshaking {
                 self.put_partial(hs); // the request is not whole yet
                 return;
             }
             if let Some(rest) = rest.filter(|r| !r.is_empty()) {
                 // Bytes after the request head are the client's first frames.
-                let mut partial = self.core.new_partial(app);
+                let mut partial = self.new_partial(app);
                 append_pending(&mut partial, &rest);
                 self.process_pending(partial, now_ms, app, regs);
             }
             return;
         }
-        self.core.idle_deadline_ms = now_ms.saturating_add(ms(app.limits().idle_timeout));
-        if let Some(c) = regs.counters(self.core.gear()) {
+        self.idle_deadline_ms = now_ms.saturating_add(ms(app.limits().idle_timeout));
+        if let Some(c) = regs.counters(self.gear()) {
             c.bytes_in.add(data.len() as u64);
         }
         match self.take_partial() {
             None => {
                 // Whole frames need no state kept between receives: decode them with
                 // a decoder on the stack, and box one only if something is left over.
-                let mut decoder = Decoder::new(self.core.decoder_config(app));
-                let (used, needed, _) = process(
-                    &mut decoder,
-                    &mut self.core,
-                    data,
-                    false,
-                    false,
-                    now_ms,
-                    app,
-                    regs,
-                );
-                if self.core.finished {
+                let mut decoder = Decoder::new(self.decoder_config(app));
+                let (used, needed, _) =
+                    process(&mut decoder, self, data, false, false, now_ms, app, regs);
+                if self.finished {
                     return;
                 }
                 let leftover = used < data.len();
@@ -352,7 +328,7 @@ impl Session {
     ) {
         let mut buf = std::mem::take(&mut partial.pending);
         let unmasked = started_frame(&buf, partial.decoder.config()).is_some();
-        let core = &mut self.core;
+        let core = &mut *self;
         let (used, needed, echo) = process(
             &mut partial.decoder,
             core,
@@ -391,18 +367,18 @@ impl Session {
             Some(e) => TerminateReason::Error(TerminateError::Io(e)),
             None => TerminateReason::Remote,
         };
-        self.core.terminate(reason, now_ms, app, regs);
-        if let Some(tx) = &mut self.core.tx {
+        self.terminate(reason, now_ms, app, regs);
+        if let Some(tx) = &mut self.tx {
             tx.out = Vec::new();
             tx.out_start = 0;
         }
-        self.core.finished = true;
+        self.finished = true;
     }
 
     /// Timers: handshake, idle, ping/pong and closing deadlines.
     pub fn on_tick(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
         let handshake_deadline = self.handshake_deadline_ms();
-        let core = &mut self.core;
+        let core = &mut *self;
         if core.finished {
             return;
         }
@@ -457,7 +433,7 @@ impl Session {
 
     /// The server drains: close 1001, terminate `Stop`.
     pub fn start_drain(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
-        let core = &mut self.core;
+        let core = &mut *self;
         match core.phase {
             _ if core.handshaking => core.finished = true,
             Phase::Open(_) if core.closing_open() => {
@@ -478,7 +454,7 @@ impl Session {
         app: &App,
         regs: &mut Registries,
     ) -> bool {
-        let core = &mut self.core;
+        let core = &mut *self;
         core.accepts_frames()
             && core.run_callback(now_ms, app, regs, |live, gear, id, sink, regs| {
                 live.server_message(gear, id, msg, sink, regs)
@@ -494,7 +470,7 @@ impl Session {
         app: &App,
         regs: &mut Registries,
     ) -> bool {
-        let core = &mut self.core;
+        let core = &mut *self;
         if !core.accepts_frames() {
             return false;
         }
@@ -543,7 +519,7 @@ impl Session {
         app: &App,
         regs: &mut Registries,
     ) -> bool {
-        let core = &mut self.core;
+        let core = &mut *self;
         if !core.accepts_frames() {
             return false;
         }
@@ -557,9 +533,8 @@ impl Session {
     /// The shard stops with this session still open (the end of a drain): `terminate`
     /// runs with `Stop`, with the registry at hand so that names and groups are freed.
     pub fn shut_down(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
-        self.core
-            .terminate(TerminateReason::Stop, now_ms, app, regs);
-        self.core.finished = true;
+        self.terminate(TerminateReason::Stop, now_ms, app, regs);
+        self.finished = true;
     }
 
     /// The earliest of the deadlines that the shard's sweep looks after: the
@@ -569,7 +544,7 @@ impl Session {
     /// (a second late is fine), so the shard looks at every connection once per sweep
     /// instead and calls [`Session::on_tick`] when this has passed.
     pub fn swept_deadline_ms(&self, app: &App) -> Option<u64> {
-        let core = &self.core;
+        let core = self;
         if core.finished {
             return None;
         }
@@ -596,17 +571,17 @@ impl Session {
     /// The deadline that needs a timer's precision, if any: the end of the wait for
     /// the peer's close. Call [`Session::on_tick`] once it has passed.
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        if self.core.finished {
+        if self.finished {
             return None;
         }
-        self.core.tx.as_ref()?.closing.deadline_ms()
+        self.tx.as_ref()?.closing.deadline_ms()
     }
 
     /// Takes the bytes to send now, if any: a buffer and where in it the bytes to send
     /// start (the rest of the buffer is sent). One send per connection is in flight at
     /// a time; give the buffer back with [`Session::sent`].
     pub fn take_output(&mut self, now_ms: u64) -> Option<(Vec<u8>, usize)> {
-        let core = &mut self.core;
+        let core = &mut *self;
         let tx = core.tx.as_deref_mut().filter(|t| !t.out.is_empty())?;
         let next = std::mem::take(&mut tx.spare);
         let buf = std::mem::replace(&mut tx.out, next);
@@ -618,7 +593,7 @@ impl Session {
 
     /// The send of a buffer from [`Session::take_output`] completed.
     pub fn sent(&mut self, mut buf: Vec<u8>) {
-        let core = &mut self.core;
+        let core = &mut *self;
         let Some(tx) = core.tx.as_deref_mut() else {
             return;
         };
@@ -646,17 +621,17 @@ impl Session {
 
     /// Whether the socket should be closed once the output is flushed.
     pub fn should_close(&self) -> bool {
-        self.core.finished
+        self.finished
     }
 
     /// Whether `terminate` has run (or the connection never reached `init`).
     pub fn is_terminated(&self) -> bool {
-        self.core.terminated || matches!(self.core.phase, Phase::Done)
+        self.terminated || matches!(self.phase, Phase::Done)
     }
 
     /// Bytes queued and in flight towards the client.
     pub fn queued_bytes(&self) -> usize {
-        self.core.queued() + self.core.tx.as_ref().map_or(0, |t| t.in_flight)
+        self.queued() + self.tx.as_ref().map_or(0, |t| t.in_flight)
     }
 }
 
@@ -664,8 +639,8 @@ impl Drop for Session {
     fn drop(&mut self) {
         // A session dropped with its gear still running (the shard stopped at the end
         // of a drain) still owes the gear its terminate.
-        if let Phase::Open(live) = std::mem::replace(&mut self.core.phase, Phase::Done) {
-            let (gear, id) = (self.core.gear as usize, self.core.id);
+        if let Phase::Open(live) = std::mem::replace(&mut self.phase, Phase::Done) {
+            let (gear, id) = (self.gear as usize, self.id);
             let mut sink = Discard;
             let _ = catch_unwind(AssertUnwindSafe(move || {
                 live.terminate(
@@ -680,7 +655,7 @@ impl Drop for Session {
     }
 }
 
-impl Core {
+impl Session {
     /// Feeds the upgrade request; on success returns the bytes after its head.
     fn handshake(
         &mut self,
@@ -842,7 +817,7 @@ impl Core {
     /// there and that the session may give away; if the gear's first send is this
     /// message's payload as it is, with nothing queued before it, that echo is not
     /// copied but returned (opcode, length), for the caller to queue it in place
-    /// ([`Core::echo_in_place`]).
+    /// ([`Session::echo_in_place`]).
     fn on_event(
         &mut self,
         event: Event<'_>,
@@ -941,7 +916,7 @@ impl Core {
         None
     }
 
-    /// Queues the echo that [`Core::on_event`] returned: `buf` is the frame that was
+    /// Queues the echo that [`Session::on_event`] returned: `buf` is the frame that was
     /// echoed, its payload the last `len` bytes. The server's header goes in front of
     /// the payload (the client's header is 4 bytes longer: it carries the mask), and
     /// `buf` becomes the output.
@@ -1285,12 +1260,12 @@ fn append_pending(partial: &mut Partial, data: &[u8]) -> bool {
 /// were used, if a frame is incomplete how many bytes it needs from where it starts,
 /// and, when `owned` (`buf` is `pending`, to be given away) and the gear echoed a frame
 /// that was all of `buf` as it is, that echo's opcode and length (not queued yet: see
-/// [`Core::echo_in_place`]). `first_unmasked`: the first frame's payload is unmasked
+/// [`Session::echo_in_place`]). `first_unmasked`: the first frame's payload is unmasked
 /// already.
 #[allow(clippy::too_many_arguments)]
 fn process(
     decoder: &mut Decoder,
-    core: &mut Core,
+    core: &mut Session,
     buf: &mut [u8],
     first_unmasked: bool,
     owned: bool,
@@ -1403,7 +1378,7 @@ struct OutSink<'a, 'p> {
     pmd: Option<&'a mut ConnDeflate>,
     outcome: SinkOutcome,
     /// The incoming payload, when an echo of it as the first frame queued may be left
-    /// to the session to queue in place ([`Core::echo_in_place`]).
+    /// to the session to queue in place ([`Session::echo_in_place`]).
     echo_candidate: Option<&'p [u8]>,
 }
 
@@ -2071,7 +2046,7 @@ mod tests {
         );
         h.session
             .on_tick(2000 + TX_QUIET_MS, &h.app, &mut Registries::none());
-        assert!(h.session.core.tx.is_none());
+        assert!(h.session.tx.is_none());
         assert_eq!(h.session.next_deadline_ms(), None, "no timer needed");
         assert_eq!(
             h.session.swept_deadline_ms(&h.app),

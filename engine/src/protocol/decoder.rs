@@ -41,11 +41,6 @@ impl Decoder {
         &self.cfg
     }
 
-    /// Allows the RSV bits an agreed extension uses (RSV1 for permessage-deflate).
-    pub fn allow_rsv(&mut self, bits: u8) {
-        self.cfg.allowed_rsv |= bits;
-    }
-
     /// The reassembler (to see whether a message is in progress, or release memory).
     pub fn assembler_mut(&mut self) -> &mut Assembler {
         &mut self.assembler
