@@ -27,7 +27,7 @@ use handler_api::{
 };
 use tracing::{info, warn};
 
-use crate::gear::{App, LiveConn, Registries};
+use crate::gear::{App, LiveConn, Meta, Registries};
 use crate::protocol::ProtocolError;
 use crate::protocol::close::{Closing, PeerCloseAction, encode_close_payload};
 use crate::protocol::codec::{
@@ -77,7 +77,6 @@ struct Handshaking {
 /// per idle connection stays small (docs/architecture.md, "Memory per idle
 /// connection").
 pub struct Session {
-    id: ConnId,
     /// The gear, once routed (for its counters); `u32::MAX` before.
     gear: u32,
     /// Close the socket once the output is flushed.
@@ -90,8 +89,6 @@ pub struct Session {
     /// timeout (pings are due `ping_interval` after the last receive: see
     /// [`Session::ping_due_ms`]).
     idle_deadline_ms: u64,
-    /// When the connection opened (for its duration in the DISCONNECTED line).
-    opened_ms: u64,
     /// permessage-deflate, when agreed (boxed: most connections have none, and an
     /// idle connection's size matters).
     pmd: Option<Box<ConnDeflate>>,
@@ -205,7 +202,6 @@ fn unmask_started(buf: &mut [u8], cfg: &DecoderConfig) {
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
-            .field("id", &self.id)
             .field("finished", &self.finished)
             .field("terminated", &self.terminated)
             .finish_non_exhaustive()
@@ -214,16 +210,14 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// A session for a socket just accepted.
-    pub fn new(id: ConnId, peer: Option<SocketAddr>, now_ms: u64, app: &App) -> Session {
+    pub fn new(peer: Option<SocketAddr>, now_ms: u64, app: &App) -> Session {
         let mut session = Session {
-            id,
             gear: u32::MAX,
             phase: Phase::Done,
             handshaking: true,
             finished: false,
             terminated: false,
             idle_deadline_ms: u64::MAX,
-            opened_ms: now_ms,
             pmd: None,
             tx: None,
         };
@@ -252,13 +246,15 @@ impl Session {
         Some(hs.deadline_ms)
     }
 
-    /// This connection's id.
-    pub fn id(&self) -> ConnId {
-        self.id
-    }
-
     /// Received bytes, borrowed from the receive buffer; frames are unmasked in place.
-    pub fn on_recv(&mut self, data: &mut [u8], now_ms: u64, app: &App, regs: &mut Registries) {
+    pub fn on_recv(
+        &mut self,
+        id: ConnId,
+        data: &mut [u8],
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) {
         if self.finished {
             return;
         }
@@ -266,7 +262,7 @@ impl Session {
             let Some(mut hs) = self.take_partial() else {
                 return;
             };
-            let rest = self.handshake(&mut hs, data, now_ms, app, regs);
+            let rest = self.handshake(id, &mut hs, data, now_ms, app, regs);
             if self.handshaking {
                 self.put_partial(hs); // the request is not whole yet
                 return;
@@ -275,7 +271,7 @@ impl Session {
                 // Bytes after the request head are the client's first frames.
                 let mut partial = self.new_partial(app);
                 append_pending(&mut partial, &rest);
-                self.process_pending(partial, now_ms, app, regs);
+                self.process_pending(id, partial, now_ms, app, regs);
             }
             return;
         }
@@ -288,8 +284,17 @@ impl Session {
                 // Whole frames need no state kept between receives: decode them with
                 // a decoder on the stack, and box one only if something is left over.
                 let mut decoder = Decoder::new(self.decoder_config(app));
-                let (used, needed, _) =
-                    process(&mut decoder, self, data, false, false, now_ms, app, regs);
+                let (used, needed, _) = process(
+                    &mut decoder,
+                    self,
+                    id,
+                    data,
+                    false,
+                    false,
+                    now_ms,
+                    app,
+                    regs,
+                );
                 if self.finished {
                     return;
                 }
@@ -309,7 +314,7 @@ impl Session {
             }
             Some(mut partial) => {
                 if append_pending(&mut partial, data) {
-                    self.process_pending(partial, now_ms, app, regs);
+                    self.process_pending(id, partial, now_ms, app, regs);
                 } else {
                     self.put_partial(partial);
                 }
@@ -321,6 +326,7 @@ impl Session {
     /// it still holds something.
     fn process_pending(
         &mut self,
+        id: ConnId,
         mut partial: Box<Partial>,
         now_ms: u64,
         app: &App,
@@ -332,6 +338,7 @@ impl Session {
         let (used, needed, echo) = process(
             &mut partial.decoder,
             core,
+            id,
             &mut buf,
             unmasked,
             true,
@@ -341,7 +348,8 @@ impl Session {
         );
         if let Some((op, len)) = echo {
             // The frame was the whole buffer and its payload is echoed as it is.
-            core.echo_in_place(buf, op, len, now_ms, app, regs);
+            core.echo_in_place(buf, op, len);
+            core.check_outgoing(id, now_ms, app, regs);
         } else if used < buf.len() && !core.finished {
             if used > 0 {
                 buf.drain(..used);
@@ -358,6 +366,7 @@ impl Session {
     /// The peer is gone: `None` for EOF, `Some(errno)` for a socket error.
     pub fn on_peer_gone(
         &mut self,
+        id: ConnId,
         errno: Option<i32>,
         now_ms: u64,
         app: &App,
@@ -367,7 +376,7 @@ impl Session {
             Some(e) => TerminateReason::Error(TerminateError::Io(e)),
             None => TerminateReason::Remote,
         };
-        self.terminate(reason, now_ms, app, regs);
+        self.terminate(id, reason, now_ms, app, regs);
         if let Some(tx) = &mut self.tx {
             tx.out = Vec::new();
             tx.out_start = 0;
@@ -376,7 +385,7 @@ impl Session {
     }
 
     /// Timers: handshake, idle, ping/pong and closing deadlines.
-    pub fn on_tick(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
+    pub fn on_tick(&mut self, id: ConnId, now_ms: u64, app: &App, regs: &mut Registries) {
         let handshake_deadline = self.handshake_deadline_ms();
         let core = &mut *self;
         if core.finished {
@@ -395,6 +404,7 @@ impl Session {
         {
             if !core.terminated {
                 core.terminate(
+                    id,
                     TerminateReason::Error(TerminateError::ClosingTimeout),
                     now_ms,
                     app,
@@ -409,12 +419,13 @@ impl Session {
         }
         if now_ms >= core.idle_deadline_ms {
             core.close(CloseCode::NORMAL, "idle timeout", now_ms, app, regs);
-            core.terminate(TerminateReason::Timeout, now_ms, app, regs);
+            core.terminate(id, TerminateReason::Timeout, now_ms, app, regs);
             return;
         }
         let pong_deadline = core.tx.as_ref().and_then(|t| t.pong_deadline_ms);
         if pong_deadline.is_some_and(|d| now_ms >= d.get()) {
             core.terminate(
+                id,
                 TerminateReason::Error(TerminateError::PongTimeout),
                 now_ms,
                 app,
@@ -432,13 +443,13 @@ impl Session {
     }
 
     /// The server drains: close 1001, terminate `Stop`.
-    pub fn start_drain(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
+    pub fn start_drain(&mut self, id: ConnId, now_ms: u64, app: &App, regs: &mut Registries) {
         let core = &mut *self;
         match core.phase {
             _ if core.handshaking => core.finished = true,
             Phase::Open(_) if core.closing_open() => {
                 core.close(CloseCode::GOING_AWAY, DRAIN_REASON, now_ms, app, regs);
-                core.terminate(TerminateReason::Stop, now_ms, app, regs);
+                core.terminate(id, TerminateReason::Stop, now_ms, app, regs);
             }
             _ => {}
         }
@@ -449,6 +460,7 @@ impl Session {
     /// Returns false if the connection no longer takes messages (closing or closed).
     pub fn on_server_message(
         &mut self,
+        id: ConnId,
         msg: &mut dyn Any,
         now_ms: u64,
         app: &App,
@@ -456,7 +468,7 @@ impl Session {
     ) -> bool {
         let core = &mut *self;
         core.accepts_frames()
-            && core.run_callback(now_ms, app, regs, |live, gear, id, sink, regs| {
+            && core.run_callback(id, now_ms, app, regs, |live, gear, id, sink, regs| {
                 live.server_message(gear, id, msg, sink, regs)
             })
     }
@@ -465,6 +477,7 @@ impl Session {
     /// the output as they are. Returns false if the connection no longer takes frames.
     pub fn on_published_frame(
         &mut self,
+        id: ConnId,
         frame: &SharedFrame,
         now_ms: u64,
         app: &App,
@@ -507,13 +520,14 @@ impl Session {
             c.frames_out.add(1);
             c.bytes_out.add(bytes);
         }
-        core.check_outgoing(now_ms, app, regs);
+        core.check_outgoing(id, now_ms, app, regs);
         true
     }
 
     /// A `publish_frame` of a close: the connection closes as if its gear had sent it.
     pub fn on_published_close(
         &mut self,
+        id: ConnId,
         close: Option<handler_api::CloseFrame>,
         now_ms: u64,
         app: &App,
@@ -526,14 +540,14 @@ impl Session {
         let mut sink = OutSink::new(&mut core.tx, core.pmd.as_deref_mut());
         sink.send_frame(handler_api::Frame::Close(close));
         let outcome = sink.finish();
-        core.after_callback(outcome, now_ms, app, regs);
+        core.after_callback(id, outcome, now_ms, app, regs);
         true
     }
 
     /// The shard stops with this session still open (the end of a drain): `terminate`
     /// runs with `Stop`, with the registry at hand so that names and groups are freed.
-    pub fn shut_down(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
-        self.terminate(TerminateReason::Stop, now_ms, app, regs);
+    pub fn shut_down(&mut self, id: ConnId, now_ms: u64, app: &App, regs: &mut Registries) {
+        self.terminate(id, TerminateReason::Stop, now_ms, app, regs);
         self.finished = true;
     }
 
@@ -637,21 +651,14 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // A session dropped with its gear still running (the shard stopped at the end
-        // of a drain) still owes the gear its terminate.
-        if let Phase::Open(live) = std::mem::replace(&mut self.phase, Phase::Done) {
-            let (gear, id) = (self.gear as usize, self.id);
-            let mut sink = Discard;
-            let _ = catch_unwind(AssertUnwindSafe(move || {
-                live.terminate(
-                    gear,
-                    id,
-                    &TerminateReason::Stop,
-                    &mut sink,
-                    &mut Registries::none(),
-                )
-            }));
-        }
+        // The session does not hold its id (the shard derives it from the slot and its
+        // generation), so it cannot run a terminate still owed here: the shard runs it
+        // ([`Session::shut_down`]) before it drops a session. Catch a path that does
+        // not in the tests.
+        debug_assert!(
+            std::thread::panicking() || self.is_terminated(),
+            "session dropped with its gear running"
+        );
     }
 }
 
@@ -659,6 +666,7 @@ impl Session {
     /// Feeds the upgrade request; on success returns the bytes after its head.
     fn handshake(
         &mut self,
+        id: ConnId,
         hs: &mut Partial,
         data: &[u8],
         now_ms: u64,
@@ -727,8 +735,8 @@ impl Session {
         let key = up.key.to_owned();
         let head_len = req.head_len;
         let mut conn = match app.names(routed.gear) {
-            Some(names) => Conn::with_names(self.id, parts, names),
-            None => Conn::new(self.id, parts),
+            Some(names) => Conn::with_names(id, parts, names),
+            None => Conn::new(id, parts),
         };
         let gear = routed.gear;
         match catch_unwind(AssertUnwindSafe(|| app.connect(gear, &mut conn))) {
@@ -745,7 +753,7 @@ impl Session {
             }
             Err(panic) => {
                 release_names(&mut conn, app, gear);
-                warn!(conn = %self.id, gear = app.pattern(gear), panic = panic_message(&panic), "connect panicked");
+                warn!(conn = %id, gear = app.pattern(gear), panic = panic_message(&panic), "connect panicked");
                 write_response(&mut tx(&mut self.tx).out, 500, [], b"internal error");
                 return self.end_handshake();
             }
@@ -764,12 +772,18 @@ impl Session {
         );
         self.pmd = deflate.map(|agreed| Box::new(ConnDeflate::new(agreed, &app.limits().deflate)));
         self.idle_deadline_ms = now_ms.saturating_add(ms(app.limits().idle_timeout));
-        self.opened_ms = now_ms;
         self.handshaking = false;
         self.phase = Phase::Done;
         let mut sink = OutSink::new(&mut self.tx, self.pmd.as_deref_mut());
         let init = catch_unwind(AssertUnwindSafe(|| {
-            app.init(gear, &mut conn, &mut sink, peer, admission, regs)
+            app.init(
+                gear,
+                &mut conn,
+                &mut sink,
+                Meta::new(peer, now_ms),
+                admission,
+                regs,
+            )
         }));
         let outcome = sink.finish();
         match init {
@@ -780,16 +794,16 @@ impl Session {
                     c.frames_out.add(outcome.frames);
                     c.bytes_out.add(outcome.bytes);
                 }
-                info!(conn = %self.id, gear = app.pattern(gear), peer = ?peer, "CONNECTED");
+                info!(conn = %id, gear = app.pattern(gear), peer = ?peer, "CONNECTED");
                 self.phase = Phase::Open(live);
-                self.after_callback(outcome, now_ms, app, regs);
+                self.after_callback(id, outcome, now_ms, app, regs);
             }
             Err(panic) => {
                 // No state was built, so there is nothing to terminate; what the
                 // connection took in the registry is given back.
                 release_names(&mut conn, app, gear);
-                regs.remove_conn(gear, self.id);
-                warn!(conn = %self.id, gear = app.pattern(gear), panic = panic_message(&panic), "init panicked");
+                regs.remove_conn(gear, id);
+                warn!(conn = %id, gear = app.pattern(gear), panic = panic_message(&panic), "init panicked");
                 self.send_close(Some(CloseCode::INTERNAL_ERROR), "", regs);
                 self.finished = true;
                 return None;
@@ -820,6 +834,7 @@ impl Session {
     /// ([`Session::echo_in_place`]).
     fn on_event(
         &mut self,
+        id: ConnId,
         event: Event<'_>,
         in_place: Option<*const u8>,
         now_ms: u64,
@@ -839,7 +854,7 @@ impl Session {
                     return None;
                 };
                 live.meta().frames_in += 1;
-                let (gear_index, id) = (self.gear as usize, self.id);
+                let gear_index = self.gear as usize;
                 let payload = match msg {
                     handler_api::Message::Text(t) => t.as_bytes(),
                     handler_api::Message::Binary(b) => b,
@@ -874,7 +889,7 @@ impl Session {
                         echo = None;
                     }
                 }
-                self.after_callback(outcome, now_ms, app, regs);
+                self.after_callback(id, outcome, now_ms, app, regs);
                 return echo.map(|op| (op, payload.len()));
             }
             // Inflated by `on_compressed` first, which hands the message on.
@@ -883,7 +898,7 @@ impl Session {
                 if self.closing_open() {
                     let out = &mut tx(&mut self.tx).out;
                     encode_frame_into(out, true, 0, OpCode::Pong, payload, None);
-                    self.check_outgoing(now_ms, app, regs);
+                    self.check_outgoing(id, now_ms, app, regs);
                 }
             }
             Event::Pong(_) => {
@@ -899,6 +914,7 @@ impl Session {
                     PeerCloseAction::Reply(code) => {
                         self.send_close(code, "", regs);
                         self.terminate(
+                            id,
                             TerminateReason::RemoteClose {
                                 code: close.code,
                                 reason: close.reason.to_owned(),
@@ -919,16 +935,8 @@ impl Session {
     /// Queues the echo that [`Session::on_event`] returned: `buf` is the frame that was
     /// echoed, its payload the last `len` bytes. The server's header goes in front of
     /// the payload (the client's header is 4 bytes longer: it carries the mask), and
-    /// `buf` becomes the output.
-    fn echo_in_place(
-        &mut self,
-        mut buf: Vec<u8>,
-        op: OpCode,
-        len: usize,
-        now_ms: u64,
-        app: &App,
-        regs: &mut Registries,
-    ) {
+    /// `buf` becomes the output. The caller checks the output limit.
+    fn echo_in_place(&mut self, mut buf: Vec<u8>, op: OpCode, len: usize) {
         let payload_start = buf.len() - len;
         let header = encode_header(true, 0, op, len as u64, None);
         let header = header.as_bytes();
@@ -949,7 +957,6 @@ impl Session {
             // header is longer than ours), but correct: copy.
             _ => encode_frame_into(&mut tx.out, true, 0, op, &buf[payload_start..], None),
         }
-        self.check_outgoing(now_ms, app, regs);
     }
 
     /// How this connection's frames are decoded: the server's side, the message limit,
@@ -1035,6 +1042,7 @@ impl Session {
     /// running.
     fn run_callback(
         &mut self,
+        id: ConnId,
         now_ms: u64,
         app: &App,
         regs: &mut Registries,
@@ -1043,7 +1051,7 @@ impl Session {
         let Phase::Open(live) = &mut self.phase else {
             return false;
         };
-        let (gear, id) = (self.gear as usize, self.id);
+        let gear = self.gear as usize;
         let mut sink = OutSink::new(&mut self.tx, self.pmd.as_deref_mut());
         let result = catch_unwind(AssertUnwindSafe(|| {
             call(&mut **live, gear, id, &mut sink, regs)
@@ -1057,22 +1065,24 @@ impl Session {
         if let Err(panic) = result {
             outcome.panic = Some(panic_message(&panic));
         }
-        self.after_callback(outcome, now_ms, app, regs);
+        self.after_callback(id, outcome, now_ms, app, regs);
         true
     }
 
     /// What a callback left behind: a close, a gear bug, a panic, too much output.
     fn after_callback(
         &mut self,
+        id: ConnId,
         outcome: SinkOutcome,
         now_ms: u64,
         app: &App,
         regs: &mut Registries,
     ) {
         if let Some(msg) = outcome.panic {
-            warn!(conn = %self.id, panic = %msg, "handler panicked; closing with 1011");
+            warn!(conn = %id, panic = %msg, "handler panicked; closing with 1011");
             self.close(CloseCode::INTERNAL_ERROR, "", now_ms, app, regs);
             self.terminate(
+                id,
                 TerminateReason::Error(TerminateError::HandlerPanic(msg)),
                 now_ms,
                 app,
@@ -1081,10 +1091,10 @@ impl Session {
             return;
         }
         if let Some(err) = outcome.gear_error {
-            warn!(conn = %self.id, error = %err, "gear error; closing");
+            warn!(conn = %id, error = %err, "gear error; closing");
             // The context already queued the close frame (1011).
             self.local_close(now_ms, app);
-            self.terminate(TerminateReason::Error(err), now_ms, app, regs);
+            self.terminate(id, TerminateReason::Error(err), now_ms, app, regs);
             return;
         }
         if outcome.closed {
@@ -1092,17 +1102,17 @@ impl Session {
                 c.close_sent(outcome.close_code);
             }
             self.local_close(now_ms, app);
-            self.terminate(TerminateReason::Stop, now_ms, app, regs);
+            self.terminate(id, TerminateReason::Stop, now_ms, app, regs);
             return;
         }
-        self.check_outgoing(now_ms, app, regs);
+        self.check_outgoing(id, now_ms, app, regs);
     }
 
     /// The slow-consumer limit: a client that stops reading is closed with 1008 and
     /// what was queued for it is freed. Only bytes waiting behind a send still in
     /// flight count: output the kernel can take at once (one large echo, say) is not a
     /// sign of a client that stopped reading.
-    fn check_outgoing(&mut self, now_ms: u64, app: &App, regs: &mut Registries) {
+    fn check_outgoing(&mut self, id: ConnId, now_ms: u64, app: &App, regs: &mut Registries) {
         let in_flight = self.tx.as_ref().map_or(0, |t| t.in_flight);
         if in_flight == 0 || self.queued() <= app.limits().max_outgoing_bytes {
             return;
@@ -1115,6 +1125,7 @@ impl Session {
             self.send_close(Some(CloseCode::POLICY_VIOLATION), "slow consumer", regs);
         }
         self.terminate(
+            id,
             TerminateReason::Error(TerminateError::SlowConsumer),
             now_ms,
             app,
@@ -1128,6 +1139,7 @@ impl Session {
     /// buffer of the shard's, checked for UTF-8 if text, and handed on as a message.
     fn on_compressed(
         &mut self,
+        id: ConnId,
         binary: bool,
         payload: &[u8],
         now_ms: u64,
@@ -1148,19 +1160,27 @@ impl Session {
                 Ok(()) if binary => Message::Binary(inflated),
                 Ok(()) => match simdutf8::basic::from_utf8(inflated) {
                     Ok(text) => Message::Text(text),
-                    Err(_) => return self.fail(ProtocolError::InvalidUtf8, now_ms, app, regs),
+                    Err(_) => return self.fail(id, ProtocolError::InvalidUtf8, now_ms, app, regs),
                 },
-                Err(e) => return self.fail(e, now_ms, app, regs),
+                Err(e) => return self.fail(id, e, now_ms, app, regs),
             };
-            self.on_event(Event::Message(msg), None, now_ms, app, regs);
+            self.on_event(id, Event::Message(msg), None, now_ms, app, regs);
         });
     }
 
-    fn fail(&mut self, e: ProtocolError, now_ms: u64, app: &App, regs: &mut Registries) {
+    fn fail(
+        &mut self,
+        id: ConnId,
+        e: ProtocolError,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) {
         if self.local_close(now_ms, app) {
             self.send_close(Some(e.close_code()), e.as_str(), regs);
         }
         self.terminate(
+            id,
             TerminateReason::Error(e.to_terminate_error()),
             now_ms,
             app,
@@ -1189,6 +1209,7 @@ impl Session {
     /// Calls the gear's `terminate` once and logs the DISCONNECTED line.
     fn terminate(
         &mut self,
+        id: ConnId,
         reason: TerminateReason,
         now_ms: u64,
         app: &App,
@@ -1207,16 +1228,15 @@ impl Session {
             c.terminated.add(1);
         }
         info!(
-            conn = %self.id,
+            conn = %id,
             gear = app.pattern(gear),
             peer = ?meta.peer.get(),
             frames_in = meta.frames_in,
             frames_out = meta.frames_out,
-            duration_ms = now_ms.saturating_sub(self.opened_ms),
+            duration_ms = now_ms.saturating_sub(meta.opened.get()),
             reason = %reason,
             "DISCONNECTED"
         );
-        let id = self.id;
         let mut sink = Discard;
         if let Err(panic) = catch_unwind(AssertUnwindSafe(move || {
             live.terminate(gear, id, &reason, &mut sink, regs)
@@ -1266,6 +1286,7 @@ fn append_pending(partial: &mut Partial, data: &[u8]) -> bool {
 fn process(
     decoder: &mut Decoder,
     core: &mut Session,
+    id: ConnId,
     buf: &mut [u8],
     first_unmasked: bool,
     owned: bool,
@@ -1287,19 +1308,19 @@ fn process(
             Ok(Step::Event(Event::Compressed { binary, payload }, used)) => {
                 start += used;
                 echo = None;
-                core.on_compressed(binary, payload, now_ms, app, regs);
+                core.on_compressed(id, binary, payload, now_ms, app, regs);
             }
             Ok(Step::Event(event, used)) => {
                 start += used;
                 let in_place = (whole_buffer && start == len).then_some(end);
-                echo = core.on_event(event, in_place, now_ms, app, regs);
+                echo = core.on_event(id, event, in_place, now_ms, app, regs);
             }
             Ok(Step::NeedMore { needed: n }) => {
                 needed = n;
                 break;
             }
             Err(e) => {
-                core.fail(e, now_ms, app, regs);
+                core.fail(id, e, now_ms, app, regs);
                 break;
             }
         }
@@ -1587,6 +1608,20 @@ mod tests {
         now: u64,
     }
 
+    /// The id the shard would pass (the session does not hold it).
+    const ID: ConnId = ConnId::new(0, 1);
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            // What the shard does before it drops a session.
+            if !self.session.is_terminated() {
+                let (now, app) = (self.now, &self.app);
+                self.session
+                    .shut_down(ID, now, app, &mut Registries::none());
+            }
+        }
+    }
+
     const UPGRADE: &str = "GET /ws?greet=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
 
     fn harness(limits: Limits, max_conns: Option<usize>) -> Harness {
@@ -1600,7 +1635,7 @@ mod tests {
             max_conns,
         )
         .unwrap();
-        let session = Session::new(ConnId::new(0, 1), None, 0, &app);
+        let session = Session::new(None, 0, &app);
         Harness {
             app,
             terminated,
@@ -1613,7 +1648,7 @@ mod tests {
         fn recv(&mut self, bytes: &[u8]) {
             let mut data = bytes.to_vec();
             self.session
-                .on_recv(&mut data, self.now, &self.app, &mut Registries::none());
+                .on_recv(ID, &mut data, self.now, &self.app, &mut Registries::none());
         }
 
         fn output(&mut self) -> Vec<u8> {
@@ -1846,7 +1881,7 @@ mod tests {
             }]
         );
         h.session
-            .on_peer_gone(None, h.now, &h.app, &mut Registries::none());
+            .on_peer_gone(ID, None, h.now, &h.app, &mut Registries::none());
         assert_eq!(h.reasons().len(), 1, "terminate runs once");
         assert_eq!(h.app.connections("/ws"), Some(0));
     }
@@ -1908,8 +1943,9 @@ mod tests {
     fn per_gear_limit_503() {
         let mut first = harness(Limits::default(), Some(1));
         first.open();
-        let mut second = Session::new(ConnId::new(0, 2), None, 0, &first.app);
+        let mut second = Session::new(None, 0, &first.app);
         second.on_recv(
+            ID,
             &mut UPGRADE.as_bytes().to_vec(),
             0,
             &first.app,
@@ -1921,7 +1957,7 @@ mod tests {
         assert_eq!(first.app.connections("/ws"), Some(1));
         first
             .session
-            .on_peer_gone(None, first.now, &first.app, &mut Registries::none());
+            .on_peer_gone(ID, None, first.now, &first.app, &mut Registries::none());
         assert_eq!(first.app.connections("/ws"), Some(0));
     }
 
@@ -1950,9 +1986,9 @@ mod tests {
         h.send(OpCode::Text, b"close");
         let deadline = h.session.next_deadline_ms().unwrap();
         assert_eq!(deadline, 5000);
-        h.session.on_tick(4999, &h.app, &mut Registries::none());
+        h.session.on_tick(ID, 4999, &h.app, &mut Registries::none());
         assert!(!h.session.should_close());
-        h.session.on_tick(5000, &h.app, &mut Registries::none());
+        h.session.on_tick(ID, 5000, &h.app, &mut Registries::none());
         assert!(h.session.should_close());
         assert_eq!(h.reasons(), [TerminateReason::Stop]);
     }
@@ -2045,7 +2081,7 @@ mod tests {
             Some(2000 + TX_QUIET_MS)
         );
         h.session
-            .on_tick(2000 + TX_QUIET_MS, &h.app, &mut Registries::none());
+            .on_tick(ID, 2000 + TX_QUIET_MS, &h.app, &mut Registries::none());
         assert!(h.session.tx.is_none());
         assert_eq!(h.session.next_deadline_ms(), None, "no timer needed");
         assert_eq!(
@@ -2053,7 +2089,7 @@ mod tests {
             Some(5000),
             "reset by incoming data"
         );
-        h.session.on_tick(5000, &h.app, &mut Registries::none());
+        h.session.on_tick(ID, 5000, &h.app, &mut Registries::none());
         assert_eq!(
             frames(&h.output()),
             [(OpCode::Close, close_payload(1000, "idle timeout"))]
@@ -2067,7 +2103,8 @@ mod tests {
         h.recv(b"GET /ws HTTP/1.1\r\n");
         assert_eq!(h.session.swept_deadline_ms(&h.app), Some(10_000));
         assert_eq!(h.session.next_deadline_ms(), None);
-        h.session.on_tick(10_000, &h.app, &mut Registries::none());
+        h.session
+            .on_tick(ID, 10_000, &h.app, &mut Registries::none());
         assert!(h.session.should_close());
         assert!(h.output().is_empty());
     }
@@ -2100,7 +2137,8 @@ mod tests {
     fn drain_sends_1001() {
         let mut h = harness(Limits::default(), None);
         h.open();
-        h.session.start_drain(0, &h.app, &mut Registries::none());
+        h.session
+            .start_drain(ID, 0, &h.app, &mut Registries::none());
         assert_eq!(
             frames(&h.output()),
             [(OpCode::Close, close_payload(1001, DRAIN_REASON))]
@@ -2118,7 +2156,7 @@ mod tests {
         let mut h = harness(limits, None);
         h.open();
         assert_eq!(h.session.swept_deadline_ms(&h.app), Some(1000));
-        h.session.on_tick(1000, &h.app, &mut Registries::none());
+        h.session.on_tick(ID, 1000, &h.app, &mut Registries::none());
         assert_eq!(frames(&h.output()), [(OpCode::Ping, b"kythera".to_vec())]);
         assert_eq!(
             h.session.swept_deadline_ms(&h.app),
@@ -2127,19 +2165,19 @@ mod tests {
         );
         h.now = 1500;
         h.send(OpCode::Pong, b"kythera");
-        h.session.on_tick(2000, &h.app, &mut Registries::none());
+        h.session.on_tick(ID, 2000, &h.app, &mut Registries::none());
         assert!(h.output().is_empty(), "the pong was a receive at 1500");
         // A connection that sends is not pinged.
         h.now = 2400;
         h.send(OpCode::Text, b"still here");
         h.output();
-        h.session.on_tick(2500, &h.app, &mut Registries::none());
+        h.session.on_tick(ID, 2500, &h.app, &mut Registries::none());
         assert!(h.output().is_empty());
-        h.session.on_tick(3400, &h.app, &mut Registries::none());
+        h.session.on_tick(ID, 3400, &h.app, &mut Registries::none());
         assert_eq!(frames(&h.output()), [(OpCode::Ping, b"kythera".to_vec())]);
-        h.session.on_tick(5399, &h.app, &mut Registries::none());
+        h.session.on_tick(ID, 5399, &h.app, &mut Registries::none());
         assert!(!h.session.should_close());
-        h.session.on_tick(5400, &h.app, &mut Registries::none());
+        h.session.on_tick(ID, 5400, &h.app, &mut Registries::none());
         assert!(h.session.should_close(), "no pong for the ping at 3400");
         assert_eq!(
             h.reasons(),
@@ -2148,25 +2186,24 @@ mod tests {
     }
 
     #[test]
-    fn peer_gone_and_drop() {
+    fn peer_gone_and_shut_down() {
         let mut h = harness(Limits::default(), None);
         h.open();
         h.session
-            .on_peer_gone(Some(104), h.now, &h.app, &mut Registries::none());
+            .on_peer_gone(ID, Some(104), h.now, &h.app, &mut Registries::none());
         assert_eq!(
             h.reasons(),
             [TerminateReason::Error(TerminateError::Io(104))]
         );
         let mut h = harness(Limits::default(), None);
         h.open();
-        drop(std::mem::replace(
-            &mut h.session,
-            Session::new(ConnId::new(0, 9), None, 0, &h.app),
-        ));
+        h.session
+            .shut_down(ID, h.now, &h.app, &mut Registries::none());
+        assert!(h.session.is_terminated() && h.session.should_close());
         assert_eq!(
             h.reasons(),
             [TerminateReason::Stop],
-            "dropped sessions terminate"
+            "a session shut down terminates"
         );
     }
 

@@ -971,8 +971,7 @@ impl Shard {
                 Socket::Fixed(_) => None,
             }
         };
-        let id = conn_id(self.index, index, conn.generation);
-        conn.session = Some(Session::new(id, peer, self.now_ms, &self.app));
+        conn.session = Some(Session::new(peer, self.now_ms, &self.app));
         self.touch(index);
         self.arm_recv(index)
     }
@@ -1002,14 +1001,18 @@ impl Shard {
 
     fn on_recv(&mut self, index: u32, res: i32, flags: u32, more: bool) -> io::Result<()> {
         let now_ms = self.now_ms;
+        let shard = self.index;
         let conn = conn_in(&mut self.conns, index);
         if let Some(bid) = buffer_id(flags) {
             let len = usize::try_from(res).unwrap_or(0);
             // SAFETY: the buffer id comes from this completion of a recv on this ring's
             // group, and is recycled below before any other completion is handled.
             let data = unsafe { self.bufs.buffer(bid, len) };
-            if let Some(session) = conn.and_then(Conn::live_session) {
-                session.on_recv(data, now_ms, &self.app, &mut self.regs);
+            if let Some(conn) = conn {
+                let id = conn_id(shard, index, conn.generation);
+                if let Some(session) = conn.live_session() {
+                    session.on_recv(id, data, now_ms, &self.app, &mut self.regs);
+                }
             }
             self.bufs.recycle(bid);
             bump(&self.shared.stats[self.index].bytes_received, len as u64);
@@ -1024,8 +1027,9 @@ impl Shard {
             // End-of-file, or an error (ECANCELED after a failed shutdown).
             conn.flags.set(ConnFlags::RECV_ENDED, true);
             let errno = (res < 0).then_some(-res);
+            let id = conn_id(shard, index, conn.generation);
             if let Some(session) = conn.live_session() {
-                session.on_peer_gone(errno, now_ms, &self.app, &mut self.regs);
+                session.on_peer_gone(id, errno, now_ms, &self.app, &mut self.regs);
             }
         }
         if !more {
@@ -1104,8 +1108,9 @@ impl Shard {
             // non-empty buffer never returns 0 on a stream socket; treat it as an error
             // rather than loop on it.)
             let errno = if res < 0 { -res } else { libc::EPIPE };
+            let id = conn_id(self.index, index, conn.generation);
             if let Some(session) = conn.live_session() {
-                session.on_peer_gone(Some(errno), self.now_ms, &self.app, &mut self.regs);
+                session.on_peer_gone(id, Some(errno), self.now_ms, &self.app, &mut self.regs);
             }
             send.done = true;
         } else {
@@ -1206,8 +1211,13 @@ impl Shard {
             );
         }
         if let Some(slot) = self.conns.get_mut(index as usize) {
-            // Dropping the session runs a terminate still owed (the end of a drain).
-            if let (Some(conn), Some(drain)) = (slot.take(), self.drain.as_mut()) {
+            let Some(mut conn) = slot.take() else { return };
+            // A terminate still owed (the end of a drain) runs before the session goes.
+            if let Some(session) = conn.session.as_mut().filter(|s| !s.is_terminated()) {
+                let id = conn_id(self.index, index, conn.generation);
+                session.shut_down(id, self.now_ms, &self.app, &mut self.regs);
+            }
+            if let Some(drain) = self.drain.as_mut() {
                 if conn.flags.has(ConnFlags::BEFORE_DRAIN) {
                     drain.before_left -= 1;
                 }
@@ -1287,9 +1297,10 @@ impl Shard {
                     return Ok(());
                 }
                 conn.flags.set(ConnFlags::TIMER_ARMED, false);
+                let id = conn_id(self.index, index, generation);
                 if let Some(session) = conn.live_session() {
                     if session.next_deadline_ms().is_some_and(|d| d <= now_ms) {
-                        session.on_tick(now_ms, &self.app, &mut self.regs);
+                        session.on_tick(id, now_ms, &self.app, &mut self.regs);
                     }
                 }
                 self.touch(index);
@@ -1355,6 +1366,7 @@ impl Shard {
             let Some(conn) = self.conns[index].as_mut() else {
                 continue;
             };
+            let id = conn_id(self.index, index as u32, conn.generation);
             let Some(session) = conn.live_session() else {
                 continue;
             };
@@ -1362,7 +1374,7 @@ impl Shard {
                 .swept_deadline_ms(&self.app)
                 .is_some_and(|d| d <= now_ms)
             {
-                session.on_tick(now_ms, &self.app, &mut self.regs);
+                session.on_tick(id, now_ms, &self.app, &mut self.regs);
                 self.touch(index as u32);
             }
         }
@@ -1467,8 +1479,9 @@ impl Shard {
             if conn.generation != generation {
                 continue;
             }
+            let id = conn_id(self.index, index, generation);
             if let Some(session) = conn.live_session() {
-                session.start_drain(now_ms, &self.app, &mut self.regs);
+                session.start_drain(id, now_ms, &self.app, &mut self.regs);
             }
             self.touch(index);
         }
@@ -1526,10 +1539,12 @@ impl Drop for Shard {
         self.shared.ring_fds[self.index].store(-1, Ordering::Release);
         // Connections still open (a drain that gave up) terminate with the registry at
         // hand, so that their names and memberships do not outlive them.
-        for conn in self.conns.iter_mut().flatten() {
+        for (index, slot) in self.conns.iter_mut().enumerate() {
+            let Some(conn) = slot else { continue };
+            let id = conn_id(self.index, index as u32, conn.generation);
             if let Some(session) = conn.session.as_mut() {
                 if !session.is_terminated() {
-                    session.shut_down(self.now_ms, &self.app, &mut self.regs);
+                    session.shut_down(id, self.now_ms, &self.app, &mut self.regs);
                 }
             }
         }
@@ -1654,19 +1669,19 @@ impl Deliveries for ShardDeliveries<'_> {
     fn message(&mut self, conn: ConnId, msg: &mut dyn Any, regs: &mut Registries) -> bool {
         let (now, app) = (self.now_ms, self.app);
         self.session(conn)
-            .is_some_and(|(_, s)| s.on_server_message(msg, now, app, regs))
+            .is_some_and(|(_, s)| s.on_server_message(conn, msg, now, app, regs))
     }
 
     fn frame(&mut self, conn: ConnId, frame: &SharedFrame, regs: &mut Registries) -> bool {
         let (now, app) = (self.now_ms, self.app);
         self.session(conn)
-            .is_some_and(|(_, s)| s.on_published_frame(frame, now, app, regs))
+            .is_some_and(|(_, s)| s.on_published_frame(conn, frame, now, app, regs))
     }
 
     fn close(&mut self, conn: ConnId, close: Option<CloseFrame>, regs: &mut Registries) -> bool {
         let (now, app) = (self.now_ms, self.app);
         self.session(conn)
-            .is_some_and(|(_, s)| s.on_published_close(close, now, app, regs))
+            .is_some_and(|(_, s)| s.on_published_close(conn, close, now, app, regs))
     }
 }
 
@@ -1751,11 +1766,11 @@ mod tests {
     }
 
     /// Memory per idle connection is a goal in bytes (README, "Memory"): the slot of
-    /// an open, idle connection is 80 bytes (with the session's 64), and the echo
+    /// an open, idle connection is 64 bytes (with the session's 48), and the echo
     /// gear's state box 48 (`gear::tests`). Growing either should be a decision.
     #[test]
-    fn an_idle_connection_slot_is_80_bytes() {
-        assert_eq!(size_of::<Session>(), 64);
-        assert_eq!(size_of::<Option<Conn>>(), 80);
+    fn an_idle_connection_slot_is_64_bytes() {
+        assert_eq!(size_of::<Session>(), 48);
+        assert_eq!(size_of::<Option<Conn>>(), 64);
     }
 }
