@@ -30,9 +30,17 @@ use super::{Config, Errors, Kind, Mode, Shared, new_histogram};
 /// take after the run's end before what is left counts as an error.
 const CLOSING_GRACE: Duration = Duration::from_secs(3);
 
+/// The most the closing grace grows to for the messages still in flight at the end
+/// (see [`Worker::closing_grace_ns`]).
+const MAX_CLOSING_GRACE: Duration = Duration::from_secs(60);
+
 /// Publications sent in one loop iteration at most, so a rate far above what the server
 /// takes does not queue without bound.
 const MAX_BURST: u64 = 1024;
+
+/// Echo: bytes of messages that connections starting to send may queue in one loop
+/// iteration (see [`Worker::start_echoes`]).
+const START_BYTES: u64 = 8 << 20;
 
 /// What a connection does once open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +181,11 @@ struct Worker {
     /// The window, once the main thread has set it.
     window: (u64, u64),
     stopping: bool,
+    /// Echo: connections before this slot have started sending (see
+    /// [`Worker::start_echoes`]). They wait until the connect phase is over, so that
+    /// handshakes do not queue behind the echoes of the connections already open
+    /// (with 16 KiB x 16 in flight that stalled the connect phase at 131/s).
+    echo_cursor: usize,
     closing_deadline: u64,
     /// Broadcast: receipts per publication not yet seen by all subscribers here, from
     /// `counts_base` on.
@@ -233,6 +246,7 @@ pub(crate) fn run(
         now: 0,
         window: (u64::MAX, u64::MAX),
         stopping: false,
+        echo_cursor: 0,
         closing_deadline: u64::MAX,
         counts: VecDeque::new(),
         counts_base: 0,
@@ -265,6 +279,7 @@ impl Worker {
                 self.shared.measure_start.load(Ordering::Relaxed),
                 self.shared.measure_end.load(Ordering::Relaxed),
             );
+            self.start_echoes();
             self.start_connects(io)?;
             io.drain(|c| self.on_completion(c))?;
             self.step();
@@ -688,6 +703,29 @@ impl Worker {
         }
     }
 
+    /// Once the main thread has set the window (the connect phase is over), the echo
+    /// connections open by then start sending, [`START_BYTES`] per loop iteration at
+    /// most (all at once, 10,000 x 16 x 16 KiB would be 2.5 GiB encoded in one
+    /// iteration); one that opens later starts as it opens.
+    fn start_echoes(&mut self) {
+        if self.cfg.mode != Mode::Echo || self.window.0 == u64::MAX || self.stopping {
+            return;
+        }
+        let per_conn = (self.cfg.bytes as u64 + 14) * self.cfg.in_flight as u64;
+        let mut budget = START_BYTES;
+        while self.echo_cursor < self.conns.len() && budget > 0 {
+            let slot = self.echo_cursor as u32;
+            self.echo_cursor += 1;
+            let c = &self.conns[slot as usize];
+            if c.role == Role::Echo && c.state == State::Open {
+                for _ in 0..self.cfg.in_flight {
+                    self.queue_echo(slot);
+                }
+                budget = budget.saturating_sub(per_conn);
+            }
+        }
+    }
+
     fn queue_echo(&mut self, slot: u32) {
         let mask = self.rng.mask();
         let c = &mut self.conns[slot as usize];
@@ -793,7 +831,7 @@ impl Worker {
         self.shared.established.fetch_add(1, Ordering::Relaxed);
         match c.role {
             Role::Echo => {
-                if !self.stopping {
+                if (slot as usize) < self.echo_cursor && !self.stopping {
                     for _ in 0..self.cfg.in_flight {
                         self.queue_echo(slot);
                     }
@@ -820,11 +858,27 @@ impl Worker {
         }
         if !self.stopping && self.now >= end {
             self.stopping = true;
-            self.closing_deadline = self.now + CLOSING_GRACE.as_nanos() as u64;
+            self.closing_deadline = self.now + self.closing_grace_ns();
         }
         if self.stopping {
             self.close_when_settled();
         }
+    }
+
+    /// How long the closing handshakes may take: [`CLOSING_GRACE`], plus twice the
+    /// time the echoes still in flight need at the rate this thread saw in the window.
+    /// The server's close reply comes after them: with 10,000 connections of 16
+    /// messages of 16 KiB in flight, that is several seconds of echoes, and a fixed
+    /// grace counted a server that was only busy as one that did not close.
+    fn closing_grace_ns(&self) -> u64 {
+        let base = CLOSING_GRACE.as_nanos() as u64;
+        let in_flight: u64 = self.conns.iter().map(|c| c.pending.len() as u64).sum();
+        let window_ns = self.window.1.saturating_sub(self.window.0);
+        if in_flight == 0 || self.result.messages == 0 {
+            return base;
+        }
+        let drain_ns = in_flight as f64 * window_ns as f64 / self.result.messages as f64;
+        (base + 2 * drain_ns as u64).min(MAX_CLOSING_GRACE.as_nanos() as u64)
     }
 
     fn publish(&mut self, slot: u32, end: u64) {
