@@ -267,11 +267,9 @@ impl Session {
                 self.put_partial(hs); // the request is not whole yet
                 return;
             }
-            if let Some(rest) = rest.filter(|r| !r.is_empty()) {
+            if let Some(mut rest) = rest.filter(|r| !r.is_empty()) {
                 // Bytes after the request head are the client's first frames.
-                let mut partial = self.new_partial(app);
-                append_pending(&mut partial, &rest);
-                self.process_pending(id, partial, now_ms, app, regs);
+                self.feed(id, &mut rest, now_ms, app, regs);
             }
             return;
         }
@@ -279,46 +277,79 @@ impl Session {
         if let Some(c) = regs.counters(self.gear()) {
             c.bytes_in.add(data.len() as u64);
         }
-        match self.take_partial() {
-            None => {
-                // Whole frames need no state kept between receives: decode them with
-                // a decoder on the stack, and box one only if something is left over.
-                let mut decoder = Decoder::new(self.decoder_config(app));
-                let (used, needed, _) = process(
-                    &mut decoder,
-                    self,
-                    id,
-                    data,
-                    false,
-                    false,
-                    now_ms,
-                    app,
-                    regs,
-                );
-                if self.finished {
-                    return;
-                }
-                let leftover = used < data.len();
-                if leftover || decoder.assembler_mut().in_progress() {
-                    let mut partial = Box::new(Partial {
-                        decoder,
-                        pending: Vec::new(),
-                        handshake: None,
-                    });
-                    if leftover {
-                        reserve_frame(&mut partial.pending, needed, app);
-                        append_pending(&mut partial, &data[used..]);
-                    }
-                    self.put_partial(partial);
-                }
+        self.feed(id, data, now_ms, app, regs);
+    }
+
+    /// Decodes and acts on received frame bytes.
+    fn feed(
+        &mut self,
+        id: ConnId,
+        mut data: &mut [u8],
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) {
+        loop {
+            let Some(mut partial) = self.take_partial() else {
+                self.feed_whole(id, data, now_ms, app, regs);
+                return;
+            };
+            // A frame continues from an earlier receive: complete it in `pending`,
+            // and go on with what follows it as with a fresh receive (so that the
+            // pending buffer holds that one frame and can be echoed as it is, and
+            // does not grow for the start of the next one).
+            let Some(used) = append_pending(&mut partial, data) else {
+                self.put_partial(partial);
+                return;
+            };
+            self.process_pending(id, partial, now_ms, app, regs);
+            let rest = std::mem::take(&mut data);
+            data = &mut rest[used..];
+            if data.is_empty() || self.finished {
+                return;
             }
-            Some(mut partial) => {
-                if append_pending(&mut partial, data) {
-                    self.process_pending(id, partial, now_ms, app, regs);
-                } else {
-                    self.put_partial(partial);
-                }
+        }
+    }
+
+    /// Decodes the frames at the start of `data` with no receive state kept (a decoder
+    /// on the stack), and boxes one only if something is left over: a frame that
+    /// continues, or a fragmented message in progress.
+    fn feed_whole(
+        &mut self,
+        id: ConnId,
+        data: &mut [u8],
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) {
+        let mut decoder = Decoder::new(self.decoder_config(app));
+        let (used, needed, _) = process(
+            &mut decoder,
+            self,
+            id,
+            data,
+            false,
+            false,
+            now_ms,
+            app,
+            regs,
+        );
+        if self.finished {
+            return;
+        }
+        let leftover = used < data.len();
+        if leftover || decoder.assembler_mut().in_progress() {
+            let mut partial = Box::new(Partial {
+                decoder,
+                pending: Vec::new(),
+                handshake: None,
+            });
+            if leftover {
+                // An incomplete frame: all of it goes to `pending`.
+                reserve_frame(&mut partial.pending, needed, app);
+                append_pending(&mut partial, &data[used..]);
             }
+            self.put_partial(partial);
         }
     }
 
@@ -1247,9 +1278,11 @@ impl Session {
 }
 
 /// Appends received bytes to `pending`, unmasking those that belong to the payload of
-/// its first frame as they are copied. Returns false while that frame's header is whole
-/// and the frame is not (nothing to decode yet).
-fn append_pending(partial: &mut Partial, data: &[u8]) -> bool {
+/// its first frame as they are copied, up to the end of that frame if its header is
+/// whole. Returns how many bytes of `data` it took once that frame may be whole (all of
+/// `data` if the header was not whole: the decoder then decides), `None` while the
+/// frame is not whole (all of `data` taken).
+fn append_pending(partial: &mut Partial, data: &[u8]) -> Option<usize> {
     let cfg = partial.decoder.config();
     let pending = &mut partial.pending;
     let at = pending.len();
@@ -1262,18 +1295,16 @@ fn append_pending(partial: &mut Partial, data: &[u8]) -> bool {
         // The header was not whole before: unmask what is there if it is now.
         pending.extend_from_slice(data);
         unmask_started(pending, cfg);
-        return true;
+        return Some(data.len());
     };
-    // The header (when `pending` was empty), the payload (unmasked as it is copied),
-    // then whatever follows the frame.
+    // The header (when `pending` was empty), then the payload, unmasked as it is
+    // copied; what follows the frame stays in `data`.
     let head = f.payload_start.saturating_sub(at).min(data.len());
     let (header, rest) = data.split_at(head);
     let body = f.end.saturating_sub(at + head).min(rest.len());
-    let (payload, after) = rest.split_at(body);
     pending.extend_from_slice(header);
-    extend_unmasked(pending, payload, f.mask, at + head - f.payload_start);
-    pending.extend_from_slice(after);
-    pending.len() >= f.end
+    extend_unmasked(pending, &rest[..body], f.mask, at + head - f.payload_start);
+    (pending.len() >= f.end).then_some(head + body)
 }
 
 /// Decodes and acts on every whole frame at the start of `buf`; returns how many bytes
