@@ -62,8 +62,9 @@
 # Environment (defaults in brackets; QUICK=1 changes the ones marked *):
 #   SERVERS       servers, in run order ["kythera fastwebsockets tungstenite"]; also
 #                 "kythera-plain" (plain fds instead of direct descriptors),
-#                 "kythera-zc" (zero-copy sends from 16 KiB), "kythera-64k" (256
-#                 receive buffers of 64 KiB), "kythera-deflate" (the client offers
+#                 "kythera-zc" (zero-copy sends from 16 KiB), "kythera-4k" (1024
+#                 receive buffers of 4 KiB, each receive taking a whole one: the
+#                 default before incremental buffers), "kythera-deflate" (the client offers
 #                 permessage-deflate; kythera's defaults: no context takeover, one
 #                 compressor per shard) and "kythera-deflate-ctx" (context takeover both
 #                 ways: a compressor and a decompressor per connection). Compare them
@@ -156,8 +157,8 @@ number() { [[ $2 =~ ^[0-9]*\.?[0-9]+$ ]] || die "$1 must be a number, not '$2'";
 
 for s in $SERVERS; do
     case $s in
-    kythera | kythera-plain | kythera-zc | kythera-64k | kythera-deflate | kythera-deflate-ctx | fastwebsockets | tungstenite) ;;
-    *) die "unknown server '$s' in SERVERS (kythera, kythera-plain, kythera-zc, kythera-64k, kythera-deflate, kythera-deflate-ctx, fastwebsockets, tungstenite)" ;;
+    kythera | kythera-plain | kythera-zc | kythera-4k | kythera-deflate | kythera-deflate-ctx | fastwebsockets | tungstenite) ;;
+    *) die "unknown server '$s' in SERVERS (kythera, kythera-plain, kythera-zc, kythera-4k, kythera-deflate, kythera-deflate-ctx, fastwebsockets, tungstenite)" ;;
     esac
 done
 case $KIND in text | binary) ;; *) die "KIND is text or binary, not '$KIND'" ;; esac
@@ -263,8 +264,8 @@ start_server() {
         ;;
     kythera-plain) cmd=("$BIN/kythera" --listen "127.0.0.1:$port" --shards 1 --plain-fds) ;;
     kythera-zc) cmd=("$BIN/kythera" --listen "127.0.0.1:$port" --shards 1 --send-zc-min-bytes 16384) ;;
-    kythera-64k)
-        cmd=("$BIN/kythera" --listen "127.0.0.1:$port" --shards 1 --recv-buffer-bytes 65536 --recv-buffers 256)
+    kythera-4k)
+        cmd=("$BIN/kythera" --listen "127.0.0.1:$port" --shards 1 --recv-buffers-incremental false --recv-buffer-bytes 4096 --recv-buffers 1024)
         ;;
     # permessage-deflate (the client offers it, see run_load): the defaults (no context
     # takeover, compressors shared per shard), and context takeover both ways (a

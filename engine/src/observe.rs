@@ -246,6 +246,16 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
         "submissions",
         "io_uring operations submitted per shard",
     );
+    let enobufs = counter_family::<ShardLabel>(
+        &mut reg,
+        "recv_enobufs",
+        "Multishot receives ended because the shard's receive buffers were all in use",
+    );
+    let rearms = counter_family::<ShardLabel>(
+        &mut reg,
+        "recv_rearms",
+        "Multishot receives armed again after they ended",
+    );
     let open = gauge_family::<ShardLabel>(&mut reg, "shard_connections", "Open sockets per shard");
     let registry_in = counter_family::<ShardLabel>(
         &mut reg,
@@ -346,6 +356,8 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
         let c = stats.snapshot();
         loops.get_or_create(&label).inc_by(c.loop_iterations);
         submissions.get_or_create(&label).inc_by(c.submissions);
+        enobufs.get_or_create(&label).inc_by(c.enobufs);
+        rearms.get_or_create(&label).inc_by(c.recv_rearms);
         accepted.get_or_create(&label).inc_by(c.accepted);
         open.get_or_create(&label).set(c.open() as i64);
         let running: u64 = shared.gear_counters[i]

@@ -328,11 +328,19 @@ fn the_gear_sees_the_peer_address() {
 
 #[test]
 fn large_messages_span_many_small_buffers() {
+    // Buffers consumed incrementally (the default) and taken whole by each receive.
+    for incremental_buffers in [true, false] {
+        large_messages_span_many_small_buffers_with(incremental_buffers);
+    }
+}
+
+fn large_messages_span_many_small_buffers_with(incremental_buffers: bool) {
     // 16 buffers of 256 bytes: a 200 KB message crosses hundreds of receives, empties
     // the buffer ring (ENOBUFS, re-armed recv) and is echoed with large sends.
     let server = start_echo_tuned(ShardTuning {
         buf_entries: 16,
         buf_size: 256,
+        incremental_buffers,
         ..ShardTuning::default()
     });
     let mut stream = ws(server.addr(), "/echo");

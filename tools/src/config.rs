@@ -98,12 +98,17 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", env = "KYTHERA_SEND_ZC_MIN_BYTES")]
     pub send_zc_min_bytes: Option<usize>,
     /// Size of each receive buffer in a shard's provided-buffer ring, 256 to 1048576
-    /// [default: 4096].
+    /// [default: 65536].
     #[arg(long, value_name = "BYTES", env = "KYTHERA_RECV_BUFFER_BYTES")]
     pub recv_buffer_bytes: Option<u32>,
-    /// Receive buffers per shard, a power of two up to 32768 [default: 1024].
+    /// Receive buffers per shard, a power of two up to 32768 [default: 64].
     #[arg(long, value_name = "N", env = "KYTHERA_RECV_BUFFERS")]
     pub recv_buffers: Option<u16>,
+    /// Consume receive buffers incrementally (Linux 6.12): a receive takes only the
+    /// bytes it got; without it each receive takes a whole buffer (on kernels that
+    /// refuse it, buffers over 4 KiB are then cut into 4 KiB ones) [default: true].
+    #[arg(long, value_name = "BOOL", env = "KYTHERA_RECV_BUFFERS_INCREMENTAL", num_args = 0..=1, default_missing_value = "true")]
+    pub recv_buffers_incremental: Option<bool>,
     /// Log line format [default: pretty].
     #[arg(long, value_name = "FORMAT", env = "KYTHERA_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -169,6 +174,7 @@ pub struct File {
     send_zc_min_bytes: Option<usize>,
     recv_buffer_bytes: Option<u32>,
     recv_buffers: Option<u16>,
+    recv_buffers_incremental: Option<bool>,
     log_format: Option<LogFormat>,
     deflate: Option<bool>,
     deflate_server_no_context_takeover: Option<bool>,
@@ -379,6 +385,12 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
         ));
     }
     let plain_fds = pick(&args.plain_fds, &file.plain_fds).0.unwrap_or(false);
+    let incremental = pick(
+        &args.recv_buffers_incremental,
+        &file.recv_buffers_incremental,
+    )
+    .0
+    .unwrap_or(tuning_defaults.incremental_buffers);
     let zc = pick(&args.send_zc_min_bytes, &file.send_zc_min_bytes)
         .0
         .filter(|&n| n > 0);
@@ -470,6 +482,7 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
             send_zc_min_bytes: zc,
             buf_size,
             buf_entries,
+            incremental_buffers: incremental,
             ..tuning_defaults
         },
         registry_queue_capacity,

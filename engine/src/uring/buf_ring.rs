@@ -9,6 +9,16 @@
 //! an entry at the tail and publishes the new tail with a release store (the kernel reads
 //! it with an acquire load).
 //!
+//! With incremental consumption ([`BufRing::new_incremental`], `IOU_PBUF_RING_INC`,
+//! Linux 6.12) a buffer is not used up by one completion: each completion takes only
+//! the bytes it received, the next one of the same buffer (from any socket) continues
+//! where it left off, and the kernel flags (`IORING_CQE_F_BUF_MORE`) a completion whose
+//! buffer it keeps using. Large buffers then serve small receives without waste, and a
+//! large message arrives in few completions. The user reads the bytes with
+//! [`BufRing::received`] (which knows where they start) and ends with
+//! [`BufRing::release`], which gives the buffer back only once the kernel is done with
+//! it.
+//!
 //! Ownership of every buffer is tracked in a bitset: a buffer is either in the ring
 //! (the kernel may write it at any time) or taken by the user (between `buffer` and
 //! `recycle`). Recycling a buffer that is not taken panics, because putting a buffer in
@@ -57,6 +67,10 @@ const _: () = assert!(size_of::<BufReg>() == 40);
 /// `IORING_UNREGISTER_PBUF_RING` from the kernel's uapi.
 const IORING_UNREGISTER_PBUF_RING: libc::c_uint = 23;
 
+/// `IOU_PBUF_RING_INC` from the kernel's uapi: the ring's buffers are consumed
+/// incrementally.
+const IOU_PBUF_RING_INC: u16 = 2;
+
 /// The most entries a buffer ring may have (the kernel's limit).
 pub const MAX_ENTRIES: u16 = 1 << 15;
 
@@ -78,6 +92,9 @@ pub struct BufRing {
     /// Bit `bid` is set while buffer `bid` is taken by the user.
     taken: Vec<u64>,
     taken_count: u32,
+    /// Incremental consumption: where the next completion's bytes start in each
+    /// buffer. Empty otherwise.
+    offsets: Vec<u32>,
     /// Our own reference to the io_uring instance, for unregistering in `Drop`.
     ring_fd: OwnedFd,
     registered: bool,
@@ -90,6 +107,7 @@ impl fmt::Debug for BufRing {
             .field("entries", &self.entries)
             .field("buf_size", &self.buf_size)
             .field("taken", &self.taken_count)
+            .field("incremental", &self.is_incremental())
             .field("registered", &self.registered)
             .finish()
     }
@@ -112,6 +130,27 @@ impl BufRing {
     /// `entries` must be a power of two no larger than [`MAX_ENTRIES`]. Fails with
     /// `EEXIST` if the group id is taken on this ring.
     pub fn new(ring: &Ring, bgid: u16, entries: u16, buf_size: u32) -> io::Result<BufRing> {
+        BufRing::with_flags(ring, bgid, entries, buf_size, 0)
+    }
+
+    /// Like [`BufRing::new`], with buffers consumed incrementally (see the module
+    /// documentation). Fails with `EINVAL` on kernels before 6.12.
+    pub fn new_incremental(
+        ring: &Ring,
+        bgid: u16,
+        entries: u16,
+        buf_size: u32,
+    ) -> io::Result<BufRing> {
+        BufRing::with_flags(ring, bgid, entries, buf_size, IOU_PBUF_RING_INC)
+    }
+
+    fn with_flags(
+        ring: &Ring,
+        bgid: u16,
+        entries: u16,
+        buf_size: u32,
+        flags: u16,
+    ) -> io::Result<BufRing> {
         if !entries.is_power_of_two() || entries > MAX_ENTRIES {
             return Err(invalid(
                 "buffer ring entries must be a power of two <= 32768",
@@ -171,6 +210,11 @@ impl BufRing {
             // Start with every buffer "taken", then recycle them all into the ring.
             taken: vec![u64::MAX; usize::from(entries).div_ceil(64)],
             taken_count: u32::from(entries),
+            offsets: if flags & IOU_PBUF_RING_INC != 0 {
+                vec![0; usize::from(entries)]
+            } else {
+                Vec::new()
+            },
             ring_fd,
             registered: false,
         };
@@ -184,7 +228,7 @@ impl BufRing {
                 this.map.as_ptr() as u64,
                 entries,
                 bgid,
-                0,
+                flags,
             )
         }?;
         this.registered = true;
@@ -204,6 +248,11 @@ impl BufRing {
     /// The size of each buffer in bytes.
     pub fn buf_size(&self) -> u32 {
         self.buf_size
+    }
+
+    /// Whether buffers are consumed incrementally.
+    pub fn is_incremental(&self) -> bool {
+        !self.offsets.is_empty()
     }
 
     /// How many buffers are taken by the user (not yet recycled).
@@ -252,6 +301,10 @@ impl BufRing {
     /// selected from this group, and must not have been recycled since: otherwise the
     /// kernel may be writing into the bytes while the slice exists.
     pub unsafe fn buffer(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        debug_assert!(
+            !self.is_incremental(),
+            "incremental buffers are read with `received`"
+        );
         assert!(bid < self.entries, "buffer id {bid} out of range");
         assert!(len <= self.buf_size as usize, "length {len} exceeds buffer");
         if !self.is_taken(bid) {
@@ -262,6 +315,63 @@ impl BufRing {
         // guarantees the kernel handed it over (so nothing else writes it), and the
         // `&mut self` borrow keeps `recycle` from returning it while the slice lives.
         unsafe { std::slice::from_raw_parts_mut(self.buffer_ptr(bid), len) }
+    }
+
+    /// The `len` bytes a completion received into buffer `bid`: from the start of the
+    /// buffer, or with incremental consumption from where the previous completion of
+    /// this buffer ended. End with [`BufRing::release`].
+    ///
+    /// # Panics
+    ///
+    /// If `bid` is not a buffer of this ring or the bytes would overrun it.
+    ///
+    /// # Safety
+    ///
+    /// As for [`BufRing::buffer`]; with incremental consumption the kernel may write
+    /// the rest of the buffer (after these bytes) while the slice exists, never these.
+    pub unsafe fn received(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        assert!(bid < self.entries, "buffer id {bid} out of range");
+        let start = self
+            .offsets
+            .get(usize::from(bid))
+            .map_or(0, |&o| o as usize);
+        assert!(
+            start + len <= self.buf_size as usize,
+            "{len} bytes at {start} overrun buffer {bid}"
+        );
+        if !self.is_taken(bid) {
+            self.set_taken(bid, true);
+            self.taken_count += 1;
+        }
+        // SAFETY: the bytes lie inside buffer `bid` (checked above), which lies inside
+        // the mapping; the caller guarantees the kernel handed them over and writes
+        // none of them, and the `&mut self` borrow keeps `release` and `recycle` from
+        // returning the buffer while the slice lives.
+        unsafe { std::slice::from_raw_parts_mut(self.buffer_ptr(bid).add(start), len) }
+    }
+
+    /// Done with the `len` bytes of buffer `bid` from [`BufRing::received`]. `more` is
+    /// the completion's `IORING_CQE_F_BUF_MORE`: the kernel goes on filling the rest of
+    /// the buffer, which stays in the ring; otherwise the buffer is recycled.
+    ///
+    /// # Panics
+    ///
+    /// As for [`BufRing::recycle`], or if `more` is set on a ring that does not
+    /// consume incrementally.
+    pub fn release(&mut self, bid: u16, len: usize, more: bool) {
+        let Some(offset) = self.offsets.get_mut(usize::from(bid)) else {
+            assert!(!more, "buffer {bid} kept by the kernel on a plain ring");
+            return self.recycle(bid);
+        };
+        if more {
+            *offset += u32::try_from(len).expect("a receive fits in a buffer");
+            assert!(self.is_taken(bid), "buffer {bid} released but not taken");
+            self.set_taken(bid, false);
+            self.taken_count -= 1;
+        } else {
+            *offset = 0;
+            self.recycle(bid);
+        }
     }
 
     /// Gives buffer `bid` back to the kernel.
@@ -383,6 +493,14 @@ mod tests {
         data: &[u8],
     ) -> (u16, usize) {
         tx.write_all(data).expect("write");
+        let (bid, len, _) = recv_any(ring, bufs, rx);
+        assert_eq!(len, data.len());
+        (bid, len)
+    }
+
+    /// One one-shot recv selecting from `bufs`: the buffer id, the length and whether
+    /// the kernel keeps the buffer (`IORING_CQE_F_BUF_MORE`).
+    fn recv_any(ring: &mut Ring, bufs: &BufRing, rx: &UnixStream) -> (u16, usize, bool) {
         let recv = opcode::Recv::new(types::Fd(rx.as_raw_fd()), ptr::null_mut(), 0)
             .buf_group(bufs.bgid())
             .build()
@@ -397,9 +515,59 @@ mod tests {
             ring.drain_completions(&mut cqes);
         }
         let cqe = &cqes[0];
-        assert_eq!(cqe.result(), data.len() as i32);
+        let len = usize::try_from(cqe.result()).expect("a receive");
         let bid = crate::uring::completion::buffer_id(cqe.flags()).expect("a buffer");
-        (bid, data.len())
+        (bid, len, io_uring::cqueue::buffer_more(cqe.flags()))
+    }
+
+    /// With incremental consumption, receives share a buffer until it is full, each
+    /// continuing where the last ended, and a buffer goes back to the ring only when
+    /// the kernel is done with it; over many rounds (ring indexes wrap) every byte
+    /// arrives in order.
+    #[test]
+    fn incremental_buffers_fill_up_before_they_are_recycled() {
+        let mut ring = Ring::new(8).expect("ring");
+        let mut bufs =
+            BufRing::new_incremental(&ring, 3, 4, 256).expect("incremental ring (Linux 6.12)");
+        assert!(bufs.is_incremental());
+        let (rx, mut tx) = UnixStream::pair().expect("socketpair");
+
+        // Two receives of 100 bytes share the first buffer, back to back.
+        tx.write_all(&[1; 100]).expect("write");
+        let (a, len, more) = recv_any(&mut ring, &bufs, &rx);
+        assert_eq!((len, more), (100, true));
+        // SAFETY: `a` comes from the completion of a recv on this group.
+        let first = unsafe { bufs.received(a, len) }.as_ptr() as usize;
+        bufs.release(a, len, more);
+        assert_eq!(bufs.taken(), 0);
+        tx.write_all(&[2; 100]).expect("write");
+        let (b, len, more) = recv_any(&mut ring, &bufs, &rx);
+        assert_eq!((b, len, more), (a, 100, true));
+        // SAFETY: as above.
+        let second = unsafe { bufs.received(b, len) };
+        assert!(second.iter().all(|&x| x == 2));
+        assert_eq!(second.as_ptr() as usize, first + 100);
+        bufs.release(b, len, more);
+
+        // Every byte in order over many buffers' worth of receives of varied sizes.
+        let mut sent = Vec::new();
+        let mut got = Vec::new();
+        let mut seed = 7u32;
+        for round in 0..5_000u32 {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let n = 1 + (seed >> 16) as usize % 300;
+            let chunk: Vec<u8> = (0..n).map(|i| (round as usize + i) as u8).collect();
+            tx.write_all(&chunk).expect("write");
+            sent.extend_from_slice(&chunk);
+            while got.len() < sent.len() {
+                let (bid, len, more) = recv_any(&mut ring, &bufs, &rx);
+                // SAFETY: as above.
+                got.extend_from_slice(unsafe { bufs.received(bid, len) });
+                bufs.release(bid, len, more);
+                assert_eq!(bufs.taken(), 0);
+            }
+        }
+        assert_eq!(got, sent);
     }
 
     #[test]

@@ -220,7 +220,7 @@ pub(crate) fn run(
     if cfg.mode == Mode::Broadcast && thread == 0 {
         conns.push(Conn::new(u32::MAX, Role::Publisher));
     }
-    let mut io = Io::new(conns.len(), 4096, 4096).map_err(|e| format!("io_uring: {e}"))?;
+    let mut io = Io::new(conns.len()).map_err(|e| format!("io_uring: {e}"))?;
     let opcode = match cfg.kind {
         Kind::Text => OpCode::Text,
         Kind::Binary => OpCode::Binary,
