@@ -10,6 +10,13 @@
 //! [`Report`]. Everything received is checked; [`Report::errors`] counts what was wrong
 //! and a run with errors is a failed run.
 //!
+//! In echo mode the connections start sending once the connect phase is over (at the
+//! warm-up), a few MiB of messages per loop turn, so that handshakes do not wait behind
+//! the echoes of connections already open and the first turn does not encode
+//! gigabytes; and the closing handshakes at the end may take 3 s plus twice what the
+//! echoes still in flight need at the window's rate (at most 60 s), since the server's
+//! close reply comes after them.
+//!
 //! With [`Config::server_pid`] the driving thread also reads the server's CPU time
 //! (`utime + stime` of `/proc/PID/stat`, all its threads), its own and the machine's
 //! (`/proc/self/stat`, `/proc/stat`) when the connect phase starts and ends and at the
