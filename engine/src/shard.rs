@@ -84,10 +84,11 @@ pub struct ShardTuning {
     /// (several frames per receive); the same within noise at 20 B and at 1 in flight
     /// (README, "Receive buffers").
     pub buf_size: u32,
-    /// Consume receive buffers incrementally (`IOU_PBUF_RING_INC`, Linux 6.12): a
-    /// receive takes only the bytes it got, the next continues in the same buffer.
-    /// Where the kernel refuses it, the same memory is cut into 4 KiB buffers that
-    /// each receive takes whole (large buffers would be wasted on small receives).
+    /// Consume receive buffers incrementally (`IOU_PBUF_RING_INC`, from Linux 6.15:
+    /// see `BufRing::new_incremental`): a receive takes only the bytes it got, the next
+    /// continues in the same buffer. Where the kernel refuses it, the same memory is
+    /// cut into 4 KiB buffers that each receive takes whole (large buffers would be
+    /// wasted on small receives).
     pub incremental_buffers: bool,
     /// Slots of the registered file table (direct descriptors): `None` sizes it to the
     /// open-file limit minus a margin, `Some(0)` uses plain file descriptors.
@@ -1702,7 +1703,7 @@ fn ms(d: Duration) -> u64 {
 }
 
 /// The shard's receive buffers as `tuning` asks. Without incremental consumption
-/// (kernels before 6.12) a receive takes a whole buffer, so large buffers would be
+/// (kernels before 6.15) a receive takes a whole buffer, so large buffers would be
 /// wasted on small messages: the same memory is then cut into 4 KiB buffers.
 fn receive_buffers(ring: &Ring, shard: usize, tuning: &ShardTuning) -> io::Result<BufRing> {
     let (entries, size) = (tuning.buf_entries, tuning.buf_size);

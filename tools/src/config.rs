@@ -98,13 +98,14 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", env = "KYTHERA_SEND_ZC_MIN_BYTES")]
     pub send_zc_min_bytes: Option<usize>,
     /// Size of each receive buffer in a shard's provided-buffer ring, 256 to 1048576
-    /// [default: 65536].
+    /// [default: 65536; 4096 without incremental buffers].
     #[arg(long, value_name = "BYTES", env = "KYTHERA_RECV_BUFFER_BYTES")]
     pub recv_buffer_bytes: Option<u32>,
-    /// Receive buffers per shard, a power of two up to 32768 [default: 64].
+    /// Receive buffers per shard, a power of two up to 32768 [default: 64; 1024 without
+    /// incremental buffers].
     #[arg(long, value_name = "N", env = "KYTHERA_RECV_BUFFERS")]
     pub recv_buffers: Option<u16>,
-    /// Consume receive buffers incrementally (Linux 6.12): a receive takes only the
+    /// Consume receive buffers incrementally (Linux 6.15): a receive takes only the
     /// bytes it got; without it each receive takes a whole buffer (on kernels that
     /// refuse it, buffers over 4 KiB are then cut into 4 KiB ones) [default: true].
     #[arg(long, value_name = "BOOL", env = "KYTHERA_RECV_BUFFERS_INCREMENTAL", num_args = 0..=1, default_missing_value = "true")]
@@ -366,8 +367,20 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
         ));
     }
     let tuning_defaults = ShardTuning::default();
+    let incremental = pick(
+        &args.recv_buffers_incremental,
+        &file.recv_buffers_incremental,
+    )
+    .0
+    .unwrap_or(tuning_defaults.incremental_buffers);
+    // Buffers that each receive takes whole are better small and many.
+    let (default_entries, default_size) = if incremental {
+        (tuning_defaults.buf_entries, tuning_defaults.buf_size)
+    } else {
+        (1024, 4096)
+    };
     let (buf_size, src) = pick(&args.recv_buffer_bytes, &file.recv_buffer_bytes);
-    let buf_size = buf_size.unwrap_or(tuning_defaults.buf_size);
+    let buf_size = buf_size.unwrap_or(default_size);
     if !(256..=1024 * 1024).contains(&buf_size) {
         return Err(err(
             "recv_buffer_bytes",
@@ -376,7 +389,7 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
         ));
     }
     let (buf_entries, src) = pick(&args.recv_buffers, &file.recv_buffers);
-    let buf_entries = buf_entries.unwrap_or(tuning_defaults.buf_entries);
+    let buf_entries = buf_entries.unwrap_or(default_entries);
     if !buf_entries.is_power_of_two() || buf_entries > 32768 {
         return Err(err(
             "recv_buffers",
@@ -385,12 +398,6 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
         ));
     }
     let plain_fds = pick(&args.plain_fds, &file.plain_fds).0.unwrap_or(false);
-    let incremental = pick(
-        &args.recv_buffers_incremental,
-        &file.recv_buffers_incremental,
-    )
-    .0
-    .unwrap_or(tuning_defaults.incremental_buffers);
     let zc = pick(&args.send_zc_min_bytes, &file.send_zc_min_bytes)
         .0
         .filter(|&n| n > 0);
@@ -556,6 +563,26 @@ mod tests {
         std::fs::remove_file(&path).ok();
         assert_eq!(e.source, "config file");
         assert!(e.reason.contains("max_mesage_bytes"), "{e}");
+    }
+
+    #[test]
+    fn whole_receive_buffers_default_to_4_kib() {
+        let s = resolve(&args(&[]), &File::default()).unwrap();
+        assert!(s.tuning.incremental_buffers);
+        assert_eq!((s.tuning.buf_entries, s.tuning.buf_size), (64, 65536));
+        let s = resolve(
+            &args(&["--recv-buffers-incremental", "false"]),
+            &File::default(),
+        )
+        .unwrap();
+        assert!(!s.tuning.incremental_buffers);
+        assert_eq!((s.tuning.buf_entries, s.tuning.buf_size), (1024, 4096));
+        let s = resolve(
+            &args(&["--recv-buffers-incremental=false", "--recv-buffers", "256"]),
+            &File::default(),
+        )
+        .unwrap();
+        assert_eq!((s.tuning.buf_entries, s.tuning.buf_size), (256, 4096));
     }
 
     #[test]

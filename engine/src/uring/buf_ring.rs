@@ -10,9 +10,9 @@
 //! it with an acquire load).
 //!
 //! With incremental consumption ([`BufRing::new_incremental`], `IOU_PBUF_RING_INC`,
-//! Linux 6.12) a buffer is not used up by one completion: each completion takes only
-//! the bytes it received, the next one of the same buffer (from any socket) continues
-//! where it left off, and the kernel flags (`IORING_CQE_F_BUF_MORE`) a completion whose
+//! used from Linux 6.15) a buffer is not used up by one completion: each completion
+//! takes only the bytes it received, the next one of the same buffer (from any socket)
+//! continues where it left off, and the kernel flags (`IORING_CQE_F_BUF_MORE`) a completion whose
 //! buffer it keeps using. Large buffers then serve small receives without waste, and a
 //! large message arrives in few completions. The user reads the bytes with
 //! [`BufRing::received`] (which knows where they start) and ends with
@@ -119,6 +119,19 @@ fn page_size() -> usize {
     usize::try_from(size).unwrap_or(4096).max(4096)
 }
 
+/// Major and minor version in a kernel release string such as `6.18.44-fc-v657`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split('.');
+    let number = |part: Option<&str>| -> Option<u32> {
+        let part = part?;
+        let end = part
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(part.len());
+        part[..end].parse().ok()
+    };
+    Some((number(parts.next())?, number(parts.next())?))
+}
+
 fn invalid(msg: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
@@ -134,13 +147,23 @@ impl BufRing {
     }
 
     /// Like [`BufRing::new`], with buffers consumed incrementally (see the module
-    /// documentation). Fails with `EINVAL` on kernels before 6.12.
+    /// documentation). Fails with `EINVAL` on kernels before 6.15: the flag exists
+    /// from 6.12, but until upstream commit 687b2bae ("ensure deferred completions are
+    /// flushed for multishot", 6.15) completions of different multishot requests on
+    /// one buffer ring could be posted out of order when the completion queue
+    /// overflowed, and with incremental buffers the offsets would then give one
+    /// connection's bytes to another. (Stable kernels that took the fix are refused
+    /// too: the release number is all there is to go by.)
     pub fn new_incremental(
         ring: &Ring,
         bgid: u16,
         entries: u16,
         buf_size: u32,
     ) -> io::Result<BufRing> {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        if kernel_version(&release).is_none_or(|v| v < (6, 15)) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         BufRing::with_flags(ring, bgid, entries, buf_size, IOU_PBUF_RING_INC)
     }
 
@@ -301,7 +324,7 @@ impl BufRing {
     /// selected from this group, and must not have been recycled since: otherwise the
     /// kernel may be writing into the bytes while the slice exists.
     pub unsafe fn buffer(&mut self, bid: u16, len: usize) -> &mut [u8] {
-        debug_assert!(
+        assert!(
             !self.is_incremental(),
             "incremental buffers are read with `received`"
         );
@@ -369,7 +392,6 @@ impl BufRing {
             self.set_taken(bid, false);
             self.taken_count -= 1;
         } else {
-            *offset = 0;
             self.recycle(bid);
         }
     }
@@ -385,6 +407,9 @@ impl BufRing {
         assert!(self.is_taken(bid), "buffer {bid} recycled but not taken");
         self.set_taken(bid, false);
         self.taken_count -= 1;
+        if let Some(offset) = self.offsets.get_mut(usize::from(bid)) {
+            *offset = 0; // back in the ring, it is filled from its start again
+        }
 
         let entry = self.entry_ptr(self.tail & (self.entries - 1));
         // SAFETY: the slot at the tail is outside [head, tail), so the kernel does not
@@ -444,6 +469,15 @@ mod tests {
     use io_uring::{opcode, squeue, types};
     use std::io::Write;
     use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn kernel_versions_parse() {
+        assert_eq!(kernel_version("6.18.44-fc-v657\n"), Some((6, 18)));
+        assert_eq!(kernel_version("6.15-rc1"), Some((6, 15)));
+        assert_eq!(kernel_version("5.10.0"), Some((5, 10)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!(kernel_version("6.14.3").unwrap() < (6, 15));
+    }
 
     #[test]
     fn rejects_bad_sizes() {
@@ -520,6 +554,98 @@ mod tests {
         (bid, len, io_uring::cqueue::buffer_more(cqe.flags()))
     }
 
+    /// Two sockets share an incremental ring through multishot recvs: writes
+    /// interleaved between them, bursts larger than all the buffers together (ENOBUFS,
+    /// re-armed), an end of file in the middle of a buffer. Every byte arrives in order
+    /// at the offset `received` tracks, and no completion without bytes carries a
+    /// buffer.
+    #[test]
+    fn incremental_buffers_shared_by_multishot_recvs() {
+        let mut ring = Ring::new(64).expect("ring");
+        let mut bufs = BufRing::new_incremental(&ring, 5, 4, 256).expect("incremental ring");
+        let bgid = bufs.bgid();
+        let (rx0, tx0) = UnixStream::pair().expect("socketpair");
+        let (rx1, tx1) = UnixStream::pair().expect("socketpair");
+        let rxs = [rx0.as_raw_fd(), rx1.as_raw_fd()];
+        let mut txs = [Some(tx0), Some(tx1)];
+        let arm = |ring: &mut Ring, s: usize| {
+            let recv = opcode::RecvMulti::new(types::Fd(rxs[s]), bgid)
+                .build()
+                .user_data(s as u64);
+            // SAFETY: the recv writes only into buffers of `bufs`; both recvs end (end
+            // of file) before the test returns and drops `bufs`.
+            unsafe { ring.push(&recv) }.expect("push");
+        };
+        arm(&mut ring, 0);
+        arm(&mut ring, 1);
+        let mut sent = [Vec::new(), Vec::new()];
+        let mut got = [Vec::new(), Vec::new()];
+        let mut ended = [false, false];
+        let (mut enobufs, mut seed) = (0, 12_345u32);
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            (seed >> 16) as usize
+        };
+        let mut cqes = Vec::new();
+        for round in 0..3_000usize {
+            for s in 0..2 {
+                let Some(tx) = txs[s].as_mut().filter(|_| rnd() % 2 == 0) else {
+                    continue;
+                };
+                let n = if rnd() % 50 == 0 {
+                    1_500
+                } else {
+                    1 + rnd() % 120
+                };
+                let chunk: Vec<u8> = (0..n)
+                    .map(|i| (round * 7 + i * 13 + s * 101) as u8)
+                    .collect();
+                tx.write_all(&chunk).expect("write");
+                sent[s].extend_from_slice(&chunk);
+            }
+            if round == 1_500 || round == 2_999 {
+                txs[0] = None; // end of file, most likely in the middle of a buffer
+            }
+            if round == 2_999 {
+                txs[1] = None;
+            }
+            let done = |got: &[Vec<u8>; 2], ended: &[bool; 2]| {
+                got[0].len() == sent[0].len()
+                    && got[1].len() == sent[1].len()
+                    && (round < 2_999 || ended.iter().all(|&e| e))
+            };
+            while !done(&got, &ended) {
+                ring.submit_and_wait(1).expect("wait");
+                cqes.clear();
+                ring.drain_completions(&mut cqes);
+                for cqe in &cqes {
+                    let s = cqe.user_data() as usize;
+                    let res = cqe.result();
+                    match crate::uring::completion::buffer_id(cqe.flags()) {
+                        Some(bid) => {
+                            assert!(res > 0, "a buffer with result {res}");
+                            let len = res as usize;
+                            // SAFETY: `bid` comes from this completion of a recv on
+                            // this group; released below.
+                            got[s].extend_from_slice(unsafe { bufs.received(bid, len) });
+                            assert_eq!(got[s][..], sent[s][..got[s].len()], "socket {s}");
+                            bufs.release(bid, len, io_uring::cqueue::buffer_more(cqe.flags()));
+                        }
+                        None if res == 0 => ended[s] = true,
+                        None if res == -libc::ENOBUFS => enobufs += 1,
+                        None => panic!("recv failed: {res}"),
+                    }
+                    if !io_uring::cqueue::more(cqe.flags()) && res != 0 {
+                        arm(&mut ring, s);
+                    }
+                }
+            }
+        }
+        assert_eq!(got, sent);
+        assert!(enobufs > 0, "bursts larger than the ring ran it dry");
+        assert_eq!(bufs.taken(), 0);
+    }
+
     /// With incremental consumption, receives share a buffer until it is full, each
     /// continuing where the last ended, and a buffer goes back to the ring only when
     /// the kernel is done with it; over many rounds (ring indexes wrap) every byte
@@ -528,7 +654,7 @@ mod tests {
     fn incremental_buffers_fill_up_before_they_are_recycled() {
         let mut ring = Ring::new(8).expect("ring");
         let mut bufs =
-            BufRing::new_incremental(&ring, 3, 4, 256).expect("incremental ring (Linux 6.12)");
+            BufRing::new_incremental(&ring, 3, 4, 256).expect("incremental ring (Linux 6.15)");
         assert!(bufs.is_incremental());
         let (rx, mut tx) = UnixStream::pair().expect("socketpair");
 

@@ -84,7 +84,7 @@ pub(crate) struct Io {
 
 impl Io {
     /// A ring for `slots` connections, with 16 MiB of receive buffers: 256 of 64 KiB
-    /// consumed incrementally (Linux 6.12), else 4,096 of 4 KiB.
+    /// consumed incrementally (Linux 6.15), else 4,096 of 4 KiB.
     pub(crate) fn new(slots: usize) -> io::Result<Io> {
         let sq = (slots as u32).clamp(256, 4096).next_power_of_two();
         let ring = Ring::with_cq_entries(sq, sq * 8).map_err(io::Error::other)?;
