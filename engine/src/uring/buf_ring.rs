@@ -625,9 +625,9 @@ mod tests {
                         Some(bid) => {
                             assert!(res > 0, "a buffer with result {res}");
                             let len = res as usize;
-                            // SAFETY: `bid` comes from this completion of a recv on
-                            // this group; released below.
-                            got[s].extend_from_slice(unsafe { bufs.received(bid, len) });
+                            // SAFETY: a buffer of this completion, on this group.
+                            let bytes = unsafe { bufs.received(bid, len) };
+                            got[s].extend_from_slice(bytes);
                             assert_eq!(got[s][..], sent[s][..got[s].len()], "socket {s}");
                             bufs.release(bid, len, io_uring::cqueue::buffer_more(cqe.flags()));
                         }
@@ -687,8 +687,9 @@ mod tests {
             sent.extend_from_slice(&chunk);
             while got.len() < sent.len() {
                 let (bid, len, more) = recv_any(&mut ring, &bufs, &rx);
-                // SAFETY: as above.
-                got.extend_from_slice(unsafe { bufs.received(bid, len) });
+                // SAFETY: a buffer of this completion, on this group.
+                let bytes = unsafe { bufs.received(bid, len) };
+                got.extend_from_slice(bytes);
                 bufs.release(bid, len, more);
                 assert_eq!(bufs.taken(), 0);
             }
