@@ -256,6 +256,11 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
         "recv_rearms",
         "Multishot receives armed again after they ended",
     );
+    let releases = counter_family::<ShardLabel>(
+        &mut reg,
+        "memory_releases",
+        "Calls of the memory-release hook after connections opened or closed",
+    );
     let open = gauge_family::<ShardLabel>(&mut reg, "shard_connections", "Open sockets per shard");
     let registry_in = counter_family::<ShardLabel>(
         &mut reg,
@@ -358,6 +363,7 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
         submissions.get_or_create(&label).inc_by(c.submissions);
         enobufs.get_or_create(&label).inc_by(c.enobufs);
         rearms.get_or_create(&label).inc_by(c.recv_rearms);
+        releases.get_or_create(&label).inc_by(c.memory_releases);
         accepted.get_or_create(&label).inc_by(c.accepted);
         open.get_or_create(&label).set(c.open() as i64);
         let running: u64 = shared.gear_counters[i]

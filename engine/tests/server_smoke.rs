@@ -567,3 +567,66 @@ fn zero_copy_sends_echo_every_size() {
     let stats = server.handle().stats();
     assert!(stats[0].zero_copy_notifications > 0, "{stats:?}");
 }
+
+/// Calls of [`count_release`]: only the test below installs it.
+static RELEASES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count_release() {
+    RELEASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Waits until the release hook has run `n` times (and not more).
+fn await_releases(server: &RunningServer, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while RELEASES.load(std::sync::atomic::Ordering::Relaxed) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(RELEASES.load(std::sync::atomic::Ordering::Relaxed), n);
+    assert_eq!(server.handle().stats()[0].memory_releases, n);
+}
+
+#[test]
+fn memory_is_released_once_connections_stop_opening_and_closing() {
+    let server = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .limits(fast_limits())
+        .release_memory(count_release)
+        .mount("/echo", Echo)
+        .build()
+        .expect("server builds")
+        .spawn();
+    let addr = server.addr();
+    let mut clients: Vec<TcpStream> = (0..3).map(|_| ws_echo(addr)).collect();
+    // Once after the connections opened, when a second has passed without another.
+    await_releases(&server, 1);
+    // Messages alone do not call it again.
+    for round in 0..15u8 {
+        for c in clients.iter_mut() {
+            send_frame(c, OpCode::Binary, &[round; 100]);
+            assert_eq!(read_frame(c), (0x2, vec![round; 100]));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(RELEASES.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // A close is churn too.
+    let mut gone = clients.pop().unwrap();
+    send_frame(&mut gone, OpCode::Close, &close_payload(1000, ""));
+    assert_eq!(read_frame(&mut gone).0, 0x8);
+    expect_eof(&mut gone);
+    await_releases(&server, 2);
+    let metrics = http_get(addr, "/metrics");
+    assert!(
+        metrics.contains("kythera_memory_releases_total{shard=\"0\"} 2"),
+        "{metrics}"
+    );
+}
+
+/// A plain GET; the whole response (the server closes after it).
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = tcp(addr);
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}

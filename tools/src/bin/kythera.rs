@@ -31,6 +31,17 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
+/// The shards' memory-release hook ([`engine::ServerBuilder::release_memory`]): frees
+/// the pages mimalloc keeps for reuse on the calling shard's thread (the last page of
+/// each size class, freed pages not purged yet) and returns them to the kernel. With
+/// 10,000 idle connections this gave back about 230 KiB that the handshakes had left
+/// resident (README, "Memory per idle connection").
+fn release_heap() {
+    // SAFETY: `mi_collect` takes no pointers and may be called from any thread at any
+    // time; it only walks and trims the allocator's own structures.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 /// Flags and environment over the `--config` file over defaults.
 fn load_settings(args: &Args) -> Result<config::Settings, config::ConfigError> {
     let file = match &args.config {
@@ -78,6 +89,7 @@ fn main() -> ExitCode {
         .shards(shards)
         .limits(limits.clone())
         .tuning(settings.tuning)
+        .release_memory(release_heap)
         .registry(engine::RegistryConfig {
             queue_capacity: settings.registry_queue_capacity,
         });
