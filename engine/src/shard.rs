@@ -58,7 +58,7 @@ use tracing::{debug, info, warn};
 
 use crate::gear::{App, Deliveries, Registries};
 use crate::server::Shared;
-use crate::session::Session;
+use crate::session::{Output, Session};
 use crate::side_table::{Key, SideTable};
 use crate::timer::{self, TimerWheel};
 use crate::uring::buf_ring::BufRing;
@@ -146,6 +146,7 @@ pub struct ShardStats {
     enobufs: AtomicU64,
     recv_rearms: AtomicU64,
     memory_releases: AtomicU64,
+    vectored_sends: AtomicU64,
     partial_sends: AtomicU64,
     zero_copy_notifications: AtomicU64,
     forced_closes: AtomicU64,
@@ -179,6 +180,8 @@ pub struct ShardCounters {
     pub memory_releases: u64,
     /// Sends that sent less than asked and were continued.
     pub partial_sends: u64,
+    /// Sends of output queued in several buffers (one `sendmsg`).
+    pub vectored_sends: u64,
     /// Zero-copy send notifications received (sends whose pages the kernel released).
     pub zero_copy_notifications: u64,
     /// Connections shut down without waiting any longer for their sends (a peer that
@@ -230,6 +233,7 @@ impl ShardStats {
             enobufs: get(&self.enobufs),
             recv_rearms: get(&self.recv_rearms),
             memory_releases: get(&self.memory_releases),
+            vectored_sends: get(&self.vectored_sends),
             partial_sends: get(&self.partial_sends),
             zero_copy_notifications: get(&self.zero_copy_notifications),
             forced_closes: get(&self.forced_closes),
@@ -373,14 +377,63 @@ struct PeerBuf(libc::sockaddr_storage);
 
 /// Bytes handed to a send: owned here until the send's completion.
 struct InFlightSend {
-    bytes: Vec<u8>,
-    /// Where the bytes not sent yet start (it starts where the session's output
-    /// starts, not always at 0).
+    output: Output,
+    /// Bytes of the output sent so far.
     sent: usize,
+    /// Bytes of the output in all.
+    len: usize,
+    /// For an output of several buffers: the `sendmsg` header and its iovecs, boxed so
+    /// that they stay put (the side table may move its entries) until the completion.
+    msg: Option<Box<SendMsg>>,
     /// Zero-copy notifications still to come: the kernel may read `bytes` until then.
     zc_notifs: u32,
     /// Every byte was sent (or the send failed); only notifications are awaited.
     done: bool,
+}
+
+/// A `sendmsg` header and the iovecs it points to.
+struct SendMsg {
+    hdr: libc::msghdr,
+    iov: Vec<libc::iovec>,
+}
+
+/// The most iovecs one `sendmsg` takes (`UIO_MAXIOV`); the rest goes in the next.
+const MAX_IOVECS: usize = 1024;
+
+impl SendMsg {
+    fn new() -> SendMsg {
+        SendMsg {
+            // SAFETY: all-zero is a valid msghdr (no name, no iovecs, no control data).
+            hdr: unsafe { std::mem::zeroed() },
+            iov: Vec::new(),
+        }
+    }
+
+    /// Points the header at the bytes of `output` from `skip` on (at most
+    /// [`MAX_IOVECS`] pieces).
+    fn point_at(&mut self, output: &Output, mut skip: usize) -> *const libc::msghdr {
+        self.iov.clear();
+        let pieces = std::iter::once(&output.first[output.start..])
+            .chain(output.rest.iter().map(Vec::as_slice));
+        for piece in pieces {
+            if skip >= piece.len() {
+                skip -= piece.len();
+                continue;
+            }
+            let piece = &piece[skip..];
+            skip = 0;
+            self.iov.push(libc::iovec {
+                iov_base: piece.as_ptr() as *mut libc::c_void,
+                iov_len: piece.len(),
+            });
+            if self.iov.len() == MAX_IOVECS {
+                break;
+            }
+        }
+        self.hdr.msg_iov = self.iov.as_mut_ptr();
+        self.hdr.msg_iovlen = self.iov.len();
+        &self.hdr
+    }
 }
 
 /// A connection's slot. Its socket is not stored: the slot's index is the socket's
@@ -1133,20 +1186,28 @@ impl Shard {
         let Some(conn) = conn_in(&mut self.conns, index) else {
             return Ok(());
         };
-        let Some(send) = self.sends.get(conn.sending) else {
+        let Some(send) = self.sends.get_mut(conn.sending) else {
             return Ok(());
         };
-        let rest = &send.bytes[send.sent..];
-        let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-        let entry = if zc_min.is_some_and(|min| rest.len() >= min) {
-            socket_at(index, self.direct).send_zc(rest.as_ptr(), len)
+        let socket = socket_at(index, self.direct);
+        let entry = if send.output.rest.is_empty() {
+            let rest = &send.output.first[send.output.start + send.sent..];
+            let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+            if zc_min.is_some_and(|min| rest.len() >= min) {
+                socket.send_zc(rest.as_ptr(), len)
+            } else {
+                socket.send(rest.as_ptr(), len)
+            }
         } else {
-            socket_at(index, self.direct).send(rest.as_ptr(), len)
+            let msg = send.msg.get_or_insert_with(|| Box::new(SendMsg::new()));
+            bump(&self.shared.stats[self.index].vectored_sends, 1);
+            socket.send_msg(msg.point_at(&send.output, send.sent))
         };
         let entry = entry.user_data(conn.user_data(Op::Send, index));
-        // SAFETY: `self.sends` owns the bytes until the send's last completion (and a
-        // zero-copy send's notification); the slot is not freed while a send is in
-        // flight (`begin_close`), and Drop leaks them if it could not wait.
+        // SAFETY: `self.sends` owns the bytes (and the boxed `sendmsg` header and
+        // iovecs) until the send's last completion (and a zero-copy send's
+        // notification); the slot is not freed while a send is in flight
+        // (`begin_close`), and Drop leaks them if it could not wait.
         unsafe { self.io.push(&entry) }
     }
 
@@ -1165,7 +1226,7 @@ impl Shard {
         if send.done && send.zc_notifs == 0 {
             if let Some(send) = self.sends.take(&mut conn.sending) {
                 if let Some(session) = conn.session.as_mut() {
-                    session.sent(send.bytes);
+                    session.sent(send.output);
                 }
             }
         }
@@ -1198,7 +1259,7 @@ impl Shard {
         } else {
             send.sent += res as usize;
             bump(&stats.bytes_sent, res as u64);
-            if send.sent < send.bytes.len() {
+            if send.sent < send.len {
                 bump(&stats.partial_sends, 1);
                 if !conn.flags.has(ConnFlags::FORCED) {
                     return self.submit_send(index);
@@ -1211,10 +1272,8 @@ impl Shard {
         // kept until the last one.
         if send.zc_notifs == 0 {
             if let Some(send) = self.sends.take(&mut conn.sending) {
-                if let (Some(session), true) =
-                    (conn.session.as_mut(), send.sent == send.bytes.len())
-                {
-                    session.sent(send.bytes);
+                if let (Some(session), true) = (conn.session.as_mut(), send.sent == send.len) {
+                    session.sent(send.output);
                 }
             }
         }
@@ -1326,14 +1385,17 @@ impl Shard {
         let mut start_send = false;
         if !conn.flags.has(ConnFlags::FORCED) && conn.sending.is_none() {
             if let Some(session) = conn.session.as_mut() {
-                while let Some((buf, start)) = session.take_output(now_ms) {
-                    if buf.len() <= start {
-                        session.sent(buf);
+                while let Some(output) = session.take_output(now_ms) {
+                    let len = output.len();
+                    if len == 0 {
+                        session.sent(output);
                         continue;
                     }
                     conn.sending = self.sends.insert(InFlightSend {
-                        bytes: buf,
-                        sent: start,
+                        output,
+                        sent: 0,
+                        len,
+                        msg: None,
                         zc_notifs: 0,
                         done: false,
                     });
@@ -1678,7 +1740,7 @@ impl Drop for Shard {
         }
         if self.io.in_flight > 0 {
             for send in self.sends.drain() {
-                std::mem::forget(send.bytes);
+                std::mem::forget(send);
             }
             for buf in self.peer_bufs.drain() {
                 std::mem::forget(buf);
@@ -1896,6 +1958,49 @@ mod tests {
     /// Memory per idle connection is a goal in bytes (README, "Memory"): the slot of
     /// an open, idle connection is 64 bytes (with the session's 48), and the echo
     /// gear's state box 48 (`gear::tests`). Growing either should be a decision.
+    #[test]
+    fn sendmsg_points_past_what_was_sent() {
+        let output = Output {
+            first: b"xxhello".to_vec(),
+            start: 2,
+            rest: vec![b" big".to_vec(), b" world".to_vec()],
+        };
+        let mut msg = SendMsg::new();
+        let pieces = |msg: &SendMsg| -> Vec<Vec<u8>> {
+            msg.iov
+                .iter()
+                .map(|v| {
+                    // SAFETY: the iovecs point into `output`, alive and unchanged here.
+                    let piece =
+                        unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+                    piece.to_vec()
+                })
+                .collect()
+        };
+        let hdr = msg.point_at(&output, 0);
+        assert_eq!(hdr, &msg.hdr as *const _);
+        assert_eq!(msg.hdr.msg_iovlen, 3);
+        assert_eq!(pieces(&msg), [&b"hello"[..], b" big", b" world"]);
+        // After a partial send of 7 bytes: "hello b" went.
+        msg.point_at(&output, 7);
+        assert_eq!(pieces(&msg), [&b"ig"[..], b" world"]);
+        msg.point_at(&output, 9);
+        assert_eq!(pieces(&msg), [&b" world"[..]]);
+        msg.point_at(&output, 14);
+        assert_eq!(pieces(&msg), [&b"d"[..]]);
+        assert_eq!(output.len(), 15);
+        // At most MAX_IOVECS per sendmsg.
+        let many = Output {
+            first: vec![1],
+            start: 0,
+            rest: vec![vec![2]; 2000],
+        };
+        msg.point_at(&many, 0);
+        assert_eq!(msg.iov.len(), MAX_IOVECS);
+        msg.point_at(&many, 1500);
+        assert_eq!(msg.iov.len(), 501);
+    }
+
     #[test]
     fn memory_is_released_after_churn_once_quiet() {
         fn hook() {}

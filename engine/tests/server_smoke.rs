@@ -630,3 +630,36 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
     stream.read_to_string(&mut response).unwrap();
     response
 }
+
+#[test]
+fn pipelined_large_echoes_queue_in_chunks_and_go_out_whole() {
+    let server = start(1);
+    let mut stream = ws(server.addr(), "/echo");
+    // 48 messages of 16 KiB written at once while the client does not read yet: the
+    // echoes queue behind sends in flight, in several buffers sent by one sendmsg
+    // (continued where the kernel took only part).
+    let payload =
+        |i: u32| -> Vec<u8> { (0..16_384u32).map(|j| (i * 31 + j % 253) as u8).collect() };
+    let mut out = Vec::new();
+    for i in 0..48 {
+        encode_frame_into(
+            &mut out,
+            true,
+            0,
+            OpCode::Binary,
+            &payload(i),
+            Some([1, 2, 3, 4]),
+        );
+    }
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(&out).unwrap());
+    std::thread::sleep(Duration::from_millis(200));
+    for i in 0..48 {
+        let (opcode, echoed) = read_frame(&mut stream);
+        assert_eq!(opcode, 0x2);
+        assert!(echoed == payload(i), "echo {i} differs");
+    }
+    sender.join().unwrap();
+    let stats = server.handle().stats();
+    assert!(stats[0].vectored_sends > 0, "{stats:?}");
+}

@@ -167,6 +167,20 @@ impl Socket {
         }
     }
 
+    /// `sendmsg` of the buffers `msg` points to (its `msg_iov`), without `SIGPIPE`.
+    /// The header, its iovecs and the bytes must stay valid until the completion.
+    pub fn send_msg(self, msg: *const libc::msghdr) -> squeue::Entry {
+        let flags = libc::MSG_NOSIGNAL as u32;
+        match self {
+            Socket::Fd(fd) => opcode::SendMsg::new(types::Fd(fd), msg)
+                .flags(flags)
+                .build(),
+            Socket::Fixed(slot) => opcode::SendMsg::new(types::Fixed(slot), msg)
+                .flags(flags)
+                .build(),
+        }
+    }
+
     /// `shutdown(SHUT_RDWR)`: a pending recv ends (it reads end-of-file) and a send that
     /// waits for buffer space fails, so the connection's operations finish; queued bytes
     /// are still sent, followed by a FIN.
