@@ -125,9 +125,10 @@ struct Tx {
     active_ms: u64,
     pong_deadline_ms: Option<NonZeroU64>,
     closing: Closing,
-    /// Where the output starts in `out`: not 0 only when `out` is a received frame's
-    /// buffer whose payload is echoed in place (the bytes before are the rest of the
-    /// client's header).
+    /// Where the output starts in the first buffer queued (`out`, or the first of
+    /// `chunks` if there are any): not 0 only when that is a received frame's buffer
+    /// whose payload is echoed in place (the bytes before are the rest of the client's
+    /// header).
     out_start: u8,
 }
 
@@ -173,7 +174,7 @@ impl Tx {
     /// The chunks go out in one `sendmsg` (see [`Output`]).
     fn room(&mut self, n: usize) -> &mut Vec<u8> {
         let out = &self.out;
-        if out.len() + n > out.capacity() && out.len() >= CHUNK_MIN && self.out_start == 0 {
+        if out.len() + n > out.capacity() && out.len() >= CHUNK_MIN {
             let full = std::mem::replace(&mut self.out, Vec::with_capacity(n.max(CHUNK)));
             self.chunks.push(full);
         }
@@ -718,16 +719,11 @@ impl Session {
                 rest: Vec::new(),
             }
         } else {
-            // `out` is queued as a chunk only when it starts at 0 (`Tx::room`).
-            debug_assert_eq!(start, 0);
+            // `start` is where the first chunk's bytes start.
             let mut rest = std::mem::take(&mut tx.chunks);
             let first = rest.remove(0);
             rest.push(last);
-            Output {
-                first,
-                start: 0,
-                rest,
-            }
+            Output { first, start, rest }
         };
         tx.in_flight = output.len();
         tx.active_ms = now_ms;
@@ -2280,6 +2276,43 @@ mod tests {
         let output = h.session.take_output(h.now).unwrap();
         assert_eq!(output.len(), queued);
         assert!(output.rest.len() >= 3, "{} buffers", output.rest.len() + 1);
+        for buf in std::iter::once(&output.first).chain(&output.rest) {
+            assert!(
+                buf.capacity() <= CHUNK,
+                "a buffer grew to {}",
+                buf.capacity()
+            );
+        }
+        let echoed = frames(&output.to_vec());
+        assert_eq!(echoed.len(), 12);
+        for (i, (op, p)) in echoed.into_iter().enumerate() {
+            assert_eq!((op, p), (OpCode::Binary, payload(i as u8 + 1)));
+        }
+        h.session.sent(output);
+        assert!(h.output().is_empty());
+    }
+
+    #[test]
+    fn output_after_an_echo_in_place_is_chunked_too() {
+        let mut h = harness(Limits::default(), None);
+        h.open();
+        let payload = |i: u8| vec![i; 16 * 1024];
+        h.send(OpCode::Binary, &payload(0));
+        let in_flight = h.session.take_output(h.now).unwrap();
+        // Frames that arrive in 4 KiB pieces are completed in `pending` and the first
+        // is echoed in place (its buffer becomes the output, starting after the rest
+        // of the client's header); the next ones queue after it in chunks.
+        let mut wire = Vec::new();
+        for i in 1..=12 {
+            wire.extend_from_slice(&client_frame(OpCode::Binary, &payload(i)));
+        }
+        for piece in wire.chunks(4096) {
+            h.recv(piece);
+        }
+        h.session.sent(in_flight);
+        let output = h.session.take_output(h.now).unwrap();
+        assert!(output.start > 0, "the first echo went out in place");
+        assert!(!output.rest.is_empty());
         for buf in std::iter::once(&output.first).chain(&output.rest) {
             assert!(
                 buf.capacity() <= CHUNK,

@@ -180,7 +180,8 @@ pub struct ShardCounters {
     pub memory_releases: u64,
     /// Sends that sent less than asked and were continued.
     pub partial_sends: u64,
-    /// Sends of output queued in several buffers (one `sendmsg`).
+    /// Outputs queued in several buffers, sent with `sendmsg` (counted once, however
+    /// many submissions they took).
     pub vectored_sends: u64,
     /// Zero-copy send notifications received (sends whose pages the kernel released).
     pub zero_copy_notifications: u64,
@@ -1200,7 +1201,9 @@ impl Shard {
             }
         } else {
             let msg = send.msg.get_or_insert_with(|| Box::new(SendMsg::new()));
-            bump(&self.shared.stats[self.index].vectored_sends, 1);
+            if send.sent == 0 {
+                bump(&self.shared.stats[self.index].vectored_sends, 1);
+            }
             socket.send_msg(msg.point_at(&send.output, send.sent))
         };
         let entry = entry.user_data(conn.user_data(Op::Send, index));
@@ -1955,9 +1958,6 @@ mod tests {
         assert_eq!(snap.open(), 2);
     }
 
-    /// Memory per idle connection is a goal in bytes (README, "Memory"): the slot of
-    /// an open, idle connection is 64 bytes (with the session's 48), and the echo
-    /// gear's state box 48 (`gear::tests`). Growing either should be a decision.
     #[test]
     fn sendmsg_points_past_what_was_sent() {
         let output = Output {
@@ -2027,6 +2027,9 @@ mod tests {
         assert!(none.due(60_000).is_none());
     }
 
+    /// Memory per idle connection is a goal in bytes (README, "Memory"): the slot of
+    /// an open, idle connection is 64 bytes (with the session's 48), and the echo
+    /// gear's state box 48 (`gear::tests`). Growing either should be a decision.
     #[test]
     fn an_idle_connection_slot_is_64_bytes() {
         assert_eq!(size_of::<Session>(), 48);

@@ -633,15 +633,28 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
 
 #[test]
 fn pipelined_large_echoes_queue_in_chunks_and_go_out_whole() {
-    let server = start(1);
+    // Room for 4 MiB queued behind a send (the default limit would close this client
+    // as a slow consumer).
+    let server = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .limits(Limits {
+            max_outgoing_bytes: 64 << 20,
+            ..fast_limits()
+        })
+        .mount("/echo", Echo)
+        .build()
+        .expect("server builds")
+        .spawn();
     let mut stream = ws(server.addr(), "/echo");
-    // 48 messages of 16 KiB written at once while the client does not read yet: the
-    // echoes queue behind sends in flight, in several buffers sent by one sendmsg
-    // (continued where the kernel took only part).
+    // 256 messages of 16 KiB written at once while the client does not read yet: the
+    // echoes queue behind a send in flight, in chunks sent by one sendmsg, which the
+    // kernel takes only in part while the client's receive buffer is full (and the
+    // send is continued from there).
     let payload =
         |i: u32| -> Vec<u8> { (0..16_384u32).map(|j| (i * 31 + j % 253) as u8).collect() };
     let mut out = Vec::new();
-    for i in 0..48 {
+    for i in 0..256 {
         encode_frame_into(
             &mut out,
             true,
@@ -653,8 +666,8 @@ fn pipelined_large_echoes_queue_in_chunks_and_go_out_whole() {
     }
     let mut writer = stream.try_clone().unwrap();
     let sender = std::thread::spawn(move || writer.write_all(&out).unwrap());
-    std::thread::sleep(Duration::from_millis(200));
-    for i in 0..48 {
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..256 {
         let (opcode, echoed) = read_frame(&mut stream);
         assert_eq!(opcode, 0x2);
         assert!(echoed == payload(i), "echo {i} differs");
@@ -662,4 +675,5 @@ fn pipelined_large_echoes_queue_in_chunks_and_go_out_whole() {
     sender.join().unwrap();
     let stats = server.handle().stats();
     assert!(stats[0].vectored_sends > 0, "{stats:?}");
+    assert!(stats[0].partial_sends > 0, "{stats:?}");
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use engine::protocol::codec::{self, Decoded, DecoderConfig, OpCode, RSV1, Role as CodecRole};
 use engine::protocol::deflate::{ConnDeflate, DeflateConfig, with_scratch};
+use engine::protocol::mask;
 use hdrhistogram::Histogram;
 
 use super::io::{self, Completion, Io};
@@ -682,8 +683,8 @@ impl Worker {
             self.fail(slot, || "a message that was never sent".into());
             return;
         };
-        wire::payload(&mut self.scratch, c.id, seq, ts, self.cfg.bytes);
-        if payload != self.scratch.as_slice() {
+        if !wire::payload_matches(payload, c.id, seq, ts, self.cfg.bytes) {
+            wire::payload(&mut self.scratch, c.id, seq, ts, self.cfg.bytes);
             self.result.errors.payload += 1;
             let (got, want) = (preview(payload), preview(&self.scratch));
             self.fail(slot, || {
@@ -731,8 +732,22 @@ impl Worker {
         let c = &mut self.conns[slot as usize];
         let seq = c.next_seq;
         c.next_seq += 1;
-        wire::payload(&mut self.scratch, c.id, seq, self.now, self.cfg.bytes);
-        Self::encode_data(c, self.opcode, &self.scratch, mask);
+        if c.pmd.is_some() {
+            wire::payload(&mut self.scratch, c.id, seq, self.now, self.cfg.bytes);
+            Self::encode_data(c, self.opcode, &self.scratch, mask);
+        } else {
+            // Masked straight from the payload's pieces into the output (no copy of
+            // the payload first).
+            let len = self.cfg.bytes;
+            let header = codec::encode_header(true, 0, self.opcode, len as u64, Some(mask));
+            c.out.reserve(header.as_bytes().len() + len);
+            c.out.extend_from_slice(header.as_bytes());
+            let mut offset = 0;
+            wire::payload_pieces(c.id, seq, self.now, len, |piece| {
+                mask::extend_unmasked(&mut c.out, piece, mask, offset);
+                offset += piece.len();
+            });
+        }
         c.pending.push_back((seq, self.now));
         self.mark(slot);
     }
