@@ -209,6 +209,48 @@ fn assert_fails_against(addr: SocketAddr, what: &str) {
 }
 
 #[test]
+fn echoes_dribbled_in_small_pieces_are_reassembled() {
+    // An echo server that writes every echo a few bytes at a time (1 to 7, pausing
+    // between pieces): frame headers and payloads arrive split over many receives.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                accept_upgrade(&mut s);
+                s.set_nodelay(true).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let mut size = 0;
+                read_frames(&mut s, |op, payload| {
+                    let bytes = frame(op, payload);
+                    if op == OpCode::Close {
+                        let _ = w.write_all(&bytes);
+                        return false;
+                    }
+                    for piece in bytes.chunks(1 + size % 7) {
+                        size += 1;
+                        if w.write_all(piece).is_err() {
+                            return false;
+                        }
+                        std::thread::sleep(std::time::Duration::from_micros(20));
+                    }
+                    true
+                });
+            });
+        }
+    });
+    let url = format!("ws://{addr}/echo");
+    let (out, json) = load(&[
+        "echo", "--url", &url, "-c", "2", "-b", "300", "-p", "3", "-d", "0.5", "--warmup", "0.1",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let json = json.expect("a JSON report");
+    assert!(json["messages"].as_u64().unwrap() > 10, "{json}");
+    assert_eq!(json["errors"], 0, "{json}");
+}
+
+#[test]
 fn garbage_echoes_fail_the_run() {
     let addr = bad_server(|op, payload| {
         let mut wrong = payload.to_vec();

@@ -500,12 +500,48 @@ impl Worker {
                         c.rbuf.extend_from_slice(&bytes[used..]);
                     }
                 } else {
-                    c.rbuf.extend_from_slice(bytes);
-                    let rbuf = std::mem::take(&mut c.rbuf);
-                    self.on_frames(slot, rbuf);
+                    self.complete_pending(slot, bytes);
                 }
             }
             State::New | State::Connecting | State::Done => {}
+        }
+    }
+
+    /// A frame started in an earlier receive: completes it in the receive buffer with
+    /// only its own bytes, then handles what follows in place (appending all of
+    /// `bytes` copied every frame after it too: 13% of the client's time at 16 KiB).
+    fn complete_pending(&mut self, slot: u32, mut bytes: &[u8]) {
+        loop {
+            let c = &mut self.conns[slot as usize];
+            let need = match codec::parse_header(&c.rbuf, &self.decoder) {
+                Ok(Decoded::Complete(h, _)) => {
+                    (h.frame_len() as usize).saturating_sub(c.rbuf.len())
+                }
+                // Enough for the longest header; any bytes of the frames after it
+                // stay in the buffer and are handled from there.
+                Ok(Decoded::Incomplete { .. }) => {
+                    codec::MAX_HEADER_BYTES.saturating_sub(c.rbuf.len()).max(1)
+                }
+                // `frames` reports it.
+                Err(_) => bytes.len(),
+            };
+            let take = need.min(bytes.len());
+            c.rbuf.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            let rbuf = std::mem::take(&mut c.rbuf);
+            self.on_frames(slot, rbuf);
+            let c = &mut self.conns[slot as usize];
+            if c.state == State::Done || bytes.is_empty() {
+                return;
+            }
+            if c.rbuf.is_empty() {
+                let used = self.frames(slot, bytes);
+                let c = &mut self.conns[slot as usize];
+                if c.state != State::Done && used < bytes.len() {
+                    c.rbuf.extend_from_slice(&bytes[used..]);
+                }
+                return;
+            }
         }
     }
 
