@@ -2257,6 +2257,28 @@ mod tests {
         );
     }
 
+    /// `output` holds the echoes of the 16 KiB payloads `echoes` (each payload the
+    /// byte `i` repeated), in buffers none of which grew past a chunk; it is given back.
+    fn assert_chunked_echoes(
+        h: &mut Harness,
+        output: Output,
+        echoes: std::ops::RangeInclusive<u8>,
+    ) {
+        for buf in std::iter::once(&output.first).chain(&output.rest) {
+            assert!(
+                buf.capacity() <= CHUNK,
+                "a buffer grew to {}",
+                buf.capacity()
+            );
+        }
+        let want: Vec<_> = echoes
+            .map(|i| (OpCode::Binary, vec![i; 16 * 1024]))
+            .collect();
+        assert_eq!(frames(&output.to_vec()), want);
+        h.session.sent(output);
+        assert!(h.output().is_empty());
+    }
+
     #[test]
     fn output_behind_a_send_is_queued_in_chunks_not_grown() {
         let mut h = harness(Limits::default(), None);
@@ -2276,20 +2298,7 @@ mod tests {
         let output = h.session.take_output(h.now).unwrap();
         assert_eq!(output.len(), queued);
         assert!(output.rest.len() >= 3, "{} buffers", output.rest.len() + 1);
-        for buf in std::iter::once(&output.first).chain(&output.rest) {
-            assert!(
-                buf.capacity() <= CHUNK,
-                "a buffer grew to {}",
-                buf.capacity()
-            );
-        }
-        let echoed = frames(&output.to_vec());
-        assert_eq!(echoed.len(), 12);
-        for (i, (op, p)) in echoed.into_iter().enumerate() {
-            assert_eq!((op, p), (OpCode::Binary, payload(i as u8 + 1)));
-        }
-        h.session.sent(output);
-        assert!(h.output().is_empty());
+        assert_chunked_echoes(&mut h, output, 1..=12);
     }
 
     #[test]
@@ -2313,20 +2322,7 @@ mod tests {
         let output = h.session.take_output(h.now).unwrap();
         assert!(output.start > 0, "the first echo went out in place");
         assert!(!output.rest.is_empty());
-        for buf in std::iter::once(&output.first).chain(&output.rest) {
-            assert!(
-                buf.capacity() <= CHUNK,
-                "a buffer grew to {}",
-                buf.capacity()
-            );
-        }
-        let echoed = frames(&output.to_vec());
-        assert_eq!(echoed.len(), 12);
-        for (i, (op, p)) in echoed.into_iter().enumerate() {
-            assert_eq!((op, p), (OpCode::Binary, payload(i as u8 + 1)));
-        }
-        h.session.sent(output);
-        assert!(h.output().is_empty());
+        assert_chunked_echoes(&mut h, output, 1..=12);
     }
 
     #[test]

@@ -1059,9 +1059,8 @@ impl Shard {
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & UserData::MAX_TAG;
         // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
-        let peer_buf = self
-            .peer_bufs
-            .insert(Box::new(PeerBuf(unsafe { std::mem::zeroed() })));
+        let storage = unsafe { std::mem::zeroed() };
+        let peer_buf = self.peer_bufs.insert(Box::new(PeerBuf(storage)));
         self.conns[slot] = Some(Conn {
             session: None,
             generation,
@@ -1970,10 +1969,9 @@ mod tests {
             msg.iov
                 .iter()
                 .map(|v| {
+                    let (base, len) = (v.iov_base as *const u8, v.iov_len);
                     // SAFETY: the iovecs point into `output`, alive and unchanged here.
-                    let piece =
-                        unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
-                    piece.to_vec()
+                    unsafe { std::slice::from_raw_parts(base, len) }.to_vec()
                 })
                 .collect()
         };

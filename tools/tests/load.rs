@@ -175,6 +175,15 @@ fn frame(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
 
 /// A server that upgrades, then answers every message with `answer(opcode, payload)`.
 fn bad_server(answer: fn(OpCode, &[u8]) -> Vec<u8>) -> SocketAddr {
+    server_writing(answer, |w, bytes| w.write_all(bytes))
+}
+
+/// A server that upgrades, then answers every message with `answer(opcode, payload)`,
+/// written with `write` (and a close with a close).
+fn server_writing(
+    answer: fn(OpCode, &[u8]) -> Vec<u8>,
+    write: fn(&mut TcpStream, &[u8]) -> std::io::Result<()>,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -182,13 +191,14 @@ fn bad_server(answer: fn(OpCode, &[u8]) -> Vec<u8>) -> SocketAddr {
             let Ok(mut s) = stream else { return };
             std::thread::spawn(move || {
                 accept_upgrade(&mut s);
+                s.set_nodelay(true).unwrap();
                 let mut w = s.try_clone().unwrap();
                 read_frames(&mut s, |op, payload| match op {
                     OpCode::Close => {
                         let _ = w.write_all(&frame(OpCode::Close, payload));
                         false
                     }
-                    _ => w.write_all(&answer(op, payload)).is_ok(),
+                    _ => write(&mut w, &answer(op, payload)).is_ok(),
                 });
             });
         }
@@ -212,33 +222,16 @@ fn assert_fails_against(addr: SocketAddr, what: &str) {
 fn echoes_dribbled_in_small_pieces_are_reassembled() {
     // An echo server that writes every echo a few bytes at a time (1 to 7, pausing
     // between pieces): frame headers and payloads arrive split over many receives.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { return };
-            std::thread::spawn(move || {
-                accept_upgrade(&mut s);
-                s.set_nodelay(true).unwrap();
-                let mut w = s.try_clone().unwrap();
-                let mut size = 0;
-                read_frames(&mut s, |op, payload| {
-                    let bytes = frame(op, payload);
-                    if op == OpCode::Close {
-                        let _ = w.write_all(&bytes);
-                        return false;
-                    }
-                    for piece in bytes.chunks(1 + size % 7) {
-                        size += 1;
-                        if w.write_all(piece).is_err() {
-                            return false;
-                        }
-                        std::thread::sleep(std::time::Duration::from_micros(20));
-                    }
-                    true
-                });
-            });
+    let addr = server_writing(frame, |w, mut bytes| {
+        let mut size = 1;
+        while !bytes.is_empty() {
+            let (piece, rest) = bytes.split_at(size.min(bytes.len()));
+            w.write_all(piece)?;
+            bytes = rest;
+            size = size % 7 + 1;
+            std::thread::sleep(std::time::Duration::from_micros(20));
         }
+        Ok(())
     });
     let url = format!("ws://{addr}/echo");
     let (out, json) = load(&[

@@ -491,27 +491,17 @@ impl Worker {
                     }
                 }
             }
-            State::Open | State::Closing => {
-                let c = &mut self.conns[slot as usize];
-                if c.rbuf.is_empty() {
-                    let used = self.frames(slot, bytes);
-                    let c = &mut self.conns[slot as usize];
-                    if c.state != State::Done && used < bytes.len() {
-                        c.rbuf.extend_from_slice(&bytes[used..]);
-                    }
-                } else {
-                    self.complete_pending(slot, bytes);
-                }
-            }
+            State::Open | State::Closing => self.on_frame_bytes(slot, bytes),
             State::New | State::Connecting | State::Done => {}
         }
     }
 
-    /// A frame started in an earlier receive: completes it in the receive buffer with
-    /// only its own bytes, then handles what follows in place (appending all of
-    /// `bytes` copied every frame after it too: 13% of the client's time at 16 KiB).
-    fn complete_pending(&mut self, slot: u32, mut bytes: &[u8]) {
-        loop {
+    /// Frame bytes of one receive. A frame started in an earlier receive is completed in
+    /// the connection's receive buffer with only its own bytes (appending all of
+    /// `bytes` copied every frame after it too: 13% of the client's time at 16 KiB);
+    /// the frames after it are handled in place, and an incomplete last one is kept.
+    fn on_frame_bytes(&mut self, slot: u32, mut bytes: &[u8]) {
+        while !self.conns[slot as usize].rbuf.is_empty() {
             let c = &mut self.conns[slot as usize];
             let need = match codec::parse_header(&c.rbuf, &self.decoder) {
                 Ok(Decoded::Complete(h, _)) => {
@@ -530,18 +520,14 @@ impl Worker {
             bytes = &bytes[take..];
             let rbuf = std::mem::take(&mut c.rbuf);
             self.on_frames(slot, rbuf);
-            let c = &mut self.conns[slot as usize];
-            if c.state == State::Done || bytes.is_empty() {
+            if self.conns[slot as usize].state == State::Done || bytes.is_empty() {
                 return;
             }
-            if c.rbuf.is_empty() {
-                let used = self.frames(slot, bytes);
-                let c = &mut self.conns[slot as usize];
-                if c.state != State::Done && used < bytes.len() {
-                    c.rbuf.extend_from_slice(&bytes[used..]);
-                }
-                return;
-            }
+        }
+        let used = self.frames(slot, bytes);
+        let c = &mut self.conns[slot as usize];
+        if c.state != State::Done && used < bytes.len() {
+            c.rbuf.extend_from_slice(&bytes[used..]);
         }
     }
 
