@@ -27,7 +27,11 @@
 #      open-file limit nor its ephemeral ports run out), to see how many it reaches.
 #   4. Handshakes (HANDSHAKES=1): for every repeat and server in turn, a fresh server
 #      gets `kythera-load connect -c HANDSHAKE_CONNECTIONS` (no hold).
-#   5. Writes OUT/results.json (medians), OUT/table.md (also printed) and, with
+#   5. Cluster (CLUSTER=1): tools/bench-cluster.sh OUT/cluster: one Redis and three
+#      kythera nodes; cross-node send_message rate and latency, publish to a group
+#      spread over the nodes against the same on one node, Redis commands and bytes
+#      per message (see that script). Its table is appended to OUT/table.md.
+#   6. Writes OUT/results.json (medians), OUT/table.md (also printed) and, with
 #      bench-chart, OUT/echo-msgs.png, OUT/echo-cpu.png, OUT/memory.png and
 #      OUT/handshakes.png. Every run's own JSON (kythera-load --json) is in OUT/raw/ and
 #      indexed, one line per run, in OUT/runs.jsonl.
@@ -88,6 +92,8 @@
 #   SHARDS2_HOLD * seconds each of those holds its connections: long enough for the
 #                 others to connect and the RSS to be read (about 5 s after) [10; quick: 6]
 #   HANDSHAKES=0  skip the handshake runs
+#   CLUSTER=0     skip the cluster scenario (its settings: CLUSTER_* in tools/bench-cluster.sh;
+#                 quick: 1 repeat, 2 s windows, 3,000 members)
 #   HANDSHAKE_CONNECTIONS * connections per handshake run [10000; quick: 1000]
 #   SERVER_CPU    core for the server [0]; CLIENT_CPU core for the client [1]
 #   FWS_HANDSHAKE hyper (as fastwebsockets documents) or raw (no hyper) [hyper]
@@ -137,6 +143,7 @@ SHARDS2_TARGET=${SHARDS2_TARGET:-$(q 2000 38000)}
 PER_CLIENT=${PER_CLIENT:-19000}
 SHARDS2_HOLD=${SHARDS2_HOLD:-$(q 6 10)}
 HANDSHAKES=${HANDSHAKES:-1}
+CLUSTER=${CLUSTER:-1}
 HANDSHAKE_CONNECTIONS=${HANDSHAKE_CONNECTIONS:-$(q 1000 10000)}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
@@ -193,7 +200,7 @@ LOGDIR="$OUT/logs"
 mkdir -p "$LOGDIR"
 RUNS="$OUT/runs.jsonl"
 if [[ $SUMMARY_ONLY == 1 ]]; then
-    ECHO=0 MEMORY=0 HANDSHAKES=0
+    ECHO=0 MEMORY=0 HANDSHAKES=0 CLUSTER=0
 else
     : >"$RUNS"
 fi
@@ -473,6 +480,21 @@ if [[ $HANDSHAKES == 1 ]]; then
         done
     done
 fi
+# --- cluster -----------------------------------------------------------------------
+if [[ $CLUSTER == 1 ]]; then
+    if command -v redis-server >/dev/null; then
+        if [[ $QUICK == 1 ]]; then
+            export CLUSTER_REPEATS=${CLUSTER_REPEATS:-1} CLUSTER_DURATION=${CLUSTER_DURATION:-2}
+            export CLUSTER_MEMBERS=${CLUSTER_MEMBERS:-3000}
+        fi
+        tools/bench-cluster.sh "$OUT/cluster" || {
+            FAILED=$((FAILED + 1))
+            warn "the cluster scenario failed (see $OUT/cluster)"
+        }
+    else
+        warn "redis-server not found: no cluster scenario (apt-get install redis-server)"
+    fi
+fi
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 # --- results.json and table.md -----------------------------------------------------
@@ -694,6 +716,10 @@ if busy:
 if failed:
     L.append(f"\nFAILED runs (left out of the medians): {len(failed)}: " +
              ", ".join(f"{r['test']} {r['server']} {r.get('file') or ''} (exit {r['exit']})" for r in failed))
+cluster_md = os.path.join(out, "cluster", "cluster.md")
+if os.path.exists(cluster_md):
+    L.append("")
+    L.append(open(cluster_md).read())
 text = "\n".join(L) + "\n"
 open(os.path.join(out, "table.md"), "w").write(text)
 print(text)

@@ -6,10 +6,27 @@
 # Rust toolchain (cargo, rustfmt, clippy), Python 3.11 with venv and Node.js with npm, and
 # fetches crates from crates.io, the pinned Python packages of
 # tools/conformance/requirements.txt from PyPI into .venv, playwright-core from npm into
-# tools/browser/node_modules, and Debian's chromium package (apt-get, as root) if
-# /usr/bin/chromium is missing.
+# tools/browser/node_modules, and Debian's chromium and redis-server packages (apt-get,
+# as root) if /usr/bin/chromium or redis-server is missing. The cluster tests start their
+# own redis-server processes on ports they pick and stop them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Installs Debian packages that are missing (as root, or through sudo).
+apt_install() {
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -qq "$@" >/dev/null \
+        || { $sudo apt-get update -qq && $sudo apt-get install -y -qq "$@" >/dev/null; }
+}
+
+echo "== redis-server (Debian's package) for the cluster tests"
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    apt_install redis-server
+fi
+# The package's own service is not used (it would hold port 6379); tests start their own.
+redis-server --version
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
@@ -68,11 +85,7 @@ echo "== demo page in headless Chromium (tools/browser: playwright-core, Debian'
 # Debian's chromium: the page is driven by playwright-core with executablePath, since
 # Playwright's own browser download cannot run here.
 if [ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
-    sudo=""
-    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get install -y -qq chromium >/dev/null \
-        || { $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium >/dev/null; }
+    apt_install chromium
 fi
 # Install only when the lock file changed since the last install.
 if ! cmp -s tools/browser/package-lock.json tools/browser/node_modules/.kythera-lock.json; then
@@ -80,3 +93,5 @@ if ! cmp -s tools/browser/package-lock.json tools/browser/node_modules/.kythera-
     cp tools/browser/package-lock.json tools/browser/node_modules/.kythera-lock.json
 fi
 node tools/browser/demo.test.mjs
+echo "== demo page on two cluster nodes in headless Chromium (Redis, two kythera nodes)"
+node tools/browser/cluster.test.mjs

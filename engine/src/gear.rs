@@ -10,6 +10,7 @@ use handler_api::{
     CloseFrame, Conn, ConnId, Context, FrameSink, Message, NameTable, NoRegistry, RegistryOps,
     Response, TerminateReason, Websocket,
 };
+use registry::cluster::{Backplane, MessageCodec};
 use registry::{
     Inbound, Registry, RegistryConfig, RegistryHandle, RegistryStats, ShardRegistry, SharedFrame,
     Wakeup,
@@ -158,16 +159,19 @@ struct Live<G: Websocket> {
 
 /// A gear as mounted on one path: the gear (shared by its mounts) and the count of
 /// the mount's open connections.
-struct Mount<G> {
+struct Mount<G: Websocket> {
     gear: Arc<G>,
     live: Arc<AtomicUsize>,
+    /// How the gear's server messages cross processes; `None`: the gear stays on its
+    /// node in a cluster.
+    codec: Option<MessageCodec<G::Message>>,
 }
 
 /// One connection's place in its mount's connection limit, and the way to its gear:
 /// one pointer for both. Gives the place back when dropped.
-struct Place<G>(Arc<Mount<G>>);
+struct Place<G: Websocket>(Arc<Mount<G>>);
 
-impl<G> Drop for Place<G> {
+impl<G: Websocket> Drop for Place<G> {
     fn drop(&mut self) {
         self.0.live.fetch_sub(1, Ordering::Relaxed);
     }
@@ -260,8 +264,17 @@ trait DynGear: Send + Sync {
         admission: Admission,
         regs: &mut Registries,
     ) -> Box<dyn LiveConn>;
-    /// The gear's registry across `wakeup.shards()` shards.
-    fn make_registry(&self, config: RegistryConfig, wakeup: Arc<Wakeup>) -> Box<dyn AnyRegistry>;
+    /// The gear's registry across `wakeup.shards()` shards, clustered through
+    /// `backplane` if there is one and the gear's messages can cross processes.
+    fn make_registry(
+        &self,
+        config: RegistryConfig,
+        wakeup: Arc<Wakeup>,
+        backplane: Option<&Arc<dyn Backplane>>,
+        pattern: &str,
+    ) -> Box<dyn AnyRegistry>;
+    /// Whether the gear's messages can cross processes (mounted with a codec).
+    fn crosses_nodes(&self) -> bool;
 }
 
 impl<G: Websocket> DynGear for Arc<Mount<G>> {
@@ -294,12 +307,29 @@ impl<G: Websocket> DynGear for Arc<Mount<G>> {
         })
     }
 
-    fn make_registry(&self, config: RegistryConfig, wakeup: Arc<Wakeup>) -> Box<dyn AnyRegistry> {
-        Box::new(Registry::<G::Message>::new(
-            config,
-            wakeup,
-            crate::protocol::codec::encode_server_frame,
-        ))
+    fn make_registry(
+        &self,
+        config: RegistryConfig,
+        wakeup: Arc<Wakeup>,
+        backplane: Option<&Arc<dyn Backplane>>,
+        pattern: &str,
+    ) -> Box<dyn AnyRegistry> {
+        let encode = crate::protocol::codec::encode_server_frame;
+        Box::new(match (backplane, self.codec) {
+            (Some(backplane), Some(codec)) => Registry::<G::Message>::clustered(
+                config,
+                wakeup,
+                encode,
+                Arc::clone(backplane),
+                pattern,
+                codec,
+            ),
+            _ => Registry::<G::Message>::new(config, wakeup, encode),
+        })
+    }
+
+    fn crosses_nodes(&self) -> bool {
+        self.codec.is_some()
     }
 }
 
@@ -339,11 +369,16 @@ pub(crate) trait Deliveries {
     fn frame(&mut self, conn: ConnId, frame: &SharedFrame, regs: &mut Registries) -> bool;
     /// A `publish_frame` of a close for `conn`.
     fn close(&mut self, conn: ConnId, close: Option<CloseFrame>, regs: &mut Registries) -> bool;
+    /// `conn` lost `name` to a connection on another node.
+    fn name_lost(&mut self, conn: ConnId, name: &str, regs: &mut Registries) -> bool;
+    /// The names `conn` claimed in `connect` were decided (`lost`: one it lost).
+    fn names_decided(&mut self, conn: ConnId, lost: Option<&str>, regs: &mut Registries) -> bool;
 }
 
 /// One shard's part of one gear's registry, without the message type.
 trait GearShard: Any {
     fn has_inbound(&self) -> bool;
+    fn await_names(&mut self, conn: ConnId, names: &[Box<str>]) -> bool;
     fn take_wakeups(&mut self, each: &mut dyn FnMut(usize));
     fn remove_conn(&mut self, conn: ConnId);
     fn adopt_names(&mut self, conn: ConnId, names: Vec<Box<str>>);
@@ -365,6 +400,9 @@ struct TypedShard<M> {
 impl<M: Clone + Send + 'static> GearShard for TypedShard<M> {
     fn has_inbound(&self) -> bool {
         self.reg.has_inbound()
+    }
+    fn await_names(&mut self, conn: ConnId, names: &[Box<str>]) -> bool {
+        self.reg.await_names(conn, names)
     }
     fn take_wakeups(&mut self, each: &mut dyn FnMut(usize)) {
         self.reg.take_wakeups(each);
@@ -459,6 +497,15 @@ impl Registries {
         }
     }
 
+    /// After `connect` claimed `names`: whether the handshake must wait for the
+    /// cluster to decide them (see `registry::ShardRegistry::await_names`).
+    pub(crate) fn await_names(&mut self, gear: usize, conn: ConnId, names: &[Box<str>]) -> bool {
+        match self.gears.get_mut(gear) {
+            Some(Some(g)) => g.await_names(conn, names),
+            _ => false,
+        }
+    }
+
     /// This shard's counters of `gear` (`None` for requests that matched no gear).
     pub(crate) fn counters(&self, gear: Option<usize>) -> Option<&GearCounters> {
         let counters = self.counters.as_deref()?;
@@ -518,6 +565,15 @@ fn deliver_batch<M: Clone + Send + 'static>(
             Inbound::Message(conn, msg) => to.message(conn, &mut Some(msg), regs),
             Inbound::Frame(conn, frame) => to.frame(conn, &frame, regs),
             Inbound::Close(conn, close) => to.close(conn, close, regs),
+            Inbound::NameLost(conn, name) => {
+                // Not a message: a connection that ended meanwhile is not a drop.
+                to.name_lost(conn, &name, regs);
+                true
+            }
+            Inbound::NamesDecided(conn, lost) => {
+                to.names_decided(conn, lost.as_deref(), regs);
+                true
+            }
         };
         gone += u64::from(!delivered);
     }
@@ -569,6 +625,8 @@ pub struct App {
     limits: Limits,
     /// Metrics, health and static files (set when the server is built).
     http: OnceLock<Http>,
+    /// The cluster's backplane (set when the server is built, if it has one).
+    backplane: OnceLock<Arc<dyn Backplane>>,
 }
 
 impl std::fmt::Debug for App {
@@ -597,6 +655,7 @@ impl App {
             gears: Vec::new(),
             limits,
             http: OnceLock::new(),
+            backplane: OnceLock::new(),
         }
     }
 
@@ -618,11 +677,24 @@ impl App {
         gear: Arc<G>,
         max_connections: Option<usize>,
     ) -> Result<(), InvalidRoute> {
+        self.mount_with_codec(pattern, gear, max_connections, None)
+    }
+
+    /// Mounts a gear whose server messages cross processes through `codec` in a
+    /// cluster (`None`: the gear stays on its node).
+    pub fn mount_with_codec<G: Websocket>(
+        &mut self,
+        pattern: &str,
+        gear: Arc<G>,
+        max_connections: Option<usize>,
+        codec: Option<MessageCodec<G::Message>>,
+    ) -> Result<(), InvalidRoute> {
         self.router.mount(pattern, self.gears.len())?;
         let live = Arc::new(AtomicUsize::new(0));
         let mount = Arc::new(Mount {
             gear,
             live: Arc::clone(&live),
+            codec,
         });
         self.gears.push(Mounted {
             pattern: pattern.to_owned(),
@@ -658,14 +730,43 @@ impl App {
             .map(|g| g.live.load(Ordering::Relaxed))
     }
 
-    /// Makes every gear's registry for `wakeup.shards()` shards. Called once, when the
-    /// server is built.
-    pub(crate) fn start_registries(&self, config: RegistryConfig, wakeup: &Arc<Wakeup>) {
+    /// Makes every gear's registry for `wakeup.shards()` shards, clustered through
+    /// `backplane` for the gears whose messages can cross processes (each mount says at
+    /// start which it is). Called once, when the server is built.
+    pub(crate) fn start_registries(
+        &self,
+        config: RegistryConfig,
+        wakeup: &Arc<Wakeup>,
+        backplane: Option<&Arc<dyn Backplane>>,
+    ) {
         for g in &self.gears {
-            let _ = g
-                .registry
-                .set(g.gear.make_registry(config, Arc::clone(wakeup)));
+            if let Some(b) = backplane {
+                let node = b.link().node_id();
+                if g.gear.crosses_nodes() {
+                    tracing::info!(gear = %g.pattern, node = %node, "gear is cluster-wide: names, groups and server messages span every node");
+                } else {
+                    tracing::warn!(gear = %g.pattern, node = %node, "gear stays on this node: its message type was not mounted as serializable (ServerBuilder::mount_clustered), so its names, groups and messages do not reach other nodes");
+                }
+                let _ = self.backplane.set(Arc::clone(b));
+            }
+            let _ = g.registry.set(g.gear.make_registry(
+                config,
+                Arc::clone(wakeup),
+                backplane,
+                &g.pattern,
+            ));
         }
+    }
+
+    /// The cluster backplane, if the server is part of a cluster.
+    pub fn backplane(&self) -> Option<&Arc<dyn Backplane>> {
+        self.backplane.get()
+    }
+
+    /// Whether the gear mounted on `pattern` spans the cluster (`None`: no such gear).
+    pub fn is_clustered(&self, pattern: &str) -> Option<bool> {
+        let g = self.gears.iter().find(|g| g.pattern == pattern)?;
+        Some(self.backplane.get().is_some() && g.gear.crosses_nodes())
     }
 
     /// Shard `index`'s parts of every gear's registry (each can be taken once), with

@@ -272,6 +272,16 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
         "registry_queue_depth",
         "Registry envelopes waiting in each shard's inbound queues",
     );
+    let remote_names = gauge_family::<GearLabel>(
+        &mut reg,
+        "registry_remote_names",
+        "Names held on other nodes of the cluster, as this node knows them",
+    );
+    let remote_members = gauge_family::<GearLabel>(
+        &mut reg,
+        "registry_remote_members",
+        "Group memberships on other nodes of the cluster, as this node knows them",
+    );
     let accepted =
         counter_family::<ShardLabel>(&mut reg, "accepted", "Connections accepted per shard");
     let websockets = gauge_family::<ShardLabel>(
@@ -316,6 +326,14 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
                 dropped_gone
                     .get_or_create(&label)
                     .inc_by(stats.dropped_gone);
+                if app.is_clustered(name) == Some(true) {
+                    remote_names
+                        .get_or_create(&label)
+                        .set(stats.remote_names as i64);
+                    remote_members
+                        .get_or_create(&label)
+                        .set(stats.remote_members as i64);
+                }
             }
             for (i, code) in CLOSE_CODES
                 .iter()
@@ -379,6 +397,14 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {
         let _ = writeln!(out, "# encoding failed");
+    }
+    if let Some(backplane) = app.backplane() {
+        // The backplane's families go before the end marker.
+        if out.ends_with("# EOF\n") {
+            out.truncate(out.len() - "# EOF\n".len());
+        }
+        backplane.write_metrics(&mut out);
+        out.push_str("# EOF\n");
     }
     out
 }

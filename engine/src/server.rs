@@ -51,7 +51,10 @@ use std::time::Instant;
 
 use handler_api::Websocket;
 
+use registry::cluster::{Backplane, MessageCodec};
 use registry::{RegistryConfig, RegistryHandle, RegistryStats, Wakeup};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::config::{Limits, default_max_connections};
 use crate::gear::App;
@@ -61,8 +64,9 @@ use crate::shard::{self, ShardCounters, ShardSetup, ShardStats, ShardTuning};
 use crate::uring::probe::{Features, Unavailable};
 use crate::uring::{bind_reuseport, probe};
 
-/// The most shards a server may have: a connection id keeps the shard in 8 bits.
-pub const MAX_SHARDS: usize = 256;
+/// The most shards a server may have: a connection id keeps the shard in 8 bits, and
+/// shard 255 stands for connections on other nodes ([`handler_api::ConnId::REMOTE_SHARD`]).
+pub const MAX_SHARDS: usize = 255;
 
 /// What the shards share: the drain flag, the clock, the counters, and how to wake
 /// each other.
@@ -207,6 +211,7 @@ pub struct ServerBuilder {
     http: HttpConfig,
     app: App,
     route_error: Option<InvalidRoute>,
+    backplane: Option<Arc<dyn Backplane>>,
 }
 
 impl fmt::Debug for ServerBuilder {
@@ -275,10 +280,33 @@ impl ServerBuilder {
         self
     }
 
+    /// Makes this server a node of a cluster: the registries of the gears mounted with
+    /// [`ServerBuilder::mount_clustered`] span every node through `backplane` (the
+    /// `cluster` crate's Redis backplane). [`Server::run`] shuts it down once the
+    /// shards have drained. Default: none, a single process.
+    pub fn cluster(mut self, backplane: Arc<dyn Backplane>) -> Self {
+        self.backplane = Some(backplane);
+        self
+    }
+
     /// Mounts `gear` on the path `pattern` (see [`crate::route`]), with the default
-    /// connection limit.
+    /// connection limit. In a cluster the gear stays on this node (its names, groups
+    /// and messages do not reach other nodes, and the server says so at start): use
+    /// [`ServerBuilder::mount_clustered`] for a gear whose messages can cross processes.
     pub fn mount<G: Websocket>(self, pattern: &str, gear: G) -> Self {
-        self.mount_inner(pattern, gear, None)
+        self.mount_inner(pattern, gear, None, None)
+    }
+
+    /// Mounts `gear` on `pattern` so that, in a cluster, its names, groups and server
+    /// messages span every node that mounts it on the same pattern: messages cross
+    /// processes through serde (postcard). Without [`ServerBuilder::cluster`] this is
+    /// [`ServerBuilder::mount`].
+    pub fn mount_clustered<G>(self, pattern: &str, gear: G) -> Self
+    where
+        G: Websocket,
+        G::Message: Serialize + DeserializeOwned,
+    {
+        self.mount_inner(pattern, gear, None, Some(MessageCodec::postcard()))
     }
 
     /// Mounts `gear` on `pattern` with at most `max_connections` connections across all
@@ -289,7 +317,7 @@ impl ServerBuilder {
         gear: G,
         max_connections: usize,
     ) -> Self {
-        self.mount_inner(pattern, gear, Some(max_connections))
+        self.mount_inner(pattern, gear, Some(max_connections), None)
     }
 
     fn mount_inner<G: Websocket>(
@@ -297,8 +325,12 @@ impl ServerBuilder {
         pattern: &str,
         gear: G,
         max_connections: Option<usize>,
+        codec: Option<MessageCodec<G::Message>>,
     ) -> Self {
-        if let Err(err) = self.app.mount(pattern, gear, max_connections) {
+        if let Err(err) = self
+            .app
+            .mount_with_codec(pattern, Arc::new(gear), max_connections, codec)
+        {
             self.route_error.get_or_insert(err);
         }
         self
@@ -318,6 +350,7 @@ impl ServerBuilder {
             http,
             mut app,
             route_error,
+            backplane,
         } = self;
         if let Some(err) = route_error {
             return Err(StartError::Route(err));
@@ -374,7 +407,7 @@ impl ServerBuilder {
                 )
             };
         }));
-        app.start_registries(registry_config, &wakeup);
+        app.start_registries(registry_config, &wakeup, backplane.as_ref());
         let shared = Arc::new(Shared {
             draining: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -491,6 +524,7 @@ impl Server {
             http: HttpConfig::default(),
             app: App::new(Limits::default()),
             route_error: None,
+            backplane: None,
         }
     }
 
@@ -577,6 +611,11 @@ impl Server {
             };
             first_error.get_or_insert(result);
         }
+        // The shards have let go of every connection (and so given up their names and
+        // memberships): the backplane sends that to Redis and leaves the cluster.
+        if let Some(backplane) = app.backplane() {
+            backplane.shutdown();
+        }
         match first_error {
             Some(err) => Err(err),
             None => Ok(()),
@@ -646,6 +685,12 @@ impl ServerHandle {
     /// The registry figures of the gear mounted on `pattern`.
     pub fn registry_stats(&self, pattern: &str) -> Option<RegistryStats> {
         self.app.registry_stats(pattern)
+    }
+
+    /// The cluster's backplane, if this server is a node of one (its node id, the live
+    /// nodes).
+    pub fn backplane(&self) -> Option<&Arc<dyn Backplane>> {
+        self.app.backplane()
     }
 }
 

@@ -27,14 +27,14 @@ use handler_api::{
 };
 use tracing::{info, warn};
 
-use crate::gear::{App, LiveConn, Meta, Registries};
+use crate::gear::{Admission, App, LiveConn, Meta, Registries};
 use crate::protocol::ProtocolError;
 use crate::protocol::close::{Closing, PeerCloseAction, encode_close_payload};
 use crate::protocol::codec::{
     Decoded, DecoderConfig, OpCode, RSV1, Role, encode_frame_into, encode_header, parse_header,
 };
 use crate::protocol::decoder::{Decoder, Step};
-use crate::protocol::deflate::{ConnDeflate, negotiate, with_scratch};
+use crate::protocol::deflate::{Agreed, ConnDeflate, negotiate, with_scratch};
 use crate::protocol::fragment::Event;
 use crate::protocol::handshake::{
     MAX_HEADERS, Rejection, parse_request, validate_upgrade, write_response,
@@ -64,11 +64,30 @@ enum Phase {
 }
 
 /// A connection whose upgrade request is still arriving (the request's bytes so far
-/// are in `Partial::pending`).
+/// are in `Partial::pending`), or whose names Redis is deciding.
 struct Handshaking {
     deadline_ms: u64,
     peer: Option<SocketAddr>,
+    /// `connect` accepted and claimed names of a clustered gear: the 101 waits for
+    /// Redis to decide them ([`Session::on_names_decided`]).
+    awaiting: Option<Box<AwaitingNames>>,
 }
+
+/// A handshake that `connect` accepted, held until Redis decides the names it claimed:
+/// everything needed to answer it then.
+struct AwaitingNames {
+    conn: Conn,
+    key: String,
+    deflate: Option<Agreed>,
+    admission: Admission,
+    gear: usize,
+    /// Where the client's first frames start in `Partial::pending` (after the head).
+    head_len: usize,
+}
+
+/// At most this many bytes of frames may arrive after the request head while its names
+/// are decided (clients wait for the 101; these are the ones that do not).
+const EARLY_BYTES_MAX: usize = 64 * 1024;
 
 /// One connection, from the accept to the close of its socket.
 ///
@@ -306,6 +325,7 @@ impl Session {
         partial.handshake = Some(Handshaking {
             deadline_ms: now_ms + ms(app.limits().handshake_timeout),
             peer,
+            awaiting: None,
         });
         session.put_partial(partial);
         session
@@ -342,6 +362,15 @@ impl Session {
             let Some(mut hs) = self.take_partial() else {
                 return;
             };
+            if hs.handshake.as_ref().is_some_and(|h| h.awaiting.is_some()) {
+                // Frames before the 101: kept for when the names are decided.
+                hs.pending.extend_from_slice(data);
+                if hs.pending.len() > app.limits().max_head_bytes + EARLY_BYTES_MAX {
+                    self.abandon_handshake(&mut hs, app);
+                }
+                self.put_partial(hs);
+                return;
+            }
             let rest = self.handshake(id, &mut hs, data, now_ms, app, regs);
             if self.handshaking {
                 self.put_partial(hs); // the request is not whole yet
@@ -487,6 +516,9 @@ impl Session {
             Some(e) => TerminateReason::Error(TerminateError::Io(e)),
             None => TerminateReason::Remote,
         };
+        if self.handshaking {
+            self.give_up_handshake(app);
+        }
         self.terminate(id, reason, now_ms, app, regs);
         if let Some(tx) = &mut self.tx {
             tx.discard_queued();
@@ -503,7 +535,7 @@ impl Session {
         }
         if core.handshaking {
             if handshake_deadline.is_none_or(|d| now_ms >= d) {
-                core.finished = true;
+                core.give_up_handshake(app);
             }
             return;
         }
@@ -556,7 +588,7 @@ impl Session {
     pub fn start_drain(&mut self, id: ConnId, now_ms: u64, app: &App, regs: &mut Registries) {
         let core = &mut *self;
         match core.phase {
-            _ if core.handshaking => core.finished = true,
+            _ if core.handshaking => core.give_up_handshake(app),
             Phase::Open(_) if core.closing_open() => {
                 core.close(CloseCode::GOING_AWAY, DRAIN_REASON, now_ms, app, regs);
                 core.terminate(id, TerminateReason::Stop, now_ms, app, regs);
@@ -634,6 +666,32 @@ impl Session {
         true
     }
 
+    /// The connection lost `name` to a connection on another node: close 3409,
+    /// terminate with [`TerminateError::NameConflict`]. Returns false if the connection
+    /// was closing or closed already.
+    pub fn on_name_lost(
+        &mut self,
+        id: ConnId,
+        name: &str,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) -> bool {
+        if !self.accepts_frames() {
+            return false;
+        }
+        let reason = format!("name {name:?} is held by a connection on another node");
+        self.close(CloseCode::NAME_CONFLICT, &reason, now_ms, app, regs);
+        self.terminate(
+            id,
+            TerminateReason::Error(TerminateError::NameConflict(name.to_owned())),
+            now_ms,
+            app,
+            regs,
+        );
+        true
+    }
+
     /// A `publish_frame` of a close: the connection closes as if its gear had sent it.
     pub fn on_published_close(
         &mut self,
@@ -657,6 +715,9 @@ impl Session {
     /// The shard stops with this session still open (the end of a drain): `terminate`
     /// runs with `Stop`, with the registry at hand so that names and groups are freed.
     pub fn shut_down(&mut self, id: ConnId, now_ms: u64, app: &App, regs: &mut Registries) {
+        if self.handshaking {
+            self.give_up_handshake(app);
+        }
         self.terminate(id, TerminateReason::Stop, now_ms, app, regs);
         self.finished = true;
     }
@@ -884,6 +945,112 @@ impl Session {
                 return self.end_handshake();
             }
         }
+        let waiting = AwaitingNames {
+            conn,
+            key,
+            deflate,
+            admission,
+            gear,
+            head_len,
+        };
+        if regs.await_names(gear, id, waiting.conn.registered()) {
+            if let Some(h) = hs.handshake.as_mut() {
+                h.awaiting = Some(Box::new(waiting));
+            }
+            return None; // still handshaking: Redis decides the names
+        }
+        self.open(id, waiting, peer, now_ms, app, regs)
+            .then(|| hs.pending[head_len..].to_vec())
+    }
+
+    /// Redis decided the names `connect` claimed (`lost`: one it lost): the handshake
+    /// is answered with the 101 and `init` runs, or with 409. Returns false if the
+    /// session was not waiting.
+    pub fn on_names_decided(
+        &mut self,
+        id: ConnId,
+        lost: Option<&str>,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) -> bool {
+        if self.finished || !self.handshaking {
+            return false;
+        }
+        let Some(mut hs) = self.take_partial() else {
+            return false;
+        };
+        let Some(h) = hs.handshake.as_mut() else {
+            self.put_partial(hs);
+            return false;
+        };
+        let (peer, Some(waiting)) = (h.peer, h.awaiting.take()) else {
+            self.put_partial(hs);
+            return false;
+        };
+        let head_len = waiting.head_len;
+        match lost {
+            None => {
+                if self.open(id, *waiting, peer, now_ms, app, regs) && hs.pending.len() > head_len {
+                    let mut rest = hs.pending.split_off(head_len);
+                    self.feed(id, &mut rest, now_ms, app, regs);
+                }
+            }
+            Some(name) => {
+                let AwaitingNames { mut conn, gear, .. } = *waiting;
+                release_names(&mut conn, app, gear);
+                if let Some(c) = regs.counters(Some(gear)) {
+                    c.rejected(409);
+                }
+                let body = format!("name \"{name}\" is already taken");
+                let headers = [("content-type", "text/plain; charset=utf-8")];
+                write_response(&mut tx(&mut self.tx).out, 409, headers, body.as_bytes());
+                self.end_handshake();
+            }
+        }
+        true
+    }
+
+    /// Ends the handshake without an answer (timeout, peer gone, drain, shutdown).
+    fn give_up_handshake(&mut self, app: &App) {
+        match self.take_partial() {
+            Some(mut hs) => {
+                self.abandon_handshake(&mut hs, app);
+                self.put_partial(hs);
+            }
+            None => self.finished = true,
+        }
+    }
+
+    /// Gives up a handshake (timeout, peer gone, drain, too many early bytes): the
+    /// names it claimed are given back.
+    fn abandon_handshake(&mut self, hs: &mut Partial, app: &App) {
+        if let Some(w) = hs.handshake.as_mut().and_then(|h| h.awaiting.take()) {
+            let AwaitingNames { mut conn, gear, .. } = *w;
+            release_names(&mut conn, app, gear);
+        }
+        self.finished = true;
+    }
+
+    /// Answers an accepted handshake with the 101 and runs `init`. Returns false if
+    /// `init` panicked (the connection is closing with 1011).
+    fn open(
+        &mut self,
+        id: ConnId,
+        waiting: AwaitingNames,
+        peer: Option<SocketAddr>,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) -> bool {
+        let AwaitingNames {
+            mut conn,
+            key,
+            deflate,
+            admission,
+            gear,
+            ..
+        } = waiting;
         let headers = conn
             .response_headers()
             .iter()
@@ -923,6 +1090,7 @@ impl Session {
                 info!(conn = %id, gear = app.pattern(gear), peer = ?peer, "CONNECTED");
                 self.phase = Phase::Open(live);
                 self.after_callback(id, outcome, now_ms, app, regs);
+                true
             }
             Err(panic) => {
                 // No state was built, so there is nothing to terminate; what the
@@ -932,10 +1100,9 @@ impl Session {
                 warn!(conn = %id, gear = app.pattern(gear), panic = panic_message(&panic), "init panicked");
                 self.send_close(Some(CloseCode::INTERNAL_ERROR), "", regs);
                 self.finished = true;
-                return None;
+                false
             }
         }
-        Some(head[head_len..].to_vec())
     }
 
     fn reject(&mut self, rej: Rejection, regs: &mut Registries) -> Option<Vec<u8>> {

@@ -1832,6 +1832,18 @@ impl Deliveries for ShardDeliveries<'_> {
         self.session(conn)
             .is_some_and(|(_, s)| s.on_published_close(conn, close, now, app, regs))
     }
+
+    fn name_lost(&mut self, conn: ConnId, name: &str, regs: &mut Registries) -> bool {
+        let (now, app) = (self.now_ms, self.app);
+        self.session(conn)
+            .is_some_and(|(_, s)| s.on_name_lost(conn, name, now, app, regs))
+    }
+
+    fn names_decided(&mut self, conn: ConnId, lost: Option<&str>, regs: &mut Registries) -> bool {
+        let (now, app) = (self.now_ms, self.app);
+        self.session(conn)
+            .is_some_and(|(_, s)| s.on_names_decided(conn, lost, now, app, regs))
+    }
 }
 
 fn ms(d: Duration) -> u64 {

@@ -42,6 +42,11 @@ impl CloseCode {
     pub const TRY_AGAIN_LATER: CloseCode = CloseCode(1013);
     /// 1014: a gateway received an invalid response from upstream.
     pub const BAD_GATEWAY: CloseCode = CloseCode(1014);
+    /// 3409: kythera's code for a connection that lost one of its names to a
+    /// connection on another node of the cluster (the two claimed it at the same time,
+    /// or while the nodes could not reach Redis; Redis decided). From the range RFC 6455
+    /// leaves to frameworks; 409 as in HTTP's Conflict.
+    pub const NAME_CONFLICT: CloseCode = CloseCode(3409);
 
     /// The code, if it is valid on the wire.
     pub const fn new(code: u16) -> Option<CloseCode> {

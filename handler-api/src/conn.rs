@@ -21,9 +21,22 @@ impl ConnId {
         ConnId(((shard as u64) << 56) | (seq & ((1 << 56) - 1)))
     }
 
-    /// The shard that owns the connection.
+    /// The shard that owns the connection ([`ConnId::REMOTE_SHARD`] for a connection
+    /// on another node).
     pub const fn shard(self) -> u8 {
         (self.0 >> 56) as u8
+    }
+
+    /// The shard number of ids that stand for connections on other nodes of a cluster:
+    /// the registry gives such a connection a local alias (the same one for all the
+    /// names it holds, while this node knows of them), so that `lookup` can answer
+    /// with an id and a [`ConnHandle`](crate::ConnHandle) can reach it. A server has at
+    /// most 255 shards, so no local connection has this shard number.
+    pub const REMOTE_SHARD: u8 = u8::MAX;
+
+    /// Whether this id stands for a connection on another node of the cluster.
+    pub const fn is_remote(self) -> bool {
+        self.shard() == Self::REMOTE_SHARD
     }
 
     /// The raw value, for logs and maps.
@@ -130,6 +143,11 @@ impl Conn {
     pub fn lookup(&self, name: &str) -> Result<Option<ConnId>, RegistryError> {
         let names = self.names.as_ref().ok_or(RegistryError::Unavailable)?;
         Ok(names.lookup(name))
+    }
+
+    /// The names [`Conn::register`] took so far.
+    pub fn registered(&self) -> &[Box<str>] {
+        &self.registered
     }
 
     /// The names [`Conn::register`] took, for the engine's bookkeeping (it frees them

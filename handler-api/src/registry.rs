@@ -26,6 +26,9 @@ pub enum RegistryError {
     Full,
     /// The engine runs without a registry (or this call has no registry behind it yet).
     Unavailable,
+    /// The holder of the name is on another node of the cluster and this node cannot
+    /// reach the cluster's Redis right now: the message was dropped and counted.
+    Unreachable,
 }
 
 impl fmt::Display for RegistryError {
@@ -37,6 +40,9 @@ impl fmt::Display for RegistryError {
             RegistryError::InvalidName => "invalid name or group",
             RegistryError::Full => "queue to the target shard is full; message dropped",
             RegistryError::Unavailable => "registry unavailable",
+            RegistryError::Unreachable => {
+                "the holder is on another node and the cluster is unreachable; message dropped"
+            }
         })
     }
 }

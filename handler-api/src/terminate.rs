@@ -49,6 +49,10 @@ pub enum TerminateError {
     ClosingTimeout,
     /// A socket error; the value is the `errno`.
     Io(i32),
+    /// The connection registered this name from a callback while a connection on
+    /// another node of the cluster claimed it too, and the other claim won (close
+    /// 3409, [`CloseCode::NAME_CONFLICT`]). See the `registry` crate for the rule.
+    NameConflict(String),
 }
 
 impl TerminateError {
@@ -62,6 +66,7 @@ impl TerminateError {
             TerminateError::HandlerPanic(_) | TerminateError::InvalidCloseCode(_) => {
                 Some(CloseCode::INTERNAL_ERROR)
             }
+            TerminateError::NameConflict(_) => Some(CloseCode::NAME_CONFLICT),
             TerminateError::PongTimeout
             | TerminateError::ClosingTimeout
             | TerminateError::Io(_) => None,
@@ -81,6 +86,9 @@ impl fmt::Display for TerminateError {
             TerminateError::PongTimeout => f.write_str("no pong before the deadline"),
             TerminateError::ClosingTimeout => f.write_str("closing handshake timed out"),
             TerminateError::Io(errno) => write!(f, "socket error (errno {errno})"),
+            TerminateError::NameConflict(name) => {
+                write!(f, "name {name:?} was taken by a connection on another node")
+            }
         }
     }
 }

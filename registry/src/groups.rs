@@ -108,6 +108,13 @@ impl Groups {
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
+
+    /// Calls `f` with every group (see [`crate::Names::each`] on consistency).
+    pub(crate) fn each(&self, mut f: impl FnMut(&Group)) {
+        for entry in self.map.iter() {
+            f(entry.value());
+        }
+    }
 }
 
 #[cfg(test)]

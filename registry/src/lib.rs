@@ -28,6 +28,7 @@
 //! shard ever waits for another.
 #![deny(missing_docs)]
 
+pub mod cluster;
 mod groups;
 mod names;
 mod shard;
@@ -37,9 +38,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
-use crossbeam_queue::ArrayQueue;
+use crossbeam_queue::{ArrayQueue, SegQueue};
 use crossbeam_utils::CachePadded;
 use handler_api::{CloseFrame, ConnHandle, ConnId, Deliver, DeliverError, Frame, NameTable};
+
+use cluster::{
+    Backplane, ClusterGear, ClusterLink, Control, DropCause, Incoming, MessageCodec, Outgoing,
+    RemoteConn, Replica,
+};
 pub use handler_api::{RegistryError, RegistryOps};
 
 pub use groups::Group;
@@ -89,12 +95,18 @@ pub struct RegistryConfig {
     /// Messages each queue holds: each shard-to-shard queue, each shard's queue to
     /// itself, and each shard's queue from foreign threads. Default 8,192.
     pub queue_capacity: usize,
+    /// Messages a clustered gear's outbox towards the backplane holds (messages for
+    /// other nodes wait there until the backplane's thread sends them to Redis in one
+    /// batch). Default 65,536: at 100,000 messages a second, well over half a second
+    /// of Redis being slow before anything is dropped.
+    pub cluster_outbox_capacity: usize,
 }
 
 impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig {
             queue_capacity: 8192,
+            cluster_outbox_capacity: 65_536,
         }
     }
 }
@@ -108,6 +120,58 @@ pub(crate) enum Envelope<M> {
     Publish(Arc<Group>, M),
     /// A frame for every member of the group on the receiving shard.
     Frame(Arc<Group>, Arc<PublishedFrame>),
+}
+
+/// A message for another node, as the gear's code queued it (serialized later, on the
+/// backplane's thread).
+#[derive(Debug)]
+pub(crate) enum Out<M> {
+    To(RemoteConn, M),
+    Publish(Box<str>, M),
+    Frame(Box<str>, Frame),
+}
+
+/// The outcome of one claim of a name in Redis, for the shard that owns the claimant.
+#[derive(Debug)]
+pub(crate) struct Decision {
+    conn: ConnId,
+    name: Box<str>,
+    won: bool,
+}
+
+/// A gear's side of the cluster (see [`cluster`]).
+pub(crate) struct ClusterPart<M> {
+    backplane: Arc<dyn Backplane>,
+    link: Arc<ClusterLink>,
+    key: Box<str>,
+    codec: MessageCodec<M>,
+    replica: Replica,
+    outbox: ArrayQueue<Out<M>>,
+    control: SegQueue<Control>,
+}
+
+impl<M> ClusterPart<M> {
+    /// Queues a claim, release or membership change and wakes the backplane.
+    pub(crate) fn control(&self, c: Control) {
+        self.control.push(c);
+        self.backplane.wake();
+    }
+
+    /// Queues a message for another node; the caller wakes the backplane.
+    pub(crate) fn send(&self, out: Out<M>) -> Result<(), RegistryError> {
+        if !self.link.is_connected() {
+            self.link.dropped(DropCause::Disconnected, 1);
+            return Err(RegistryError::Unreachable);
+        }
+        self.outbox.push(out).map_err(|_| {
+            self.link.dropped(DropCause::OutboxFull, 1);
+            RegistryError::Full
+        })
+    }
+
+    pub(crate) fn wake(&self) {
+        self.backplane.wake();
+    }
 }
 
 /// A frame of `publish_frame`, prepared once for every member.
@@ -163,6 +227,10 @@ pub struct RegistryStats {
     pub names: u64,
     /// Groups with members.
     pub groups: u64,
+    /// Names held on other nodes, as this node knows them (clustered gears).
+    pub remote_names: u64,
+    /// Group memberships on other nodes, as this node knows them (clustered gears).
+    pub remote_members: u64,
 }
 
 /// What every shard's part of a gear's registry shares.
@@ -176,9 +244,87 @@ pub(crate) struct Shared<M> {
     foreign_dropped: AtomicU64,
     wakeup: Arc<Wakeup>,
     encode: FrameEncoder,
+    /// The gear's side of the cluster; `None` for a gear that stays on this node.
+    pub(crate) cluster: Option<ClusterPart<M>>,
+    /// Per shard: claim decisions coming back from the backplane. Unbounded, because
+    /// none may be lost; at most one per name claim.
+    pub(crate) decisions: Box<[SegQueue<Decision>]>,
 }
 
 impl<M: Clone + Send + 'static> Shared<M> {
+    /// Registers `name` for `conn`: refused if another node holds it as far as this
+    /// node knows; a new claim of a clustered gear goes to Redis.
+    pub(crate) fn register(&self, conn: ConnId, name: &str) -> Result<bool, RegistryError> {
+        if let Some(c) = &self.cluster
+            && c.replica.holder(name).is_some()
+        {
+            names::check_name(name)?;
+            return Err(RegistryError::Taken);
+        }
+        let fresh = self.names.claim(conn, name)?;
+        if fresh && let Some(c) = &self.cluster {
+            c.control(Control::Claim {
+                name: name.into(),
+                conn,
+            });
+        }
+        Ok(fresh)
+    }
+
+    /// Gives `name` up for `conn` (in Redis too for a clustered gear).
+    pub(crate) fn unregister(&self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
+        self.names.unregister(conn, name)?;
+        if let Some(c) = &self.cluster {
+            c.control(Control::Release {
+                name: name.into(),
+                conn,
+            });
+        }
+        Ok(())
+    }
+
+    /// Who holds `name`: a connection here, or the alias of one on another node.
+    pub(crate) fn lookup(&self, name: &str) -> Option<ConnId> {
+        self.names
+            .lookup(name)
+            .or_else(|| self.cluster.as_ref()?.replica.holder(name))
+    }
+
+    /// A count that moves whenever a name is given up here or changes holder on
+    /// another node (see [`Names`]).
+    pub(crate) fn released(&self) -> u64 {
+        self.names.released() + self.cluster.as_ref().map_or(0, |c| c.replica.changed())
+    }
+
+    /// Members of `group` here and, for a clustered gear, on other nodes.
+    pub(crate) fn count(&self, group: &str) -> usize {
+        self.groups.get(group).map_or(0, |g| g.total())
+            + self.cluster.as_ref().map_or(0, |c| c.replica.count(group))
+    }
+
+    /// A member of `group` joined or left on this node: tells the backplane.
+    pub(crate) fn membership_changed(&self, group: &str) {
+        if let Some(c) = &self.cluster {
+            c.control(Control::Group(group.into()));
+        }
+    }
+
+    /// Queues `msg` for the members of `group` on other nodes, if any are known; returns
+    /// how many. The caller wakes the backplane.
+    pub(crate) fn publish_remote(&self, group: &str, msg: impl FnOnce() -> Out<M>) -> usize {
+        let Some(c) = &self.cluster else {
+            return 0;
+        };
+        let remote = c.replica.count(group);
+        if remote == 0 {
+            return 0;
+        }
+        match c.send(msg()) {
+            Ok(()) => remote,
+            Err(_) => 0,
+        }
+    }
+
     pub(crate) fn prepare(&self, frame: Frame) -> PublishedFrame {
         match frame {
             Frame::Close(close) => PublishedFrame::Close(close),
@@ -216,6 +362,29 @@ impl<M: Clone + Send + 'static> Shared<M> {
 
 impl<M: Clone + Send + 'static> Deliver<M> for Shared<M> {
     fn deliver(&self, conn: ConnId, msg: M) -> Result<(), DeliverError<M>> {
+        if conn.is_remote() {
+            let Some(c) = &self.cluster else {
+                return Err(DeliverError::Closed(msg));
+            };
+            let Some(target) = c.replica.target(conn) else {
+                return Err(DeliverError::Closed(msg));
+            };
+            if !c.link.is_connected() {
+                c.link.dropped(DropCause::Disconnected, 1);
+                return Err(DeliverError::Closed(msg));
+            }
+            return match c.outbox.push(Out::To(target, msg)) {
+                Ok(()) => {
+                    c.wake();
+                    Ok(())
+                }
+                Err(Out::To(_, msg)) => {
+                    c.link.dropped(DropCause::OutboxFull, 1);
+                    Err(DeliverError::Full(msg))
+                }
+                Err(_) => unreachable!("pushed a To"),
+            };
+        }
         let shard = usize::from(conn.shard());
         if shard >= self.foreign.len() {
             return Err(DeliverError::Closed(msg));
@@ -313,6 +482,40 @@ impl<M: Clone + Send + 'static> Registry<M> {
     /// A registry for as many shards as `wakeup` has, with the queues of `config`;
     /// `encode` writes `publish_frame`'s frames as they go on the wire.
     pub fn new(config: RegistryConfig, wakeup: Arc<Wakeup>, encode: FrameEncoder) -> Self {
+        Self::build(config, wakeup, encode, None)
+    }
+
+    /// A registry whose names, groups and messages span every node that mounts the gear
+    /// on the same `key` (its pattern), through `backplane`; `codec` carries the gear's
+    /// server messages between processes. Attaches itself to the backplane.
+    pub fn clustered(
+        config: RegistryConfig,
+        wakeup: Arc<Wakeup>,
+        encode: FrameEncoder,
+        backplane: Arc<dyn Backplane>,
+        key: &str,
+        codec: MessageCodec<M>,
+    ) -> Self {
+        let part = ClusterPart {
+            link: Arc::clone(backplane.link()),
+            backplane: Arc::clone(&backplane),
+            key: key.into(),
+            codec,
+            replica: Replica::new(),
+            outbox: ArrayQueue::new(config.cluster_outbox_capacity.max(1)),
+            control: SegQueue::new(),
+        };
+        let registry = Self::build(config, wakeup, encode, Some(part));
+        backplane.attach(Arc::new(GearLink(Arc::clone(&registry.shared))));
+        registry
+    }
+
+    fn build(
+        config: RegistryConfig,
+        wakeup: Arc<Wakeup>,
+        encode: FrameEncoder,
+        cluster: Option<ClusterPart<M>>,
+    ) -> Self {
         let shards = wakeup.shards();
         let capacity = config.queue_capacity.max(1);
         let mut producers: Vec<Vec<Option<rtrb::Producer<Envelope<M>>>>> = (0..shards)
@@ -346,6 +549,8 @@ impl<M: Clone + Send + 'static> Registry<M> {
                 foreign_dropped: AtomicU64::new(0),
                 wakeup,
                 encode,
+                cluster,
+                decisions: (0..shards).map(|_| SegQueue::new()).collect(),
             }),
             endpoints: Mutex::new(endpoints),
         }
@@ -385,15 +590,160 @@ impl<M: Clone + Send + 'static> Registry<M> {
 /// The names of a registry, shared.
 struct NamesRef<M>(Arc<Shared<M>>);
 
-impl<M: Send + 'static> NameTable for NamesRef<M> {
+impl<M: Clone + Send + 'static> NameTable for NamesRef<M> {
     fn register(&self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
-        self.0.names.register(conn, name)
+        self.0.register(conn, name).map(|_| ())
     }
     fn unregister(&self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
-        self.0.names.unregister(conn, name)
+        self.0.unregister(conn, name)
     }
     fn lookup(&self, name: &str) -> Option<ConnId> {
-        self.0.names.lookup(name)
+        self.0.lookup(name)
+    }
+}
+
+/// A clustered gear's registry as its backplane drives it.
+struct GearLink<M>(Arc<Shared<M>>);
+
+impl<M: Clone + Send + 'static> GearLink<M> {
+    fn part(&self) -> &ClusterPart<M> {
+        self.0
+            .cluster
+            .as_ref()
+            .expect("a GearLink is made for clustered registries only")
+    }
+}
+
+impl<M: Clone + Send + 'static> ClusterGear for GearLink<M> {
+    fn key(&self) -> &str {
+        &self.part().key
+    }
+
+    fn replica(&self) -> &Replica {
+        &self.part().replica
+    }
+
+    fn take_control(&self, out: &mut Vec<Control>) {
+        while let Some(c) = self.part().control.pop() {
+            out.push(c);
+        }
+    }
+
+    fn has_outgoing(&self) -> bool {
+        !self.part().outbox.is_empty()
+    }
+
+    fn take_outgoing(&self, max: usize, out: &mut dyn FnMut(Outgoing<'_>)) -> usize {
+        let part = self.part();
+        let mut buf = Vec::new();
+        let mut taken = 0;
+        while taken < max {
+            let Some(item) = part.outbox.pop() else {
+                break;
+            };
+            taken += 1;
+            buf.clear();
+            match &item {
+                Out::To(target, msg) => {
+                    if (part.codec.encode)(msg, &mut buf) {
+                        out(Outgoing::To {
+                            node: target.node,
+                            conn: target.conn,
+                            msg: &buf,
+                        });
+                    } else {
+                        part.link.dropped(DropCause::Undecodable, 1);
+                    }
+                }
+                Out::Publish(group, msg) => {
+                    if (part.codec.encode)(msg, &mut buf) {
+                        out(Outgoing::Publish { group, msg: &buf });
+                    } else {
+                        part.link.dropped(DropCause::Undecodable, 1);
+                    }
+                }
+                Out::Frame(group, frame) => out(Outgoing::Frame { group, frame }),
+            }
+        }
+        taken
+    }
+
+    fn deliver(&self, item: Incoming<'_>) -> Result<usize, DropCause> {
+        let shared = &self.0;
+        let part = self.part();
+        match item {
+            Incoming::To { conn, msg } => {
+                let conn = ConnId::new((conn >> 56) as u8, conn);
+                let shard = usize::from(conn.shard());
+                if shard >= shared.foreign.len() {
+                    return Err(DropCause::Unknown);
+                }
+                let msg = (part.codec.decode)(msg).ok_or(DropCause::Undecodable)?;
+                shared
+                    .push_foreign(shard, Envelope::To(conn, msg))
+                    .map(|()| 1)
+                    .map_err(|_| DropCause::InboundFull)
+            }
+            Incoming::Publish { group, msg } => {
+                let Some(g) = shared.groups.get(group) else {
+                    return Ok(0);
+                };
+                let msg = (part.codec.decode)(msg).ok_or(DropCause::Undecodable)?;
+                Ok(to_each_shard(&g, msg, |shard, m| {
+                    shared
+                        .push_foreign(shard, Envelope::Publish(Arc::clone(&g), m))
+                        .is_ok()
+                }))
+            }
+            Incoming::Frame { group, frame } => {
+                let Some(g) = shared.groups.get(group) else {
+                    return Ok(0);
+                };
+                // Encoded once on this node for all of its members.
+                let frame = Arc::new(shared.prepare(frame));
+                Ok(to_each_shard(&g, frame, |shard, f| {
+                    shared
+                        .push_foreign(shard, Envelope::Frame(Arc::clone(&g), f))
+                        .is_ok()
+                }))
+            }
+        }
+    }
+
+    fn claim_decided(&self, name: &str, conn: ConnId, won: bool) {
+        let shared = &self.0;
+        if !won && shared.names.unregister(conn, name).is_ok() {
+            self.part().link.conflict();
+        }
+        let shard = usize::from(conn.shard());
+        let Some(queue) = shared.decisions.get(shard) else {
+            return;
+        };
+        queue.push(Decision {
+            conn,
+            name: name.into(),
+            won,
+        });
+        shared.wakeup.notify_from_foreign(shard);
+    }
+
+    fn local_names(&self, out: &mut Vec<(Box<str>, ConnId)>) {
+        self.0
+            .names
+            .each(|name, conn| out.push((name.into(), conn)));
+    }
+
+    fn local_count(&self, group: &str) -> usize {
+        self.0.groups.get(group).map_or(0, |g| g.total())
+    }
+
+    fn local_groups(&self, out: &mut Vec<(Box<str>, usize)>) {
+        self.0.groups.each(|g| {
+            let n = g.total();
+            if n > 0 {
+                out.push((g.name.clone(), n));
+            }
+        });
     }
 }
 
@@ -425,49 +775,87 @@ impl<M: Clone + Send + 'static> RegistryHandle<M> {
     /// Queues `msg` for the holder of `name`: `Ok(true)` if queued, `Ok(false)` if
     /// nobody holds it, [`RegistryError::Full`] if the queue to its shard is full.
     pub fn send_message(&self, name: &str, msg: M) -> Result<bool, RegistryError> {
-        let Some(target) = self.shared.names.lookup(name) else {
+        let Some(target) = self.shared.lookup(name) else {
             return Ok(false);
         };
+        if target.is_remote() {
+            return self.send_remote(target, msg);
+        }
         self.shared
             .push_foreign(usize::from(target.shard()), Envelope::To(target, msg))
             .map(|()| true)
             .map_err(|_| RegistryError::Full)
     }
 
-    /// Queues `msg` for every member of `group`; returns for how many.
-    pub fn publish(&self, group: &str, msg: M) -> Result<usize, RegistryError> {
-        let Some(g) = self.shared.groups.get(group) else {
-            return Ok(0);
+    fn send_remote(&self, alias: ConnId, msg: M) -> Result<bool, RegistryError> {
+        let Some(c) = &self.shared.cluster else {
+            return Ok(false);
         };
-        Ok(to_each_shard(&g, msg, |shard, m| {
-            self.shared
-                .push_foreign(shard, Envelope::Publish(Arc::clone(&g), m))
-                .is_ok()
-        }))
+        let Some(target) = c.replica.target(alias) else {
+            return Ok(false);
+        };
+        c.send(Out::To(target, msg))?;
+        c.wake();
+        Ok(true)
     }
 
-    /// Sends `frame` to every member of `group`, encoded once, without calling their
-    /// handlers; returns for how many.
-    pub fn publish_frame(&self, group: &str, frame: Frame) -> Result<usize, RegistryError> {
+    /// Queues `msg` for every member of `group`, on every node for a clustered gear;
+    /// returns for how many (members on other nodes as this node knows them).
+    pub fn publish(&self, group: &str, msg: M) -> Result<usize, RegistryError> {
+        let remote = self
+            .shared
+            .publish_remote(group, || Out::Publish(group.into(), msg.clone()));
+        if remote > 0 {
+            self.wake_backplane();
+        }
         let Some(g) = self.shared.groups.get(group) else {
-            return Ok(0);
+            return Ok(remote);
+        };
+        Ok(remote
+            + to_each_shard(&g, msg, |shard, m| {
+                self.shared
+                    .push_foreign(shard, Envelope::Publish(Arc::clone(&g), m))
+                    .is_ok()
+            }))
+    }
+
+    /// Sends `frame` to every member of `group`, encoded once per node, without calling
+    /// their handlers; returns for how many.
+    pub fn publish_frame(&self, group: &str, frame: Frame) -> Result<usize, RegistryError> {
+        let remote = self
+            .shared
+            .publish_remote(group, || Out::Frame(group.into(), frame.clone()));
+        if remote > 0 {
+            self.wake_backplane();
+        }
+        let Some(g) = self.shared.groups.get(group) else {
+            return Ok(remote);
         };
         let frame = Arc::new(self.shared.prepare(frame));
-        Ok(to_each_shard(&g, frame, |shard, f| {
-            self.shared
-                .push_foreign(shard, Envelope::Frame(Arc::clone(&g), f))
-                .is_ok()
-        }))
+        Ok(remote
+            + to_each_shard(&g, frame, |shard, f| {
+                self.shared
+                    .push_foreign(shard, Envelope::Frame(Arc::clone(&g), f))
+                    .is_ok()
+            }))
     }
 
-    /// How many members `group` has.
+    fn wake_backplane(&self) {
+        if let Some(c) = &self.shared.cluster {
+            c.wake();
+        }
+    }
+
+    /// How many members `group` has (on every node, for a clustered gear, as this node
+    /// knows them).
     pub fn count(&self, group: &str) -> usize {
-        self.shared.groups.get(group).map_or(0, |g| g.total())
+        self.shared.count(group)
     }
 
-    /// Who holds `name`.
+    /// Who holds `name` (an alias for a connection on another node: see
+    /// [`ConnId::REMOTE_SHARD`]).
     pub fn lookup(&self, name: &str) -> Option<ConnId> {
-        self.shared.names.lookup(name)
+        self.shared.lookup(name)
     }
 
     /// A handle that delivers to `conn`.
@@ -483,6 +871,8 @@ impl<M: Clone + Send + 'static> RegistryHandle<M> {
             dropped_full: s.foreign_dropped.load(Ordering::Relaxed),
             names: s.names.len() as u64,
             groups: s.groups.len() as u64,
+            remote_names: s.cluster.as_ref().map_or(0, |c| c.replica.names_len()) as u64,
+            remote_members: s.cluster.as_ref().map_or(0, |c| c.replica.members_len()) as u64,
             ..RegistryStats::default()
         };
         for c in s.stats.iter() {

@@ -60,27 +60,41 @@ impl Names {
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
-}
 
-impl NameTable for Names {
-    fn register(&self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
+    /// Registers `name` for `conn`: `Ok(true)` if it was free, `Ok(false)` if `conn`
+    /// held it already, [`RegistryError::Taken`] if another connection does.
+    pub fn claim(&self, conn: ConnId, name: &str) -> Result<bool, RegistryError> {
         check_name(name)?;
         if let Some(holder) = self.map.get(name) {
             // The common refusal without taking the write lock.
             return if *holder == conn {
-                Ok(())
+                Ok(false)
             } else {
                 Err(RegistryError::Taken)
             };
         }
         match self.map.entry(name.into()) {
-            Entry::Occupied(e) if *e.get() == conn => Ok(()),
+            Entry::Occupied(e) if *e.get() == conn => Ok(false),
             Entry::Occupied(_) => Err(RegistryError::Taken),
             Entry::Vacant(v) => {
                 v.insert(conn);
-                Ok(())
+                Ok(true)
             }
         }
+    }
+
+    /// Calls `f` with every name and its holder (the map's shards are read-locked one
+    /// at a time, so names registered meanwhile may or may not be seen).
+    pub fn each(&self, mut f: impl FnMut(&str, ConnId)) {
+        for entry in self.map.iter() {
+            f(entry.key(), *entry.value());
+        }
+    }
+}
+
+impl NameTable for Names {
+    fn register(&self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
+        self.claim(conn, name).map(|_| ())
     }
 
     fn unregister(&self, conn: ConnId, name: &str) -> Result<(), RegistryError> {

@@ -4,14 +4,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use handler_api::{
-    CloseFrame, ConnHandle, ConnId, Deliver, Frame, NameTable, RegistryError, RegistryOps,
-};
+use handler_api::{CloseFrame, ConnHandle, ConnId, Deliver, Frame, RegistryError, RegistryOps};
 use indexmap::IndexSet;
 
 use crate::groups::Group;
 use crate::names::Hasher;
-use crate::{ConnTarget, Envelope, PublishedFrame, Shared, SharedFrame, to_each_shard};
+use crate::{ConnTarget, Envelope, Out, PublishedFrame, Shared, SharedFrame, to_each_shard};
 
 /// What a connection holds, so that its end frees exactly that.
 struct Holdings<M> {
@@ -42,15 +40,33 @@ pub enum Inbound<M> {
     Frame(ConnId, Arc<SharedFrame>),
     /// Close the connection with this frame (a `publish_frame` of a close).
     Close(ConnId, Option<CloseFrame>),
+    /// The connection lost this name to a connection on another node (clustered
+    /// gears): the engine closes it with 3409.
+    NameLost(ConnId, Box<str>),
+    /// Redis decided the names the connection claimed in `connect` (see
+    /// [`ShardRegistry::await_names`]): `None` if it won them all, so the handshake
+    /// can be answered with the 101, else a name it lost (409).
+    NamesDecided(ConnId, Option<Box<str>>),
 }
 
 impl<M> Inbound<M> {
     /// The connection it is for.
     pub fn conn(&self) -> ConnId {
         match self {
-            Inbound::Message(c, _) | Inbound::Frame(c, _) | Inbound::Close(c, _) => *c,
+            Inbound::Message(c, _)
+            | Inbound::Frame(c, _)
+            | Inbound::Close(c, _)
+            | Inbound::NameLost(c, _)
+            | Inbound::NamesDecided(c, _) => *c,
         }
     }
+}
+
+/// A handshake waiting for Redis to decide the names claimed in `connect`.
+#[derive(Debug)]
+struct Pending {
+    names: Vec<Box<str>>,
+    lost: Option<Box<str>>,
 }
 
 /// One shard's view of a gear's registry. Owned by the shard's thread; implements the
@@ -81,6 +97,10 @@ pub struct ShardRegistry<M> {
     /// read lock on the shared map while no name is given up anywhere.
     name_cache: HashMap<Box<str>, ConnId, Hasher>,
     cache_released: u64,
+    /// Handshakes waiting for Redis, by connection.
+    pending: HashMap<ConnId, Pending, Hasher>,
+    /// This turn queued messages for other nodes: wake the backplane at its end.
+    wake_backplane: bool,
 }
 
 /// The most names a shard's lookup cache holds before it starts over.
@@ -119,6 +139,8 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
             holdings: HashMap::default(),
             name_cache: HashMap::default(),
             cache_released: 0,
+            pending: HashMap::default(),
+            wake_backplane: false,
         }
     }
 
@@ -163,6 +185,11 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
     /// Moves the messages staged this turn into their queues first: call it once per
     /// turn, after the turn's sends.
     pub fn take_wakeups(&mut self, mut each: impl FnMut(usize)) {
+        if std::mem::take(&mut self.wake_backplane)
+            && let Some(c) = &self.shared.cluster
+        {
+            c.wake();
+        }
         for shard in self.dirty_list.drain(..) {
             self.dirty[shard] = false;
             let staged = &mut self.staged[shard];
@@ -182,6 +209,7 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
     /// Whether anything waits in this shard's inbound queues.
     pub fn has_inbound(&self) -> bool {
         !self.local.is_empty()
+            || !self.shared.decisions[self.index].is_empty()
             || self.from.iter().flatten().any(|c| !c.is_empty())
             || !self.shared.foreign[self.index].is_empty()
     }
@@ -189,6 +217,7 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
     /// How many envelopes wait in this shard's inbound queues (for the metrics).
     pub fn inbound_len(&self) -> usize {
         self.local.len()
+            + self.shared.decisions[self.index].len()
             + self.from.iter().flatten().map(|c| c.slots()).sum::<usize>()
             + self.shared.foreign[self.index].len()
     }
@@ -197,6 +226,7 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
     /// threads, in turn) and fans group messages out to this shard's members, appending
     /// to `out`. Returns how many envelopes were taken.
     pub fn take_inbound(&mut self, max: usize, out: &mut Vec<Inbound<M>>) -> usize {
+        self.take_decisions(out);
         let mut taken = 0;
         while taken < max {
             let Some(env) = self.local.pop_front() else {
@@ -267,6 +297,60 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
         }
     }
 
+    /// Turns the claim decisions the backplane sent into what the engine acts on.
+    fn take_decisions(&mut self, out: &mut Vec<Inbound<M>>) {
+        while let Some(d) = self.shared.decisions[self.index].pop() {
+            if let Some(p) = self.pending.get_mut(&d.conn) {
+                let Some(at) = p.names.iter().position(|n| *n == d.name) else {
+                    continue;
+                };
+                p.names.swap_remove(at);
+                if !d.won {
+                    p.lost.get_or_insert(d.name);
+                }
+                if p.names.is_empty() {
+                    let lost = p.lost.take();
+                    self.pending.remove(&d.conn);
+                    out.push(Inbound::NamesDecided(d.conn, lost));
+                }
+                continue;
+            }
+            if d.won {
+                continue;
+            }
+            let Some(h) = self.holdings.get_mut(&d.conn) else {
+                continue; // the connection ended meanwhile
+            };
+            let before = h.names.len();
+            h.names.retain(|n| *n != d.name);
+            if h.names.len() < before {
+                out.push(Inbound::NameLost(d.conn, d.name));
+            }
+        }
+    }
+
+    /// After `connect` claimed `names` for `conn` (through [`handler_api::Conn`]):
+    /// `true` if the handshake must wait for Redis to decide them
+    /// ([`Inbound::NamesDecided`] follows); `false` if it can go on (a gear that
+    /// stays on this node, or Redis cannot be reached: the claims are then settled
+    /// when it can, with the rule for names claimed from callbacks).
+    pub fn await_names(&mut self, conn: ConnId, names: &[Box<str>]) -> bool {
+        let Some(c) = &self.shared.cluster else {
+            return false;
+        };
+        if names.is_empty() || !c.link.is_connected() {
+            return false;
+        }
+        self.pending.insert(
+            conn,
+            Pending {
+                names: names.to_vec(),
+                lost: None,
+            },
+        );
+        true
+    }
+
     /// A message taken from the queues found no live connection (it ended meanwhile):
     /// counted as dropped.
     pub fn undeliverable(&self, n: u64) {
@@ -290,11 +374,12 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
     /// Frees everything `conn` holds: its names and memberships. Called when the
     /// connection terminates (before and after its `terminate` callback).
     pub fn remove_conn(&mut self, conn: ConnId) {
+        self.pending.remove(&conn);
         let Some(holdings) = self.holdings.remove(&conn) else {
             return;
         };
         for name in &holdings.names {
-            let _ = self.shared.names.unregister(conn, name);
+            let _ = self.shared.unregister(conn, name);
         }
         for group in holdings.groups {
             self.drop_membership(conn, &group);
@@ -312,6 +397,7 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
             }
         }
         self.shared.groups.member_left(group, self.index);
+        self.shared.membership_changed(&group.name);
     }
 
     /// Who holds `name`, through the cache.
@@ -319,7 +405,7 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
         // Read the count first: if a name is given up after this, the next call sees
         // a new count and starts over, so a stale entry lives at most until then (as
         // a lookup that raced with the unregister would).
-        let released = self.shared.names.released();
+        let released = self.shared.released();
         if released != self.cache_released {
             self.name_cache.clear();
             self.cache_released = released;
@@ -327,7 +413,7 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
         if let Some(&conn) = self.name_cache.get(name) {
             return Some(conn);
         }
-        let conn = self.shared.names.lookup(name)?;
+        let conn = self.shared.lookup(name)?;
         if self.name_cache.len() >= NAME_CACHE_MAX {
             self.name_cache.clear();
         }
@@ -356,7 +442,7 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
 impl<M: Clone + Send + 'static> RegistryOps<M> for ShardRegistry<M> {
     fn register(&mut self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
         self.check_own(conn)?;
-        self.shared.names.register(conn, name)?;
+        self.shared.register(conn, name)?;
         let holdings = self.holdings.entry(conn).or_default();
         if !holdings.names.iter().any(|n| &**n == name) {
             holdings.names.push(name.into());
@@ -366,7 +452,7 @@ impl<M: Clone + Send + 'static> RegistryOps<M> for ShardRegistry<M> {
 
     fn unregister(&mut self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
         self.check_own(conn)?;
-        self.shared.names.unregister(conn, name)?;
+        self.shared.unregister(conn, name)?;
         if let Some(h) = self.holdings.get_mut(&conn) {
             h.names.retain(|n| &**n != name);
         }
@@ -381,6 +467,17 @@ impl<M: Clone + Send + 'static> RegistryOps<M> for ShardRegistry<M> {
         let Some(target) = self.holder(name) else {
             return Ok(false);
         };
+        if target.is_remote() {
+            let Some(c) = &self.shared.cluster else {
+                return Ok(false);
+            };
+            let Some(remote) = c.replica.target(target) else {
+                return Ok(false); // gone since the cache was filled
+            };
+            c.send(Out::To(remote, msg))?;
+            self.wake_backplane = true;
+            return Ok(true);
+        }
         self.push(usize::from(target.shard()), Envelope::To(target, msg))?;
         Ok(true)
     }
@@ -393,6 +490,7 @@ impl<M: Clone + Send + 'static> RegistryOps<M> for ShardRegistry<M> {
         })?;
         if added {
             self.members.entry(group.id).or_default().insert(conn);
+            self.shared.membership_changed(&group.name);
             self.holdings.entry(conn).or_default().groups.push(group);
         }
         Ok(())
@@ -415,27 +513,37 @@ impl<M: Clone + Send + 'static> RegistryOps<M> for ShardRegistry<M> {
     }
 
     fn publish(&mut self, group: &str, msg: M) -> Result<usize, RegistryError> {
+        let remote = self
+            .shared
+            .publish_remote(group, || Out::Publish(group.into(), msg.clone()));
+        self.wake_backplane |= remote > 0;
         let Some(g) = self.shared.groups.get(group) else {
-            return Ok(0);
+            return Ok(remote);
         };
-        Ok(to_each_shard(&g, msg, |shard, m| {
-            self.push(shard, Envelope::Publish(Arc::clone(&g), m))
-                .is_ok()
-        }))
+        Ok(remote
+            + to_each_shard(&g, msg, |shard, m| {
+                self.push(shard, Envelope::Publish(Arc::clone(&g), m))
+                    .is_ok()
+            }))
     }
 
     fn publish_frame(&mut self, group: &str, frame: Frame) -> Result<usize, RegistryError> {
+        let remote = self
+            .shared
+            .publish_remote(group, || Out::Frame(group.into(), frame.clone()));
+        self.wake_backplane |= remote > 0;
         let Some(g) = self.shared.groups.get(group) else {
-            return Ok(0);
+            return Ok(remote);
         };
         let frame = Arc::new(self.shared.prepare(frame));
-        Ok(to_each_shard(&g, frame, |shard, f| {
-            self.push(shard, Envelope::Frame(Arc::clone(&g), f)).is_ok()
-        }))
+        Ok(remote
+            + to_each_shard(&g, frame, |shard, f| {
+                self.push(shard, Envelope::Frame(Arc::clone(&g), f)).is_ok()
+            }))
     }
 
     fn count(&mut self, group: &str) -> Result<usize, RegistryError> {
-        Ok(self.shared.groups.get(group).map_or(0, |g| g.total()))
+        Ok(self.shared.count(group))
     }
 
     fn handle(&mut self, conn: ConnId) -> Result<ConnHandle<M>, RegistryError> {

@@ -28,6 +28,7 @@ fn sim(shards: usize, capacity: usize) -> Sim {
     let reg = Registry::new(
         RegistryConfig {
             queue_capacity: capacity,
+            ..RegistryConfig::default()
         },
         Arc::clone(&wakeup),
         encode,
@@ -56,6 +57,8 @@ impl Sim {
                     (c, format!("bytes:{}", String::from_utf8_lossy(&f.encoded)))
                 }
                 Inbound::Close(c, f) => (c, format!("close:{f:?}")),
+                Inbound::NameLost(c, n) => (c, format!("lost:{n}")),
+                Inbound::NamesDecided(c, lost) => (c, format!("decided:{lost:?}")),
             })
             .collect()
     }

@@ -32,6 +32,8 @@
 //! is drained when the [`TestServer`] is dropped.
 #![deny(missing_docs)]
 
+pub mod redis;
+
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -95,24 +97,12 @@ impl TestServer {
 
     /// Connects a client, or returns the HTTP response that refused the upgrade.
     pub fn try_connect(&self, path_and_query: &str) -> Result<Client, Rejected> {
-        let url = self.url(path_and_query);
-        let tcp = TcpStream::connect_timeout(&self.addr(), DEFAULT_TIMEOUT)
-            .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
-        tcp.set_read_timeout(Some(DEFAULT_TIMEOUT)).ok();
-        tcp.set_nodelay(true).ok();
-        match tungstenite::client(url.as_str(), MaybeTlsStream::Plain(tcp)) {
-            Ok((ws, _)) => Ok(Client {
-                ws,
-                timeout: DEFAULT_TIMEOUT,
-            }),
-            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
-                Err(Rejected {
-                    status: resp.status().as_u16(),
-                    body: resp.body().clone().unwrap_or_default(),
-                })
-            }
-            Err(e) => panic!("upgrade to {url}: {e}"),
-        }
+        try_connect(self.addr(), path_and_query)
+    }
+
+    /// The running server (its handle: drain, stats, registries, the backplane).
+    pub fn handle(&self) -> &engine::ServerHandle {
+        self.server.handle()
     }
 
     /// A handle to the registry of the gear mounted on `pattern` (`M` is its message
@@ -127,6 +117,41 @@ impl TestServer {
     /// Drains the server (every client gets 1001) and waits until it stopped.
     pub fn stop(self) {
         self.server.stop().expect("the test engine stopped cleanly");
+    }
+}
+
+/// Connects a client to a server at `addr` (a `kythera` process, say); panics if the
+/// upgrade is refused.
+pub fn connect(addr: SocketAddr, path_and_query: &str) -> Client {
+    match try_connect(addr, path_and_query) {
+        Ok(client) => client,
+        Err(Rejected { status, body }) => panic!(
+            "upgrade to {path_and_query} refused: {status} {}",
+            String::from_utf8_lossy(&body)
+        ),
+    }
+}
+
+/// Connects a client to a server at `addr`, or returns the HTTP response that refused
+/// the upgrade.
+pub fn try_connect(addr: SocketAddr, path_and_query: &str) -> Result<Client, Rejected> {
+    let url = format!("ws://{addr}{path_and_query}");
+    let tcp = TcpStream::connect_timeout(&addr, DEFAULT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    tcp.set_read_timeout(Some(DEFAULT_TIMEOUT)).ok();
+    tcp.set_nodelay(true).ok();
+    match tungstenite::client(url.as_str(), MaybeTlsStream::Plain(tcp)) {
+        Ok((ws, _)) => Ok(Client {
+            ws,
+            timeout: DEFAULT_TIMEOUT,
+        }),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+            Err(Rejected {
+                status: resp.status().as_u16(),
+                body: resp.body().clone().unwrap_or_default(),
+            })
+        }
+        Err(e) => panic!("upgrade to {url}: {e}"),
     }
 }
 
@@ -146,6 +171,17 @@ pub enum Closed {
     Frame(Option<(u16, String)>),
     /// The connection ended without a close frame.
     Dropped,
+}
+
+/// What [`Client::next_event`] saw.
+#[derive(Debug)]
+pub enum Event {
+    /// A data frame.
+    Frame(WsMessage),
+    /// The connection ended.
+    Closed(Closed),
+    /// Nothing arrived in time.
+    Quiet,
 }
 
 /// A blocking WebSocket client (tungstenite, an independent implementation).
@@ -205,6 +241,39 @@ impl Client {
             WsMessage::Binary(b) => b.to_vec(),
             other => panic!("expected binary, got {other:?}"),
         }
+    }
+
+    /// Whatever comes first within `wait`: a data frame, the end of the connection, or
+    /// nothing.
+    pub fn next_event(&mut self, wait: Duration) -> Event {
+        if let MaybeTlsStream::Plain(s) = self.ws.get_mut() {
+            s.set_read_timeout(Some(wait)).ok();
+        }
+        let event = loop {
+            match self.ws.read() {
+                Ok(WsMessage::Ping(_) | WsMessage::Pong(_)) => continue,
+                Ok(WsMessage::Close(c)) => {
+                    let closed =
+                        Closed::Frame(c.map(|f| (u16::from(f.code), f.reason.to_string())));
+                    while self.ws.read().is_ok() {}
+                    break Event::Closed(closed);
+                }
+                Ok(msg) => break Event::Frame(msg),
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break Event::Quiet;
+                }
+                Err(_) => break Event::Closed(Closed::Dropped),
+            }
+        };
+        if let MaybeTlsStream::Plain(s) = self.ws.get_mut() {
+            s.set_read_timeout(Some(self.timeout)).ok();
+        }
+        event
     }
 
     /// Asserts that no data frame arrives within `quiet`.

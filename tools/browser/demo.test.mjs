@@ -9,86 +9,28 @@
 //
 // KYTHERA_BIN overrides the binary, CHROMIUM the browser (default /usr/bin/chromium).
 
-import { spawn } from "node:child_process";
-import { mkdirSync } from "node:fs";
-import { dirname, join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { join } from "node:path";
+import {
+  WAIT,
+  browserPath,
+  check,
+  joinAs,
+  launchBrowser,
+  messages,
+  outDir,
+  startServer,
+  stopServer,
+  waitForMessage,
+} from "./lib.mjs";
 
-const root = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
-const bin = process.env.KYTHERA_BIN ?? join(root, "target/release/kythera");
-const browserPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
-const outDir = join(root, "target/browser");
-const WAIT = 10_000;
-
-mkdirSync(outDir, { recursive: true });
-
-/** Starts kythera and resolves with its address once it prints where it listens. */
-function startServer() {
-  const child = spawn(bin, ["--listen", "127.0.0.1:0", "--shards", "2"], {
-    stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, RUST_LOG: "warn" },
-  });
-  let stderr = "";
-  child.stderr.on("data", (d) => (stderr += d));
-  const addr = new Promise((ok, fail) => {
-    let out = "";
-    const timer = setTimeout(() => fail(new Error(`kythera did not start: ${stderr}`)), WAIT);
-    child.stdout.on("data", (d) => {
-      out += d;
-      const m = out.match(/listening on ws:\/\/(\S+)/);
-      if (m) {
-        clearTimeout(timer);
-        ok(m[1]);
-      }
-    });
-    child.on("exit", (code) => fail(new Error(`kythera exited with ${code}: ${stderr}`)));
-  });
-  return { child, addr, stderr: () => stderr };
-}
-
-function check(ok, what) {
-  if (!ok) throw new Error(`check failed: ${what}`);
-  console.log(`ok - ${what}`);
-}
-
-async function messages(page) {
-  return page.locator("#messages li").allInnerTexts();
-}
-
-async function waitForMessage(page, text, who) {
-  await page.locator("#messages li", { hasText: text }).first().waitFor({ timeout: WAIT });
-  check(true, `${who} sees "${text}"`);
-}
-
-async function joinAs(page, name, room) {
-  await page.fill("#name", name);
-  await page.fill("#room", room);
-  await page.click("#join");
-}
-
-const server = startServer();
+const server = startServer(["--listen", "127.0.0.1:0", "--shards", "2"]);
 let browser;
 let failed = false;
 try {
   const addr = await server.addr;
   const url = `http://${addr}/`;
   console.log(`kythera at ${addr}; ${browserPath}`);
-  browser = await chromium.launch({
-    executablePath: browserPath,
-    headless: true,
-    // Without the background-networking flags Chromium keeps trying hosts this
-    // machine cannot reach.
-    args: [
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-quic",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-    ],
-  });
+  browser = await launchBrowser();
   const [ctxA, ctxB, ctxC] = [
     await browser.newContext({ viewport: { width: 1100, height: 720 } }),
     await browser.newContext({ viewport: { width: 1100, height: 720 } }),
@@ -189,13 +131,6 @@ try {
   console.error(`kythera's log:\n${server.stderr()}`);
 } finally {
   if (browser) await browser.close();
-  const exited = new Promise((ok) => server.child.on("exit", (code) => ok(code)));
-  server.child.kill("SIGTERM");
-  const code = await Promise.race([exited, new Promise((ok) => setTimeout(() => ok("timeout"), WAIT))]);
-  if (code !== 0) {
-    console.error(`kythera did not exit 0 after SIGTERM: ${code}`);
-    server.child.kill("SIGKILL");
-    failed = true;
-  }
+  if (!(await stopServer(server))) failed = true;
 }
 process.exit(failed ? 1 : 0);

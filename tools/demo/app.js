@@ -133,7 +133,20 @@ function drawChart() {
   ctx.fillText("▬ out", 110, 12);
 }
 
+function showCluster(f) {
+  const el = $("cluster");
+  if (!f.node) {
+    el.hidden = true;
+    return;
+  }
+  el.hidden = false;
+  $("node").textContent = f.node;
+  $("node-count").textContent = `${f.nodes.length} live node${f.nodes.length === 1 ? "" : "s"}`;
+  $("nodes").textContent = f.nodes.join(", ");
+}
+
 function showFigures(f) {
+  showCluster(f);
   const body = $("shards").tBodies[0];
   body.replaceChildren();
   for (const s of f.shards) {

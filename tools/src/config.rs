@@ -152,6 +152,31 @@ pub struct Args {
     /// Send messages shorter than this uncompressed; 0 compresses all [default: 0].
     #[arg(long, value_name = "BYTES", env = "KYTHERA_DEFLATE_MIN_BYTES")]
     pub deflate_min_bytes: Option<usize>,
+    /// Join a cluster through this Redis: redis://HOST:PORT[/DB]; for a Redis Cluster,
+    /// one or more seed nodes, comma-separated. Without it the server is a single
+    /// process [default: none].
+    #[arg(long, value_name = "URL", env = "KYTHERA_CLUSTER_REDIS")]
+    pub cluster_redis: Option<String>,
+    /// This node's id in the cluster: 1 to 64 letters, digits, '.', '_' or '-'
+    /// [default: HOST-PID-START, unique per process start].
+    #[arg(long, value_name = "ID", env = "KYTHERA_NODE_ID")]
+    pub node_id: Option<String>,
+    /// How long this node's liveness key lives in Redis, in milliseconds; refreshed
+    /// every third of it. The others remove what a dead node held within about this
+    /// plus one refresh [default: 3000].
+    #[arg(long, value_name = "MS", env = "KYTHERA_CLUSTER_TTL_MS")]
+    pub cluster_ttl_ms: Option<u64>,
+}
+
+/// How the server joins a cluster (`--cluster-redis`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// Redis URLs (seeds of a Redis Cluster, or one server).
+    pub redis: Vec<String>,
+    /// The node id; `None` generates one.
+    pub node_id: Option<String>,
+    /// The liveness TTL.
+    pub ttl: Duration,
 }
 
 /// The `--config` file: the same options, all optional; unknown keys are errors.
@@ -184,6 +209,9 @@ pub struct File {
     deflate_client_max_window_bits: Option<u8>,
     deflate_level: Option<u8>,
     deflate_min_bytes: Option<usize>,
+    cluster_redis: Option<String>,
+    node_id: Option<String>,
+    cluster_ttl_ms: Option<u64>,
 }
 
 /// Why the configuration was refused.
@@ -226,6 +254,8 @@ pub struct Settings {
     pub registry_queue_capacity: usize,
     /// Log line format.
     pub log_format: LogFormat,
+    /// The cluster to join; `None`: a single process.
+    pub cluster: Option<ClusterSettings>,
 }
 
 /// Reads the `--config` file, if any.
@@ -285,14 +315,14 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
         return Err(err("listen", "config file", "needs at least one address"));
     }
     let (shards, src) = pick(&args.shards, &file.shards);
-    if let Some(n) = shards {
-        if !(1..=engine::server::MAX_SHARDS).contains(&n) {
-            return Err(err(
-                "shards",
-                src,
-                format!("must be between 1 and {}", engine::server::MAX_SHARDS),
-            ));
-        }
+    if let Some(n) = shards
+        && !(1..=engine::server::MAX_SHARDS).contains(&n)
+    {
+        return Err(err(
+            "shards",
+            src,
+            format!("must be between 1 and {}", engine::server::MAX_SHARDS),
+        ));
     }
     let (max_message_bytes, src) = pick(&args.max_message_bytes, &file.max_message_bytes);
     let max_message_bytes = max_message_bytes.unwrap_or(defaults.max_message_bytes);
@@ -467,6 +497,8 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
         return Err(err("deflate_level", src, "must be between 0 and 9"));
     }
 
+    let cluster = resolve_cluster(args, file)?;
+
     Ok(Settings {
         listen,
         shards,
@@ -494,7 +526,74 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
         },
         registry_queue_capacity,
         log_format,
+        cluster,
     })
+}
+
+/// The cluster options: all or nothing of them.
+fn resolve_cluster(args: &Args, file: &File) -> Result<Option<ClusterSettings>, ConfigError> {
+    fn pick<T: Clone>(flag: &Option<T>, file: &Option<T>) -> (Option<T>, &'static str) {
+        match (flag, file) {
+            (Some(v), _) => (Some(v.clone()), "command line or environment"),
+            (None, Some(v)) => (Some(v.clone()), "config file"),
+            (None, None) => (None, "default"),
+        }
+    }
+    let err = |key: &str, source: &'static str, reason: &str| ConfigError {
+        key: key.into(),
+        source,
+        reason: reason.into(),
+    };
+    let (redis, redis_src) = pick(&args.cluster_redis, &file.cluster_redis);
+    let (node_id, node_src) = pick(&args.node_id, &file.node_id);
+    let (ttl_ms, ttl_src) = pick(&args.cluster_ttl_ms, &file.cluster_ttl_ms);
+    let Some(redis) = redis else {
+        if node_id.is_some() {
+            return Err(err("node_id", node_src, "needs cluster_redis"));
+        }
+        if ttl_ms.is_some() {
+            return Err(err("cluster_ttl_ms", ttl_src, "needs cluster_redis"));
+        }
+        return Ok(None);
+    };
+    let urls: Vec<String> = redis
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if urls.is_empty() {
+        return Err(err("cluster_redis", redis_src, "needs a redis:// URL"));
+    }
+    if let Some(bad) = urls.iter().find(|u| !u.starts_with("redis://")) {
+        return Err(err(
+            "cluster_redis",
+            redis_src,
+            &format!("{bad:?} is not a redis://HOST:PORT[/DB] URL"),
+        ));
+    }
+    if let Some(id) = &node_id
+        && !cluster::keys::valid_node_id(id)
+    {
+        return Err(err(
+            "node_id",
+            node_src,
+            "must be 1 to 64 ASCII letters, digits, '.', '_' or '-'",
+        ));
+    }
+    let ttl_ms = ttl_ms.unwrap_or(cluster::DEFAULT_TTL.as_millis() as u64);
+    if !(300..=600_000).contains(&ttl_ms) {
+        return Err(err(
+            "cluster_ttl_ms",
+            ttl_src,
+            "must be between 300 and 600000",
+        ));
+    }
+    Ok(Some(ClusterSettings {
+        redis: urls,
+        node_id,
+        ttl: Duration::from_millis(ttl_ms),
+    }))
 }
 
 #[cfg(test)]
@@ -612,6 +711,53 @@ mod tests {
         assert!(!s.limits.deflate.server_no_context_takeover);
         assert_eq!(s.limits.deflate.client_max_window_bits, 10);
         assert!(s.limits.deflate.client_no_context_takeover, "the default");
+    }
+
+    #[test]
+    fn cluster_options() {
+        let s = resolve(&args(&[]), &File::default()).unwrap();
+        assert_eq!(s.cluster, None, "a single process by default");
+        let s = resolve(
+            &args(&[
+                "--cluster-redis",
+                "redis://127.0.0.1:7000, redis://127.0.0.1:7001",
+            ]),
+            &file("node_id = \"a-1\"\ncluster_ttl_ms = 2000"),
+        )
+        .unwrap();
+        assert_eq!(
+            s.cluster,
+            Some(ClusterSettings {
+                redis: vec![
+                    "redis://127.0.0.1:7000".into(),
+                    "redis://127.0.0.1:7001".into()
+                ],
+                node_id: Some("a-1".into()),
+                ttl: Duration::from_millis(2000),
+            })
+        );
+        let e = resolve(&args(&["--node-id", "x"]), &File::default()).unwrap_err();
+        assert_eq!(e.key, "node_id");
+        let e = resolve(&args(&["--cluster-redis", "http://x"]), &File::default()).unwrap_err();
+        assert_eq!(e.key, "cluster_redis");
+        let e = resolve(
+            &args(&["--cluster-redis", "redis://x:1", "--node-id", "a b"]),
+            &File::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.key.as_str(), e.source),
+            ("node_id", "command line or environment")
+        );
+        let e = resolve(
+            &args(&[]),
+            &file("cluster_redis = \"redis://x:1\"\ncluster_ttl_ms = 10"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.key.as_str(), e.source),
+            ("cluster_ttl_ms", "config file")
+        );
     }
 
     #[test]

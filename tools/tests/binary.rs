@@ -1,79 +1,14 @@
 //! The `kythera` binary as an operator runs it: the banner on stdout, the echo gear on
 //! `/echo` and `/`, and SIGTERM drains it to exit status 0.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Kythera {
-    child: Child,
-    addr: SocketAddr,
-}
+mod common;
 
-impl Kythera {
-    fn start(args: &[&str]) -> Kythera {
-        Kythera::start_with(args, &[]).0
-    }
-
-    /// Starts with extra environment variables; also returns the shard count of the
-    /// banner.
-    fn start_with(args: &[&str], env: &[(&str, &str)]) -> (Kythera, usize) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kythera"))
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start kythera");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let rest = line
-            .strip_prefix("kythera listening on ws://")
-            .unwrap_or_else(|| panic!("banner: {line:?}"));
-        let (addr, shards) = rest.split_once(' ').unwrap();
-        let shards = shards
-            .trim()
-            .strip_prefix('(')
-            .and_then(|s| s.strip_suffix(" shards)"))
-            .unwrap_or_else(|| panic!("banner: {line:?}"))
-            .parse()
-            .unwrap();
-        (
-            Kythera {
-                child,
-                addr: addr.parse().unwrap(),
-            },
-            shards,
-        )
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        let res = unsafe { libc::kill(self.child.id() as i32, signal) };
-        assert_eq!(res, 0);
-    }
-
-    fn wait(mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "kythera did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Kythera {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{Kythera, http_get};
 
 /// Upgrades, sends one masked text frame and returns the echoed payload.
 fn echo_once(addr: SocketAddr, path: &str, text: &str) -> Vec<u8> {
@@ -162,18 +97,17 @@ impl Drop for TempConfig {
 #[test]
 fn flags_over_environment_over_file() {
     let file = TempConfig::new("precedence", "shards = 1\nlisten = [\"127.0.0.1:0\"]\n");
-    let (server, shards) = Kythera::start_with(&["--config", file.path()], &[]);
-    assert_eq!(shards, 1, "from the file");
+    let server = Kythera::start_with(&["--config", file.path()], &[]);
+    assert_eq!(server.shards, 1, "from the file");
     assert_eq!(echo_once(server.addr, "/echo", "f"), b"f");
     drop(server);
-    let (_server, shards) =
-        Kythera::start_with(&["--config", file.path()], &[("KYTHERA_SHARDS", "2")]);
-    assert_eq!(shards, 2, "the environment over the file");
-    let (_server, shards) = Kythera::start_with(
+    let server = Kythera::start_with(&["--config", file.path()], &[("KYTHERA_SHARDS", "2")]);
+    assert_eq!(server.shards, 2, "the environment over the file");
+    let server = Kythera::start_with(
         &["--config", file.path(), "--shards", "1"],
         &[("KYTHERA_SHARDS", "2")],
     );
-    assert_eq!(shards, 1, "the flag over the environment");
+    assert_eq!(server.shards, 1, "the flag over the environment");
 }
 
 #[test]
@@ -192,24 +126,6 @@ fn an_invalid_value_in_the_file_names_the_key_and_exits_2() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(key), "{text}: {err}");
     }
-}
-
-/// A plain HTTP GET; returns the status and the body.
-fn http_get(addr: SocketAddr, path: &str, upgrade: bool) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let extra = if upgrade {
-        "Upgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-    } else {
-        ""
-    };
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n").ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    let status = response.get(9..12)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
 }
 
 /// The drain as a load balancer and clients see it: SIGTERM while 40 clients echo
@@ -268,10 +184,10 @@ fn drain_under_load_is_observable() {
                             Err(e) => panic!("client {i}: {e} before a close frame"),
                         }
                     }
-                    if n == 10 {
-                        if let Some(r) = ready.take() {
-                            r.wait();
-                        }
+                    if n == 10
+                        && let Some(r) = ready.take()
+                    {
+                        r.wait();
                     }
                     if signalled.load(Ordering::Relaxed) {
                         after.fetch_add(1, Ordering::Relaxed);

@@ -2,48 +2,18 @@
 //! errors), hand-written servers that misbehave (the exit status must say so), and a
 //! small chat room (broadcast mode).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
 use engine::protocol::codec::{self, Decoded, DecoderConfig, OpCode};
 use engine::protocol::handshake::accept_key;
 use serde_json::Value;
 
-/// The kythera binary on an ephemeral port, killed on drop.
-struct Kythera {
-    child: Child,
-    addr: SocketAddr,
-}
+mod common;
 
-impl Kythera {
-    fn start() -> Kythera {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kythera"))
-            .args(["--listen", "127.0.0.1:0", "--shards", "1"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start kythera");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let rest = line
-            .strip_prefix("kythera listening on ws://")
-            .unwrap_or_else(|| panic!("banner: {line:?}"));
-        let addr = rest.split_once(' ').unwrap().0.parse().unwrap();
-        Kythera { child, addr }
-    }
-}
-
-impl Drop for Kythera {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::Kythera;
 
 /// Runs kythera-load with `args` and `--json FILE`; returns its output and the JSON.
 fn load(args: &[&str]) -> (Output, Option<Value>) {
@@ -77,7 +47,7 @@ fn describe(out: &Output) -> String {
 
 #[test]
 fn echo_against_kythera_counts_messages_and_no_errors() {
-    let server = Kythera::start();
+    let server = Kythera::start(&["--listen", "127.0.0.1:0", "--shards", "1"]);
     let url = format!("ws://{}/echo", server.addr);
     for kind in ["text", "binary"] {
         let (out, json) = load(&[
@@ -96,7 +66,7 @@ fn echo_against_kythera_counts_messages_and_no_errors() {
 
 #[test]
 fn connect_against_kythera_holds_and_closes() {
-    let server = Kythera::start();
+    let server = Kythera::start(&["--listen", "127.0.0.1:0", "--shards", "1"]);
     let url = format!("ws://{}/echo", server.addr);
     let (out, json) = load(&[
         "connect",

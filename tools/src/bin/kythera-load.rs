@@ -4,7 +4,11 @@
 //! kythera-load echo --url ws://127.0.0.1:8080/echo -c 100 -b 20 -p 1 -d 5
 //! kythera-load connect --url ws://127.0.0.1:8080/echo -c 50000 --hold 30
 //! kythera-load broadcast --url ws://127.0.0.1:8080/chat -c 1000 --rate 1000 -d 5
+//! kythera-load direct --url ws://127.0.0.1:8081/chat,ws://127.0.0.1:8082/chat -c 200 -p 8
 //! ```
+//!
+//! `--url` takes several URLs, comma-separated: connection `i` goes to the `i`-th
+//! modulo their number (the nodes of a cluster, say).
 //!
 //! A progress line on stderr while it runs, a summary table on stdout at the end,
 //! `--json FILE` for the same results machine-readable. Exit status: 0 when every
@@ -64,11 +68,24 @@ enum Command {
         #[arg(long, value_name = "MSGS")]
         rate: Option<f64>,
     },
+    /// Direct messages through a chat gear (`PATH?room=R&name=dN`): connection N sends
+    /// `{"to":"dN+1",...}`, so with several URLs every message crosses servers;
+    /// messages/s and send-to-receive latency.
+    Direct {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        traffic: Traffic,
+        /// The chat room the connections join (unused by the traffic).
+        #[arg(long, default_value = "load")]
+        room: String,
+    },
 }
 
 #[derive(Debug, Args)]
 struct Common {
-    /// Target: ws://HOST:PORT/PATH.
+    /// Target: ws://HOST:PORT/PATH, or several, comma-separated (connections go round
+    /// robin).
     #[arg(long, default_value = "ws://127.0.0.1:8080/echo")]
     url: String,
     /// Connections (subscribers in broadcast mode).
@@ -157,8 +174,29 @@ fn config(cli: Cli) -> Result<(Config, Option<PathBuf>), String> {
             Some(room),
             rate,
         ),
+        Command::Direct {
+            common,
+            traffic,
+            room,
+        } => (
+            Mode::Direct,
+            common,
+            Some(traffic),
+            KindArg::Text,
+            0.0,
+            Some(room),
+            None,
+        ),
     };
-    let target = Target::parse(&common.url)?;
+    let targets = common
+        .url
+        .split(',')
+        .map(|u| Target::parse(u.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let target = &targets[0];
+    if mode == Mode::Direct && common.connections < 2 {
+        return Err("direct mode needs at least 2 connections".into());
+    }
     if common.connections == 0 {
         return Err("--connections must be at least 1".into());
     }
@@ -166,7 +204,7 @@ fn config(cli: Cli) -> Result<(Config, Option<PathBuf>), String> {
         return Err("--rate must be above 0".into());
     }
     let source_addrs = if common.source_addrs.is_empty() {
-        load::default_source_addrs(&target, common.connections)
+        load::default_source_addrs(target, common.connections)
     } else {
         common.source_addrs
     };
@@ -181,9 +219,9 @@ fn config(cli: Cli) -> Result<(Config, Option<PathBuf>), String> {
     };
     let cfg = Config {
         mode,
-        target,
+        targets,
         connections: common.connections,
-        bytes: if mode == Mode::Broadcast {
+        bytes: if matches!(mode, Mode::Broadcast | Mode::Direct) {
             bytes.min(1 << 20)
         } else {
             bytes

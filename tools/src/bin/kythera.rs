@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Once every listener is bound it prints `kythera listening on ws://ADDR (N shards)`
-//! on stdout, one line per address. SIGTERM or SIGINT drains the server (close 1001 to
+//! (with `, node ID` in a cluster) on stdout, one line per address. SIGTERM or SIGINT drains the server (close 1001 to
 //! every connection, spread over the drain window) and it exits 0 once drained; a second
 //! signal exits at once. Logs go to stderr, filtered by `RUST_LOG` (default `info`).
 //! If io_uring is unavailable it says why and how to fix it, and exits 1. Options come
@@ -85,6 +85,24 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| engine::config::default_max_connections(shards)),
         ..settings.limits.clone()
     };
+    let backplane = match &settings.cluster {
+        None => None,
+        Some(c) => {
+            let mut config = cluster::ClusterConfig::new(c.redis.clone());
+            if let Some(id) = &c.node_id {
+                config.node_id = id.clone();
+            }
+            config.ttl = c.ttl;
+            match cluster::RedisBackplane::start(config) {
+                Ok(b) => Some(b),
+                Err(err) => {
+                    eprintln!("kythera: {err}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    let node = backplane.as_ref().map(|b| b.node_id().to_owned());
     let mut builder = Server::builder()
         .shards(shards)
         .limits(limits.clone())
@@ -92,9 +110,13 @@ fn main() -> ExitCode {
         .release_memory(release_heap)
         .registry(engine::RegistryConfig {
             queue_capacity: settings.registry_queue_capacity,
+            ..engine::RegistryConfig::default()
         });
     for addr in &settings.listen {
         builder = builder.listen(*addr);
+    }
+    if let Some(b) = &backplane {
+        builder = builder.cluster(b.clone());
     }
     let server = match builder
         .http(engine::observe::HttpConfig {
@@ -102,7 +124,9 @@ fn main() -> ExitCode {
             ..Default::default()
         })
         .mount("/echo", Echo)
-        .mount("/chat", Chat)
+        // Chat spans the cluster; the stats gear shows this node's figures to watchers
+        // connected here, so it stays on its node.
+        .mount_clustered("/chat", Chat)
         .mount("/stats", Stats)
         .mount("/", Echo)
         .build()
@@ -129,6 +153,8 @@ fn main() -> ExitCode {
         direct_descriptors = settings.tuning.direct_slots != Some(0),
         recv_buffers = settings.tuning.buf_entries,
         recv_buffer_bytes = settings.tuning.buf_size,
+        node = node.as_deref().unwrap_or("(single process)"),
+        cluster_redis = ?settings.cluster.as_ref().map(|c| &c.redis),
         "kythera starting"
     );
 
@@ -162,10 +188,19 @@ fn main() -> ExitCode {
     );
 
     let shards = server.shards();
+    let shards_text = if shards == 1 {
+        "1 shard".to_owned()
+    } else {
+        format!("{shards} shards")
+    };
+    let node_text = node.map(|n| format!(", node {n}")).unwrap_or_default();
     let mut stdout = std::io::stdout().lock();
     for addr in server.local_addrs() {
         // Tests and scripts read this line to learn the address: flush it.
-        let _ = writeln!(stdout, "kythera listening on ws://{addr} ({shards} shards)");
+        let _ = writeln!(
+            stdout,
+            "kythera listening on ws://{addr} ({shards_text}{node_text})"
+        );
     }
     let _ = stdout.flush();
     drop(stdout);

@@ -113,7 +113,10 @@ impl ChatState {
 /// Server code holding a connection handle can send its own events this way; the text
 /// is forwarded as is, so it should be a JSON object in the format of the module
 /// documentation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Serializable, so that in a cluster it reaches users on other nodes (the server
+/// mounts the gear with `mount_clustered`): the JSON text crosses as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatEvent(pub Arc<str>);
 
 impl ChatEvent {

@@ -68,7 +68,13 @@ struct ShardFigures {
 
 /// A whole frame.
 #[derive(Debug, Serialize, PartialEq)]
-struct Figures {
+struct Figures<'a> {
+    /// This node's id, in a cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<&'a str>,
+    /// The live nodes of the cluster as this node knows them, itself included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nodes: Option<&'a [String]>,
     shards: Vec<ShardFigures>,
     connections: u64,
     in_per_sec: f64,
@@ -84,8 +90,23 @@ fn rate(before: u64, now: u64, secs: f64) -> f64 {
     (now.saturating_sub(before) as f64 / secs * 10.0).round() / 10.0
 }
 
-/// The JSON frame for the interval between two samples `secs` apart.
-pub fn figures_json(before: &[ShardCounters], now: &[ShardCounters], secs: f64) -> String {
+/// This node and the cluster's live nodes, for the frames of a node in a cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterView<'a> {
+    /// This node's id.
+    pub node: &'a str,
+    /// The live nodes, this one included.
+    pub nodes: &'a [String],
+}
+
+/// The JSON frame for the interval between two samples `secs` apart (with the node and
+/// the cluster's live nodes when `cluster` is given).
+pub fn figures_json(
+    before: &[ShardCounters],
+    now: &[ShardCounters],
+    secs: f64,
+    cluster: Option<ClusterView<'_>>,
+) -> String {
     let shards: Vec<ShardFigures> = now
         .iter()
         .enumerate()
@@ -100,6 +121,8 @@ pub fn figures_json(before: &[ShardCounters], now: &[ShardCounters], secs: f64) 
         })
         .collect();
     let figures = Figures {
+        node: cluster.map(|c| c.node),
+        nodes: cluster.map(|c| c.nodes),
         connections: shards.iter().map(|s| s.connections).sum(),
         in_per_sec: (shards.iter().map(|s| s.in_per_sec).sum::<f64>() * 10.0).round() / 10.0,
         out_per_sec: (shards.iter().map(|s| s.out_per_sec).sum::<f64>() * 10.0).round() / 10.0,
@@ -128,7 +151,13 @@ pub fn spawn_feeder(
                 let secs = now_at.duration_since(at).as_secs_f64();
                 // Skip the work when nobody watches.
                 if registry.count(WATCHERS) > 0 {
-                    let json = figures_json(&before, &now, secs);
+                    let cluster = handle
+                        .backplane()
+                        .map(|b| (b.link().node_id(), b.live_nodes()));
+                    let view = cluster
+                        .as_ref()
+                        .map(|(node, nodes)| ClusterView { node, nodes });
+                    let json = figures_json(&before, &now, secs, view);
                     if let Err(e) = registry.publish(WATCHERS, StatsUpdate(json.into())) {
                         tracing::debug!(error = %e, "stats: publish failed");
                     }
@@ -169,7 +198,8 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let v: serde_json::Value = serde_json::from_str(&figures_json(&before, &now, 2.0)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&figures_json(&before, &now, 2.0, None)).unwrap();
         assert_eq!(v["connections"], 5);
         assert_eq!(v["in_per_sec"], 100.5);
         assert_eq!(v["out_per_sec"], 2.0);
@@ -177,6 +207,16 @@ mod tests {
         assert_eq!(v["shards"][0]["connections"], 3);
         assert_eq!(v["shards"][1]["shard"], 1);
         assert_eq!(v["shards"][1]["out_per_sec"], 2.0);
+        assert!(v.get("node").is_none(), "a single process names no node");
+        let nodes = ["a".to_owned(), "b".to_owned()];
+        let view = ClusterView {
+            node: "a",
+            nodes: &nodes,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&figures_json(&before, &now, 2.0, Some(view))).unwrap();
+        assert_eq!(v["node"], "a");
+        assert_eq!(v["nodes"], serde_json::json!(["a", "b"]));
     }
 
     #[test]

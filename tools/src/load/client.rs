@@ -54,6 +54,9 @@ enum Role {
     Subscriber,
     /// Publishes to the room (broadcast mode).
     Publisher,
+    /// Sends direct messages to the next connection and receives the previous one's
+    /// (direct mode).
+    Direct,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +217,7 @@ pub(crate) fn run(
         Mode::Echo => Role::Echo,
         Mode::Connect => Role::Idle,
         Mode::Broadcast => Role::Subscriber,
+        Mode::Direct => Role::Direct,
     };
     let mut conns: Vec<Conn> = (0..count)
         .map(|i| Conn::new(first + i as u32, role))
@@ -347,12 +351,14 @@ impl Worker {
             let source = self.source_for(self.conns[slot].id);
             let now = self.now;
             self.result.first_start.get_or_insert(now);
+            let c = &self.conns[slot];
+            let addr = self.target_of(c.id).addr;
             let c = &mut self.conns[slot];
             c.started = now;
             c.state = State::Connecting;
-            match io::tcp_socket(self.cfg.target.addr, source) {
+            match io::tcp_socket(addr, source) {
                 Ok(fd) => {
-                    io.connect(slot as u32, fd.as_raw_fd(), self.cfg.target.addr)?;
+                    io.connect(slot as u32, fd.as_raw_fd(), addr)?;
                     c.fd = Some(fd);
                 }
                 Err(e) => {
@@ -362,6 +368,16 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Where connection `id` goes: round robin over the targets (the publisher, whose
+    /// id is `u32::MAX`, to the first).
+    fn target_of(&self, id: u32) -> &super::Target {
+        let targets = &self.cfg.targets;
+        if id == u32::MAX {
+            return &targets[0];
+        }
+        &targets[id as usize % targets.len()]
     }
 
     fn source_for(&self, id: u32) -> Option<IpAddr> {
@@ -435,26 +451,24 @@ impl Worker {
         }
         c.state = State::Handshaking;
         c.key = wire::new_key(&mut self.rng);
-        let path = match c.role {
-            Role::Subscriber | Role::Publisher => {
-                let name = if c.role == Role::Publisher {
-                    PUBLISHER_NAME.to_string()
-                } else {
-                    format!("s{}", c.id)
+        let (id, role) = (c.id, c.role);
+        let target = self.target_of(id);
+        let path = match role {
+            Role::Subscriber | Role::Publisher | Role::Direct => {
+                let name = match role {
+                    Role::Publisher => PUBLISHER_NAME.to_string(),
+                    Role::Direct => format!("d{id}"),
+                    _ => format!("s{id}"),
                 };
-                let path = &self.cfg.target.path;
+                let path = &target.path;
                 let sep = if path.contains('?') { '&' } else { '?' };
                 format!("{path}{sep}room={}&name={name}", self.cfg.room)
             }
-            Role::Echo | Role::Idle => self.cfg.target.path.clone(),
+            Role::Echo | Role::Idle => target.path.clone(),
         };
-        wire::write_request(
-            &mut c.out,
-            &self.cfg.target.host,
-            &path,
-            &c.key,
-            self.cfg.deflate,
-        );
+        let host = target.host.clone();
+        let c = &mut self.conns[slot as usize];
+        wire::write_request(&mut c.out, &host, &path, &c.key, self.cfg.deflate);
         self.mark(slot);
     }
 
@@ -676,6 +690,7 @@ impl Worker {
         match self.conns[slot as usize].role {
             Role::Echo => self.on_echo(slot, opcode, payload),
             Role::Subscriber => self.on_publication(slot, opcode, payload),
+            Role::Direct => self.on_direct(slot, opcode, payload),
             Role::Publisher => self.result.ignored += 1,
             Role::Idle => {
                 self.result.errors.unexpected += 1;
@@ -836,6 +851,93 @@ impl Worker {
         }
     }
 
+    /// A direct message from the previous connection: in order, counted as delivered for
+    /// its sender (whose window of messages in flight it opens).
+    fn on_direct(&mut self, slot: u32, opcode: OpCode, payload: &[u8]) {
+        if opcode != OpCode::Text {
+            self.result.errors.opcode += 1;
+            self.fail(slot, || format!("a {opcode:?} frame from the chat gear"));
+            return;
+        }
+        let n = self.cfg.connections as u32;
+        let c = &self.conns[slot as usize];
+        let from_id = (c.id + n - 1) % n;
+        let frame: ChatFrame<'_> = match serde_json::from_slice(payload) {
+            Ok(f) => f,
+            Err(e) => {
+                self.result.errors.payload += 1;
+                let got = preview(payload);
+                self.fail(slot, || format!("not a chat JSON frame ({e}): {got}"));
+                return;
+            }
+        };
+        let parsed = frame.text.as_deref().and_then(wire::parse_publication);
+        let sender_ok = frame.from.as_deref() == Some(&format!("d{from_id}"));
+        let Some((seq, ts)) = parsed.filter(|_| sender_ok) else {
+            self.result.errors.payload += 1;
+            let got = preview(payload);
+            self.fail(slot, || format!("not a message of d{from_id}: {got}"));
+            return;
+        };
+        let c = &mut self.conns[slot as usize];
+        let expect = c.expect.unwrap_or(0);
+        c.expect = Some(seq + 1);
+        if seq != expect {
+            self.result.errors.payload += 1;
+            self.error(slot, || {
+                format!("message {seq} of d{from_id} where {expect} was due")
+            });
+        }
+        self.shared.delivered[from_id as usize].store(seq + 1, Ordering::Release);
+        if self.in_window() {
+            self.result.messages += 1;
+            self.messages_delta += 1;
+            self.result
+                .latency
+                .saturating_record(self.now.saturating_sub(ts).max(1));
+        }
+    }
+
+    /// Direct: every open sender of this thread tops its messages in flight (sent and
+    /// not yet received by the next connection) up to `in_flight`, once the window is
+    /// set and until it ends.
+    fn send_directs(&mut self) {
+        if self.cfg.mode != Mode::Direct
+            || self.window.0 == u64::MAX
+            || self.stopping
+            || self.now >= self.window.1
+        {
+            return;
+        }
+        let n = self.cfg.connections as u32;
+        for slot in 0..self.conns.len() as u32 {
+            let c = &self.conns[slot as usize];
+            if c.state != State::Open {
+                continue;
+            }
+            let (id, mut seq) = (c.id, c.next_seq);
+            let delivered = self.shared.delivered[id as usize].load(Ordering::Acquire);
+            if seq - delivered >= self.cfg.in_flight as u64 {
+                continue;
+            }
+            let to = (id + 1) % n;
+            while seq - delivered < self.cfg.in_flight as u64 {
+                let mask = self.rng.mask();
+                wire::direct(&mut self.scratch, to, seq, self.now, self.cfg.bytes);
+                Self::encode_data(
+                    &mut self.conns[slot as usize],
+                    OpCode::Text,
+                    &self.scratch,
+                    mask,
+                );
+                seq += 1;
+            }
+            self.conns[slot as usize].next_seq = seq;
+            self.shared.sent[id as usize].store(seq, Ordering::Release);
+            self.mark(slot);
+        }
+    }
+
     /// Moves this thread's "delivered to every subscriber" mark on and publishes it
     /// (the publisher's window reads it).
     fn advance_done(&mut self) {
@@ -878,12 +980,13 @@ impl Worker {
                 self.subs_alive += 1;
                 self.advance_done();
             }
-            Role::Publisher | Role::Idle => {}
+            Role::Publisher | Role::Idle | Role::Direct => {}
         }
     }
 
     /// The mode's work once per iteration: the publisher's sends and the stop.
     fn step(&mut self) {
+        self.send_directs();
         let end = self.window.1;
         let last = self.conns.len().saturating_sub(1);
         if self
@@ -971,6 +1074,14 @@ impl Worker {
                 none || (published != u64::MAX && self.counts_base >= published)
                     || self.subs_alive == 0
             }
+            // Every sender's messages arrived, on every thread: a connection that
+            // closed earlier would turn messages still on their way into errors.
+            Mode::Direct => self
+                .shared
+                .sent
+                .iter()
+                .zip(&self.shared.delivered)
+                .all(|(s, d)| s.load(Ordering::Acquire) == d.load(Ordering::Acquire)),
             Mode::Echo | Mode::Connect => true,
         };
         let overdue = self.now >= self.closing_deadline;
@@ -985,8 +1096,17 @@ impl Worker {
                     });
                 }
                 State::Open if deliveries_done || overdue || c.role == Role::Publisher => {
-                    if c.role == Role::Subscriber && published != u64::MAX {
-                        let got = c.expect.unwrap_or(0);
+                    let (role, id) = (c.role, c.id as usize);
+                    if role == Role::Direct {
+                        let lost = self.shared.sent[id].load(Ordering::Acquire)
+                            - self.shared.delivered[id].load(Ordering::Acquire);
+                        if lost > 0 {
+                            self.result.errors.lost += lost;
+                            self.error(slot, || format!("{lost} direct messages never arrived"));
+                        }
+                    }
+                    if role == Role::Subscriber && published != u64::MAX {
+                        let got = self.conns[slot as usize].expect.unwrap_or(0);
                         if got < published {
                             self.result.errors.lost += published - got;
                             self.error(slot, || {

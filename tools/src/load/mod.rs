@@ -49,6 +49,10 @@ pub enum Mode {
     Connect,
     /// Publications delivered to a chat room's subscribers.
     Broadcast,
+    /// Direct messages through a chat gear: connection `i` sends to connection `i + 1`
+    /// by name (with several targets, always to another server: a cluster's
+    /// cross-node `send_message`).
+    Direct,
 }
 
 /// The kind of data frames sent in echo mode.
@@ -66,8 +70,9 @@ pub enum Kind {
 pub struct Config {
     /// The mode.
     pub mode: Mode,
-    /// Where to connect.
-    pub target: Target,
+    /// Where to connect: connection `i` goes to `targets[i % targets.len()]`, the
+    /// broadcast publisher to the first.
+    pub targets: Vec<Target>,
     /// Connections (subscribers in broadcast mode, the publisher not counted).
     pub connections: usize,
     /// Payload bytes (echo), or the publication's text padded to this size (broadcast).
@@ -324,6 +329,14 @@ impl Report {
                     self.ignored
                 ),
             ),
+            Mode::Direct => row(
+                &mut s,
+                "messages",
+                format!(
+                    "{} B of text, {} in flight per sender",
+                    self.bytes, self.in_flight
+                ),
+            ),
             Mode::Connect => {}
         }
         if self.mode == Mode::Connect {
@@ -447,6 +460,9 @@ struct Shared {
     published: AtomicU64,
     /// Broadcast, per thread: publications delivered to all its subscribers.
     done: Vec<AtomicU64>,
+    /// Direct, per connection: messages it sent, and those of them that arrived.
+    sent: Vec<AtomicU64>,
+    delivered: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -502,6 +518,8 @@ pub fn run(cfg: Config) -> Result<Report, String> {
         publish_failed: AtomicBool::new(false),
         published: AtomicU64::new(u64::MAX),
         done: (0..threads).map(|_| AtomicU64::new(u64::MAX)).collect(),
+        sent: (0..cfg.connections).map(|_| AtomicU64::new(0)).collect(),
+        delivered: (0..cfg.connections).map(|_| AtomicU64::new(0)).collect(),
     });
     let cfg = Arc::new(cfg);
     let mut handles = Vec::new();
@@ -528,9 +546,19 @@ pub fn run(cfg: Config) -> Result<Report, String> {
         progress.tick(&shared, "connecting", subscribers);
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Give the server a moment to register the last joins and names before the
+    // traffic starts (in a cluster every node must hear of them: a few milliseconds
+    // on a healthy link, a second leaves room).
+    let settle = if cfg.targets.len() > 1 {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_millis(200)
+    };
+    if cfg.mode == Mode::Direct {
+        std::thread::sleep(settle);
+    }
     if cfg.mode == Mode::Broadcast {
-        // Give the room a moment to register the last joins before publishing.
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(settle);
         shared.publish_go.store(true, Ordering::Release);
         let before = shared.established.load(Ordering::Relaxed);
         let deadline = Instant::now() + cfg.connect_timeout;
@@ -548,7 +576,7 @@ pub fn run(cfg: Config) -> Result<Report, String> {
         // Nothing to measure: end at once rather than wait out the window.
         _ if shared.established.load(Ordering::Relaxed) == 0 => (now, now),
         Mode::Connect => (now, now + cfg.hold.as_nanos() as u64),
-        Mode::Echo | Mode::Broadcast => {
+        Mode::Echo | Mode::Broadcast | Mode::Direct => {
             let start = now + cfg.warmup.as_nanos() as u64;
             (start, start + cfg.duration.as_nanos() as u64)
         }
@@ -630,7 +658,12 @@ pub fn run(cfg: Config) -> Result<Report, String> {
     let util = |secs: Option<f64>| secs.filter(|_| window > 0.0).map(|s| s / window);
     Ok(Report {
         mode: cfg.mode,
-        url: format!("ws://{}{}", cfg.target.host, cfg.target.path),
+        url: cfg
+            .targets
+            .iter()
+            .map(|t| format!("ws://{}{}", t.host, t.path))
+            .collect::<Vec<_>>()
+            .join(","),
         threads,
         connections: cfg.connections,
         established,

@@ -259,6 +259,17 @@ pub fn publication(out: &mut Vec<u8>, seq: u64, ts: u64, pad: usize) {
     out.extend_from_slice(b"\"}");
 }
 
+/// A direct message of the chat gear to `d{to}`: the text is `"{seq} {ts}"` padded with
+/// spaces to `pad` bytes, as a publication's.
+pub fn direct(out: &mut Vec<u8>, to: u32, seq: u64, ts: u64, pad: usize) {
+    out.clear();
+    let text = format!("{seq} {ts}");
+    out.extend_from_slice(format!("{{\"to\":\"d{to}\",\"text\":\"").as_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend(std::iter::repeat_n(b' ', pad.saturating_sub(text.len())));
+    out.extend_from_slice(b"\"}");
+}
+
 /// The `(seq, ts)` in a publication's text as the chat room delivers it.
 pub fn parse_publication(text: &str) -> Option<(u64, u64)> {
     let mut parts = text.split_ascii_whitespace();
