@@ -4,7 +4,7 @@
 # each, not pinned: five processes and the client on the machine's cores), all on
 # loopback; results in OUT (cluster.json, cluster.md, raw/, logs/).
 #
-#   tools/bench-cluster.sh target/bench/cluster          # after cargo build --release -p tools
+#   tools/bench-cluster.sh target/bench/cluster          # after cargo build --release --bins
 #   CLUSTER_REPEATS=1 CLUSTER_DURATION=2 tools/bench-cluster.sh /tmp/c   # quick
 #
 # What it measures:
@@ -60,15 +60,17 @@ s.bind(("127.0.0.1", 0))
 print(s.getsockname()[1])'
 }
 
-# Starts kythera with the arguments after $1 (its log); prints its port.
+# Starts kythera with the arguments after $1 (its log); sets PORT and PID. (Not in a
+# command substitution: its subshell would keep the pid from the cleanup.)
 start_kythera() {
-    local log=$1 port i
+    local log=$1 i
     shift
-    port=$(free_port)
-    "$BIN/kythera" --listen "127.0.0.1:$port" "$@" >"$log" 2>&1 &
-    PIDS+=($!)
+    PORT=$(free_port)
+    "$BIN/kythera" --listen "127.0.0.1:$PORT" "$@" >"$log" 2>&1 &
+    PID=$!
+    PIDS+=("$PID")
     for ((i = 0; i < 200; i++)); do
-        grep -q "kythera listening on" "$log" 2>/dev/null && { echo "$port"; return 0; }
+        grep -q "kythera listening on" "$log" 2>/dev/null && return 0
         sleep 0.05
     done
     echo "bench-cluster: kythera did not start: $(tail -5 "$log")" >&2
@@ -91,8 +93,9 @@ PIDS+=($!)
 for ((i = 0; i < 100; i++)); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
 NODE_PORTS=()
 for n in 0 1 2; do
-    NODE_PORTS+=("$(start_kythera "$OUT/logs/node$n.log" --shards 1 \
-        --cluster-redis "redis://127.0.0.1:$REDIS_PORT" --node-id "bench-$n")")
+    start_kythera "$OUT/logs/node$n.log" --shards 1 \
+        --cluster-redis "redis://127.0.0.1:$REDIS_PORT" --node-id "bench-$n"
+    NODE_PORTS+=("$PORT")
 done
 URLS=$(printf 'ws://127.0.0.1:%s/chat,' "${NODE_PORTS[@]}" | sed 's/,$//')
 echo "cluster: Redis on $REDIS_PORT, nodes on ${NODE_PORTS[*]}" >&2
@@ -147,8 +150,9 @@ for ((r = 1; r <= REPEATS; r++)); do
     echo "{\"test\":\"broadcast\",\"tag\":\"$tag\",\"cluster\":true,\"exit\":$rc,\"file\":\"raw/$tag.json\",\"publications\":$(python3 -c "print(int($in1 - $in0))"),\"redis_publish\":$publish,\"redis_evalsha\":$evalsha,\"events\":$(python3 -c "print(int($ev1 - $ev0))")}" >>"$RUNS"
     grep -E "deliveries|latency  " "$OUT/logs/$tag.log" | sed "s/^/$tag /" >&2 || true
     tag="broadcast-single-c$MEMBERS-r$r"
-    port=$(start_kythera "$OUT/logs/$tag.server.log" --shards 1)
-    single=${PIDS[-1]}
+    start_kythera "$OUT/logs/$tag.server.log" --shards 1
+    port=$PORT
+    single=$PID
     rc=0
     "$BIN/kythera-load" broadcast --url "ws://127.0.0.1:$port/chat" -c "$MEMBERS" -b "$BYTES" \
         --warmup "$WARMUP" -d "$DURATION" --connect-timeout 60 --json "$OUT/raw/$tag.json" -q \

@@ -240,8 +240,8 @@ trap 'exit 143' TERM
 
 # --- build -------------------------------------------------------------------------
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-    echo "== cargo build --release -p tools -p benches --bins" >&2
-    cargo build --release -p tools -p benches --bins || die "build failed"
+    echo "== cargo build --release --bins (the whole workspace's, as cargo run --release builds)" >&2
+    cargo build --release --bins || die "build failed"
 fi
 for b in kythera kythera-load fastwebsockets-echo tungstenite-echo; do
     [[ -x $BIN/$b ]] || die "$BIN/$b is missing (build it, or unset SKIP_BUILD)"

@@ -44,7 +44,24 @@ RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
     cargo test -p registry --release --locked --lib loom_tests
 
 echo "== cargo build --release kythera"
-cargo build --release -p tools --bin kythera --locked
+# Without -p, so that features unify over the whole workspace exactly as for the
+# README's `cargo run --release`: either command then reuses the other's build.
+cargo build --release --locked --bin kythera
+# ... and check it: the README's first command must find nothing to compile.
+rebuilt=$(cargo run --release --locked -- --version 2>&1 | grep -c '^ *Compiling' || true)
+if [ "$rebuilt" != 0 ]; then
+    echo "cargo run --release recompiled $rebuilt crates after the test build" >&2
+    exit 1
+fi
+
+echo "== fuzz targets: build on stable, replay fuzz/seeds through each"
+# A target that stops compiling, or a known input that now fails its expectations,
+# fails here. Fuzzing itself (nightly, cargo-fuzz) is in fuzz/README.md; on stable the
+# targets link libFuzzer without coverage instrumentation, which is all a replay needs.
+(cd fuzz && cargo build --release --locked --bins)
+for target in handshake frame_decoder fragments deflate; do
+    timeout 300 "fuzz/target/release/$target" fuzz/seeds/"$target"/* 2>&1 | tail -n 2
+done
 
 echo "== python venv .venv (tools/conformance/requirements.txt)"
 if [ ! -x .venv/bin/python ]; then

@@ -50,6 +50,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
             return;
         }
     };
+    let _node = tracing::info_span!("node", id = %shared.config.node_id).entered();
     runtime.block_on(Driver::new(shared).run());
 }
 

@@ -18,6 +18,7 @@ use registry::{
 
 use crate::config::Limits;
 use crate::observe::{GearCounters, Http, HttpAnswer};
+use crate::origin::OriginPolicy;
 use crate::route::{InvalidRoute, Router};
 
 /// What a session knows of a connection while it is open, for the DISCONNECTED log
@@ -345,7 +346,6 @@ impl<M: Clone + Send + 'static> AnyRegistry for Registry<M> {
     fn shard(&self, index: usize) -> Option<Box<dyn GearShard>> {
         Some(Box::new(TypedShard {
             reg: Registry::shard(self, index)?,
-            batch: Vec::new(),
         }))
     }
     fn names(&self) -> Arc<dyn NameTable> {
@@ -382,10 +382,10 @@ trait GearShard: Any {
     fn take_wakeups(&mut self, each: &mut dyn FnMut(usize));
     fn remove_conn(&mut self, conn: ConnId);
     fn adopt_names(&mut self, conn: ConnId, names: Vec<Box<str>>);
-    /// Takes up to `max` envelopes; returns the delivery batch (type-erased) to hand to
-    /// [`deliver_batch`].
-    fn take_batch(&mut self, max: usize) -> (usize, Box<dyn Any>);
-    fn return_batch(&mut self, batch: Box<dyn Any>);
+    /// Takes up to `max` envelopes into `batch` (a `Vec<Inbound<M>>` of the gear's
+    /// type, kept by [`Registries`] from turn to turn so that delivering allocates
+    /// nothing); returns how many were taken.
+    fn take_batch(&mut self, max: usize, batch: &mut dyn Any) -> usize;
     fn undeliverable(&mut self, n: u64);
     fn inbound_len(&self) -> usize;
     fn as_any_mut(&mut self) -> &mut dyn Any;
@@ -393,8 +393,6 @@ trait GearShard: Any {
 
 struct TypedShard<M> {
     reg: ShardRegistry<M>,
-    /// Kept between turns so that delivering does not allocate.
-    batch: Vec<Inbound<M>>,
 }
 
 impl<M: Clone + Send + 'static> GearShard for TypedShard<M> {
@@ -413,17 +411,10 @@ impl<M: Clone + Send + 'static> GearShard for TypedShard<M> {
     fn adopt_names(&mut self, conn: ConnId, names: Vec<Box<str>>) {
         self.reg.adopt_names(conn, names);
     }
-    fn take_batch(&mut self, max: usize) -> (usize, Box<dyn Any>) {
-        let mut batch = std::mem::take(&mut self.batch);
-        let taken = self.reg.take_inbound(max, &mut batch);
-        (taken, Box::new(batch))
-    }
-    fn return_batch(&mut self, batch: Box<dyn Any>) {
-        if let Ok(mut batch) = batch.downcast::<Vec<Inbound<M>>>() {
-            batch.clear();
-            if batch.capacity() <= 64 * 1024 {
-                self.batch = *batch;
-            }
+    fn take_batch(&mut self, max: usize, batch: &mut dyn Any) -> usize {
+        match batch.downcast_mut::<Vec<Inbound<M>>>() {
+            Some(batch) => self.reg.take_inbound(max, batch),
+            None => 0,
         }
     }
     fn undeliverable(&mut self, n: u64) {
@@ -444,12 +435,15 @@ pub struct Registries {
     gears: Vec<Option<Box<dyn GearShard>>>,
     /// Typed delivery of a gear's batch (`deliver_batch::<M>`), by gear index.
     deliver: Vec<DeliverFn>,
+    /// Each gear's delivery batch (a `Vec<Inbound<M>>`), allocated once and kept; `None`
+    /// only while it is being delivered.
+    batches: Vec<Option<Box<dyn Any>>>,
     /// This shard's counters per gear; the last entry is for requests that matched no
     /// gear. Empty in unit tests (nothing is counted).
     counters: Option<Arc<[GearCounters]>>,
 }
 
-type DeliverFn = fn(&mut Registries, usize, Box<dyn Any>, &mut dyn Deliveries);
+type DeliverFn = fn(&mut Registries, usize, &mut dyn Any, &mut dyn Deliveries);
 
 impl std::fmt::Debug for Registries {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -540,23 +534,27 @@ impl Registries {
             if !g.has_inbound() {
                 continue;
             }
-            let (n, batch) = g.take_batch(max);
-            taken += n;
+            let Some(mut batch) = self.batches.get_mut(gear).and_then(Option::take) else {
+                continue;
+            };
+            taken += g.take_batch(max, &mut *batch);
             let deliver = self.deliver[gear];
-            deliver(self, gear, batch, to);
+            deliver(self, gear, &mut *batch, to);
+            self.batches[gear] = Some(batch);
         }
         taken
     }
 }
 
-/// Delivers a batch of gear messages of type `M` (see [`Registries::deliver`]).
+/// Delivers a batch of gear messages of type `M` (see [`Registries::deliver`]) and
+/// leaves it empty for the next turn.
 fn deliver_batch<M: Clone + Send + 'static>(
     regs: &mut Registries,
     gear: usize,
-    batch: Box<dyn Any>,
+    batch: &mut dyn Any,
     to: &mut dyn Deliveries,
 ) {
-    let Ok(mut batch) = batch.downcast::<Vec<Inbound<M>>>() else {
+    let Some(batch) = batch.downcast_mut::<Vec<Inbound<M>>>() else {
         return;
     };
     let mut gone = 0;
@@ -577,12 +575,23 @@ fn deliver_batch<M: Clone + Send + 'static>(
         };
         gone += u64::from(!delivered);
     }
-    if let Some(Some(g)) = regs.gears.get_mut(gear) {
-        if gone > 0 {
-            g.undeliverable(gone);
-        }
-        g.return_batch(batch);
+    // A burst's capacity is not kept for ever.
+    if batch.capacity() > BATCH_KEEP_MAX {
+        *batch = Vec::new();
     }
+    if gone > 0
+        && let Some(Some(g)) = regs.gears.get_mut(gear)
+    {
+        g.undeliverable(gone);
+    }
+}
+
+/// The most delivery slots a gear's batch keeps between turns.
+const BATCH_KEEP_MAX: usize = 64 * 1024;
+
+/// A gear's empty delivery batch (`Vec<Inbound<M>>`).
+fn new_batch<M: Clone + Send + 'static>() -> Box<dyn Any> {
+    Box::new(Vec::<Inbound<M>>::new())
 }
 
 /// Holds one place of a gear's connection limit during the handshake; gives it back
@@ -610,11 +619,15 @@ struct Mounted {
     pattern: String,
     gear: Box<dyn DynGear>,
     max_connections: usize,
+    /// Which pages may connect (see [`crate::origin`]).
+    origins: OriginPolicy,
     live: Arc<AtomicUsize>,
     /// Made when the shard count is known ([`App::start_registries`]).
     registry: OnceLock<Box<dyn AnyRegistry>>,
     /// Delivers the gear's typed registry messages.
     deliver: DeliverFn,
+    /// Makes the gear's (empty) delivery batch.
+    new_batch: fn() -> Box<dyn Any>,
 }
 
 /// The gears of an engine, routed by path, with their connection counts, and the
@@ -700,11 +713,36 @@ impl App {
             pattern: pattern.to_owned(),
             gear: Box::new(mount),
             max_connections: max_connections.unwrap_or(self.limits.max_connections_per_gear),
+            origins: OriginPolicy::default(),
             live,
             registry: OnceLock::new(),
             deliver: deliver_batch::<G::Message>,
+            new_batch: new_batch::<G::Message>,
         });
         Ok(())
+    }
+
+    /// Sets which pages may connect to the gear mounted on `pattern` (every gear:
+    /// `None`). Returns false if no gear is mounted there.
+    pub fn set_origins(&mut self, pattern: Option<&str>, policy: OriginPolicy) -> bool {
+        let mut found = false;
+        for g in &mut self.gears {
+            if pattern.is_none_or(|p| p == g.pattern) {
+                g.origins = policy.clone();
+                found = true;
+            }
+        }
+        found
+    }
+
+    /// Whether a page with `origin` may open a connection to `gear` on `host`.
+    pub(crate) fn origin_allowed(
+        &self,
+        gear: usize,
+        origin: Option<&[u8]>,
+        host: Option<&[u8]>,
+    ) -> bool {
+        self.gears[gear].origins.allows(origin, host)
     }
 
     /// The limits.
@@ -784,6 +822,7 @@ impl App {
                 .map(|g| g.registry.get().and_then(|r| r.shard(index)))
                 .collect(),
             deliver: self.gears.iter().map(|g| g.deliver).collect(),
+            batches: self.gears.iter().map(|g| Some((g.new_batch)())).collect(),
         }
     }
 

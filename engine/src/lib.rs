@@ -10,6 +10,7 @@
 pub mod config;
 pub mod gear;
 pub mod observe;
+pub mod origin;
 pub mod protocol;
 pub mod route;
 pub mod server;

@@ -194,15 +194,15 @@ impl<T> Router<T> {
     pub fn find(&self, path: &str) -> Option<Matched<'_, T>> {
         let mut best: Option<(Vec<u8>, Matched<'_, T>)> = None;
         for (pattern, target) in &self.routes {
-            if let Some((params, rank)) = pattern.matches(path) {
-                if best.as_ref().is_none_or(|(r, _)| rank > *r) {
-                    let m = Matched {
-                        target,
-                        pattern: pattern.as_str(),
-                        params,
-                    };
-                    best = Some((rank, m));
-                }
+            if let Some((params, rank)) = pattern.matches(path)
+                && best.as_ref().is_none_or(|(r, _)| rank > *r)
+            {
+                let m = Matched {
+                    target,
+                    pattern: pattern.as_str(),
+                    params,
+                };
+                best = Some((rank, m));
             }
         }
         best.map(|(_, m)| m)

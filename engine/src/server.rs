@@ -59,8 +59,10 @@ use serde::de::DeserializeOwned;
 use crate::config::{Limits, default_max_connections};
 use crate::gear::App;
 use crate::observe::{AllGearCounters, GearCounters, Http, HttpConfig};
+use crate::origin::OriginPolicy;
 use crate::route::InvalidRoute;
 use crate::shard::{self, ShardCounters, ShardSetup, ShardStats, ShardTuning};
+use crate::uring::net::ensure_unused;
 use crate::uring::probe::{Features, Unavailable};
 use crate::uring::{bind_reuseport, probe};
 
@@ -309,6 +311,21 @@ impl ServerBuilder {
         self.mount_inner(pattern, gear, None, Some(MessageCodec::postcard()))
     }
 
+    /// Which pages may open connections to the gear mounted on `pattern` (every gear
+    /// mounted so far: `"*"`): see [`crate::origin`]. Default: pages of this server
+    /// ([`OriginPolicy::SameHost`]) and clients that send no `Origin`. An unknown
+    /// pattern is an error at [`ServerBuilder::build`].
+    pub fn allowed_origins(mut self, pattern: &str, policy: OriginPolicy) -> Self {
+        let which = (pattern != "*").then_some(pattern);
+        if !self.app.set_origins(which, policy) {
+            self.route_error.get_or_insert(InvalidRoute {
+                pattern: pattern.to_owned(),
+                reason: "allowed_origins: no gear is mounted there (mount it first)",
+            });
+        }
+        self
+    }
+
     /// Mounts `gear` on `pattern` with at most `max_connections` connections across all
     /// shards (over it: HTTP 503 `TooManyWebsocketConnections`).
     pub fn mount_with_limit<G: Websocket>(
@@ -378,6 +395,12 @@ impl ServerBuilder {
                 bind_reuseport(addr, tuning.backlog)
                     .map_err(|source| StartError::Bind { addr, source })
             };
+            // SO_REUSEPORT would let this server join another's listeners on the
+            // address; refuse as for any other address in use. (Port 0 asks for a
+            // fresh port, which nobody holds.)
+            if addr.port() != 0 {
+                ensure_unused(addr).map_err(|source| StartError::Bind { addr, source })?;
+            }
             let first = bind(addr)?;
             let actual = first
                 .local_addr()
@@ -581,9 +604,12 @@ impl Server {
                 release_memory,
             };
             let shared_for_thread = Arc::clone(&shared);
+            // In a cluster every log line of the shard names the node.
+            let node = app.backplane().map(|b| b.link().node_id());
             let spawned = std::thread::Builder::new()
                 .name(format!("kythera-shard-{index}"))
                 .spawn(move || {
+                    let _node = node.map(|n| tracing::info_span!("node", id = %n).entered());
                     let result = shard::run(setup);
                     if result.is_err() {
                         // One shard down: take the others down gracefully too.

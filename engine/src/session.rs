@@ -31,7 +31,8 @@ use crate::gear::{Admission, App, LiveConn, Meta, Registries};
 use crate::protocol::ProtocolError;
 use crate::protocol::close::{Closing, PeerCloseAction, encode_close_payload};
 use crate::protocol::codec::{
-    Decoded, DecoderConfig, OpCode, RSV1, Role, encode_frame_into, encode_header, parse_header,
+    Decoded, DecoderConfig, MAX_HEADER_BYTES, OpCode, RSV1, Role, encode_frame_into, encode_header,
+    parse_header, unmasked_header_len,
 };
 use crate::protocol::decoder::{Decoder, Step};
 use crate::protocol::deflate::{Agreed, ConnDeflate, negotiate, with_scratch};
@@ -41,6 +42,7 @@ use crate::protocol::handshake::{
     write_switching_protocols,
 };
 use crate::protocol::mask::{extend_unmasked, unmask};
+use crate::protocol::utf8::{ChunkedUtf8, Utf8State};
 use registry::SharedFrame;
 
 /// A deadline at `at_ms` (`None` only for 0, which no deadline is).
@@ -103,6 +105,9 @@ pub struct Session {
     terminated: bool,
     /// The upgrade request is still arriving.
     handshaking: bool,
+    /// The peer stopped reading (slow consumer): the shard stops reading from it and
+    /// closes the socket after a short grace instead of the closing timeout.
+    abandoned: bool,
     phase: Phase,
     /// When the idle timeout closes the connection: the last receive plus the idle
     /// timeout (pings are due `ping_interval` after the last receive: see
@@ -138,6 +143,11 @@ struct Tx {
     chunks: Vec<Vec<u8>>,
     /// The allocation of the last completed send, reused for the next.
     spare: Vec<u8>,
+    /// Receive state no longer needed (the frame that crossed receives is done), kept
+    /// for the next frame that does, with its pending buffer's allocation: a
+    /// conversing connection then allocates nothing per message even when frames
+    /// straddle receive buffers (which incremental buffers do once per 64 KiB).
+    spare_partial: Option<Box<Partial>>,
     /// Bytes handed to the shard and not yet sent.
     in_flight: usize,
     /// When output was last handed to the shard (the quiet period counts from there).
@@ -178,6 +188,24 @@ impl Tx {
         chunks + self.out.len() - usize::from(self.out_start)
     }
 
+    /// Keeps a buffer that came back (a completed send, or an output replaced by an
+    /// echo in place) for reuse: as the spare output buffer if it is the larger, else
+    /// as the pending buffer of the spare receive state; large ones are given back.
+    fn recycle(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() > SPARE_MAX {
+            return;
+        }
+        buf.clear();
+        if buf.capacity() > self.spare.capacity() {
+            buf = std::mem::replace(&mut self.spare, buf);
+        }
+        if let Some(p) = self.spare_partial.as_mut()
+            && p.pending.capacity() < buf.capacity()
+        {
+            p.pending = buf;
+        }
+    }
+
     /// Drops what is queued (the peer is gone, or stopped reading).
     fn discard_queued(&mut self) {
         self.out = Vec::new();
@@ -187,14 +215,20 @@ impl Tx {
 
     /// The output buffer, with room for `n` more bytes. When `out` holds at least
     /// [`CHUNK_MIN`] bytes and `n` more do not fit, it is queued as a chunk and a new
-    /// buffer of at least [`CHUNK`] bytes started: growing it would copy what it holds
-    /// each time its capacity doubles, which with 16 KiB echoes queued behind a send in
-    /// flight was a tenth of the server's time (`perf`, 100 x 16 KiB x 16 in flight).
-    /// The chunks go out in one `sendmsg` (see [`Output`]).
+    /// buffer of at least [`CHUNK`] bytes started: growing it would copy all it holds
+    /// each time its capacity doubles, and large output piles up behind a send in
+    /// flight. The chunks go out in one `sendmsg` (see [`Output`]).
     fn room(&mut self, n: usize) -> &mut Vec<u8> {
         let out = &self.out;
-        if out.len() + n > out.capacity() && out.len() >= CHUNK_MIN {
-            let full = std::mem::replace(&mut self.out, Vec::with_capacity(n.max(CHUNK)));
+        // A received frame's buffer echoed in place is as small as that frame: what
+        // follows it goes into a buffer of its own too.
+        if out.len() + n > out.capacity() && (out.len() >= CHUNK_MIN || self.out_start > 0) {
+            let next = if self.spare.capacity() >= n && out.len() < CHUNK_MIN {
+                std::mem::take(&mut self.spare)
+            } else {
+                Vec::with_capacity(n.max(CHUNK))
+            };
+            let full = std::mem::replace(&mut self.out, next);
             self.chunks.push(full);
         }
         &mut self.out
@@ -205,6 +239,10 @@ impl Tx {
 const CHUNK_MIN: usize = 16 * 1024;
 /// The least capacity of an output chunk started by [`Tx::room`].
 const CHUNK: usize = 64 * 1024;
+
+/// The largest send buffer a connection keeps from one send to the next (larger ones,
+/// after a burst, are given back, so that a burst does not stay resident).
+const SPARE_MAX: usize = 64 * 1024;
 
 /// Bytes for the shard to send, from [`Session::take_output`]: `first[start..]`, then
 /// each of `rest` whole (output that did not fit one buffer, sent with one
@@ -257,6 +295,11 @@ struct Partial {
     pending: Vec<u8>,
     /// Only during the handshake.
     handshake: Option<Handshaking>,
+    /// A text frame (or a continuation of a text message) whose payload is arriving:
+    /// its UTF-8 so far, and how far into `pending` it was checked. A frame with
+    /// invalid text is failed (1007) as soon as the bad byte arrives, not when the
+    /// frame is whole.
+    text: Option<(ChunkedUtf8, usize)>,
 }
 
 impl Partial {
@@ -314,6 +357,7 @@ impl Session {
             gear: u32::MAX,
             phase: Phase::Done,
             handshaking: true,
+            abandoned: false,
             finished: false,
             terminated: false,
             idle_deadline_ms: u64::MAX,
@@ -386,6 +430,11 @@ impl Session {
         if let Some(c) = regs.counters(self.gear()) {
             c.bytes_in.add(data.len() as u64);
         }
+        // A connection that keeps receiving keeps its buffers too (see `Tx`), even if
+        // it sends nothing.
+        if let Some(tx) = self.tx.as_deref_mut() {
+            tx.active_ms = now_ms;
+        }
         self.feed(id, data, now_ms, app, regs);
     }
 
@@ -408,6 +457,10 @@ impl Session {
             // pending buffer holds that one frame and can be echoed as it is, and
             // does not grow for the start of the next one).
             let Some(used) = append_pending(&mut partial, data) else {
+                if !check_partial_text(&mut partial) {
+                    self.fail(id, ProtocolError::InvalidUtf8, now_ms, app, regs);
+                    return;
+                }
                 self.put_partial(partial);
                 return;
             };
@@ -448,15 +501,28 @@ impl Session {
         }
         let leftover = used < data.len();
         if leftover || decoder.assembler_mut().in_progress() {
-            let mut partial = Box::new(Partial {
-                decoder,
-                pending: Vec::new(),
-                handshake: None,
-            });
+            let spare = self.tx.as_mut().and_then(|t| t.spare_partial.take());
+            let mut partial = match spare {
+                Some(mut p) => {
+                    p.decoder = decoder;
+                    p.pending.clear();
+                    p
+                }
+                None => Box::new(Partial {
+                    decoder,
+                    pending: Vec::new(),
+                    handshake: None,
+                    text: None,
+                }),
+            };
             if leftover {
                 // An incomplete frame: all of it goes to `pending`.
                 reserve_frame(&mut partial.pending, needed, app);
                 append_pending(&mut partial, &data[used..]);
+                if !check_partial_text(&mut partial) {
+                    self.fail(id, ProtocolError::InvalidUtf8, now_ms, app, regs);
+                    return;
+                }
             }
             self.put_partial(partial);
         }
@@ -473,6 +539,7 @@ impl Session {
         regs: &mut Registries,
     ) {
         let mut buf = std::mem::take(&mut partial.pending);
+        partial.text = None;
         let unmasked = started_frame(&buf, partial.decoder.config()).is_some();
         let core = &mut *self;
         let (used, needed, echo) = process(
@@ -486,9 +553,11 @@ impl Session {
             app,
             regs,
         );
+        let mut done_with = None;
         if let Some((op, len)) = echo {
-            // The frame was the whole buffer and its payload is echoed as it is.
-            core.echo_in_place(buf, op, len);
+            // The frame was the whole buffer and its payload is echoed as it is; the
+            // output buffer it replaced becomes the next pending buffer.
+            done_with = Some(core.echo_in_place(buf, op, len));
             core.check_outgoing(id, now_ms, app, regs);
         } else if used < buf.len() && !core.finished {
             if used > 0 {
@@ -497,10 +566,22 @@ impl Session {
             }
             reserve_frame(&mut buf, needed, app);
             partial.pending = buf;
+        } else {
+            done_with = Some(buf);
         }
-        if !core.finished && partial.holds_something() {
+        if core.finished {
+            return;
+        }
+        if partial.holds_something() {
             self.put_partial(partial);
+            return;
         }
+        // Kept for the next frame that crosses receives (see `Tx::spare_partial`).
+        if let Some(mut buf) = done_with.filter(|b| b.capacity() <= SPARE_MAX) {
+            buf.clear();
+            partial.pending = buf;
+        }
+        tx(&mut self.tx).spare_partial = Some(partial);
     }
 
     /// The peer is gone: `None` for EOF, `Some(errno)` for a socket error.
@@ -814,9 +895,17 @@ impl Session {
             if tx.is_empty() {
                 core.tx = None;
             }
-        } else if buf.capacity() <= 64 * 1024 && tx.spare.capacity() == 0 {
+        } else {
             buf.clear();
-            tx.spare = buf;
+            tx.recycle(buf);
+            let mut rest = output.rest;
+            for chunk in rest.drain(..) {
+                tx.recycle(chunk);
+            }
+            // The list's own allocation too.
+            if tx.chunks.capacity() == 0 {
+                tx.chunks = rest;
+            }
         }
     }
 
@@ -869,20 +958,20 @@ impl Session {
             Ok(None) => return None,
             Err(rej) => return self.reject(rej, regs),
         };
-        if !is_upgrade(&req) {
-            if let Some(answer) = app.http_answer(req.method, req.path) {
-                let headers = [
-                    ("content-type", answer.content_type),
-                    ("cache-control", "no-store"),
-                ];
-                write_response(
-                    &mut tx(&mut self.tx).out,
-                    answer.status,
-                    headers,
-                    &answer.body,
-                );
-                return self.end_handshake();
-            }
+        if !is_upgrade(&req)
+            && let Some(answer) = app.http_answer(req.method, req.path)
+        {
+            let headers = [
+                ("content-type", answer.content_type),
+                ("cache-control", "no-store"),
+            ];
+            write_response(
+                &mut tx(&mut self.tx).out,
+                answer.status,
+                headers,
+                &answer.body,
+            );
+            return self.end_handshake();
         }
         let Some(routed) = app.route(req.path) else {
             return self.reject(Rejection::NotFound, regs);
@@ -892,6 +981,9 @@ impl Session {
             Ok(up) => up,
             Err(rej) => return self.reject(rej, regs),
         };
+        if !app.origin_allowed(routed.gear, req.header("origin"), req.header("host")) {
+            return self.reject(Rejection::ForbiddenOrigin, regs);
+        }
         let deflate = negotiate(
             req.header_all("sec-websocket-extensions"),
             &app.limits().deflate,
@@ -1173,14 +1265,14 @@ impl Session {
                     outcome.panic = Some(panic_message(&panic));
                 }
                 let mut echo = outcome.echo.take();
-                if let Some(op) = echo {
-                    if outcome.panic.is_some() || outcome.gear_error.is_some() || outcome.closed {
-                        // Nothing was queued after the echo (a later send would have
-                        // queued it first): queue it now, before what the outcome adds.
-                        let out = &mut tx(&mut self.tx).out;
-                        encode_frame_into(out, true, 0, op, payload, None);
-                        echo = None;
-                    }
+                if let Some(op) = echo
+                    && (outcome.panic.is_some() || outcome.gear_error.is_some() || outcome.closed)
+                {
+                    // Nothing was queued after the echo (a later send would have
+                    // queued it first): queue it now, before what the outcome adds.
+                    let out = &mut tx(&mut self.tx).out;
+                    encode_frame_into(out, true, 0, op, payload, None);
+                    echo = None;
                 }
                 self.after_callback(id, outcome, now_ms, app, regs);
                 return echo.map(|op| (op, payload.len()));
@@ -1229,7 +1321,7 @@ impl Session {
     /// echoed, its payload the last `len` bytes. The server's header goes in front of
     /// the payload (the client's header is 4 bytes longer: it carries the mask), and
     /// `buf` becomes the output. The caller checks the output limit.
-    fn echo_in_place(&mut self, mut buf: Vec<u8>, op: OpCode, len: usize) {
+    fn echo_in_place(&mut self, mut buf: Vec<u8>, op: OpCode, len: usize) -> Vec<u8> {
         let payload_start = buf.len() - len;
         let header = encode_header(true, 0, op, len as u64, None);
         let header = header.as_bytes();
@@ -1240,15 +1332,15 @@ impl Session {
         match start {
             Some(start) if tx.out.is_empty() && tx.chunks.is_empty() => {
                 buf[usize::from(start)..payload_start].copy_from_slice(header);
-                let old = std::mem::replace(&mut tx.out, buf);
-                if tx.spare.capacity() == 0 && old.capacity() <= 64 * 1024 {
-                    tx.spare = old;
-                }
                 tx.out_start = start;
+                std::mem::replace(&mut tx.out, buf)
             }
             // Not reached (nothing is queued after a deferred echo, and a client's
             // header is longer than ours), but correct: copy.
-            _ => encode_frame_into(&mut tx.out, true, 0, op, &buf[payload_start..], None),
+            _ => {
+                encode_frame_into(&mut tx.out, true, 0, op, &buf[payload_start..], None);
+                buf
+            }
         }
     }
 
@@ -1268,6 +1360,7 @@ impl Session {
             decoder: Decoder::new(self.decoder_config(app)),
             pending: Vec::new(),
             handshake: None,
+            text: None,
         })
     }
 
@@ -1408,9 +1501,16 @@ impl Session {
         if in_flight == 0 || self.queued() <= app.limits().max_outgoing_bytes {
             return;
         }
+        // Everything it holds goes at once: what is queued (the close frame below
+        // could only follow it, and the peer reads nothing), the spare buffer, a frame
+        // half received. The close frame goes out if the send in flight ever
+        // completes; the shard stops reading and closes the socket after a short
+        // grace (`Session::is_abandoned`), so what the peer keeps sending costs
+        // nothing.
         let tx = tx(&mut self.tx);
         tx.discard_queued();
         tx.spare = Vec::new();
+        tx.partial = None;
         if self.local_close(now_ms, app) {
             self.send_close(Some(CloseCode::POLICY_VIOLATION), "slow consumer", regs);
         }
@@ -1421,6 +1521,14 @@ impl Session {
             app,
             regs,
         );
+        self.abandoned = true;
+        self.finished = true;
+    }
+
+    /// The peer stopped reading and was closed as a slow consumer: stop reading from
+    /// it and close the socket soon, whatever is still in flight.
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned
     }
 
     /// A protocol error: close with its code and close the socket without waiting for
@@ -1536,6 +1644,39 @@ impl Session {
     }
 }
 
+/// Checks the UTF-8 of what arrived of the text frame in `pending` that is not whole
+/// yet (a whole one is checked by the decoder); false once it cannot be valid.
+fn check_partial_text(partial: &mut Partial) -> bool {
+    let cfg = partial.decoder.config();
+    let Some(f) = started_frame(&partial.pending, cfg) else {
+        return true;
+    };
+    let upto = partial.pending.len().min(f.end);
+    if upto >= f.end {
+        return true;
+    }
+    if partial.text.is_none() {
+        let first = partial.pending[0];
+        // The first byte: FIN, RSV1-3 (RSV1 = 0x40), opcode.
+        let compressed = (first >> 4) & RSV1 != 0;
+        let v = match OpCode::from_bits(first & 0x0f).ok() {
+            Some(OpCode::Text) if !compressed => ChunkedUtf8::default(),
+            Some(OpCode::Continuation) => match partial.decoder.assembler_mut().text_tail() {
+                Some(tail) => ChunkedUtf8::after(tail),
+                None => return true,
+            },
+            _ => return true,
+        };
+        partial.text = Some((v, f.payload_start));
+    }
+    let Some((v, from)) = partial.text.as_mut() else {
+        return true;
+    };
+    let ok = v.feed(&partial.pending[*from..upto]) != Utf8State::Invalid;
+    *from = upto;
+    ok
+}
+
 /// Appends received bytes to `pending`, unmasking those that belong to the payload of
 /// its first frame as they are copied, up to the end of that frame if its header is
 /// whole. Returns how many bytes of `data` it took once that frame may be whole (all of
@@ -1643,7 +1784,10 @@ fn release_names(conn: &mut Conn, app: &App, gear: usize) {
 /// Grows a pending-frame buffer once to the whole frame's size (`needed`, known from
 /// its header) instead of doubling as the frame arrives; capped by the message limit.
 fn reserve_frame(buf: &mut Vec<u8>, needed: u64, app: &App) {
-    let cap = app.limits().max_message_bytes.saturating_add(14);
+    let cap = app
+        .limits()
+        .max_message_bytes
+        .saturating_add(MAX_HEADER_BYTES as u64);
     let want = usize::try_from(needed.min(cap)).unwrap_or(usize::MAX);
     if buf.capacity() < want {
         buf.reserve_exact(want.saturating_sub(buf.len()));
@@ -1725,23 +1869,17 @@ impl<'a, 'p> OutSink<'a, 'p> {
     #[cold]
     #[inline(never)]
     fn defer_echo(&mut self, op: OpCode, payload: &[u8]) -> bool {
-        if let Some(candidate) = self.echo_candidate {
-            if self.outcome.frames == 0
-                && self.tx.as_ref().is_none_or(|t| t.nothing_queued())
-                && payload.as_ptr() == candidate.as_ptr()
-                && payload.len() == candidate.len()
-            {
-                self.outcome.echo = Some(op);
-                self.outcome.frames += 1;
-                // The server header in front of the payload: 2, 4 or 10 bytes.
-                let header = match payload.len() {
-                    0..=125 => 2,
-                    126..=65535 => 4,
-                    _ => 10,
-                };
-                self.outcome.bytes += (payload.len() + header) as u64;
-                return true;
-            }
+        if let Some(candidate) = self.echo_candidate
+            && self.outcome.frames == 0
+            && self.tx.as_ref().is_none_or(|t| t.nothing_queued())
+            && payload.as_ptr() == candidate.as_ptr()
+            && payload.len() == candidate.len()
+        {
+            self.outcome.echo = Some(op);
+            self.outcome.frames += 1;
+            let header = unmasked_header_len(payload.len() as u64);
+            self.outcome.bytes += (payload.len() + header) as u64;
+            return true;
         }
         self.undefer();
         false
@@ -1755,7 +1893,7 @@ impl<'a, 'p> OutSink<'a, 'p> {
             return;
         }
         // The frame's length at most (a compressed one is shorter, or stored).
-        let out = tx(self.tx).room(payload.len() + 14);
+        let out = tx(self.tx).room(payload.len() + MAX_HEADER_BYTES);
         let before = out.len();
         match self.pmd.as_deref_mut() {
             Some(pmd) if pmd.compresses(payload.len()) => pmd.encode_frame(out, op, payload, None),
@@ -2228,6 +2366,105 @@ mod tests {
                 .unwrap()
                 .starts_with("HTTP/1.1 431")
         );
+    }
+
+    /// Cross-site WebSocket hijacking: a browser upgrade from another site's page gets
+    /// 403 (before `connect` runs); the server's own pages, clients without `Origin`,
+    /// and origins the gear allows pass.
+    #[test]
+    fn origins_other_than_the_host_get_403() {
+        let upgrade = |origin: Option<&str>| {
+            let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
+            format!(
+                "GET /ws HTTP/1.1\r\nHost: chat.example:8080\r\n{origin}Upgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+        };
+        let status = |h: &mut Harness, origin: Option<&str>| {
+            h.recv(upgrade(origin).as_bytes());
+            let out = String::from_utf8(h.output()).unwrap();
+            let status = out[9..12].to_owned();
+            if status == "101" {
+                h.session
+                    .shut_down(ID, h.now, &h.app, &mut Registries::none());
+            }
+            status
+        };
+        let cases = [
+            (None, "101"),
+            (Some("http://chat.example:8080"), "101"),
+            (Some("http://evil.example"), "403"),
+            (Some("null"), "403"),
+            (Some("https://app.example"), "403"),
+        ];
+        for (origin, want) in cases {
+            let mut h = harness(Limits::default(), None);
+            assert_eq!(status(&mut h, origin), want, "{origin:?}");
+        }
+        let mut h = harness(Limits::default(), None);
+        h.app.set_origins(
+            Some("/ws"),
+            crate::origin::OriginPolicy::from_list(&["https://app.example".into()]),
+        );
+        assert_eq!(status(&mut h, Some("https://app.example")), "101");
+        let mut h = harness(Limits::default(), None);
+        h.app
+            .set_origins(Some("/ws"), crate::origin::OriginPolicy::Any);
+        assert_eq!(status(&mut h, Some("http://evil.example")), "101");
+    }
+
+    /// Autobahn 6.4.3 and 6.4.4: a text frame whose bytes turn invalid before it is
+    /// whole is failed with 1007 when the bad bytes arrive, also in a continuation
+    /// frame whose first bytes finish a code point the previous fragment cut.
+    #[test]
+    fn invalid_utf8_fails_before_the_frame_is_whole() {
+        /// The first fragment's bytes (empty: no fragment), the valid bytes, the bad.
+        type Case<'a> = (&'a [u8], &'a [u8], Option<&'a [u8]>);
+        let cases: [Case; 3] = [
+            // one text frame: valid, then a surrogate, then the rest never comes
+            (b"", "κόσμε".as_bytes(), Some(&[0xed, 0xa0, 0x80])),
+            // the bad byte is the last one that arrived
+            (b"", b"hello", Some(&[0xf4, 0x90])),
+            // a continuation that finishes the first fragment's cut code point, then
+            // breaks
+            (&"€".as_bytes()[..2], &[0x82, b'a'], Some(&[0xff])),
+        ];
+        for (first_fragment, valid, bad) in cases {
+            let mut h = harness(Limits::default(), None);
+            h.open();
+            let continuation = !first_fragment.is_empty();
+            if continuation {
+                h.recv(&client_fragment(false, OpCode::Text, first_fragment));
+            }
+            let mut payload = valid.to_vec();
+            payload.extend_from_slice(bad.unwrap_or_default());
+            payload.extend_from_slice(&[b'x'; 100]);
+            let op = if continuation {
+                OpCode::Continuation
+            } else {
+                OpCode::Text
+            };
+            let frame = client_fragment(true, op, &payload);
+            // The header and the valid part, then the bad bytes: nothing yet, then 1007.
+            let cut = frame.len() - 100 - bad.map_or(0, <[u8]>::len);
+            h.recv(&frame[..cut]);
+            assert!(h.output().is_empty(), "valid so far");
+            assert!(!h.session.should_close());
+            h.recv(&frame[cut..frame.len() - 100]);
+            assert_eq!(close_code(&h.output()), Some(1007), "{payload:?}");
+            assert!(h.session.should_close());
+        }
+        // Valid text in pieces stays valid and arrives whole.
+        let mut h = harness(Limits::default(), None);
+        h.open();
+        let text = "κόσμε € 𝄞".repeat(50);
+        let frame = client_frame(OpCode::Text, text.as_bytes());
+        for piece in frame.chunks(7) {
+            h.recv(piece);
+        }
+        let out = frames(&h.output());
+        assert_eq!(out, vec![(OpCode::Text, text.into_bytes())]);
     }
 
     #[test]

@@ -77,12 +77,9 @@ pub struct ShardTuning {
     /// Buffers in the provided-buffer ring (a power of two, at most 32768).
     pub buf_entries: u16,
     /// Bytes per receive buffer. By default 64 buffers of 64 KiB (4 MiB per shard),
-    /// consumed incrementally: measured against 1024 whole buffers of 4 KiB (the same
-    /// memory, the default before), server CPU per echo fell about a quarter at 16
-    /// KiB (a frame arrives in one or two receives instead of four or more, and lies
-    /// whole in one more often, so it is not gathered), and at 512 B x 16 in flight
-    /// (several frames per receive); the same within noise at 20 B and at 1 in flight
-    /// (README, "Receive buffers").
+    /// consumed incrementally, so that a large frame arrives in one or two receives and
+    /// several small ones share a buffer (the measurements behind this default: README,
+    /// "Receive buffers consumed incrementally").
     pub buf_size: u32,
     /// Consume receive buffers incrementally (`IOU_PBUF_RING_INC`, from Linux 6.15:
     /// see `BufRing::new_incremental`): a receive takes only the bytes it got, the next
@@ -134,6 +131,11 @@ const MAX_DIRECT_SLOTS: usize = 1 << 20;
 /// After the drain window and the closing timeout, how long to wait for the forced
 /// closes to complete before giving up on them.
 const FORCED_CLOSE_GRACE_MS: u64 = 2_000;
+
+/// How long a slow consumer's socket stays open after its 1008 (its recv cancelled,
+/// its queue freed) for the send in flight and the close frame to go out if it reads
+/// after all; then it is shut down.
+const SLOW_CONSUMER_GRACE_MS: u64 = 1_000;
 
 /// A shard's counters, written by its thread only (relaxed atomics), readable from any
 /// thread.
@@ -474,6 +476,8 @@ impl ConnFlags {
     /// Open when the drain started: the listeners stay open until every such
     /// connection is gone (or the drain window is over).
     const BEFORE_DRAIN: u16 = 1 << 9;
+    /// The recv was cancelled (a slow consumer: nothing it sends is read any more).
+    const RECV_CANCELLED: u16 = 1 << 10;
 
     fn has(self, bit: u16) -> bool {
         self.0 & bit != 0
@@ -901,11 +905,11 @@ impl Shard {
     }
 
     fn touch(&mut self, index: u32) {
-        if let Some(conn) = conn_in(&mut self.conns, index) {
-            if !conn.flags.has(ConnFlags::TOUCHED) {
-                conn.flags.set(ConnFlags::TOUCHED, true);
-                self.touched.push(index);
-            }
+        if let Some(conn) = conn_in(&mut self.conns, index)
+            && !conn.flags.has(ConnFlags::TOUCHED)
+        {
+            conn.flags.set(ConnFlags::TOUCHED, true);
+            self.touched.push(index);
         }
     }
 
@@ -1225,12 +1229,12 @@ impl Shard {
         };
         send.zc_notifs -= 1;
         bump(&self.shared.stats[self.index].zero_copy_notifications, 1);
-        if send.done && send.zc_notifs == 0 {
-            if let Some(send) = self.sends.take(&mut conn.sending) {
-                if let Some(session) = conn.session.as_mut() {
-                    session.sent(send.output);
-                }
-            }
+        if send.done
+            && send.zc_notifs == 0
+            && let Some(send) = self.sends.take(&mut conn.sending)
+            && let Some(session) = conn.session.as_mut()
+        {
+            session.sent(send.output);
         }
         self.touch(index);
     }
@@ -1272,12 +1276,11 @@ impl Shard {
         }
         // While notifications are due, the kernel may still read the bytes: they are
         // kept until the last one.
-        if send.zc_notifs == 0 {
-            if let Some(send) = self.sends.take(&mut conn.sending) {
-                if let (Some(session), true) = (conn.session.as_mut(), send.sent == send.len) {
-                    session.sent(send.output);
-                }
-            }
+        if send.zc_notifs == 0
+            && let Some(send) = self.sends.take(&mut conn.sending)
+            && let (Some(session), true) = (conn.session.as_mut(), send.sent == send.len)
+        {
+            session.sent(send.output);
         }
         self.touch(index);
         Ok(())
@@ -1296,6 +1299,7 @@ impl Shard {
         if conn.flags.has(ConnFlags::CLOSE_SENT) {
             return Ok(());
         }
+        let abandoned = conn.session.as_ref().is_some_and(Session::is_abandoned);
         if conn.sending.is_some() && !conn.flags.has(ConnFlags::FORCED) {
             if !conn.flags.has(ConnFlags::FORCE_SCHEDULED) {
                 conn.flags.set(ConnFlags::FORCE_SCHEDULED, true);
@@ -1303,7 +1307,22 @@ impl Shard {
                     index,
                     generation: conn.generation,
                 };
-                self.timers.insert(now_ms + closing_ms, key);
+                let wait_ms = if abandoned {
+                    SLOW_CONSUMER_GRACE_MS.min(closing_ms)
+                } else {
+                    closing_ms
+                };
+                self.timers.insert(now_ms + wait_ms, key);
+            }
+            if abandoned
+                && conn.flags.has(ConnFlags::RECV_ARMED)
+                && !conn.flags.has(ConnFlags::RECV_CANCELLED)
+            {
+                // A slow consumer: what it keeps sending is not read (its socket
+                // buffer fills, then its TCP window closes), so it costs no CPU here.
+                conn.flags.set(ConnFlags::RECV_CANCELLED, true);
+                let ud = conn.user_data(Op::Recv, index);
+                self.io.cancel(ud)?;
             }
             return Ok(());
         }
@@ -1360,10 +1379,10 @@ impl Shard {
                 let id = conn_id(self.index, index, conn.generation);
                 session.shut_down(id, self.now_ms, &self.app, &mut self.regs);
             }
-            if let Some(drain) = self.drain.as_mut() {
-                if conn.flags.has(ConnFlags::BEFORE_DRAIN) {
-                    drain.before_left -= 1;
-                }
+            if let Some(drain) = self.drain.as_mut()
+                && conn.flags.has(ConnFlags::BEFORE_DRAIN)
+            {
+                drain.before_left -= 1;
             }
             self.open -= 1;
             self.release.churned(self.now_ms);
@@ -1385,39 +1404,40 @@ impl Shard {
             return Ok(());
         }
         let mut start_send = false;
-        if !conn.flags.has(ConnFlags::FORCED) && conn.sending.is_none() {
-            if let Some(session) = conn.session.as_mut() {
-                while let Some(output) = session.take_output(now_ms) {
-                    let len = output.len();
-                    if len == 0 {
-                        session.sent(output);
-                        continue;
-                    }
-                    conn.sending = self.sends.insert(InFlightSend {
-                        output,
-                        sent: 0,
-                        len,
-                        msg: None,
-                        zc_notifs: 0,
-                        done: false,
-                    });
-                    start_send = true;
-                    break;
+        if !conn.flags.has(ConnFlags::FORCED)
+            && conn.sending.is_none()
+            && let Some(session) = conn.session.as_mut()
+        {
+            while let Some(output) = session.take_output(now_ms) {
+                let len = output.len();
+                if len == 0 {
+                    session.sent(output);
+                    continue;
                 }
+                conn.sending = self.sends.insert(InFlightSend {
+                    output,
+                    sent: 0,
+                    len,
+                    msg: None,
+                    zc_notifs: 0,
+                    done: false,
+                });
+                start_send = true;
+                break;
             }
         }
         // The only deadline kept in the wheel is the closing timeout, set once: one
         // entry per connection at a time is enough.
         let deadline = conn.live_session().and_then(|s| s.next_deadline_ms());
-        if let Some(deadline) = deadline {
-            if !conn.flags.has(ConnFlags::TIMER_ARMED) {
-                conn.flags.set(ConnFlags::TIMER_ARMED, true);
-                let key = TimerKey::Session {
-                    index,
-                    generation: conn.generation,
-                };
-                self.timers.insert(deadline, key);
-            }
+        if let Some(deadline) = deadline
+            && !conn.flags.has(ConnFlags::TIMER_ARMED)
+        {
+            conn.flags.set(ConnFlags::TIMER_ARMED, true);
+            let key = TimerKey::Session {
+                index,
+                generation: conn.generation,
+            };
+            self.timers.insert(deadline, key);
         }
         let finished = conn.finished();
         if start_send {
@@ -1445,10 +1465,10 @@ impl Shard {
                 }
                 conn.flags.set(ConnFlags::TIMER_ARMED, false);
                 let id = conn_id(self.index, index, generation);
-                if let Some(session) = conn.live_session() {
-                    if session.next_deadline_ms().is_some_and(|d| d <= now_ms) {
-                        session.on_tick(id, now_ms, &self.app, &mut self.regs);
-                    }
+                if let Some(session) = conn.live_session()
+                    && session.next_deadline_ms().is_some_and(|d| d <= now_ms)
+                {
+                    session.on_tick(id, now_ms, &self.app, &mut self.regs);
                 }
                 self.touch(index);
             }
@@ -1689,10 +1709,10 @@ impl Drop for Shard {
         for (index, slot) in self.conns.iter_mut().enumerate() {
             let Some(conn) = slot else { continue };
             let id = conn_id(self.index, index as u32, conn.generation);
-            if let Some(session) = conn.session.as_mut() {
-                if !session.is_terminated() {
-                    session.shut_down(id, self.now_ms, &self.app, &mut self.regs);
-                }
+            if let Some(session) = conn.session.as_mut()
+                && !session.is_terminated()
+            {
+                session.shut_down(id, self.now_ms, &self.app, &mut self.regs);
             }
         }
         if self.io.in_flight == 0 {
@@ -1728,13 +1748,13 @@ impl Drop for Shard {
                         self.bufs
                             .release(bid, len, cqueue::buffer_more(cqe.flags()));
                     }
-                    if let Some(ud) = UserData::decode(cqe.user_data()) {
-                        if let Some(conn) = conn_in(&mut self.conns, ud.index) {
-                            match ud.op {
-                                Op::Send => drop(self.sends.take(&mut conn.sending)),
-                                Op::PeerName => drop(self.peer_bufs.take(&mut conn.peer_buf)),
-                                _ => {}
-                            }
+                    if let Some(ud) = UserData::decode(cqe.user_data())
+                        && let Some(conn) = conn_in(&mut self.conns, ud.index)
+                    {
+                        match ud.op {
+                            Op::Send => drop(self.sends.take(&mut conn.sending)),
+                            Op::PeerName => drop(self.peer_bufs.take(&mut conn.peer_buf)),
+                            _ => {}
                         }
                     }
                 }

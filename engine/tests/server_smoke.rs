@@ -12,22 +12,8 @@ use engine::protocol::codec::encode_frame_into;
 use engine::shard::ShardTuning;
 use engine::{RunningServer, Server};
 use handler_api::{Conn, Context, Message, Websocket};
-
-/// Text back as text, binary back as binary.
-struct Echo;
-
-impl Websocket for Echo {
-    type State = ();
-    type Message = ();
-    fn init(&self, _: &mut Conn, _: &mut Context<'_, ()>) {}
-    fn handle_client_message(&self, _: &mut (), msg: Message<'_>, ctx: &mut Context<'_, ()>) {
-        match msg {
-            Message::Text(t) => ctx.send_text(t),
-            Message::Binary(b) => ctx.send_binary(b),
-        }
-    }
-    fn handle_server_message(&self, _: &mut (), _: (), _: &mut Context<'_, ()>) {}
-}
+use testkit::Echo;
+use testkit::raw::upgrade_request;
 
 /// Sends the peer address the gear was given as its first frame.
 struct WhoAmI;
@@ -99,14 +85,6 @@ fn read_head(stream: &mut TcpStream) -> String {
         }
     }
     String::from_utf8(head).expect("ASCII head")
-}
-
-fn upgrade_request(path: &str) -> String {
-    format!(
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Version: 13\r\n\r\n"
-    )
 }
 
 /// Connects and upgrades; `None` if the server closes or resets the connection first.

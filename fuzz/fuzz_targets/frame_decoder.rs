@@ -1,5 +1,6 @@
 //! The frame codec and unmasking. The first input byte picks the mode:
-//! - 0: raw bytes into `decode_frame`, compared with a reference header parser written
+//! - 0: raw bytes into `parse_header` and the payload's unmasking (`decode_frame`
+//!   below), compared with a reference header parser written
 //!   here; a decoded frame's header re-encodes to exactly the input's header bytes;
 //! - 1: a frame built from arbitrary fields, encoded with `encode_frame_into`, decoded
 //!   whole and cut at an arbitrary point (Incomplete, the specific error, or the
@@ -11,12 +12,41 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use engine::protocol::codec::{
-    Decoded, DecoderConfig, MAX_HEADER_BYTES, OpCode, RSV1, Role, decode_frame,
+    Decoded, DecoderConfig, FrameHeader, MAX_HEADER_BYTES, OpCode, RSV1, Role,
     encode_frame_into, encode_frame_to_slice, encode_header, parse_header,
 };
 use engine::protocol::error::ProtocolError;
 use engine::protocol::mask::{unmask, unmask_reference};
 use libfuzzer_sys::fuzz_target;
+
+/// A decoded frame: its header and its payload, unmasked in place.
+#[derive(Debug, PartialEq, Eq)]
+struct FrameRef<'a> {
+    header: FrameHeader,
+    payload: &'a mut [u8],
+}
+
+/// One frame from the start of `buf` as the engine's decoder reads it: `parse_header`,
+/// then the payload unmasked in place once all of it is there.
+fn decode_frame<'a>(
+    buf: &'a mut [u8],
+    cfg: &DecoderConfig,
+) -> Result<Decoded<FrameRef<'a>>, ProtocolError> {
+    let header = match parse_header(buf, cfg)? {
+        Decoded::Complete(h, _) => h,
+        Decoded::Incomplete { needed } => return Ok(Decoded::Incomplete { needed }),
+    };
+    let total = header.frame_len();
+    if (buf.len() as u64) < total {
+        return Ok(Decoded::Incomplete { needed: total });
+    }
+    let total = total as usize;
+    let payload = &mut buf[header.header_len..total];
+    if let Some(mask) = header.mask {
+        unmask(payload, mask, 0);
+    }
+    Ok(Decoded::Complete(FrameRef { header, payload }, total))
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {

@@ -130,13 +130,13 @@ impl<'a, M> Context<'a, M> {
         if self.closed {
             return;
         }
-        if let Frame::Close(Some(close)) = &frame {
-            if close.reason.as_bytes().len() > crate::close::MAX_CLOSE_REASON_BYTES {
-                self.closed = true;
-                self.sink
-                    .send_frame(Frame::close(close.code, close.reason.as_str()));
-                return;
-            }
+        if let Frame::Close(Some(close)) = &frame
+            && close.reason.as_bytes().len() > crate::close::MAX_CLOSE_REASON_BYTES
+        {
+            self.closed = true;
+            self.sink
+                .send_frame(Frame::close(close.code, close.reason.as_str()));
+            return;
         }
         self.closed = frame.is_close();
         self.sink.send_frame(frame);

@@ -84,10 +84,10 @@ impl Wakeup {
 
     /// Wakes `shard` from a foreign thread if it may be blocked.
     pub fn notify_from_foreign(&self, shard: usize) {
-        if self.notify(shard) {
-            if let Some(wake) = self.foreign.get() {
-                wake(shard);
-            }
+        if self.notify(shard)
+            && let Some(wake) = self.foreign.get()
+        {
+            wake(shard);
         }
     }
 
@@ -104,6 +104,20 @@ impl Wakeup {
                 state.swap(RUNNING, Ordering::AcqRel);
                 false
             }
+        }
+    }
+
+    /// [`Wakeup::prepare_sleep`] with the bug the loom models must catch: a load and a
+    /// plain store instead of one compare-exchange, so a notify can fall between them.
+    #[cfg(all(test, loom))]
+    fn prepare_sleep_with_plain_store(&self, shard: usize) -> bool {
+        let state = &self.states[shard];
+        if state.load(Ordering::Acquire) == RUNNING {
+            state.store(SLEEPING, Ordering::Release);
+            true
+        } else {
+            state.swap(RUNNING, Ordering::AcqRel);
+            false
         }
     }
 
@@ -125,7 +139,20 @@ mod loom_tests {
     /// sleep without having seen the message must have been woken.
     #[test]
     fn no_lost_wakeup() {
-        loom::model(|| {
+        lost_wakeup_model(Wakeup::prepare_sleep);
+    }
+
+    /// The model catches the bug it is there for: with a plain store in place of the
+    /// compare-exchange, some interleaving sleeps with the message queued and no
+    /// wake-up coming (checks that the model is not vacuous).
+    #[test]
+    #[should_panic(expected = "asleep with a message queued and no wake-up")]
+    fn a_plain_store_loses_a_wakeup() {
+        lost_wakeup_model(Wakeup::prepare_sleep_with_plain_store);
+    }
+
+    fn lost_wakeup_model(prepare_sleep: fn(&Wakeup, usize) -> bool) {
+        loom::model(move || {
             let wakeup = Arc::new(Wakeup::new(1));
             let queued = Arc::new(AtomicBool::new(false));
             let sender = {
@@ -136,7 +163,7 @@ mod loom_tests {
                 })
             };
             let mut seen = queued.load(Ordering::Acquire);
-            let slept = if wakeup.prepare_sleep(0) {
+            let slept = if prepare_sleep(&wakeup, 0) {
                 true
             } else {
                 seen |= queued.load(Ordering::Acquire);

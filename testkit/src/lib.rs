@@ -32,7 +32,11 @@
 //! is drained when the [`TestServer`] is dropped.
 #![deny(missing_docs)]
 
+mod echo;
+pub mod raw;
 pub mod redis;
+
+pub use echo::Echo;
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;

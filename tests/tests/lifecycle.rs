@@ -23,6 +23,7 @@ use futures_util::{SinkExt, StreamExt};
 use handler_api::{
     CloseCode, Conn, Context, Message, Response, TerminateError, TerminateReason, Websocket,
 };
+use testkit::raw::{masked, unmasked, upgrade_request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -261,16 +262,6 @@ async fn client_close(mut ws: Client) {
     assert_eq!(code, None, "an empty close is answered with an empty close");
 }
 
-/// A key that RFC 6455 section 1.3 uses as its example.
-const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-
-fn upgrade_request(path: &str) -> String {
-    format!(
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-}
-
 /// Sends `request` on a fresh connection and reads the whole answer (the server closes
 /// the socket after a rejection): status, head and body.
 async fn http(addr: SocketAddr, request: &str) -> (u16, String, Vec<u8>) {
@@ -294,6 +285,15 @@ async fn http(addr: SocketAddr, request: &str) -> (u16, String, Vec<u8>) {
     (status, head, all[end..].to_vec())
 }
 
+/// A client with a small receive buffer, upgraded on `/echo`, that the tests never let
+/// read: what the server sends it piles up.
+async fn never_reading_client(addr: SocketAddr) -> Raw {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = within("connect", socket.connect(addr)).await.unwrap();
+    Raw::upgrade(stream, "/echo").await
+}
+
 /// Sends `request` on a fresh connection and returns the response head; the
 /// connection is then dropped.
 async fn response_head(addr: SocketAddr, request: &str) -> String {
@@ -309,37 +309,6 @@ async fn response_head(addr: SocketAddr, request: &str) -> String {
         }
         assert!(raw.fill().await, "EOF before the response head");
     }
-}
-
-/// A masked client frame (FIN set).
-fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut out = frame_head(opcode, payload.len(), true);
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
-
-/// An unmasked frame, as only a server may send (FIN set).
-fn unmasked(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = frame_head(opcode, payload.len(), false);
-    out.extend_from_slice(payload);
-    out
-}
-
-fn frame_head(opcode: u8, len: usize, masked: bool) -> Vec<u8> {
-    let m = if masked { 0x80 } else { 0 };
-    let mut out = vec![0x80 | opcode];
-    if len < 126 {
-        out.push(m | len as u8);
-    } else if len <= 0xffff {
-        out.push(m | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(m | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out
 }
 
 /// A websocket client on a raw socket, for what a well-behaved library will not do.
@@ -808,12 +777,7 @@ async fn slow_consumer_is_closed_and_others_go_on() {
 
     // A client with a small receive buffer that asks for 128 KiB at a time (under the
     // limit per request) and never reads.
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = within("connect", socket.connect(server.addr))
-        .await
-        .unwrap();
-    let mut raw = Raw::upgrade(stream, "/echo").await;
+    let mut raw = never_reading_client(server.addr).await;
     let request = masked(0x1, b"flood:2");
     let start = Instant::now();
     while server.reasons().is_empty() {
@@ -839,6 +803,80 @@ async fn slow_consumer_is_closed_and_others_go_on() {
     echo_roundtrip(&mut bystander, WsMessage::binary(binary_of(200_000))).await;
     client_close(bystander).await;
     server.wait_reasons(2).await;
+    server.stop().await;
+}
+
+/// Once a client is judged a slow consumer (1008), the server stops reading it: what
+/// it keeps sending is not received (its bytes stop counting, its TCP window closes),
+/// and its socket is closed after a short grace rather than the closing timeout.
+#[tokio::test]
+async fn a_slow_consumer_is_not_read_after_its_1008() {
+    let server = TestServer::start(Limits {
+        max_outgoing_bytes: 64 * 1024,
+        ..Limits::default()
+    });
+    let mut raw = never_reading_client(server.addr).await;
+    let request = masked(0x1, b"flood:2");
+    let start = Instant::now();
+    while server.reasons().is_empty() {
+        assert!(start.elapsed() < WAIT, "the client was not judged slow");
+        let _ = raw.stream.try_write(&request);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        server.wait_reasons(1).await,
+        [TerminateReason::Error(TerminateError::SlowConsumer)]
+    );
+    let received = |server: &TestServer| -> u64 {
+        server
+            .handle()
+            .stats()
+            .iter()
+            .map(|s| s.bytes_received)
+            .sum()
+    };
+    // Give the cancellation a moment, then flood with data the server must not read.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = received(&server);
+    let filler = masked(0x2, &[7u8; 8192]);
+    let mut written = 0usize;
+    let flood_until = Instant::now() + Duration::from_millis(600);
+    let mut ended = false;
+    while Instant::now() < flood_until {
+        match raw.stream.try_write(&filler) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(_) => {
+                ended = true;
+                break;
+            }
+        }
+    }
+    let read_meanwhile = received(&server) - before;
+    assert!(
+        read_meanwhile < 64 * 1024,
+        "the server read {read_meanwhile} of the {written} bytes a slow consumer sent after its 1008"
+    );
+    // And the socket is gone within the grace (writes fail, or reads see its end).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ended {
+        assert!(
+            Instant::now() < deadline,
+            "the slow consumer's socket stayed open"
+        );
+        let mut buf = [0u8; 65536];
+        match tokio::time::timeout(Duration::from_millis(100), raw.stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => ended = true,
+            _ => {}
+        }
+        if let Err(e) = raw.stream.try_write(&filler)
+            && e.kind() != std::io::ErrorKind::WouldBlock
+        {
+            ended = true;
+        }
+    }
     server.stop().await;
 }
 

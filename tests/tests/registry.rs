@@ -563,8 +563,9 @@ impl DeflateClient {
         write!(
             s,
             "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+             Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+            testkit::raw::KEY
         )
         .unwrap();
         let mut head = Vec::new();

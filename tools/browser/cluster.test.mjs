@@ -4,7 +4,7 @@
 // nodes, and the two users chat through /chat by room and by name across the nodes.
 // Screenshots go to target/browser/. Exits non-zero on the first failed check.
 //
-//   node tools/browser/cluster.test.mjs    (after cargo build --release -p tools)
+//   node tools/browser/cluster.test.mjs    (after cargo build --release --bin kythera)
 
 import { join } from "node:path";
 import {

@@ -5,7 +5,7 @@
 // figures panel must show both shards and the open connections. Screenshots go to
 // target/browser/. Exits non-zero on the first failed check, naming it.
 //
-//   node tools/browser/demo.test.mjs       (after cargo build --release -p tools)
+//   node tools/browser/demo.test.mjs       (after cargo build --release --bin kythera)
 //
 // KYTHERA_BIN overrides the binary, CHROMIUM the browser (default /usr/bin/chromium).
 

@@ -98,7 +98,7 @@ class KytheraServer:
         if not self.binary.is_file():
             raise ServerError(
                 f"{self.binary} does not exist: build it with "
-                "`cargo build --release -p tools --bin kythera`"
+                "`cargo build --release --bin kythera`"
             )
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         if threading.current_thread() is threading.main_thread():

@@ -152,6 +152,17 @@ pub struct Args {
     /// Send messages shorter than this uncompressed; 0 compresses all [default: 0].
     #[arg(long, value_name = "BYTES", env = "KYTHERA_DEFLATE_MIN_BYTES")]
     pub deflate_min_bytes: Option<usize>,
+    /// Pages allowed to open websocket connections besides this server's own (their
+    /// `Origin`, as https://app.example.com; repeat, or comma-separated; `*` for any).
+    /// Browser upgrades from other pages get 403; clients that send no `Origin` pass
+    /// [default: none: this server's pages only].
+    #[arg(
+        long,
+        value_name = "ORIGIN",
+        env = "KYTHERA_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
     /// Join a cluster through this Redis: redis://HOST:PORT[/DB]; for a Redis Cluster,
     /// one or more seed nodes, comma-separated. Without it the server is a single
     /// process [default: none].
@@ -212,6 +223,7 @@ pub struct File {
     cluster_redis: Option<String>,
     node_id: Option<String>,
     cluster_ttl_ms: Option<u64>,
+    allowed_origins: Option<Vec<String>>,
 }
 
 /// Why the configuration was refused.
@@ -219,8 +231,9 @@ pub struct File {
 pub struct ConfigError {
     /// The option's name (as in the file).
     pub key: String,
-    /// Where the bad value came from.
-    pub source: &'static str,
+    /// Where the bad value came from: `command line (--key)`, `environment variable
+    /// KYTHERA_KEY`, `config file PATH, line N`, or `default`.
+    pub source: String,
     /// Why it is refused.
     pub reason: String,
 }
@@ -256,43 +269,180 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// The cluster to join; `None`: a single process.
     pub cluster: Option<ClusterSettings>,
+    /// Origins allowed besides the server's own (`*`: any).
+    pub allowed_origins: Vec<String>,
 }
 
 /// Reads the `--config` file, if any.
 pub fn read_file(path: &Path) -> Result<File, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         key: "config".into(),
-        source: "command line or KYTHERA_CONFIG",
+        source: "--config or KYTHERA_CONFIG".into(),
         reason: format!("cannot read {}: {e}", path.display()),
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError {
-        key: e.message().split('`').nth(1).unwrap_or("config").to_owned(),
-        source: "config file",
-        reason: e.to_string().trim().replace('\n', " "),
+    toml::from_str(&text).map_err(|e| file_error(path, &text, &e))
+}
+
+/// A TOML error as the key, the file and line, and toml's message (its first line:
+/// the rest is an excerpt of the file, which the line number replaces).
+fn file_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim();
+    let at = e.span().map(|s| s.start.min(text.len()));
+    let line_text = at.map(|at| {
+        let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+        &text[start..end]
+    });
+    // `unknown field `x``: the key is in the message; else it starts the line.
+    let key = message
+        .strip_prefix("unknown field `")
+        .and_then(|m| m.split('`').next())
+        .map(str::to_owned)
+        .or_else(|| {
+            let line = line_text?;
+            let (key, _) = line.split_once('=')?;
+            Some(key.trim().trim_matches('"').to_owned())
+        })
+        .filter(|k| !k.is_empty())
+        .unwrap_or_else(|| "config".to_owned());
+    let source = match at {
+        Some(at) => format!(
+            "config file {}, line {}",
+            path.display(),
+            text[..at].matches('\n').count() + 1
+        ),
+        None => format!("config file {}", path.display()),
+    };
+    ConfigError {
+        key,
+        source,
+        reason: message.lines().next().unwrap_or(message).to_owned(),
+    }
+}
+
+/// Where each option's value came from, for error messages.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    from_env: Vec<String>,
+}
+
+impl Sources {
+    /// Reads which options the environment set from clap's matches.
+    pub fn of(matches: &clap::ArgMatches) -> Sources {
+        Sources {
+            from_env: matches
+                .ids()
+                .filter(|id| {
+                    matches.value_source(id.as_str())
+                        == Some(clap::parser::ValueSource::EnvVariable)
+                })
+                .map(|id| id.as_str().to_owned())
+                .collect(),
+        }
+    }
+
+    /// The value of `key` from the flags or environment, else the file, with where it
+    /// came from.
+    fn pick<T: Clone>(&self, key: &str, flag: &Option<T>, file: &Option<T>) -> (Option<T>, String) {
+        match (flag, file) {
+            (Some(v), _) if self.from_env.iter().any(|k| k == key) => (
+                Some(v.clone()),
+                format!("environment variable KYTHERA_{}", key.to_ascii_uppercase()),
+            ),
+            (Some(v), _) => (
+                Some(v.clone()),
+                format!("command line (--{})", key.replace('_', "-")),
+            ),
+            (None, Some(v)) => (Some(v.clone()), "config file".to_owned()),
+            (None, None) => (None, "default".to_owned()),
+        }
+    }
+}
+
+/// Parses the command line and environment; on an invalid value, an error that names
+/// the option's key and where the value came from (a flag or a `KYTHERA_*` variable),
+/// as [`resolve`]'s errors do. Other errors are clap's own (usage, `--help`).
+pub fn parse_args<I, T>(argv: I) -> Result<(Args, Sources), ArgsError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+    let matches = Args::command()
+        .try_get_matches_from(&argv)
+        .map_err(|e| value_error(&argv, e))?;
+    let args = Args::from_arg_matches(&matches).map_err(ArgsError::Clap)?;
+    Ok((args, Sources::of(&matches)))
+}
+
+/// Why the command line could not be parsed.
+#[derive(Debug)]
+pub enum ArgsError {
+    /// An invalid value: the key, where it came from, why.
+    Invalid(ConfigError),
+    /// clap's own error (usage, `--help`, `--version`): `exit()` prints it.
+    Clap(clap::Error),
+}
+
+/// An invalid value as a [`ConfigError`] naming the key and its source; other errors
+/// as they are.
+fn value_error(argv: &[std::ffi::OsString], e: clap::Error) -> ArgsError {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return ArgsError::Clap(e);
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return ArgsError::Clap(e);
+    };
+    // "--shards <N>" -> "shards"
+    let flag = arg.split_whitespace().next().unwrap_or(arg).to_owned();
+    let Some(name) = flag.strip_prefix("--") else {
+        return ArgsError::Clap(e);
+    };
+    let on_command_line = argv
+        .iter()
+        .filter_map(|a| a.to_str())
+        .any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    let key = name.replace('-', "_");
+    let source = if on_command_line {
+        format!("command line ({flag})")
+    } else {
+        format!("environment variable KYTHERA_{}", key.to_ascii_uppercase())
+    };
+    let value = match e.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(v)) => format!("{v:?}"),
+        _ => "the value".to_owned(),
+    };
+    // clap's rendered message holds the parser's reason after the last ": ".
+    let rendered = e.to_string();
+    let first = rendered.lines().next().unwrap_or_default();
+    let why = first.rsplit_once(": ").map_or(first, |(_, w)| w);
+    ArgsError::Invalid(ConfigError {
+        key,
+        source,
+        reason: format!("{value}: {why}"),
     })
 }
 
 /// Picks each option from the flags/environment, else the file, else the default,
 /// and checks it.
-pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
-    fn pick<T: Clone>(flag: &Option<T>, file: &Option<T>) -> (Option<T>, &'static str) {
-        match (flag, file) {
-            (Some(v), _) => (Some(v.clone()), "command line or environment"),
-            (None, Some(v)) => (Some(v.clone()), "config file"),
-            (None, None) => (None, "default"),
-        }
-    }
-    fn err(key: &str, source: &'static str, reason: impl Into<String>) -> ConfigError {
+pub fn resolve(args: &Args, sources: &Sources, file: &File) -> Result<Settings, ConfigError> {
+    fn err(key: &str, source: String, reason: impl Into<String>) -> ConfigError {
         ConfigError {
             key: key.into(),
             source,
             reason: reason.into(),
         }
     }
+    let p = sources;
     /// A whole number of seconds, at least `min`.
     fn secs(
         key: &str,
-        (v, src): (Option<u64>, &'static str),
+        (v, src): (Option<u64>, String),
         default: u64,
         min: u64,
     ) -> Result<u64, ConfigError> {
@@ -312,9 +462,13 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
         args.listen.clone()
     };
     if listen.is_empty() {
-        return Err(err("listen", "config file", "needs at least one address"));
+        return Err(err(
+            "listen",
+            "config file".into(),
+            "needs at least one address",
+        ));
     }
-    let (shards, src) = pick(&args.shards, &file.shards);
+    let (shards, src) = p.pick("shards", &args.shards, &file.shards);
     if let Some(n) = shards
         && !(1..=engine::server::MAX_SHARDS).contains(&n)
     {
@@ -324,24 +478,34 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
             format!("must be between 1 and {}", engine::server::MAX_SHARDS),
         ));
     }
-    let (max_message_bytes, src) = pick(&args.max_message_bytes, &file.max_message_bytes);
+    let (max_message_bytes, src) = p.pick(
+        "max_message_bytes",
+        &args.max_message_bytes,
+        &file.max_message_bytes,
+    );
     let max_message_bytes = max_message_bytes.unwrap_or(defaults.max_message_bytes);
     if max_message_bytes == 0 {
         return Err(err("max_message_bytes", src, "must be at least 1"));
     }
-    let (max_outgoing_bytes, src) = pick(&args.max_outgoing_bytes, &file.max_outgoing_bytes);
+    let (max_outgoing_bytes, src) = p.pick(
+        "max_outgoing_bytes",
+        &args.max_outgoing_bytes,
+        &file.max_outgoing_bytes,
+    );
     let max_outgoing_bytes = max_outgoing_bytes.unwrap_or(defaults.max_outgoing_bytes);
     if max_outgoing_bytes < 1024 {
         return Err(err("max_outgoing_bytes", src, "must be at least 1024"));
     }
-    let (max_conns, src) = pick(
+    let (max_conns, src) = p.pick(
+        "max_connections_per_gear",
         &args.max_connections_per_gear,
         &file.max_connections_per_gear,
     );
     if max_conns == Some(0) {
         return Err(err("max_connections_per_gear", src, "must be at least 1"));
     }
-    let (max_head_bytes, src) = pick(&args.max_head_bytes, &file.max_head_bytes);
+    let (max_head_bytes, src) =
+        p.pick("max_head_bytes", &args.max_head_bytes, &file.max_head_bytes);
     let max_head_bytes = max_head_bytes.unwrap_or(defaults.max_head_bytes);
     if !(256..=1024 * 1024).contains(&max_head_bytes) {
         return Err(err(
@@ -352,41 +516,69 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
     }
     let idle = secs(
         "idle_timeout_secs",
-        pick(&args.idle_timeout_secs, &file.idle_timeout_secs),
+        p.pick(
+            "idle_timeout_secs",
+            &args.idle_timeout_secs,
+            &file.idle_timeout_secs,
+        ),
         defaults.idle_timeout.as_secs(),
         1,
     )?;
     let handshake = secs(
         "handshake_timeout_secs",
-        pick(&args.handshake_timeout_secs, &file.handshake_timeout_secs),
+        p.pick(
+            "handshake_timeout_secs",
+            &args.handshake_timeout_secs,
+            &file.handshake_timeout_secs,
+        ),
         defaults.handshake_timeout.as_secs(),
         1,
     )?;
     let closing = secs(
         "closing_timeout_secs",
-        pick(&args.closing_timeout_secs, &file.closing_timeout_secs),
+        p.pick(
+            "closing_timeout_secs",
+            &args.closing_timeout_secs,
+            &file.closing_timeout_secs,
+        ),
         defaults.closing_timeout.as_secs(),
         1,
     )?;
     let drain = secs(
         "drain_window_secs",
-        pick(&args.drain_window_secs, &file.drain_window_secs),
+        p.pick(
+            "drain_window_secs",
+            &args.drain_window_secs,
+            &file.drain_window_secs,
+        ),
         defaults.drain_window.as_secs(),
         0,
     )?;
     let ping = secs(
         "ping_interval_secs",
-        pick(&args.ping_interval_secs, &file.ping_interval_secs),
+        p.pick(
+            "ping_interval_secs",
+            &args.ping_interval_secs,
+            &file.ping_interval_secs,
+        ),
         0,
         0,
     )?;
     let pong = secs(
         "pong_timeout_secs",
-        pick(&args.pong_timeout_secs, &file.pong_timeout_secs),
+        p.pick(
+            "pong_timeout_secs",
+            &args.pong_timeout_secs,
+            &file.pong_timeout_secs,
+        ),
         defaults.pong_timeout.as_secs(),
         1,
     )?;
-    let (capacity, src) = pick(&args.registry_queue_capacity, &file.registry_queue_capacity);
+    let (capacity, src) = p.pick(
+        "registry_queue_capacity",
+        &args.registry_queue_capacity,
+        &file.registry_queue_capacity,
+    );
     let registry_queue_capacity =
         capacity.unwrap_or(registry::RegistryConfig::default().queue_capacity);
     if !(1..=1 << 24).contains(&registry_queue_capacity) {
@@ -397,19 +589,25 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
         ));
     }
     let tuning_defaults = ShardTuning::default();
-    let incremental = pick(
-        &args.recv_buffers_incremental,
-        &file.recv_buffers_incremental,
-    )
-    .0
-    .unwrap_or(tuning_defaults.incremental_buffers);
+    let incremental = p
+        .pick(
+            "recv_buffers_incremental",
+            &args.recv_buffers_incremental,
+            &file.recv_buffers_incremental,
+        )
+        .0
+        .unwrap_or(tuning_defaults.incremental_buffers);
     // Buffers that each receive takes whole are better small and many.
     let (default_entries, default_size) = if incremental {
         (tuning_defaults.buf_entries, tuning_defaults.buf_size)
     } else {
         (1024, 4096)
     };
-    let (buf_size, src) = pick(&args.recv_buffer_bytes, &file.recv_buffer_bytes);
+    let (buf_size, src) = p.pick(
+        "recv_buffer_bytes",
+        &args.recv_buffer_bytes,
+        &file.recv_buffer_bytes,
+    );
     let buf_size = buf_size.unwrap_or(default_size);
     if !(256..=1024 * 1024).contains(&buf_size) {
         return Err(err(
@@ -418,7 +616,7 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
             "must be between 256 and 1048576",
         ));
     }
-    let (buf_entries, src) = pick(&args.recv_buffers, &file.recv_buffers);
+    let (buf_entries, src) = p.pick("recv_buffers", &args.recv_buffers, &file.recv_buffers);
     let buf_entries = buf_entries.unwrap_or(default_entries);
     if !buf_entries.is_power_of_two() || buf_entries > 32768 {
         return Err(err(
@@ -427,44 +625,70 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
             "must be a power of two up to 32768",
         ));
     }
-    let plain_fds = pick(&args.plain_fds, &file.plain_fds).0.unwrap_or(false);
-    let zc = pick(&args.send_zc_min_bytes, &file.send_zc_min_bytes)
+    let plain_fds = p
+        .pick("plain_fds", &args.plain_fds, &file.plain_fds)
+        .0
+        .unwrap_or(false);
+    let zc = p
+        .pick(
+            "send_zc_min_bytes",
+            &args.send_zc_min_bytes,
+            &file.send_zc_min_bytes,
+        )
         .0
         .filter(|&n| n > 0);
-    let log_format = pick(&args.log_format, &file.log_format)
+    let log_format = p
+        .pick("log_format", &args.log_format, &file.log_format)
         .0
         .unwrap_or(LogFormat::Pretty);
     let d = defaults.deflate;
     let deflate = engine::config::DeflateConfig {
-        enabled: pick(&args.deflate, &file.deflate).0.unwrap_or(d.enabled),
-        server_no_context_takeover: pick(
-            &args.deflate_server_no_context_takeover,
-            &file.deflate_server_no_context_takeover,
-        )
-        .0
-        .unwrap_or(d.server_no_context_takeover),
-        client_no_context_takeover: pick(
-            &args.deflate_client_no_context_takeover,
-            &file.deflate_client_no_context_takeover,
-        )
-        .0
-        .unwrap_or(d.client_no_context_takeover),
-        server_max_window_bits: pick(
-            &args.deflate_server_max_window_bits,
-            &file.deflate_server_max_window_bits,
-        )
-        .0
-        .unwrap_or(d.server_max_window_bits),
-        client_max_window_bits: pick(
-            &args.deflate_client_max_window_bits,
-            &file.deflate_client_max_window_bits,
-        )
-        .0
-        .unwrap_or(d.client_max_window_bits),
-        level: pick(&args.deflate_level, &file.deflate_level)
+        enabled: p
+            .pick("deflate", &args.deflate, &file.deflate)
+            .0
+            .unwrap_or(d.enabled),
+        server_no_context_takeover: p
+            .pick(
+                "deflate_server_no_context_takeover",
+                &args.deflate_server_no_context_takeover,
+                &file.deflate_server_no_context_takeover,
+            )
+            .0
+            .unwrap_or(d.server_no_context_takeover),
+        client_no_context_takeover: p
+            .pick(
+                "deflate_client_no_context_takeover",
+                &args.deflate_client_no_context_takeover,
+                &file.deflate_client_no_context_takeover,
+            )
+            .0
+            .unwrap_or(d.client_no_context_takeover),
+        server_max_window_bits: p
+            .pick(
+                "deflate_server_max_window_bits",
+                &args.deflate_server_max_window_bits,
+                &file.deflate_server_max_window_bits,
+            )
+            .0
+            .unwrap_or(d.server_max_window_bits),
+        client_max_window_bits: p
+            .pick(
+                "deflate_client_max_window_bits",
+                &args.deflate_client_max_window_bits,
+                &file.deflate_client_max_window_bits,
+            )
+            .0
+            .unwrap_or(d.client_max_window_bits),
+        level: p
+            .pick("deflate_level", &args.deflate_level, &file.deflate_level)
             .0
             .unwrap_or(d.level),
-        min_bytes: pick(&args.deflate_min_bytes, &file.deflate_min_bytes)
+        min_bytes: p
+            .pick(
+                "deflate_min_bytes",
+                &args.deflate_min_bytes,
+                &file.deflate_min_bytes,
+            )
             .0
             .unwrap_or(d.min_bytes),
     };
@@ -472,7 +696,8 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
         (
             "deflate_server_max_window_bits",
             deflate.server_max_window_bits,
-            pick(
+            p.pick(
+                "deflate_server_max_window_bits",
                 &args.deflate_server_max_window_bits,
                 &file.deflate_server_max_window_bits,
             )
@@ -481,7 +706,8 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
         (
             "deflate_client_max_window_bits",
             deflate.client_max_window_bits,
-            pick(
+            p.pick(
+                "deflate_client_max_window_bits",
                 &args.deflate_client_max_window_bits,
                 &file.deflate_client_max_window_bits,
             )
@@ -493,11 +719,33 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
         }
     }
     if deflate.level > 9 {
-        let src = pick(&args.deflate_level, &file.deflate_level).1;
+        let src = p
+            .pick("deflate_level", &args.deflate_level, &file.deflate_level)
+            .1;
         return Err(err("deflate_level", src, "must be between 0 and 9"));
     }
 
-    let cluster = resolve_cluster(args, file)?;
+    let cluster = resolve_cluster(args, sources, file)?;
+    let allowed_origins = if args.allowed_origins.is_empty() {
+        file.allowed_origins.clone().unwrap_or_default()
+    } else {
+        args.allowed_origins.clone()
+    };
+    if let Some(bad) = allowed_origins
+        .iter()
+        .find(|o| o.trim() != "*" && !o.contains("://"))
+    {
+        let src = if args.allowed_origins.is_empty() {
+            "config file".to_owned()
+        } else {
+            p.pick("allowed_origins", &Some(()), &None).1
+        };
+        return Err(err(
+            "allowed_origins",
+            src,
+            format!("{bad:?} is not an origin (scheme://host[:port]) or *"),
+        ));
+    }
 
     Ok(Settings {
         listen,
@@ -527,26 +775,24 @@ pub fn resolve(args: &Args, file: &File) -> Result<Settings, ConfigError> {
         registry_queue_capacity,
         log_format,
         cluster,
+        allowed_origins,
     })
 }
 
 /// The cluster options: all or nothing of them.
-fn resolve_cluster(args: &Args, file: &File) -> Result<Option<ClusterSettings>, ConfigError> {
-    fn pick<T: Clone>(flag: &Option<T>, file: &Option<T>) -> (Option<T>, &'static str) {
-        match (flag, file) {
-            (Some(v), _) => (Some(v.clone()), "command line or environment"),
-            (None, Some(v)) => (Some(v.clone()), "config file"),
-            (None, None) => (None, "default"),
-        }
-    }
-    let err = |key: &str, source: &'static str, reason: &str| ConfigError {
+fn resolve_cluster(
+    args: &Args,
+    p: &Sources,
+    file: &File,
+) -> Result<Option<ClusterSettings>, ConfigError> {
+    let err = |key: &str, source: String, reason: &str| ConfigError {
         key: key.into(),
         source,
         reason: reason.into(),
     };
-    let (redis, redis_src) = pick(&args.cluster_redis, &file.cluster_redis);
-    let (node_id, node_src) = pick(&args.node_id, &file.node_id);
-    let (ttl_ms, ttl_src) = pick(&args.cluster_ttl_ms, &file.cluster_ttl_ms);
+    let (redis, redis_src) = p.pick("cluster_redis", &args.cluster_redis, &file.cluster_redis);
+    let (node_id, node_src) = p.pick("node_id", &args.node_id, &file.node_id);
+    let (ttl_ms, ttl_src) = p.pick("cluster_ttl_ms", &args.cluster_ttl_ms, &file.cluster_ttl_ms);
     let Some(redis) = redis else {
         if node_id.is_some() {
             return Err(err("node_id", node_src, "needs cluster_redis"));
@@ -600,9 +846,15 @@ fn resolve_cluster(args: &Args, file: &File) -> Result<Option<ClusterSettings>, 
 mod tests {
     use super::*;
 
-    fn args(list: &[&str]) -> Args {
-        Args::try_parse_from(std::iter::once("kythera").chain(list.iter().copied()))
-            .expect("valid flags")
+    fn args(list: &[&str]) -> (Args, Sources) {
+        match parse_args(std::iter::once("kythera").chain(list.iter().copied())) {
+            Ok(parsed) => parsed,
+            Err(e) => panic!("invalid flags {list:?}: {e:?}"),
+        }
+    }
+
+    fn resolve(parsed: &(Args, Sources), file: &File) -> Result<Settings, ConfigError> {
+        super::resolve(&parsed.0, &parsed.1, file)
     }
 
     fn file(toml_text: &str) -> File {
@@ -640,7 +892,7 @@ mod tests {
     fn invalid_values_name_the_key_and_the_source() {
         let e = resolve(&args(&["--shards", "0"]), &File::default()).unwrap_err();
         assert_eq!(e.key, "shards");
-        assert_eq!(e.source, "command line or environment");
+        assert_eq!(e.source, "command line (--shards)");
         let e = resolve(&args(&[]), &file("recv_buffers = 1000")).unwrap_err();
         assert_eq!(e.key, "recv_buffers");
         assert_eq!(e.source, "config file");
@@ -659,9 +911,40 @@ mod tests {
         let path = std::env::temp_dir().join(format!("kythera-config-{}.toml", std::process::id()));
         std::fs::write(&path, "shards = 2\nmax_mesage_bytes = 5\n").unwrap();
         let e = read_file(&path).unwrap_err();
+        assert_eq!(e.key, "max_mesage_bytes");
+        assert_eq!(e.source, format!("config file {}, line 2", path.display()));
+        assert!(e.reason.starts_with("unknown field"), "{e}");
+        // A bad value names its key and line, with toml's message on one line.
+        std::fs::write(&path, "listen = [\"127.0.0.1:1\"]\nshards = \"two\"\n").unwrap();
+        let e = read_file(&path).unwrap_err();
         std::fs::remove_file(&path).ok();
-        assert_eq!(e.source, "config file");
-        assert!(e.reason.contains("max_mesage_bytes"), "{e}");
+        assert_eq!(e.key, "shards");
+        assert_eq!(e.source, format!("config file {}, line 2", path.display()));
+        assert!(
+            !e.reason.contains('\n') && e.reason.contains("string"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn invalid_flags_and_variables_name_their_key_and_source() {
+        let err = |argv: &[&str]| match parse_args(argv.iter().copied()) {
+            Err(ArgsError::Invalid(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        let e = err(&["kythera", "--shards", "banana"]);
+        assert_eq!(
+            (e.key.as_str(), e.source.as_str()),
+            ("shards", "command line (--shards)")
+        );
+        assert!(e.reason.contains("\"banana\""), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "invalid value for `shards` (command line (--shards)): {}",
+                e.reason
+            )
+        );
     }
 
     #[test]
@@ -746,8 +1029,8 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            (e.key.as_str(), e.source),
-            ("node_id", "command line or environment")
+            (e.key.as_str(), e.source.as_str()),
+            ("node_id", "command line (--node-id)")
         );
         let e = resolve(
             &args(&[]),
@@ -755,7 +1038,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            (e.key.as_str(), e.source),
+            (e.key.as_str(), e.source.as_str()),
             ("cluster_ttl_ms", "config file")
         );
     }

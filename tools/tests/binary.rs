@@ -1,46 +1,23 @@
 //! The `kythera` binary as an operator runs it: the banner on stdout, the echo gear on
 //! `/echo` and `/`, and SIGTERM drains it to exit status 0.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read;
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
+use testkit::raw::{RawClient, masked};
+
 use common::{Kythera, http_get};
 
 /// Upgrades, sends one masked text frame and returns the echoed payload.
 fn echo_once(addr: SocketAddr, path: &str, text: &str) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    let mask = [1u8, 2, 3, 4];
-    let mut frame = vec![0x81, 0x80 | text.len() as u8];
-    frame.extend_from_slice(&mask);
-    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    s.write_all(&frame).unwrap();
-    let mut hdr = [0u8; 2];
-    s.read_exact(&mut hdr).unwrap();
-    assert_eq!(hdr[0], 0x81);
-    let mut payload = vec![0u8; usize::from(hdr[1] & 0x7f)];
-    s.read_exact(&mut payload).unwrap();
+    let mut client = RawClient::open(addr, path);
+    client.send(&masked(0x1, text.as_bytes()));
+    let (opcode, payload) = client.read_frame();
+    assert_eq!(opcode, 0x1);
     payload
 }
 
@@ -108,6 +85,60 @@ fn flags_over_environment_over_file() {
         &[("KYTHERA_SHARDS", "2")],
     );
     assert_eq!(server.shards, 1, "the flag over the environment");
+}
+
+/// A second kythera on the address of a running one does not join its listeners
+/// (SO_REUSEPORT would let it take a share of the connections): it refuses, exit 3.
+#[test]
+fn a_second_server_on_the_same_address_refuses_to_start() {
+    let first = Kythera::start(&["--listen", "127.0.0.1:0", "--shards", "2"]);
+    let addr = first.addr.to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_kythera"))
+        .args(["--listen", &addr, "--shards", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on {addr}")) && err.contains("in use"),
+        "{err}"
+    );
+    // The first one still has every connection.
+    for _ in 0..20 {
+        assert_eq!(echo_once(first.addr, "/echo", "mine"), b"mine");
+    }
+}
+
+#[test]
+fn an_invalid_variable_names_itself_and_exits_2() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kythera"))
+        .env("KYTHERA_SHARDS", "banana")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid value for `shards` (environment variable KYTHERA_SHARDS)")
+            && err.contains("\"banana\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn logs_to_a_pipe_have_no_colour() {
+    let mut server = Kythera::spawn(
+        &["--listen", "127.0.0.1:0", "--shards", "1"],
+        &[("RUST_LOG", "info")],
+        Stdio::piped(),
+    );
+    assert_eq!(echo_once(server.addr, "/echo", "hi"), b"hi");
+    server.signal(libc::SIGTERM);
+    // Read to the end: the pipe closes when the server exits.
+    let mut err = String::new();
+    let mut pipe = server.child.stderr.take().unwrap();
+    pipe.read_to_string(&mut err).unwrap();
+    assert!(err.contains("CONNECTED"), "{err}");
+    assert!(!err.contains('\x1b'), "escape codes in piped logs: {err:?}");
 }
 
 #[test]

@@ -340,6 +340,11 @@ fn redis_restart_is_survived() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Health is about this node: it still serves.
+    assert_eq!(
+        common::http_get(nodes[0].addr, "/healthz", false).map(|r| r.0),
+        Some(200)
+    );
     // Same node: direct and room messages, no error.
     for n in 0..20 {
         a0.send_text(&format!(r#"{{"to":"a1","text":"local {n}"}}"#));

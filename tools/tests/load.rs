@@ -118,16 +118,21 @@ fn read_frames(s: &mut TcpStream, mut f: impl FnMut(OpCode, &[u8]) -> bool) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        match codec::decode_frame(&mut buf, &cfg) {
-            Ok(Decoded::Complete(frame, used)) => {
-                let go_on = f(frame.header.opcode, frame.payload);
+        match codec::parse_header(&buf, &cfg) {
+            Ok(Decoded::Complete(h, _)) if buf.len() as u64 >= h.frame_len() => {
+                let used = h.frame_len() as usize;
+                let payload = &mut buf[h.header_len..used];
+                if let Some(mask) = h.mask {
+                    engine::protocol::mask::unmask(payload, mask, 0);
+                }
+                let go_on = f(h.opcode, payload);
                 buf.drain(..used);
                 if !go_on {
                     return;
                 }
                 continue;
             }
-            Ok(Decoded::Incomplete { .. }) => {}
+            Ok(_) => {}
             Err(e) => panic!("bad client frame: {e:?}"),
         }
         match s.read(&mut chunk) {

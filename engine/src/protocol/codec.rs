@@ -242,6 +242,19 @@ pub fn decode_frame<'a>(
 /// The largest frame header: 2 bytes, 8 of extended length, 4 of mask.
 pub const MAX_HEADER_BYTES: usize = 14;
 
+/// The length of a header without a mask (as a server sends it) for a payload of
+/// `payload_len` bytes: 2, or 4 with a 16-bit length, or 10 with a 64-bit one.
+#[inline]
+pub const fn unmasked_header_len(payload_len: u64) -> usize {
+    if payload_len < 126 {
+        2
+    } else if payload_len <= u16::MAX as u64 {
+        4
+    } else {
+        10
+    }
+}
+
 /// A frame header encoded into a small stack buffer; the payload travels separately so
 /// that a shared payload is never copied.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -276,18 +289,18 @@ pub fn encode_header(
     let mut bytes = [0u8; MAX_HEADER_BYTES];
     bytes[0] = (u8::from(fin) << 7) | ((rsv & 0b111) << 4) | opcode.bits();
     let mask_bit = if mask.is_some() { 0x80 } else { 0 };
-    let mut len = if payload_len < 126 {
-        bytes[1] = mask_bit | payload_len as u8;
-        2
-    } else if payload_len <= u64::from(u16::MAX) {
-        bytes[1] = mask_bit | 126;
-        bytes[2..4].copy_from_slice(&(payload_len as u16).to_be_bytes());
-        4
-    } else {
-        bytes[1] = mask_bit | 127;
-        bytes[2..10].copy_from_slice(&payload_len.to_be_bytes());
-        10
-    };
+    let mut len = unmasked_header_len(payload_len);
+    match len {
+        2 => bytes[1] = mask_bit | payload_len as u8,
+        4 => {
+            bytes[1] = mask_bit | 126;
+            bytes[2..4].copy_from_slice(&(payload_len as u16).to_be_bytes());
+        }
+        _ => {
+            bytes[1] = mask_bit | 127;
+            bytes[2..10].copy_from_slice(&payload_len.to_be_bytes());
+        }
+    }
     if let Some(m) = mask {
         bytes[len..len + 4].copy_from_slice(&m);
         len += 4;

@@ -63,6 +63,14 @@ impl Assembler {
         self.kind.is_some()
     }
 
+    /// While an uncompressed text message is in progress: the bytes at the end of what
+    /// arrived of it that begin a code point not finished yet (what a continuation frame
+    /// must complete first).
+    pub fn text_tail(&self) -> Option<&[u8]> {
+        (self.kind == Some(Kind::Text) && !self.compressed && !self.delivered)
+            .then(|| self.utf8.tail(&self.buf))
+    }
+
     /// Bytes held for the message in progress.
     pub fn buffered_len(&self) -> usize {
         if self.delivered { 0 } else { self.buf.len() }

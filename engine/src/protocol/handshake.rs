@@ -28,6 +28,9 @@ pub enum Rejection {
     TooManyConnections,
     /// 503: the server is draining; the client should connect again (elsewhere).
     Draining,
+    /// 403: the page that opens the connection (its `Origin`) is not allowed to
+    /// (cross-site WebSocket hijacking; see `engine::origin`).
+    ForbiddenOrigin,
 }
 
 impl Rejection {
@@ -40,6 +43,7 @@ impl Rejection {
             Rejection::UpgradeRequired => 426,
             Rejection::HeadersTooLarge => 431,
             Rejection::TooManyConnections | Rejection::Draining => 503,
+            Rejection::ForbiddenOrigin => 403,
         }
     }
 
@@ -67,6 +71,7 @@ impl Rejection {
             Rejection::HeadersTooLarge => "request header fields too large",
             Rejection::TooManyConnections => "TooManyWebsocketConnections",
             Rejection::Draining => "ServerDraining",
+            Rejection::ForbiddenOrigin => "websocket connections from this origin are not allowed",
         }
     }
 

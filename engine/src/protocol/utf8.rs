@@ -51,9 +51,113 @@ impl StreamingUtf8 {
     }
 }
 
+/// Validates text that arrives in pieces that are not kept together (a frame's
+/// payload as it is appended to a buffer that also holds its header): remembers the
+/// 1-3 bytes of a code point cut at the end of a piece and completes it with the first
+/// bytes of the next.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkedUtf8 {
+    carry: [u8; 4],
+    carry_len: u8,
+}
+
+impl ChunkedUtf8 {
+    /// A validator that goes on after `tail`: the unfinished code point at the end of
+    /// what was validated before (at most 3 bytes; see [`StreamingUtf8::tail`]).
+    pub fn after(tail: &[u8]) -> ChunkedUtf8 {
+        let mut v = ChunkedUtf8::default();
+        let n = tail.len().min(3);
+        v.carry[..n].copy_from_slice(&tail[tail.len() - n..]);
+        v.carry_len = n as u8;
+        v
+    }
+
+    /// Validates the next piece.
+    pub fn feed(&mut self, mut piece: &[u8]) -> Utf8State {
+        if self.carry_len > 0 {
+            // Complete the cut code point from the piece's first bytes, one at a time
+            // (at most 3): it is valid once some prefix of 2-4 bytes is.
+            let mut n = usize::from(self.carry_len);
+            while n < 4 {
+                let Some((&b, rest)) = piece.split_first() else {
+                    self.carry_len = n as u8;
+                    return match from_utf8(&self.carry[..n]) {
+                        Err(e) if e.error_len().is_some() => Utf8State::Invalid,
+                        _ => Utf8State::Incomplete,
+                    };
+                };
+                self.carry[n] = b;
+                n += 1;
+                piece = rest;
+                match from_utf8(&self.carry[..n]) {
+                    Ok(_) => break,
+                    Err(e) if e.error_len().is_some() => return Utf8State::Invalid,
+                    Err(_) => {}
+                }
+            }
+            if from_utf8(&self.carry[..n]).is_err() {
+                return Utf8State::Invalid;
+            }
+            self.carry_len = 0;
+        }
+        match from_utf8(piece) {
+            Ok(_) => Utf8State::Complete,
+            Err(e) => match e.error_len() {
+                Some(_) => Utf8State::Invalid,
+                None => {
+                    let tail = &piece[e.valid_up_to()..];
+                    self.carry[..tail.len()].copy_from_slice(tail);
+                    self.carry_len = tail.len() as u8;
+                    Utf8State::Incomplete
+                }
+            },
+        }
+    }
+}
+
+impl StreamingUtf8 {
+    /// The bytes at the end of `buf` (what [`StreamingUtf8::feed`] saw) that begin a
+    /// code point not finished yet.
+    pub fn tail<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[self.valid_up_to.min(buf.len())..]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every way of cutting valid and invalid texts into three pieces gives the
+    /// answer of validating them whole, and an invalid one fails at the piece that
+    /// holds the first bad byte.
+    #[test]
+    fn chunked_matches_whole_at_every_cut() {
+        let texts: [&[u8]; 5] = [
+            "κόσμε € 𝄞 ok".as_bytes(),
+            b"abc\xed\xa0\x80def",
+            b"\xf0\x9d\x84",
+            b"ab\xc0\xafcd",
+            "€".as_bytes(),
+        ];
+        for text in texts {
+            let whole = std::str::from_utf8(text).is_ok();
+            for i in 0..=text.len() {
+                for j in i..=text.len() {
+                    let mut v = ChunkedUtf8::default();
+                    let states = [v.feed(&text[..i]), v.feed(&text[i..j]), v.feed(&text[j..])];
+                    let invalid = states.contains(&Utf8State::Invalid);
+                    let done = states[2] == Utf8State::Complete;
+                    assert_eq!(
+                        !invalid && done,
+                        whole,
+                        "{text:?} cut at {i}, {j}: {states:?}"
+                    );
+                }
+            }
+        }
+        let mut v = ChunkedUtf8::after(&"€".as_bytes()[..2]);
+        assert_eq!(v.feed(&"€".as_bytes()[2..]), Utf8State::Complete);
+    }
 
     #[test]
     fn split_code_points() {

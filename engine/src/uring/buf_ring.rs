@@ -5,7 +5,7 @@
 //! takes buffers from the ring's head when a recv with `BUFFER_SELECT` on this group has
 //! data, and reports the buffer id in the completion's flags
 //! ([`super::completion::buffer_id`]). The user reads the bytes with
-//! [`BufRing::buffer`] and gives the buffer back with [`BufRing::recycle`], which writes
+//! [`BufRing::received`] and gives the buffer back with [`BufRing::recycle`], which writes
 //! an entry at the tail and publishes the new tail with a release store (the kernel reads
 //! it with an acquire load).
 //!
@@ -310,36 +310,6 @@ impl BufRing {
         unsafe { self.map.as_ptr().add(offset) }
     }
 
-    /// The first `len` bytes of buffer `bid`, which a completion handed over, and marks
-    /// the buffer as taken until [`BufRing::recycle`]. May be called again for a buffer
-    /// already taken.
-    ///
-    /// # Panics
-    ///
-    /// If `bid` is not a buffer of this ring or `len` is larger than a buffer.
-    ///
-    /// # Safety
-    ///
-    /// `bid` must come from a completion (`IORING_CQE_F_BUFFER`) of an operation that
-    /// selected from this group, and must not have been recycled since: otherwise the
-    /// kernel may be writing into the bytes while the slice exists.
-    pub unsafe fn buffer(&mut self, bid: u16, len: usize) -> &mut [u8] {
-        assert!(
-            !self.is_incremental(),
-            "incremental buffers are read with `received`"
-        );
-        assert!(bid < self.entries, "buffer id {bid} out of range");
-        assert!(len <= self.buf_size as usize, "length {len} exceeds buffer");
-        if !self.is_taken(bid) {
-            self.set_taken(bid, true);
-            self.taken_count += 1;
-        }
-        // SAFETY: the buffer lies inside the mapping, `len` fits in it, the caller
-        // guarantees the kernel handed it over (so nothing else writes it), and the
-        // `&mut self` borrow keeps `recycle` from returning it while the slice lives.
-        unsafe { std::slice::from_raw_parts_mut(self.buffer_ptr(bid), len) }
-    }
-
     /// The `len` bytes a completion received into buffer `bid`: from the start of the
     /// buffer, or with incremental consumption from where the previous completion of
     /// this buffer ended. End with [`BufRing::release`].
@@ -350,7 +320,9 @@ impl BufRing {
     ///
     /// # Safety
     ///
-    /// As for [`BufRing::buffer`]; with incremental consumption the kernel may write
+    /// `bid` must come from a completion (`IORING_CQE_F_BUFFER`) of an operation that
+    /// selected from this group, and must not have been recycled since: otherwise the
+    /// kernel may be writing into the bytes while the slice exists. With incremental consumption the kernel may write
     /// the rest of the buffer (after these bytes) while the slice exists, never these.
     pub unsafe fn received(&mut self, bid: u16, len: usize) -> &mut [u8] {
         assert!(bid < self.entries, "buffer id {bid} out of range");
@@ -400,7 +372,7 @@ impl BufRing {
     ///
     /// # Panics
     ///
-    /// If `bid` is not taken (never handed out through [`BufRing::buffer`], or recycled
+    /// If `bid` is not taken (never handed out through [`BufRing::received`], or recycled
     /// already): the same buffer twice in the ring would be written twice.
     pub fn recycle(&mut self, bid: u16) {
         assert!(bid < self.entries, "buffer id {bid} out of range");
@@ -708,7 +680,7 @@ mod tests {
         for i in 0..4u8 {
             let (bid, len) = recv_one(&mut ring, &bufs, &rx, &mut tx, &[i; 100]);
             // SAFETY: `bid` comes from the completion of a recv on this group.
-            let buf = unsafe { bufs.buffer(bid, len) };
+            let buf = unsafe { bufs.received(bid, len) };
             assert!(buf.iter().all(|&b| b == i));
             taken.push((bid, buf.as_ptr() as usize));
         }
@@ -727,7 +699,7 @@ mod tests {
         for round in 0..70_000u32 {
             let (bid, len) = recv_one(&mut ring, &bufs, &rx, &mut tx, &round.to_le_bytes());
             // SAFETY: as above.
-            let buf = unsafe { bufs.buffer(bid, len) };
+            let buf = unsafe { bufs.received(bid, len) };
             assert_eq!(buf, round.to_le_bytes());
             bufs.recycle(bid);
         }

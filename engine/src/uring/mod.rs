@@ -10,21 +10,18 @@
 //! | [`buf_ring`] | [`BufRing`]: the provided-buffer ring that multishot recv picks from |
 //! | [`net`] | the `SO_REUSEPORT` listener, [`Socket`] (plain fd or direct descriptor) and the SQEs on it |
 //! | [`completion`] | the `user_data` encoding ([`UserData`]) and the flags of multishot completions |
-//! | [`echo`] | an echo loop built from the above: the proof they fit, and the shard loop's shape |
 //!
 //! Threads: a [`Ring`] and a [`BufRing`] are neither `Send` nor `Sync`; create them on
 //! the thread that drives them (see [`ring`] for why).
 
 pub mod buf_ring;
 pub mod completion;
-pub mod echo;
 pub mod net;
 pub mod probe;
 pub mod ring;
 
 pub use buf_ring::BufRing;
 pub use completion::{Op, UserData};
-pub use echo::{Echo, EchoConfig, EchoStats};
 pub use net::{Socket, bind_reuseport};
 pub use probe::{Features, Unavailable, probe};
 pub use ring::{Ring, RingFlags};

@@ -4,14 +4,41 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use io_uring::{opcode, squeue, types};
+
+/// Fails with `EADDRINUSE` when another socket listens on `addr`, even one with
+/// `SO_REUSEPORT` (another kythera): binds a socket without `SO_REUSEPORT` (but with
+/// `SO_REUSEADDR`, so that connections in `TIME_WAIT` do not count), which the kernel
+/// refuses next to any listener, and closes it without listening. Without this check a
+/// second server would bind its `SO_REUSEPORT` listeners beside the first one's and take
+/// a share of its connections.
+pub fn ensure_unused(addr: SocketAddr) -> io::Result<()> {
+    let socket = tcp_socket(addr)?;
+    set_int_option(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    bind(&socket, addr)
+}
 
 /// Binds a TCP listener with `SO_REUSEADDR` and `SO_REUSEPORT`, so that every shard can
 /// bind its own listener to the same address and the kernel spreads connections over
 /// them. The socket is blocking and close-on-exec; io_uring does not need `O_NONBLOCK`.
 pub fn bind_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    let socket = tcp_socket(addr)?;
+    for option in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+        set_int_option(socket.as_raw_fd(), libc::SOL_SOCKET, option, 1)?;
+    }
+    bind(&socket, addr)?;
+    // SAFETY: listen(2) on our own bound socket.
+    if unsafe { libc::listen(socket.as_raw_fd(), backlog) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpListener::from(socket))
+}
+
+/// A new TCP socket of `addr`'s family: blocking (io_uring needs no `O_NONBLOCK`) and
+/// close-on-exec.
+pub fn tcp_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
     let domain = match addr {
         SocketAddr::V4(_) => libc::AF_INET,
         SocketAddr::V6(_) => libc::AF_INET6,
@@ -21,35 +48,37 @@ pub fn bind_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener>
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    for option in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
-        let one: libc::c_int = 1;
-        // SAFETY: the option value points to a live c_int of the size passed.
-        let res = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                option,
-                std::ptr::from_ref(&one).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if res < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    let (storage, len) = sockaddr_of(addr);
-    // SAFETY: `storage` holds a sockaddr of the family of the socket, `len` bytes long.
-    let res = unsafe { libc::bind(fd, std::ptr::from_ref(&storage).cast(), len) };
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns; dropping it closes it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `setsockopt` of an integer option.
+pub fn set_int_option(fd: RawFd, level: i32, name: i32, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: the option value points to a live c_int of the size passed.
+    let res = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            std::ptr::from_ref(&value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
     if res < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: listen(2) on our own bound socket.
-    if unsafe { libc::listen(fd, backlog) } < 0 {
+    Ok(())
+}
+
+/// `bind(2)` of `socket` to `addr`.
+pub fn bind(socket: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
+    let (storage, len) = sockaddr_of(addr);
+    // SAFETY: `storage` holds a sockaddr of `addr`'s family, `len` bytes long.
+    let res = unsafe { libc::bind(socket.as_raw_fd(), std::ptr::from_ref(&storage).cast(), len) };
+    if res < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(TcpListener::from(owned))
+    Ok(())
 }
 
 /// `addr` as the kernel takes it (for `bind`, `connect`), with its length.

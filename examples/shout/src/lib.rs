@@ -30,10 +30,10 @@ impl Websocket for Shout {
     type Message = Arc<str>;
 
     fn connect(&self, conn: &mut Conn) -> Result<(), Response> {
-        if let Some(nick) = conn.query_param("nick") {
-            if conn.register(&nick).is_err() {
-                return Err(Response::new(409).body(format!("nick {nick} is taken")));
-            }
+        if let Some(nick) = conn.query_param("nick")
+            && conn.register(&nick).is_err()
+        {
+            return Err(Response::new(409).body(format!("nick {nick} is taken")));
         }
         Ok(())
     }

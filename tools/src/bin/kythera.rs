@@ -9,14 +9,14 @@
 //! (with `, node ID` in a cluster) on stdout, one line per address. SIGTERM or SIGINT drains the server (close 1001 to
 //! every connection, spread over the drain window) and it exits 0 once drained; a second
 //! signal exits at once. Logs go to stderr, filtered by `RUST_LOG` (default `info`).
-//! If io_uring is unavailable it says why and how to fix it, and exits 1. Options come
-//! from flags, `KYTHERA_*` variables and a `--config` TOML file ([`tools::config`]); an
-//! invalid one exits 2 with a message naming it.
+//! If io_uring is unavailable it says why and how to fix it, and exits 1; if it cannot
+//! listen on an address (in use, also by another kythera), it says so and exits 3.
+//! Options come from flags, `KYTHERA_*` variables and a `--config` TOML file
+//! ([`tools::config`]); an invalid one exits 2 with a message naming it.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
-use clap::Parser;
 use engine::Server;
 use mimalloc::MiMalloc;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -25,6 +25,10 @@ use tools::config::{self, Args, LogFormat};
 use tools::gears::{Chat, Echo, Stats};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
+
+/// The exit status when an address cannot be listened on (in use, by another kythera
+/// too, or not permitted). 2 is an invalid configuration, 1 any other failure.
+const EXIT_CANNOT_LISTEN: u8 = 3;
 
 /// mimalloc: per-thread free lists suit shard-per-core threads, and large frame
 /// buffers are reused instead of being handed back to the kernel and faulted in again.
@@ -43,12 +47,15 @@ fn release_heap() {
 }
 
 /// Flags and environment over the `--config` file over defaults.
-fn load_settings(args: &Args) -> Result<config::Settings, config::ConfigError> {
+fn load_settings(
+    args: &Args,
+    sources: &config::Sources,
+) -> Result<config::Settings, config::ConfigError> {
     let file = match &args.config {
         Some(path) => config::read_file(path)?,
         None => config::File::default(),
     };
-    config::resolve(args, &file)
+    config::resolve(args, sources, &file)
 }
 
 fn main() -> ExitCode {
@@ -56,8 +63,15 @@ fn main() -> ExitCode {
     // 2 MiB heap pages would hide it (`disable_transparent_huge_pages`). Without the
     // prctl (old kernels, seccomp) the server runs the same, with a larger RSS.
     let thp_off = engine::disable_transparent_huge_pages();
-    let args = Args::parse();
-    let settings = match load_settings(&args) {
+    let (args, sources) = match config::parse_args(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        Err(config::ArgsError::Invalid(err)) => {
+            eprintln!("kythera: {err}");
+            return ExitCode::from(2);
+        }
+        Err(config::ArgsError::Clap(err)) => err.exit(),
+    };
+    let settings = match load_settings(&args, &sources) {
         Ok(settings) => settings,
         Err(err) => {
             eprintln!("kythera: {err}");
@@ -65,8 +79,13 @@ fn main() -> ExitCode {
         }
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org):
+    // escape codes in a file or a log pipeline are noise.
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match settings.log_format {
         LogFormat::Pretty => logs.init(),
@@ -129,12 +148,21 @@ fn main() -> ExitCode {
         .mount_clustered("/chat", Chat)
         .mount("/stats", Stats)
         .mount("/", Echo)
+        .allowed_origins(
+            "*",
+            engine::origin::OriginPolicy::from_list(&settings.allowed_origins),
+        )
         .build()
     {
         Ok(server) => server,
         Err(err) => {
             eprintln!("kythera: {err}");
-            return ExitCode::FAILURE;
+            // A documented status for "cannot listen" (address in use, not
+            // permitted), so that a supervisor can tell it from a bad configuration.
+            return match err {
+                engine::StartError::Bind { .. } => ExitCode::from(EXIT_CANNOT_LISTEN),
+                _ => ExitCode::FAILURE,
+            };
         }
     };
     let features = server.features();

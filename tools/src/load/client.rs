@@ -749,7 +749,8 @@ impl Worker {
         if self.cfg.mode != Mode::Echo || self.window.0 == u64::MAX || self.stopping {
             return;
         }
-        let per_conn = (self.cfg.bytes as u64 + 14) * self.cfg.in_flight as u64;
+        let per_conn =
+            (self.cfg.bytes + codec::MAX_HEADER_BYTES) as u64 * self.cfg.in_flight as u64;
         let mut budget = START_BYTES;
         while self.echo_cursor < self.conns.len() && budget > 0 {
             let slot = self.echo_cursor as u32;

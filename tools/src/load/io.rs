@@ -14,11 +14,11 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use engine::uring::completion::{buffer_id, has_more};
-use engine::uring::net::sockaddr_of;
+use engine::uring::net::{self, sockaddr_of};
 use engine::uring::{BufRing, Ring};
 use io_uring::types::CancelBuilder;
 use io_uring::{cqueue, opcode, squeue, types};
@@ -278,48 +278,17 @@ impl Drop for Io {
 /// `O_NONBLOCK`), with `TCP_NODELAY`, bound to `source` (port chosen at connect time)
 /// when given.
 pub(crate) fn tcp_socket(peer: SocketAddr, source: Option<IpAddr>) -> io::Result<OwnedFd> {
-    let domain = match peer {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
-    // SAFETY: socket(2) with constant arguments; the result is checked below.
-    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let socket = net::tcp_socket(peer)?;
+    let fd = socket.as_raw_fd();
     // Small messages must go out at once, not wait for an ACK (Nagle).
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+    net::set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
     if let Some(ip) = source {
         // Without this, bind(port 0) would reserve a port for every destination; with
         // it the port is picked at connect time for the whole 4-tuple.
-        setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
-        let (storage, len) = sockaddr_of(SocketAddr::new(ip, 0));
-        // SAFETY: `storage` holds a sockaddr of `len` bytes of the address's family.
-        let res = unsafe { libc::bind(fd, std::ptr::from_ref(&storage).cast(), len) };
-        if res < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        net::set_int_option(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
+        net::bind(&socket, SocketAddr::new(ip, 0))?;
     }
-    Ok(owned)
-}
-
-fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: the option value points to a live c_int of the size passed.
-    let res = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            std::ptr::from_ref(&value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if res < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(socket)
 }
 
 /// `shutdown(SHUT_RDWR)`: ends a pending multishot recv (it reads end of file), which

@@ -115,10 +115,13 @@ pub fn http_get(addr: SocketAddr, path: &str, upgrade: bool) -> Option<(u16, Str
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let extra = if upgrade {
-        "Upgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        format!(
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n",
+            testkit::raw::KEY
+        )
     } else {
-        ""
+        String::new()
     };
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n").ok()?;
     let mut response = String::new();
