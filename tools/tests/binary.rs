@@ -24,6 +24,7 @@ fn echo_once(addr: SocketAddr, path: &str, text: &str) -> Vec<u8> {
 #[test]
 fn serves_echo_and_drains_on_sigterm() {
     let server = Kythera::start(&["--listen", "127.0.0.1:0", "--shards", "2"]);
+    assert!(server.banner.ends_with("(2 shards)"), "{}", server.banner);
     assert_eq!(echo_once(server.addr, "/echo", "hi"), b"hi");
     assert_eq!(echo_once(server.addr, "/", "root"), b"root");
     server.signal(libc::SIGTERM);
@@ -34,6 +35,7 @@ fn serves_echo_and_drains_on_sigterm() {
 #[test]
 fn sigint_drains_too() {
     let server = Kythera::start(&["--listen", "127.0.0.1:0", "--shards", "1"]);
+    assert!(server.banner.ends_with("(1 shard)"), "{}", server.banner);
     server.signal(libc::SIGINT);
     let status = server.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{status:?}");

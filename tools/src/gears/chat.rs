@@ -682,6 +682,36 @@ mod tests {
         );
     }
 
+    /// The README's protocol table (`| you send | who receives | what they receive |`)
+    /// says exactly what the gear sends, byte for byte, for a room and a direct message.
+    #[test]
+    fn the_readme_table_is_what_the_gear_sends() {
+        let readme = include_str!("../../../README.md");
+        let row = |sent: &str| -> String {
+            let line = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{sent}` |")))
+                .unwrap_or_else(|| panic!("README has no row for {sent}"));
+            let cell = line.trim_end_matches(" |").rsplit(" | ").next().unwrap();
+            cell.trim_matches('`').to_owned()
+        };
+        let mut h = Harness::new();
+        let mut n = h.join("R", "N");
+        let mut n2 = h.join("elsewhere", "N2");
+        h.send_text(&mut n, r#"{"text":"hi"}"#);
+        h.pump(&mut [&mut n, &mut n2]);
+        assert_eq!(n.sink.frames, vec![Frame::text(row(r#"{"text":"hi"}"#))]);
+        assert!(n2.sink.frames.is_empty());
+        n.sink.frames.clear();
+        h.send_text(&mut n, r#"{"to":"N2","text":"hi"}"#);
+        h.pump(&mut [&mut n, &mut n2]);
+        assert!(n.sink.frames.is_empty(), "no copy for the sender");
+        assert_eq!(
+            n2.sink.frames,
+            vec![Frame::text(row(r#"{"to":"N2","text":"hi"}"#))]
+        );
+    }
+
     #[test]
     fn direct_message_wire_format() {
         let mut h = Harness::new();

@@ -16,6 +16,8 @@ pub struct Kythera {
     pub shards: usize,
     /// The node id of the banner (cluster nodes only).
     pub node: Option<String>,
+    /// The banner line, without its newline.
+    pub banner: String,
 }
 
 impl Kythera {
@@ -49,6 +51,7 @@ impl Kythera {
             addr,
             shards,
             node,
+            banner: line.trim_end().to_owned(),
         }
     }
 
