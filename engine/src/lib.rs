@@ -1,13 +1,15 @@
-//! kythera's engine: shard-per-core io_uring executors that run gears.
+//! kythera's engine: shard-per-core executors on io_uring (or epoll where io_uring is
+//! refused) that run gears.
 //!
 //! [`Server`] binds the listeners and runs one [`shard`] per core; each shard owns its
-//! ring, its connections and their [`session`]s, which drive the sans-I/O [`protocol`]
+//! I/O [`driver`], its connections and their [`session`]s, which drive the sans-I/O [`protocol`]
 //! core (handshake, frame codec, reassembly, UTF-8, closing handshake) and call the
 //! gears mounted by [`route`]. The [`registry`] crate carries names and groups across
 //! shards; [`observe`] answers `/metrics`, `/healthz` and static files.
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod driver;
 pub mod gear;
 pub mod observe;
 pub mod origin;
@@ -16,10 +18,10 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod shard;
-mod side_table;
 pub mod timer;
-pub mod uring;
+pub use driver::uring;
 
+pub use driver::{DriverKind, IoChoice};
 pub use registry::{RegistryConfig, RegistryHandle, RegistryStats};
 pub use server::{
     RunError, RunningServer, Server, ServerBuilder, ServerHandle, StartError,

@@ -172,6 +172,11 @@ struct ShardLabel {
     shard: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DriverLabel {
+    driver: String,
+}
+
 fn counter_family<L>(reg: &mut PromRegistry, name: &str, help: &str) -> Family<L, PromCounter>
 where
     L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
@@ -239,6 +244,16 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
         "registry_dropped_gone",
         "Registry messages whose connection had ended when they arrived",
     );
+    let io_driver = gauge_family::<DriverLabel>(
+        &mut reg,
+        "io_driver",
+        "The I/O driver the shards run on (value 1): uring or epoll",
+    );
+    io_driver
+        .get_or_create(&DriverLabel {
+            driver: shared.driver.name().to_owned(),
+        })
+        .set(1);
     let loops =
         counter_family::<ShardLabel>(&mut reg, "loop_iterations", "Turns of each shard's loop");
     let submissions = counter_family::<ShardLabel>(

@@ -57,6 +57,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::config::{Limits, default_max_connections};
+use crate::driver::{DriverKind, IoChoice};
 use crate::gear::App;
 use crate::observe::{AllGearCounters, GearCounters, Http, HttpConfig};
 use crate::origin::OriginPolicy;
@@ -85,6 +86,8 @@ pub(crate) struct Shared {
     pub(crate) event_fds: Arc<[OwnedFd]>,
     /// Per shard, per gear (plus one for unrouted requests): the metrics' counters.
     pub(crate) gear_counters: AllGearCounters,
+    /// The I/O driver every shard runs on.
+    pub(crate) driver: DriverKind,
 }
 
 impl Shared {
@@ -124,6 +127,8 @@ pub enum StartError {
     Route(InvalidRoute),
     /// The eventfd that wakes a shard for foreign threads could not be made.
     EventFd(io::Error),
+    /// `KYTHERA_IO` names no driver.
+    InvalidIo(String),
 }
 
 impl fmt::Display for StartError {
@@ -143,6 +148,7 @@ impl fmt::Display for StartError {
             StartError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
             StartError::Route(err) => err.fmt(f),
             StartError::EventFd(err) => write!(f, "cannot create a shard's eventfd: {err}"),
+            StartError::InvalidIo(msg) => write!(f, "KYTHERA_IO: {msg}"),
         }
     }
 }
@@ -214,6 +220,7 @@ pub struct ServerBuilder {
     app: App,
     route_error: Option<InvalidRoute>,
     backplane: Option<Arc<dyn Backplane>>,
+    io: Option<IoChoice>,
 }
 
 impl fmt::Debug for ServerBuilder {
@@ -223,12 +230,25 @@ impl fmt::Debug for ServerBuilder {
             .field("shards", &self.shards)
             .field("limits", &self.limits)
             .field("tuning", &self.tuning)
+            .field("io", &self.io)
             .field("app", &self.app)
             .finish()
     }
 }
 
 impl ServerBuilder {
+    /// The I/O driver: [`IoChoice::Auto`] (io_uring when the start-up probe passes,
+    /// else epoll, with one log line that says why), [`IoChoice::Uring`] (or refuse to
+    /// start with the probe's explanation) or [`IoChoice::Epoll`]. Without this call
+    /// the choice comes from the `KYTHERA_IO` environment variable (`auto`, `uring`,
+    /// `epoll`) when it is set, as tokio's runtime takes `TOKIO_WORKER_THREADS`, so that
+    /// a deployment can pick the driver of a program that embeds the engine; else
+    /// `Auto`.
+    pub fn io(mut self, choice: IoChoice) -> Self {
+        self.io = Some(choice);
+        self
+    }
+
     /// Listens on `addr` (may be given several times). Port 0 picks a free port; see
     /// [`Server::local_addrs`].
     pub fn listen(mut self, addr: SocketAddr) -> Self {
@@ -368,6 +388,7 @@ impl ServerBuilder {
             mut app,
             route_error,
             backplane,
+            io,
         } = self;
         if let Some(err) = route_error {
             return Err(StartError::Route(err));
@@ -379,10 +400,14 @@ impl ServerBuilder {
         if shards == 0 || shards > MAX_SHARDS {
             return Err(StartError::InvalidShards(shards));
         }
-        let features = probe_off_thread().map_err(StartError::Uring)?;
-        if !features.is_sufficient() {
-            return Err(StartError::MissingFeatures(features));
-        }
+        let choice = match io {
+            Some(choice) => choice,
+            None => match std::env::var("KYTHERA_IO") {
+                Ok(value) => value.parse().map_err(StartError::InvalidIo)?,
+                Err(_) => IoChoice::Auto,
+            },
+        };
+        let (driver, features) = choose_driver(choice)?;
         app.set_limits(limits.unwrap_or_else(|| Limits {
             max_connections_per_gear: default_max_connections(shards),
             ..Limits::default()
@@ -445,6 +470,7 @@ impl ServerBuilder {
                         .collect()
                 })
                 .collect(),
+            driver,
         });
         app.set_http(Http {
             config: http,
@@ -458,7 +484,37 @@ impl ServerBuilder {
             tuning,
             release_memory,
             features,
+            driver,
         })
+    }
+}
+
+/// The driver for `choice`, and what the io_uring probe found when it ran and passed.
+fn choose_driver(choice: IoChoice) -> Result<(DriverKind, Option<Features>), StartError> {
+    match choice {
+        IoChoice::Epoll => Ok((DriverKind::Epoll, None)),
+        IoChoice::Uring => {
+            let features = probe_off_thread().map_err(StartError::Uring)?;
+            if !features.is_sufficient() {
+                return Err(StartError::MissingFeatures(features));
+            }
+            Ok((DriverKind::Uring, Some(features)))
+        }
+        IoChoice::Auto => match probe_off_thread() {
+            Ok(features) if features.is_sufficient() => Ok((DriverKind::Uring, Some(features))),
+            Ok(features) => {
+                tracing::warn!(
+                    "running on epoll: {}",
+                    StartError::MissingFeatures(features)
+                );
+                Ok((DriverKind::Epoll, None))
+            }
+            Err(err) => {
+                let why = err.to_string().replace('\n', " ");
+                tracing::warn!("running on epoll: {why}");
+                Ok((DriverKind::Epoll, None))
+            }
+        },
     }
 }
 
@@ -520,7 +576,8 @@ pub struct Server {
     shared: Arc<Shared>,
     tuning: ShardTuning,
     release_memory: Option<fn()>,
-    features: Features,
+    features: Option<Features>,
+    driver: DriverKind,
 }
 
 impl fmt::Debug for Server {
@@ -529,6 +586,7 @@ impl fmt::Debug for Server {
             .field("local_addrs", &self.local_addrs)
             .field("shards", &self.listeners.len())
             .field("features", &self.features)
+            .field("driver", &self.driver)
             .field("app", &self.app)
             .finish()
     }
@@ -548,6 +606,7 @@ impl Server {
             app: App::new(Limits::default()),
             route_error: None,
             backplane: None,
+            io: None,
         }
     }
 
@@ -562,9 +621,14 @@ impl Server {
         self.listeners.len()
     }
 
-    /// What the io_uring probe found.
-    pub fn features(&self) -> Features {
+    /// What the io_uring probe found (`None` on epoll).
+    pub fn features(&self) -> Option<Features> {
         self.features
+    }
+
+    /// The I/O driver the shards run on.
+    pub fn driver(&self) -> DriverKind {
+        self.driver
     }
 
     /// The gears and limits.
@@ -590,6 +654,7 @@ impl Server {
             shared,
             tuning,
             release_memory,
+            driver,
             ..
         } = self;
         let mut threads: Vec<(usize, JoinHandle<io::Result<()>>)> = Vec::new();
@@ -602,6 +667,7 @@ impl Server {
                 shared: Arc::clone(&shared),
                 tuning,
                 release_memory,
+                driver,
             };
             let shared_for_thread = Arc::clone(&shared);
             // In a cluster every log line of the shard names the node.

@@ -10,7 +10,7 @@ use engine::config::Limits;
 use engine::protocol::OpCode;
 use engine::protocol::codec::encode_frame_into;
 use engine::shard::ShardTuning;
-use engine::{RunningServer, Server};
+use engine::{IoChoice, RunningServer, Server};
 use handler_api::{Conn, Context, Message, Websocket};
 use testkit::Echo;
 use testkit::raw::upgrade_request;
@@ -52,10 +52,14 @@ fn start(shards: usize) -> RunningServer {
 }
 
 /// One shard with the echo gear and the given io_uring tuning.
+/// On io_uring whatever `KYTHERA_IO` says: the tests that tune the shard reach the
+/// edges of io_uring's resources (the buffer ring, the direct-descriptor table,
+/// zero-copy sends).
 fn start_echo_tuned(tuning: ShardTuning) -> RunningServer {
     Server::builder()
         .listen("127.0.0.1:0".parse().unwrap())
         .shards(1)
+        .io(IoChoice::Uring)
         .tuning(tuning)
         .limits(fast_limits())
         .mount("/echo", Echo)
@@ -622,8 +626,9 @@ fn pipelined_large_echoes_queue_in_chunks_and_go_out_whole() {
         })
         .mount("/echo", Echo)
         .build()
-        .expect("server builds")
-        .spawn();
+        .expect("server builds");
+    let driver = server.driver();
+    let server = server.spawn();
     let mut stream = ws(server.addr(), "/echo");
     // 256 messages of 16 KiB written at once while the client does not read yet: the
     // echoes queue behind a send in flight, in chunks sent by one sendmsg, which the
@@ -653,5 +658,9 @@ fn pipelined_large_echoes_queue_in_chunks_and_go_out_whole() {
     sender.join().unwrap();
     let stats = server.handle().stats();
     assert!(stats[0].vectored_sends > 0, "{stats:?}");
-    assert!(stats[0].partial_sends > 0, "{stats:?}");
+    // io_uring's sends return short here; epoll's socket takes the 4 MiB whole on
+    // loopback (its waits for EPOLLOUT are tested by the stuck peer above).
+    if driver == engine::DriverKind::Uring {
+        assert!(stats[0].partial_sends > 0, "{stats:?}");
+    }
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use engine::IoChoice;
 use engine::config::Limits;
 use engine::shard::ShardTuning;
 use serde::Deserialize;
@@ -25,6 +26,28 @@ pub enum LogFormat {
     Pretty,
     /// One JSON object per line.
     Json,
+}
+
+/// The I/O driver (`--io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoArg {
+    /// io_uring when the start-up probe passes, else epoll (one log line says why).
+    Auto,
+    /// io_uring, or stop with the probe's explanation.
+    Uring,
+    /// epoll (no io_uring probe).
+    Epoll,
+}
+
+impl From<IoArg> for IoChoice {
+    fn from(arg: IoArg) -> IoChoice {
+        match arg {
+            IoArg::Auto => IoChoice::Auto,
+            IoArg::Uring => IoChoice::Uring,
+            IoArg::Epoll => IoChoice::Epoll,
+        }
+    }
 }
 
 /// The command line (and, through `env`, the environment). Every field is optional so
@@ -113,6 +136,10 @@ pub struct Args {
     /// Log line format [default: pretty].
     #[arg(long, value_name = "FORMAT", env = "KYTHERA_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// The I/O driver: auto (io_uring when it works here, else epoll), uring, or epoll
+    /// [default: auto].
+    #[arg(long, value_name = "DRIVER", env = "KYTHERA_IO")]
+    pub io: Option<IoArg>,
     /// Agree to permessage-deflate (RFC 7692) when a client offers it [default: true].
     #[arg(long, value_name = "BOOL", env = "KYTHERA_DEFLATE", num_args = 0..=1, default_missing_value = "true")]
     pub deflate: Option<bool>,
@@ -213,6 +240,7 @@ pub struct File {
     recv_buffers: Option<u16>,
     recv_buffers_incremental: Option<bool>,
     log_format: Option<LogFormat>,
+    io: Option<IoArg>,
     deflate: Option<bool>,
     deflate_server_no_context_takeover: Option<bool>,
     deflate_client_no_context_takeover: Option<bool>,
@@ -267,6 +295,8 @@ pub struct Settings {
     pub registry_queue_capacity: usize,
     /// Log line format.
     pub log_format: LogFormat,
+    /// The I/O driver.
+    pub io: IoChoice,
     /// The cluster to join; `None`: a single process.
     pub cluster: Option<ClusterSettings>,
     /// Origins allowed besides the server's own (`*`: any).
@@ -637,6 +667,10 @@ pub fn resolve(args: &Args, sources: &Sources, file: &File) -> Result<Settings, 
         )
         .0
         .filter(|&n| n > 0);
+    let io = p
+        .pick("io", &args.io, &file.io)
+        .0
+        .map_or(IoChoice::Auto, IoChoice::from);
     let log_format = p
         .pick("log_format", &args.log_format, &file.log_format)
         .0
@@ -774,6 +808,7 @@ pub fn resolve(args: &Args, sources: &Sources, file: &File) -> Result<Settings, 
         },
         registry_queue_capacity,
         log_format,
+        io,
         cluster,
         allowed_origins,
     })

@@ -5,11 +5,13 @@
 //! kythera --listen 127.0.0.1:8080 --listen [::1]:8080 --shards 2
 //! ```
 //!
-//! Once every listener is bound it prints `kythera listening on ws://ADDR (N shards)`
-//! (with `, node ID` in a cluster) on stdout, one line per address. SIGTERM or SIGINT drains the server (close 1001 to
+//! Once every listener is bound it prints `kythera listening on ws://ADDR (N shards,
+//! DRIVER)` (DRIVER: `io_uring` or `epoll`; with `, node ID` in a cluster) on stdout,
+//! one line per address. SIGTERM or SIGINT drains the server (close 1001 to
 //! every connection, spread over the drain window) and it exits 0 once drained; a second
 //! signal exits at once. Logs go to stderr, filtered by `RUST_LOG` (default `info`).
-//! If io_uring is unavailable it says why and how to fix it, and exits 1; if it cannot
+//! If io_uring is unavailable it runs on epoll and says why in one log line (with
+//! `--io uring` it says why and how to fix it, and exits 1); if it cannot
 //! listen on an address (in use, also by another kythera), it says so and exits 3.
 //! Options come from flags, `KYTHERA_*` variables and a `--config` TOML file
 //! ([`tools::config`]); an invalid one exits 2 with a message naming it.
@@ -126,6 +128,7 @@ fn main() -> ExitCode {
         .shards(shards)
         .limits(limits.clone())
         .tuning(settings.tuning)
+        .io(settings.io)
         .release_memory(release_heap)
         .registry(engine::RegistryConfig {
             queue_capacity: settings.registry_queue_capacity,
@@ -176,9 +179,10 @@ fn main() -> ExitCode {
         handshake_timeout_secs = limits.handshake_timeout.as_secs(),
         ping_interval_secs = limits.ping_interval.map_or(0, |p| p.as_secs()),
         permessage_deflate = limits.deflate.enabled,
-        ring = %features.ring_flags,
-        msg_ring = features.msg_ring,
-        direct_descriptors = settings.tuning.direct_slots != Some(0),
+        io = %server.driver(),
+        ring = %features.map_or("-".to_owned(), |f| f.ring_flags.to_string()),
+        msg_ring = features.is_some_and(|f| f.msg_ring),
+        direct_descriptors = features.is_some() && settings.tuning.direct_slots != Some(0),
         recv_buffers = settings.tuning.buf_entries,
         recv_buffer_bytes = settings.tuning.buf_size,
         node = node.as_deref().unwrap_or("(single process)"),
@@ -221,13 +225,14 @@ fn main() -> ExitCode {
     } else {
         format!("{shards} shards")
     };
+    let driver = server.driver();
     let node_text = node.map(|n| format!(", node {n}")).unwrap_or_default();
     let mut stdout = std::io::stdout().lock();
     for addr in server.local_addrs() {
         // Tests and scripts read this line to learn the address: flush it.
         let _ = writeln!(
             stdout,
-            "kythera listening on ws://{addr} ({shards_text}{node_text})"
+            "kythera listening on ws://{addr} ({shards_text}, {driver}{node_text})"
         );
     }
     let _ = stdout.flush();

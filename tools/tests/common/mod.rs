@@ -16,6 +16,8 @@ pub struct Kythera {
     pub shards: usize,
     /// The node id of the banner (cluster nodes only).
     pub node: Option<String>,
+    /// The I/O driver of the banner: `io_uring` or `epoll`.
+    pub driver: String,
     /// The banner line, without its newline.
     pub banner: String,
 }
@@ -44,13 +46,18 @@ impl Kythera {
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
-        let (addr, shards, node) =
-            parse_banner(&line).unwrap_or_else(|| panic!("banner: {line:?}"));
+        let Banner {
+            addr,
+            shards,
+            driver,
+            node,
+        } = parse_banner(&line).unwrap_or_else(|| panic!("banner: {line:?}"));
         Kythera {
             child,
             addr,
             shards,
             node,
+            driver,
             banner: line.trim_end().to_owned(),
         }
     }
@@ -95,22 +102,36 @@ impl Drop for Kythera {
     }
 }
 
-/// `kythera listening on ws://ADDR (N shards[, node ID])`: the address, the shard
-/// count and the node.
-pub fn parse_banner(line: &str) -> Option<(SocketAddr, usize, Option<String>)> {
+/// What the banner says.
+pub struct Banner {
+    pub addr: SocketAddr,
+    pub shards: usize,
+    /// `io_uring` or `epoll`.
+    pub driver: String,
+    pub node: Option<String>,
+}
+
+/// `kythera listening on ws://ADDR (N shards, DRIVER[, node ID])`.
+pub fn parse_banner(line: &str) -> Option<Banner> {
     let rest = line.trim().strip_prefix("kythera listening on ws://")?;
     let (addr, rest) = rest.split_once(' ')?;
     let inside = rest.strip_prefix('(')?.strip_suffix(')')?;
-    let (shards, node) = match inside.split_once(", node ") {
+    let (inside, node) = match inside.split_once(", node ") {
         Some((s, n)) => (s, Some(n.to_owned())),
         None => (inside, None),
     };
+    let (shards, driver) = inside.split_once(", ")?;
     let shards = shards
         .strip_suffix(" shards")
         .or_else(|| shards.strip_suffix(" shard"))?
         .parse()
         .ok()?;
-    Some((addr.parse().ok()?, shards, node))
+    Some(Banner {
+        addr: addr.parse().ok()?,
+        shards,
+        driver: driver.to_owned(),
+        node,
+    })
 }
 
 /// A plain HTTP GET; returns the status and the body.
