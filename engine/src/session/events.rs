@@ -1,0 +1,187 @@
+//! What a received frame does: a message runs the gear's `handle_client_message` (and
+//! may be echoed in place), a ping is answered, a pong ends the wait for it, the
+//! peer's close is answered; compressed messages are inflated first.
+//!
+//! Separate from `receive`, which finds the frames, so that each event's handling
+//! reads in one place.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use handler_api::{CloseCode, ConnId, Message, TerminateReason};
+
+use super::callback::OutSink;
+use super::output::tx;
+use super::{Phase, Session, panic_message};
+use crate::gear::{App, Registries};
+use crate::protocol::ProtocolError;
+use crate::protocol::close::PeerCloseAction;
+use crate::protocol::codec::{OpCode, encode_frame_into, encode_header};
+use crate::protocol::deflate::with_scratch;
+use crate::protocol::fragment::Event;
+
+impl Session {
+    /// Acts on one frame's event. `in_place`: the frame is all of a buffer that ends
+    /// there and that the session may give away; if the gear's first send is this
+    /// message's payload as it is, with nothing queued before it, that echo is not
+    /// copied but returned (opcode, length), for the caller to queue it in place
+    /// ([`Session::echo_in_place`]).
+    pub(super) fn on_event(
+        &mut self,
+        id: ConnId,
+        event: Event<'_>,
+        in_place: Option<*const u8>,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) -> Option<(OpCode, usize)> {
+        match event {
+            Event::Message(msg) => {
+                if !self.closing_open() {
+                    return None; // after our close, data is read and dropped
+                }
+                let counters = regs.counters(self.gear());
+                if let Some(c) = counters {
+                    c.frames_in.add(1);
+                }
+                let Phase::Open(live) = &mut self.phase else {
+                    return None;
+                };
+                live.meta().frames_in += 1;
+                let gear_index = self.gear as usize;
+                let payload = match msg {
+                    handler_api::Message::Text(t) => t.as_bytes(),
+                    handler_api::Message::Binary(b) => b,
+                };
+                let compressing = self.pmd.is_some();
+                let mut sink = OutSink::new(&mut self.tx, self.pmd.as_deref_mut());
+                // Only a payload that ends the buffer lies in it (a reassembled one
+                // lies in the assembler's buffer). With compression agreed, echoes are
+                // compressed, not sent in place.
+                if !compressing && in_place.is_some_and(|end| payload.as_ptr_range().end == end) {
+                    sink.echo_candidate = Some(payload);
+                }
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    live.client_message(gear_index, id, msg, &mut sink, regs)
+                }));
+                let mut outcome = sink.finish();
+                live.meta().frames_out += outcome.frames;
+                if let Some(c) = regs.counters(self.gear()) {
+                    c.frames_out.add(outcome.frames);
+                    c.bytes_out.add(outcome.bytes);
+                }
+                if let Err(panic) = result {
+                    outcome.panic = Some(panic_message(&panic));
+                }
+                let mut echo = outcome.echo.take();
+                if let Some(op) = echo
+                    && (outcome.panic.is_some() || outcome.gear_error.is_some() || outcome.closed)
+                {
+                    // Nothing was queued after the echo (a later send would have
+                    // queued it first): queue it now, before what the outcome adds.
+                    let out = &mut tx(&mut self.tx).out;
+                    encode_frame_into(out, true, 0, op, payload, None);
+                    echo = None;
+                }
+                self.after_callback(id, outcome, now_ms, app, regs);
+                return echo.map(|op| (op, payload.len()));
+            }
+            // Inflated by `on_compressed` first, which hands the message on.
+            Event::Fragment | Event::Compressed { .. } => {}
+            Event::Ping(payload) => {
+                if self.closing_open() {
+                    let out = &mut tx(&mut self.tx).out;
+                    encode_frame_into(out, true, 0, OpCode::Pong, payload, None);
+                    self.check_outgoing(id, now_ms, app, regs);
+                }
+            }
+            Event::Pong(_) => {
+                if let Some(tx) = &mut self.tx {
+                    tx.pong_deadline_ms = None;
+                }
+            }
+            Event::Close(close) => {
+                if let Some(c) = regs.counters(self.gear()) {
+                    c.close_received(close.code.map(CloseCode::get));
+                }
+                match tx(&mut self.tx).closing.peer_close(close.code) {
+                    PeerCloseAction::Reply(code) => {
+                        self.send_close(code, "", regs);
+                        self.terminate(
+                            id,
+                            TerminateReason::RemoteClose {
+                                code: close.code,
+                                reason: close.reason.to_owned(),
+                            },
+                            now_ms,
+                            app,
+                            regs,
+                        );
+                    }
+                    PeerCloseAction::Finished => {}
+                }
+                self.finished = true;
+            }
+        }
+        None
+    }
+
+    /// Queues the echo that [`Session::on_event`] returned: `buf` is the frame that was
+    /// echoed, its payload the last `len` bytes. The server's header goes in front of
+    /// the payload (the client's header is 4 bytes longer: it carries the mask), and
+    /// `buf` becomes the output. The caller checks the output limit.
+    pub(super) fn echo_in_place(&mut self, mut buf: Vec<u8>, op: OpCode, len: usize) -> Vec<u8> {
+        let payload_start = buf.len() - len;
+        let header = encode_header(true, 0, op, len as u64, None);
+        let header = header.as_bytes();
+        let start = payload_start
+            .checked_sub(header.len())
+            .and_then(|s| u8::try_from(s).ok());
+        let tx = tx(&mut self.tx);
+        match start {
+            Some(start) if tx.out.is_empty() && tx.chunks.is_empty() => {
+                buf[usize::from(start)..payload_start].copy_from_slice(header);
+                tx.out_start = start;
+                std::mem::replace(&mut tx.out, buf)
+            }
+            // Not reached (nothing is queued after a deferred echo, and a client's
+            // header is longer than ours), but correct: copy.
+            _ => {
+                encode_frame_into(&mut tx.out, true, 0, op, &buf[payload_start..], None);
+                buf
+            }
+        }
+    }
+
+    /// A compressed message: inflated (at most the message size limit) into a scratch
+    /// buffer of the shard's, checked for UTF-8 if text, and handed on as a message.
+    pub(super) fn on_compressed(
+        &mut self,
+        id: ConnId,
+        binary: bool,
+        payload: &[u8],
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) {
+        if !self.closing_open() {
+            return; // after our close, data is read and dropped (not inflated)
+        }
+        let limit = usize::try_from(app.limits().max_message_bytes).unwrap_or(usize::MAX);
+        with_scratch(|inflated| {
+            let result = match self.pmd.as_mut() {
+                Some(pmd) => pmd.inflate(payload, inflated, limit),
+                // RSV1 is refused by the decoder unless the extension was agreed.
+                None => Err(ProtocolError::ReservedBits),
+            };
+            let msg = match result {
+                Ok(()) if binary => Message::Binary(inflated),
+                Ok(()) => match simdutf8::basic::from_utf8(inflated) {
+                    Ok(text) => Message::Text(text),
+                    Err(_) => return self.fail(id, ProtocolError::InvalidUtf8, now_ms, app, regs),
+                },
+                Err(e) => return self.fail(id, e, now_ms, app, regs),
+            };
+            self.on_event(id, Event::Message(msg), None, now_ms, app, regs);
+        });
+    }
+}
