@@ -34,8 +34,13 @@ cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-echo "== cargo test"
-cargo test --workspace --locked
+echo "== cargo test (io_uring)"
+# Unset KYTHERA_IO means auto, io_uring on this machine. The engine's suites start their
+# servers with the driver KYTHERA_IO names, so the second run covers the epoll driver
+# with the same tests (those that reach io_uring's own resources pin io_uring).
+env -u KYTHERA_IO cargo test --workspace --locked
+echo "== cargo test (epoll)"
+KYTHERA_IO=epoll cargo test --workspace --locked
 
 echo "== loom models of the registry's wake-up protocol"
 # Built with --cfg loom in a target directory of their own, so that the normal build
@@ -73,30 +78,52 @@ if ! cmp -s tools/conformance/requirements.txt .venv/kythera-requirements.txt; t
     cp tools/conformance/requirements.txt .venv/kythera-requirements.txt
 fi
 
-echo "== kythera where io_uring is refused (seccomp: EPERM, ENOSYS)"
-.venv/bin/python tools/conformance/no_io_uring.py
+echo "== kythera where io_uring is refused (seccomp: EPERM, ENOSYS): epoll, or exit with --io uring"
+env -u KYTHERA_IO .venv/bin/python tools/conformance/no_io_uring.py
 
-echo "== python websockets client against kythera (no compression; permessage-deflate)"
-.venv/bin/python tools/conformance/python_client.py
-.venv/bin/python tools/conformance/python_client.py --compression deflate
+# Runs a conformance command against both drivers at once (separate servers on ports
+# they pick; OUTDIR in the arguments becomes target/epoll/... for the epoll run) and
+# fails if either fails; the epoll run's output is printed after the io_uring run's.
+both_drivers() {
+    local log rc=0 pid
+    log=$(mktemp)
+    mkdir -p target/epoll
+    local epoll_args=()
+    for a in "$@"; do epoll_args+=("${a//target\//target/epoll/}"); done
+    KYTHERA_IO=epoll "${epoll_args[@]}" >"$log" 2>&1 &
+    pid=$!
+    KYTHERA_IO=uring "$@" || rc=$?
+    wait "$pid" || rc=$?
+    sed 's/^/[epoll] /' "$log"
+    rm -f "$log"
+    return "$rc"
+}
+
+echo "== python websockets client against kythera, io_uring and epoll (no compression; permessage-deflate)"
+both_drivers .venv/bin/python tools/conformance/python_client.py
+both_drivers .venv/bin/python tools/conformance/python_client.py --compression deflate
 # Context takeover both ways, a 12-bit client window, and messages under 100 bytes sent
 # uncompressed on the compressed connection.
-.venv/bin/python tools/conformance/python_client.py --compression deflate \
+both_drivers .venv/bin/python tools/conformance/python_client.py --compression deflate \
     --server-arg=--deflate-server-no-context-takeover=false \
     --server-arg=--deflate-client-no-context-takeover=false \
     --server-arg=--deflate-client-max-window-bits=12 --server-arg=--deflate-min-bytes=100
 
-echo "== autobahn cases 1-13 (kosoku) against kythera"
+echo "== autobahn cases 1-13 (kosoku) against kythera, io_uring and epoll"
 # Cases 9.1.5-9.2.6 echo 8 and 16 MiB messages; the default limit (5,000,000 bytes,
 # antikythera's) would close them with 1009, which Autobahn counts as a failure. The
 # conformance run raises the limit; the limit itself is tested in tests/lifecycle.rs.
-.venv/bin/python tools/conformance/autobahn.py --server-arg=--max-message-bytes=20000000
-echo "== autobahn cases 13.* with context takeover configured on the server"
+both_drivers .venv/bin/python tools/conformance/autobahn.py --outdir target/autobahn \
+    --server-arg=--max-message-bytes=20000000
+echo "== autobahn cases 13.* with context takeover configured on the server, io_uring and epoll"
 # kythera's defaults agree to no context takeover either way; this run makes the server
 # keep a compressor per connection (kosoku always offers client_no_context_takeover).
-.venv/bin/python tools/conformance/autobahn.py --cases '13.*' --outdir target/autobahn-takeover \
+both_drivers .venv/bin/python tools/conformance/autobahn.py --cases '13.*' --outdir target/autobahn-takeover \
     --server-arg=--deflate-server-no-context-takeover=false \
     --server-arg=--deflate-client-no-context-takeover=false
+
+echo "== container files: hadolint, shellcheck, docker-compose config (tools/check-container.sh)"
+./tools/check-container.sh
 
 echo "== demo page in headless Chromium (tools/browser: playwright-core, Debian's chromium)"
 # Debian's chromium: the page is driven by playwright-core with executablePath, since

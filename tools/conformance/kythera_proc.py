@@ -28,7 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BINARY = REPO / "target" / "release" / "kythera"
 LOG_DIR = REPO / "target" / "conformance"
 
-LISTENING = re.compile(r"kythera listening on (ws://\S+)")
+LISTENING = re.compile(r"kythera listening on (ws://\S+) \(([^)]*)\)")
+# The banner's name for each --io / KYTHERA_IO choice that names one driver.
+DRIVER_NAMES = {"uring": "io_uring", "epoll": "epoll"}
 
 
 class ServerError(Exception):
@@ -148,7 +150,12 @@ class KytheraServer:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self._ready.wait(0.05):
-                print(f"started: {' '.join(cmd)} -> {self.url}", flush=True)
+                print(f"started: {' '.join(cmd)} -> {self.url} ({self.banner})", flush=True)
+                # A run meant for one driver must not pass on the other.
+                want = DRIVER_NAMES.get(os.environ.get("KYTHERA_IO", ""))
+                if want and not self.banner.endswith(f", {want}") and f", {want}," not in self.banner:
+                    self.stop()
+                    raise ServerError(f"KYTHERA_IO asks for {want}, the banner says ({self.banner})")
                 return
             if self.proc.poll() is not None:
                 self._ready.wait(0.5)  # let the reader thread see the last lines
@@ -168,6 +175,7 @@ class KytheraServer:
             m = LISTENING.search(line)
             if m and not self._ready.is_set():
                 self.url = m.group(1)
+                self.banner = m.group(2)
                 self._ready.set()
 
     def output_tail(self, n: int = 30) -> str:

@@ -1,16 +1,24 @@
-"""kythera where io_uring is refused: it must stop at start with a message that says
-what is wrong and how to fix it, and a non-zero exit code (issue 3, item 6).
+"""kythera where io_uring is refused: with `--io auto` (the default) it must start on
+the epoll driver, say why in its log, name the driver in its banner and `/metrics`,
+echo, and drain; with `--io uring` it must stop at start with a message that says what
+is wrong and how to fix it, and a non-zero exit code (issues 3 and 17).
 
 The refusal is real, not simulated: the child process installs a seccomp filter
-(through prctl, with ctypes) that answers `io_uring_setup` with EPERM (what Docker's
-default profile does) or ENOSYS (what a kernel without io_uring, or gVisor, does), then
-execs kythera. Run: `python3 tools/conformance/no_io_uring.py [--binary PATH]`.
+(through prctl, with ctypes) that answers the three io_uring system calls with EPERM
+(what Docker's default profile does) or ENOSYS (what a kernel without io_uring, or
+gVisor, does), then execs kythera. Run: `python3 tools/conformance/no_io_uring.py
+[--binary PATH]`.
 """
 
 import argparse
+import base64
 import ctypes
 import errno
+import os
 import platform
+import re
+import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -21,7 +29,9 @@ SECCOMP_MODE_FILTER = 2
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_ERRNO = 0x00050000
 AUDIT_ARCH_X86_64 = 0xC000003E
-NR_IO_URING_SETUP = 425  # the same number on every architecture since 5.1
+# io_uring_setup, io_uring_enter, io_uring_register: the same numbers on every
+# architecture since 5.1.
+NR_IO_URING = (425, 426, 427)
 
 BPF_LD_W_ABS = 0x20
 BPF_JEQ_K = 0x15
@@ -29,14 +39,20 @@ BPF_RET_K = 0x06
 
 
 def _filter(refusal_errno):
-    """A BPF program: io_uring_setup fails with `refusal_errno`, all else is allowed."""
+    """A BPF program: the io_uring calls fail with `refusal_errno`, all else is allowed."""
+    n = len(NR_IO_URING)
     insns = [
         (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
-        (BPF_JEQ_K, 0, 3, AUDIT_ARCH_X86_64),  # another arch: allow
+        (BPF_JEQ_K, 0, n + 1, AUDIT_ARCH_X86_64),  # another arch: allow
         (BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
-        (BPF_JEQ_K, 0, 1, NR_IO_URING_SETUP),
-        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | refusal_errno),
+    ]
+    # Each comparison jumps to the refusal on a match (the refusal sits after the
+    # remaining comparisons) and falls through to the next otherwise.
+    for i, nr in enumerate(NR_IO_URING):
+        insns.append((BPF_JEQ_K, n - i, 0, nr))
+    insns += [
         (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | refusal_errno),
     ]
     return b"".join(struct.pack("HBBI", *i) for i in insns), len(insns)
 
@@ -56,13 +72,21 @@ def _install(refusal_errno):
         raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
 
 
-def run_case(binary, refusal_errno, must_say):
+def _env():
+    env = dict(os.environ, RUST_LOG="info", NO_COLOR="1")
+    env.pop("KYTHERA_IO", None)
+    return env
+
+
+def refused_with_io_uring(binary, refusal_errno, must_say):
+    """`--io uring` must stop with the probe's explanation."""
     proc = subprocess.run(
-        [binary, "--listen", "127.0.0.1:0", "--shards", "1"],
+        [binary, "--listen", "127.0.0.1:0", "--shards", "1", "--io", "uring"],
         preexec_fn=lambda: _install(refusal_errno),
         capture_output=True,
         text=True,
         timeout=30,
+        env=_env(),
     )
     name = errno.errorcode[refusal_errno]
     problems = []
@@ -74,10 +98,102 @@ def run_case(binary, refusal_errno, must_say):
         if words not in proc.stderr:
             problems.append(f"stderr lacks {words!r}")
     if problems:
-        print(f"no_io_uring: {name}: FAILED: {', '.join(problems)}")
+        print(f"no_io_uring: {name} --io uring: FAILED: {', '.join(problems)}")
         print(f"  exit {proc.returncode}; stderr: {proc.stderr.strip()}")
         return False
-    print(f"no_io_uring: {name}: exit {proc.returncode}: {proc.stderr.strip()}")
+    print(f"no_io_uring: {name} --io uring: exit {proc.returncode}: {proc.stderr.strip()}")
+    return True
+
+
+def _echo(addr):
+    """Upgrades /echo, sends one masked text frame, returns the echoed payload."""
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        key = base64.b64encode(os.urandom(16)).decode()
+        s.sendall(
+            (f"GET /echo HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n"
+             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+             "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise OSError("closed during the handshake")
+            head += chunk
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise OSError(f"no 101: {head[:40]!r}")
+        rest = head.split(b"\r\n\r\n", 1)[1]
+        payload, mask = b"epoll here", os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        s.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+        while len(rest) < 2 + len(payload):
+            chunk = s.recv(4096)
+            if not chunk:
+                raise OSError("closed before the echo")
+            rest += chunk
+        return rest[2 : 2 + len(payload)]
+
+
+def _get(addr, path):
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n".encode())
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out.decode(errors="replace")
+
+
+def falls_back_to_epoll(binary, refusal_errno, must_say):
+    """`--io auto` (the default) must run on epoll, say why, echo and drain."""
+    name = errno.errorcode[refusal_errno]
+    proc = subprocess.Popen(
+        [binary, "--listen", "127.0.0.1:0", "--shards", "1"],
+        preexec_fn=lambda: _install(refusal_errno),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    problems = []
+    try:
+        banner = proc.stdout.readline().strip()
+        m = re.match(r"kythera listening on ws://(\S+) \((\d+ shards?), (\w+)\)$", banner)
+        if not m:
+            problems.append(f"banner {banner!r}")
+        else:
+            addr, driver = m.group(1), m.group(3)
+            if driver != "epoll":
+                problems.append(f"banner names {driver}")
+            echoed = _echo(addr)
+            if echoed != b"epoll here":
+                problems.append(f"echoed {echoed!r}")
+            metrics = _get(addr, "/metrics")
+            if 'kythera_io_driver{driver="epoll"} 1' not in metrics:
+                problems.append("/metrics does not name epoll")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
+        if code != 0:
+            problems.append(f"exit {code} after SIGTERM")
+    except Exception as e:  # noqa: BLE001 - any failure is the test's failure
+        problems.append(repr(e))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read()
+    fallback = [line for line in stderr.splitlines() if "running on epoll" in line]
+    if len(fallback) != 1:
+        problems.append(f"{len(fallback)} log lines say 'running on epoll' (want 1)")
+    for words in must_say:
+        if not any(words in line for line in fallback):
+            problems.append(f"the fallback line lacks {words!r}")
+    if problems:
+        print(f"no_io_uring: {name} --io auto: FAILED: {', '.join(problems)}")
+        print(f"  stderr: {stderr.strip()}")
+        return False
+    print(f"no_io_uring: {name} --io auto: epoll, echoed, drained: {fallback[0].strip()}")
     return True
 
 
@@ -92,7 +208,8 @@ def main():
         (errno.EPERM, ["io_uring is unavailable", "seccomp", "io_uring_setup"]),
         (errno.ENOSYS, ["io_uring is unavailable", "does not provide io_uring"]),
     ]
-    ok = [run_case(args.binary, e, words) for e, words in cases]
+    ok = [refused_with_io_uring(args.binary, e, words) for e, words in cases]
+    ok += [falls_back_to_epoll(args.binary, e, words[1:]) for e, words in cases]
     print(f"no_io_uring: {sum(ok)} passed, {len(ok) - sum(ok)} failed")
     return 0 if all(ok) else 1
 
