@@ -65,6 +65,7 @@
 #
 # Environment (defaults in brackets; QUICK=1 changes the ones marked *):
 #   SERVERS       servers, in run order ["kythera fastwebsockets tungstenite"]; also
+#                 "kythera-epoll" (the epoll driver, `--io epoll`),
 #                 "kythera-plain" (plain fds instead of direct descriptors),
 #                 "kythera-zc" (zero-copy sends from 16 KiB), "kythera-4k" (1024
 #                 receive buffers of 4 KiB, each receive taking a whole one: the
@@ -164,8 +165,8 @@ number() { [[ $2 =~ ^[0-9]*\.?[0-9]+$ ]] || die "$1 must be a number, not '$2'";
 
 for s in $SERVERS; do
     case $s in
-    kythera | kythera-plain | kythera-zc | kythera-4k | kythera-deflate | kythera-deflate-ctx | fastwebsockets | tungstenite) ;;
-    *) die "unknown server '$s' in SERVERS (kythera, kythera-plain, kythera-zc, kythera-4k, kythera-deflate, kythera-deflate-ctx, fastwebsockets, tungstenite)" ;;
+    kythera | kythera-epoll | kythera-plain | kythera-zc | kythera-4k | kythera-deflate | kythera-deflate-ctx | fastwebsockets | tungstenite) ;;
+    *) die "unknown server '$s' in SERVERS (kythera, kythera-epoll, kythera-plain, kythera-zc, kythera-4k, kythera-deflate, kythera-deflate-ctx, fastwebsockets, tungstenite)" ;;
     esac
 done
 case $KIND in text | binary) ;; *) die "KIND is text or binary, not '$KIND'" ;; esac
@@ -269,6 +270,7 @@ start_server() {
         cmd=("$BIN/kythera" --listen "127.0.0.1:$port" --shards 2)
         pin=()
         ;;
+    kythera-epoll) cmd=("$BIN/kythera" --listen "127.0.0.1:$port" --shards 1 --io epoll) ;;
     kythera-plain) cmd=("$BIN/kythera" --listen "127.0.0.1:$port" --shards 1 --plain-fds) ;;
     kythera-zc) cmd=("$BIN/kythera" --listen "127.0.0.1:$port" --shards 1 --send-zc-min-bytes 16384) ;;
     kythera-4k)

@@ -43,7 +43,7 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::thread::JoinHandle;
@@ -437,23 +437,15 @@ impl ServerBuilder {
             local_addrs.push(actual);
         }
         let event_fds: Arc<[OwnedFd]> = (0..shards)
-            .map(|_| eventfd())
+            .map(|_| crate::driver::sys::eventfd())
             .collect::<io::Result<Vec<_>>>()
             .map_err(StartError::EventFd)?
             .into();
         let wakeup = Arc::new(Wakeup::new(shards));
         let fds = Arc::clone(&event_fds);
+        // The closure holds the Arc, so the eventfds stay open while it can run.
         wakeup.set_foreign_waker(Box::new(move |shard| {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to an eventfd this closure keeps
-            // open (it holds the Arc).
-            let _ = unsafe {
-                libc::write(
-                    fds[shard].as_raw_fd(),
-                    std::ptr::from_ref(&one).cast(),
-                    size_of::<u64>(),
-                )
-            };
+            crate::driver::sys::eventfd_write(fds[shard].as_fd());
         }));
         app.start_registries(registry_config, &wakeup, backplane.as_ref());
         let shared = Arc::new(Shared {
@@ -527,24 +519,7 @@ fn choose_driver(choice: IoChoice) -> Result<(DriverKind, Option<Features>), Sta
 /// measured the same either way. The `kythera` binary calls this before it starts;
 /// a program that embeds the engine decides for itself.
 pub fn disable_transparent_huge_pages() -> io::Result<()> {
-    // SAFETY: prctl with integer arguments only; it changes a flag of this process.
-    let res = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-    if res != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// A non-blocking eventfd, for foreign threads to wake a shard.
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor
-    // that nothing else owns.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::driver::sys::disable_thp()
 }
 
 /// Runs the io_uring probe on a thread of its own. When a ring is torn down, the kernel

@@ -22,7 +22,8 @@
 //! - `arm_accept` and `arm_recv` are multishot: they produce events with `more` set
 //!   until one without, after which the shard arms them again if it wants more.
 //! - One send at a time per connection; the driver continues a partial send itself and
-//!   reports once, when every byte went out or the send failed.
+//!   reports once, when every byte went out or the send failed (at once, from
+//!   [`Driver::send`], when that is known right away).
 //! - [`Driver::in_flight`] counts operations whose last event has not arrived; a
 //!   draining shard stops when it is zero.
 
@@ -194,8 +195,10 @@ pub(crate) trait Driver {
     fn receive(&mut self, index: u32, token: &Self::RecvToken) -> Received<'_>;
     /// Done with what [`Driver::receive`] returned.
     fn release(&mut self, token: Self::RecvToken);
-    /// Sends `output` (not empty) on a connection with no send in flight.
-    fn send(&mut self, slot: Slot, output: Output) -> io::Result<()>;
+    /// Sends `output` (not empty) on a connection with no send in flight. `Some` when
+    /// the send is already over (epoll, when the socket took every byte or failed):
+    /// then no [`Event::Sent`] follows.
+    fn send(&mut self, slot: Slot, output: Output) -> io::Result<Option<Result<Output, i32>>>;
     /// `shutdown(SHUT_RDWR)`: the recv ends, a waiting send fails.
     fn shutdown(&mut self, slot: Slot) -> io::Result<()>;
     /// Closes the connection's descriptor ([`Event::Closed`] frees the slot).

@@ -1,9 +1,62 @@
-//! The plain system calls both drivers and the shard thread need: thread affinity and
-//! the peer address of a socket.
+//! The plain system calls both drivers, the shard threads and the server need that
+//! have no safe wrapper in std: thread affinity, the peer address of a socket, the
+//! wake-up eventfd, and `PR_SET_THP_DISABLE`.
 
+use std::io;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use tracing::debug;
+
+/// A non-blocking, close-on-exec eventfd: foreign threads and other shards write to a
+/// shard's to wake it.
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor
+    // that nothing else owns.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds one to an eventfd (wakes whoever waits on it). A full counter (`EAGAIN`) is
+/// still a pending wake-up, so the result is not needed.
+pub(crate) fn eventfd_write(fd: BorrowedFd<'_>) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an open descriptor.
+    let _ = unsafe {
+        libc::write(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&one).cast(),
+            size_of::<u64>(),
+        )
+    };
+}
+
+/// Resets an eventfd's counter (non-blocking: nothing to read is fine).
+pub(crate) fn eventfd_read(fd: BorrowedFd<'_>) {
+    let mut count = 0u64;
+    // SAFETY: reads at most 8 bytes into a live u64 from an open descriptor.
+    let _ = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            std::ptr::from_mut(&mut count).cast(),
+            size_of::<u64>(),
+        )
+    };
+}
+
+/// `prctl(PR_SET_THP_DISABLE)`: no transparent huge pages for this process.
+pub(crate) fn disable_thp() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only; it changes a flag of this process.
+    let res = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if res != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// Pins the calling thread to the `shard`-th CPU it may run on (modulo their count).
 /// Failure (a restricted container, say) is ignored: the shard runs unpinned.

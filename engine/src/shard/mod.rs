@@ -749,18 +749,33 @@ impl<D: Driver> Shard<D> {
         if conn.flags.has(ConnFlags::CLOSE_SENT) {
             return Ok(());
         }
-        let mut to_send = None;
-        if !conn.flags.has(ConnFlags::FORCED)
-            && !conn.flags.has(ConnFlags::SENDING)
-            && let Some(session) = conn.session.as_mut()
-        {
-            while let Some(output) = session.take_output(now_ms) {
-                if output.is_empty() {
-                    session.sent(output);
-                    continue;
-                }
-                to_send = Some(output);
+        let slot = conn.slot(index);
+        // Everything the session queued goes out in one send; a send that the driver
+        // finished at once (epoll) lets the session queue more, which goes out too.
+        while !conn.flags.has(ConnFlags::FORCED) && !conn.flags.has(ConnFlags::SENDING) {
+            let Some(session) = conn.session.as_mut() else {
                 break;
+            };
+            let Some(output) = session.take_output(now_ms) else {
+                break;
+            };
+            if output.is_empty() {
+                session.sent(output);
+                continue;
+            }
+            conn.flags.set(ConnFlags::SENDING, true);
+            let Some(result) = self.driver.send(slot, output)? else {
+                break; // in flight: Event::Sent follows
+            };
+            conn.flags.set(ConnFlags::SENDING, false);
+            match result {
+                Ok(output) => session.sent(output),
+                Err(errno) => {
+                    let id = conn_id(self.index, index, conn.generation);
+                    if let Some(session) = conn.live_session() {
+                        session.on_peer_gone(id, Some(errno), now_ms, &self.app, &mut self.regs);
+                    }
+                }
             }
         }
         // The only deadline kept in the wheel is the closing timeout, set once: one
@@ -776,13 +791,7 @@ impl<D: Driver> Shard<D> {
             };
             self.timers.insert(deadline, key);
         }
-        let finished = conn.finished();
-        let slot = conn.slot(index);
-        if let Some(output) = to_send {
-            conn.flags.set(ConnFlags::SENDING, true);
-            self.driver.send(slot, output)?;
-        }
-        if finished {
+        if conn.finished() {
             self.begin_close(index)?;
         }
         Ok(())

@@ -488,7 +488,7 @@ impl Driver for UringDriver {
         }
     }
 
-    fn send(&mut self, slot: Slot, output: Output) -> io::Result<()> {
+    fn send(&mut self, slot: Slot, output: Output) -> io::Result<Option<Result<Output, i32>>> {
         let len = output.len();
         if !output.rest.is_empty() {
             bump(&self.stats().vectored_sends, 1);
@@ -507,7 +507,8 @@ impl Driver for UringDriver {
             },
         );
         debug_assert!(previous.is_none(), "two sends in flight on {}", slot.index);
-        self.submit_send(slot.index)
+        self.submit_send(slot.index)?;
+        Ok(None)
     }
 
     fn shutdown(&mut self, slot: Slot) -> io::Result<()> {
