@@ -57,15 +57,15 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::config::{Limits, default_max_connections};
+use crate::driver::listener::{bind_reuseport, ensure_unused};
 use crate::driver::{DriverKind, IoChoice};
 use crate::gear::App;
 use crate::observe::{AllGearCounters, GearCounters, Http, HttpConfig};
 use crate::origin::OriginPolicy;
 use crate::route::InvalidRoute;
 use crate::shard::{self, ShardCounters, ShardSetup, ShardStats, ShardTuning};
-use crate::uring::net::ensure_unused;
+use crate::uring::probe;
 use crate::uring::probe::{Features, Unavailable};
-use crate::uring::{bind_reuseport, probe};
 
 /// The most shards a server may have: a connection id keeps the shard in 8 bits, and
 /// shard 255 stands for connections on other nodes ([`handler_api::ConnId::REMOTE_SHARD`]).

@@ -28,6 +28,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::net::TcpListener;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
@@ -408,14 +409,10 @@ impl Driver for EpollDriver {
         self.in_flight
     }
 
-    fn arm_accept(&mut self, listener: u32, fd: RawFd) -> io::Result<()> {
+    fn arm_accept(&mut self, listener: u32, socket: &TcpListener) -> io::Result<()> {
         // Non-blocking, so that accepting until EAGAIN never blocks the shard.
-        // SAFETY: fcntl with integer arguments on the listener, which is open.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        // SAFETY: as above.
-        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        socket.set_nonblocking(true)?;
+        let fd = socket.as_raw_fd();
         let slot = listener as usize;
         if self.listeners.len() <= slot {
             self.listeners.resize(slot + 1, None);
@@ -427,11 +424,11 @@ impl Driver for EpollDriver {
         Ok(())
     }
 
-    fn cancel_accept(&mut self, listener: u32, fd: RawFd) -> io::Result<()> {
+    fn cancel_accept(&mut self, listener: u32, socket: &TcpListener) -> io::Result<()> {
         if let Some(armed) = self.listeners.get_mut(listener as usize)
             && armed.take().is_some()
         {
-            let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+            let _ = self.ctl(libc::EPOLL_CTL_DEL, socket.as_raw_fd(), 0, 0);
             // The armed accept's last event.
             self.queued.push_back(Event::Accept {
                 listener,

@@ -13,6 +13,7 @@
 //! | [`uring`] | the io_uring layer (ring, provided buffers, probe) and [`uring::UringDriver`] |
 //! | [`epoll`] | [`epoll::EpollDriver`]: non-blocking sockets, `epoll_wait`, an eventfd for wake-ups |
 //! | [`iovec`] | the iovecs of an [`Output`] of several buffers, for `sendmsg` (both drivers) |
+//! | [`listener`] | the `SO_REUSEPORT` listeners every shard binds (`socket2`) |
 //! | [`sys`] | the few plain system calls both use (thread affinity, peer address) |
 //!
 //! # The contract
@@ -30,14 +31,14 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
-use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::net::{SocketAddr, TcpListener};
 use std::str::FromStr;
 
 use crate::session::Output;
 
 pub mod epoll;
 pub mod iovec;
+pub mod listener;
 pub mod sys;
 pub mod uring;
 
@@ -180,10 +181,11 @@ pub(crate) trait Driver {
     /// Operations whose last event has not arrived.
     fn in_flight(&self) -> usize;
 
-    /// Starts accepting on `listener` (multishot).
-    fn arm_accept(&mut self, listener: u32, fd: RawFd) -> io::Result<()>;
+    /// Starts accepting on `listener` (multishot); `socket` stays open until the
+    /// accept's last event.
+    fn arm_accept(&mut self, listener: u32, socket: &TcpListener) -> io::Result<()>;
     /// Stops accepting on `listener`: its last event follows.
-    fn cancel_accept(&mut self, listener: u32, fd: RawFd) -> io::Result<()>;
+    fn cancel_accept(&mut self, listener: u32, socket: &TcpListener) -> io::Result<()>;
     /// Reads a new connection's peer address ([`Event::Peer`]).
     fn peer_name(&mut self, slot: Slot, ipv6: bool) -> io::Result<()>;
     /// Starts receiving on a connection (multishot).

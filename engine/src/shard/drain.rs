@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::AsRawFd;
 
 use tracing::{debug, info, warn};
 
@@ -72,7 +71,7 @@ impl<D: Driver> Shard<D> {
             if l.armed {
                 // The listener closes when the accept's last event arrives.
                 if let Some(socket) = &l.socket {
-                    self.driver.cancel_accept(i as u32, socket.as_raw_fd())?;
+                    self.driver.cancel_accept(i as u32, socket)?;
                 }
             } else {
                 l.socket = None;

@@ -51,7 +51,6 @@
 
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -469,8 +468,7 @@ impl<D: Driver> Shard<D> {
             return Ok(());
         }
         l.armed = true;
-        let fd = socket.as_raw_fd();
-        self.driver.arm_accept(listener, fd)
+        self.driver.arm_accept(listener, socket)
     }
 
     fn on_accept(&mut self, listener: u32, result: Result<u32, i32>, more: bool) -> io::Result<()> {
@@ -502,10 +500,9 @@ impl<D: Driver> Shard<D> {
                             "accept failed for lack of resources; retrying after a back-off"
                         );
                     }
-                    if more {
+                    if more && let Some(socket) = &l.socket {
                         // The multishot should have ended; end it so it does not spin.
-                        let fd = l.socket.as_ref().map_or(-1, |s| s.as_raw_fd());
-                        self.driver.cancel_accept(listener, fd)?;
+                        self.driver.cancel_accept(listener, socket)?;
                     }
                 } else if errno != libc::ECANCELED {
                     debug!(shard = self.index, errno, "accept failed");

@@ -9,6 +9,7 @@
 //! what the kernel still points to rather than free it under the kernel.
 
 use std::io;
+use std::net::TcpListener;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -405,15 +406,15 @@ impl Driver for UringDriver {
         self.in_flight
     }
 
-    fn arm_accept(&mut self, listener: u32, fd: RawFd) -> io::Result<()> {
-        let entry =
-            accept_multi(fd, self.direct).user_data(UserData::new(Op::Accept, listener).encode());
+    fn arm_accept(&mut self, listener: u32, socket: &TcpListener) -> io::Result<()> {
+        let entry = accept_multi(socket.as_raw_fd(), self.direct)
+            .user_data(UserData::new(Op::Accept, listener).encode());
         // SAFETY: the accept points to no memory (no address buffer); the shard keeps
         // the listener open until the accept's last completion.
         unsafe { self.push(&entry) }
     }
 
-    fn cancel_accept(&mut self, listener: u32, _fd: RawFd) -> io::Result<()> {
+    fn cancel_accept(&mut self, listener: u32, _socket: &TcpListener) -> io::Result<()> {
         self.cancel(UserData::new(Op::Accept, listener).encode())
     }
 

@@ -9,7 +9,7 @@
 //! | [`mod@probe`] | whether io_uring is usable here, and an error saying how to fix it when not |
 //! | [`ring`] | [`Ring`]: setup with `SINGLE_ISSUER \| DEFER_TASKRUN` (or the best fallback), push, submit and wait |
 //! | [`buf_ring`] | [`BufRing`]: the provided-buffer ring that multishot recv picks from |
-//! | [`net`] | the `SO_REUSEPORT` listener, [`Socket`] (plain fd or direct descriptor) and the SQEs on it |
+//! | [`net`] | [`Socket`] (plain fd or direct descriptor) and the SQEs on it |
 //! | [`completion`] | the `user_data` encoding ([`UserData`]) and the flags of multishot completions |
 //! | `driver` | [`UringDriver`]: the shard's I/O on these ([`crate::driver::Driver`]) |
 //!
@@ -26,6 +26,6 @@ pub mod ring;
 pub use buf_ring::BufRing;
 pub use completion::{Op, UserData};
 pub(crate) use driver::UringDriver;
-pub use net::{Socket, bind_reuseport};
+pub use net::Socket;
 pub use probe::{Features, Unavailable, probe};
 pub use ring::{Ring, RingFlags};

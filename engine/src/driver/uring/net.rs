@@ -1,40 +1,15 @@
-//! Sockets as io_uring sees them: the listener each shard binds, and a connection's
-//! descriptor, which is either a plain fd or a direct descriptor (a slot in the ring's
-//! registered file table).
+//! Sockets as io_uring sees them: a connection's descriptor, which is either a plain fd
+//! or a direct descriptor (a slot in the ring's registered file table), and the
+//! operations on it; and the raw socket calls `kythera-load` builds its io_uring
+//! client from (`tcp_socket`, `set_int_option`, `bind`, `sockaddr_of`: an io_uring
+//! `connect` takes the address as the kernel's `sockaddr`). The listeners are
+//! [`crate::driver::listener`]'s.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use io_uring::{opcode, squeue, types};
-
-/// Fails with `EADDRINUSE` when another socket listens on `addr`, even one with
-/// `SO_REUSEPORT` (another kythera): binds a socket without `SO_REUSEPORT` (but with
-/// `SO_REUSEADDR`, so that connections in `TIME_WAIT` do not count), which the kernel
-/// refuses next to any listener, and closes it without listening. Without this check a
-/// second server would bind its `SO_REUSEPORT` listeners beside the first one's and take
-/// a share of its connections.
-pub fn ensure_unused(addr: SocketAddr) -> io::Result<()> {
-    let socket = tcp_socket(addr)?;
-    set_int_option(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-    bind(&socket, addr)
-}
-
-/// Binds a TCP listener with `SO_REUSEADDR` and `SO_REUSEPORT`, so that every shard can
-/// bind its own listener to the same address and the kernel spreads connections over
-/// them. The socket is blocking and close-on-exec; io_uring does not need `O_NONBLOCK`.
-pub fn bind_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
-    let socket = tcp_socket(addr)?;
-    for option in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
-        set_int_option(socket.as_raw_fd(), libc::SOL_SOCKET, option, 1)?;
-    }
-    bind(&socket, addr)?;
-    // SAFETY: listen(2) on our own bound socket.
-    if unsafe { libc::listen(socket.as_raw_fd(), backlog) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(TcpListener::from(socket))
-}
 
 /// A new TCP socket of `addr`'s family: blocking (io_uring needs no `O_NONBLOCK`) and
 /// close-on-exec.
@@ -268,30 +243,6 @@ impl Socket {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn two_listeners_share_a_port() {
-        let first = bind_reuseport("127.0.0.1:0".parse().unwrap(), 16).expect("bind");
-        let addr = first.local_addr().expect("addr");
-        let second = bind_reuseport(addr, 16).expect("SO_REUSEPORT lets a second bind");
-        assert_eq!(second.local_addr().expect("addr"), addr);
-        std::net::TcpStream::connect(addr).expect("connect");
-    }
-
-    #[test]
-    fn binds_ipv6_loopback_when_available() {
-        match bind_reuseport("[::1]:0".parse().unwrap(), 16) {
-            Ok(listener) => assert!(listener.local_addr().expect("addr").is_ipv6()),
-            // Containers without IPv6 answer EADDRNOTAVAIL or EAFNOSUPPORT.
-            Err(err) => assert!(
-                matches!(
-                    err.raw_os_error(),
-                    Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
-                ),
-                "{err}"
-            ),
-        }
-    }
 
     #[test]
     fn socket_index() {
