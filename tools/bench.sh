@@ -65,7 +65,9 @@
 #
 # Environment (defaults in brackets; QUICK=1 changes the ones marked *):
 #   SERVERS       servers, in run order ["kythera fastwebsockets tungstenite"]; also
-#                 "kythera-epoll" (the epoll driver, `--io epoll`),
+#                 "kythera-epoll" (the epoll driver, `--io epoll`), "epoll-floor"
+#                 (benches/src/bin/epoll-floor.rs: the least an echo on epoll does,
+#                 no validation, no gear: the floor of the epoll cells),
 #                 "kythera-plain" (plain fds instead of direct descriptors),
 #                 "kythera-zc" (zero-copy sends from 16 KiB), "kythera-4k" (1024
 #                 receive buffers of 4 KiB, each receive taking a whole one: the
@@ -165,8 +167,8 @@ number() { [[ $2 =~ ^[0-9]*\.?[0-9]+$ ]] || die "$1 must be a number, not '$2'";
 
 for s in $SERVERS; do
     case $s in
-    kythera | kythera-epoll | kythera-plain | kythera-zc | kythera-4k | kythera-deflate | kythera-deflate-ctx | fastwebsockets | tungstenite) ;;
-    *) die "unknown server '$s' in SERVERS (kythera, kythera-epoll, kythera-plain, kythera-zc, kythera-4k, kythera-deflate, kythera-deflate-ctx, fastwebsockets, tungstenite)" ;;
+    kythera | kythera-epoll | kythera-plain | kythera-zc | kythera-4k | kythera-deflate | kythera-deflate-ctx | fastwebsockets | tungstenite | epoll-floor) ;;
+    *) die "unknown server '$s' in SERVERS (kythera, kythera-epoll, kythera-plain, kythera-zc, kythera-4k, kythera-deflate, kythera-deflate-ctx, fastwebsockets, tungstenite, epoll-floor)" ;;
     esac
 done
 case $KIND in text | binary) ;; *) die "KIND is text or binary, not '$KIND'" ;; esac
@@ -244,7 +246,7 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     echo "== cargo build --release --bins (the whole workspace's, as cargo run --release builds)" >&2
     cargo build --release --bins || die "build failed"
 fi
-for b in kythera kythera-load fastwebsockets-echo tungstenite-echo; do
+for b in kythera kythera-load fastwebsockets-echo tungstenite-echo epoll-floor; do
     [[ -x $BIN/$b ]] || die "$BIN/$b is missing (build it, or unset SKIP_BUILD)"
 done
 
@@ -291,6 +293,10 @@ start_server() {
         ;;
     tungstenite)
         cmd=("$BIN/tungstenite-echo" --port "$port")
+        ready="listening on"
+        ;;
+    epoll-floor)
+        cmd=("$BIN/epoll-floor" --port "$port")
         ready="listening on"
         ;;
     esac

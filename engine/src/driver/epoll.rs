@@ -568,7 +568,11 @@ impl Driver for EpollDriver {
 
     fn close(&mut self, slot: Slot) -> io::Result<()> {
         let index = slot.index;
-        self.sends.remove(&index);
+        if self.sends.remove(&index).is_some() {
+            // The shard closes only once its send is over; should one still wait for
+            // EPOLLOUT, it ends here.
+            self.in_flight -= 1;
+        }
         self.read_again.retain(|&i| i != index);
         self.set_interest(index, 0)?;
         self.interest[index as usize] = 0;

@@ -1,0 +1,275 @@
+//! The least a WebSocket echo server on epoll can do, as a floor to measure kythera's
+//! epoll driver against (`tools/bench.sh`, server `epoll-floor`): one thread, one
+//! edge-triggered epoll instance, non-blocking sockets; per readable socket one `read`
+//! into one 64 KiB buffer (a second next turn when it came back full), every whole
+//! frame in it unmasked and written back unmasked in one `write`. No validation, no
+//! limits, no gear, no closing handshake, no timers: a client that sends a frame split
+//! across reads has its tail kept in a per-connection buffer, and that is all.
+//!
+//! ```text
+//! epoll-floor --port 9003      # prints "listening on 127.0.0.1:9003"
+//! ```
+//!
+//! The 101 is computed (kythera-load checks `Sec-WebSocket-Accept`) with the engine's
+//! handshake functions; it is outside the measured window.
+
+use std::collections::HashMap;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+
+use engine::protocol::handshake;
+
+const LISTENER: u64 = u64::MAX;
+const MAX_EVENTS: usize = 1024;
+
+struct Conn {
+    stream: TcpStream,
+    upgraded: bool,
+    /// Bytes of an incomplete frame (or request head) from earlier reads.
+    pending: Vec<u8>,
+    /// Output the socket did not take yet.
+    unsent: Vec<u8>,
+}
+
+fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
+    let mut event = libc::epoll_event { events, u64: data };
+    // SAFETY: epoll_ctl reads the event, which lives on this stack; both descriptors
+    // are open.
+    if unsafe { libc::epoll_ctl(epoll, op, fd, &mut event) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Unmasks and echoes every whole frame at the start of `data`; returns the bytes
+/// used. The header is copied with the mask bit and key removed.
+fn echo_frames(data: &mut [u8], out: &mut Vec<u8>) -> usize {
+    let mut at = 0;
+    loop {
+        let rest = &mut data[at..];
+        if rest.len() < 2 {
+            return at;
+        }
+        let (len, header) = match rest[1] & 0x7f {
+            126 if rest.len() >= 4 => (u64::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            127 if rest.len() >= 10 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&rest[2..10]);
+                (u64::from_be_bytes(b), 10)
+            }
+            126 | 127 => return at,
+            n => (u64::from(n), 2),
+        };
+        let masked = rest[1] & 0x80 != 0;
+        let key_len = if masked { 4 } else { 0 };
+        let total = header + key_len + len as usize;
+        if rest.len() < total {
+            return at;
+        }
+        out.push(rest[0]);
+        out.push(rest[1] & 0x7f);
+        out.extend_from_slice(&rest[2..header]);
+        let (head, payload) = rest.split_at_mut(header + key_len);
+        let payload = &mut payload[..len as usize];
+        if masked {
+            let key = [
+                head[header],
+                head[header + 1],
+                head[header + 2],
+                head[header + 3],
+            ];
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= key[i & 3];
+            }
+        }
+        out.extend_from_slice(payload);
+        at += total;
+    }
+}
+
+/// Answers the upgrade once the request head is whole; `Ok(false)` while it is not.
+fn upgrade(conn: &mut Conn) -> io::Result<bool> {
+    let mut headers = [httparse::EMPTY_HEADER; handshake::MAX_HEADERS];
+    let req = match handshake::parse_request(&conn.pending, &mut headers, 16 * 1024) {
+        Ok(Some(req)) => req,
+        Ok(None) => return Ok(false),
+        Err(_) => return Err(io::Error::other("bad request")),
+    };
+    let up = handshake::validate_upgrade(&req).map_err(|_| io::Error::other("not an upgrade"))?;
+    let mut out = Vec::with_capacity(256);
+    handshake::write_switching_protocols(&mut out, up.key, None, None, std::iter::empty());
+    let head_len = req.head_len;
+    conn.unsent.extend_from_slice(&out);
+    conn.pending.drain(..head_len);
+    conn.upgraded = true;
+    Ok(true)
+}
+
+/// Writes what the socket takes of `conn.unsent`.
+fn flush(conn: &mut Conn) -> io::Result<()> {
+    while !conn.unsent.is_empty() {
+        match conn.stream.write(&conn.unsent) {
+            Ok(n) => {
+                conn.unsent.drain(..n);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One read, and the echo of what it completed. `Ok(true)` when the read filled the
+/// buffer (read again next turn).
+fn serve(conn: &mut Conn, buf: &mut [u8], out: &mut Vec<u8>) -> io::Result<bool> {
+    let n = match conn.stream.read(buf) {
+        Ok(0) => return Err(io::Error::from(ErrorKind::UnexpectedEof)),
+        Ok(n) => n,
+        Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if !conn.upgraded {
+        conn.pending.extend_from_slice(&buf[..n]);
+        if !upgrade(conn)? {
+            return Ok(false);
+        }
+        let mut pending = std::mem::take(&mut conn.pending);
+        let used = echo_frames(&mut pending, &mut conn.unsent);
+        pending.drain(..used);
+        conn.pending = pending;
+    } else if conn.pending.is_empty() {
+        out.clear();
+        let used = echo_frames(&mut buf[..n], out);
+        conn.pending.extend_from_slice(&buf[used..n]);
+        if conn.unsent.is_empty() {
+            // The usual case: one write straight from the echo buffer.
+            match conn.stream.write(out) {
+                Ok(w) => conn.unsent.extend_from_slice(&out[w..]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => conn.unsent.extend_from_slice(out),
+                Err(e) => return Err(e),
+            }
+        } else {
+            conn.unsent.extend_from_slice(out);
+        }
+    } else {
+        conn.pending.extend_from_slice(&buf[..n]);
+        let mut pending = std::mem::take(&mut conn.pending);
+        let used = echo_frames(&mut pending, &mut conn.unsent);
+        pending.drain(..used);
+        conn.pending = pending;
+    }
+    flush(conn)?;
+    Ok(n == buf.len())
+}
+
+/// One readiness event (or a read-again) of connection `key`.
+fn handle(
+    conns: &mut HashMap<u64, Conn>,
+    key: u64,
+    flags: u32,
+    buf: &mut [u8],
+    out: &mut Vec<u8>,
+    again: &mut Vec<u64>,
+) {
+    let Some(conn) = conns.get_mut(&key) else {
+        return;
+    };
+    let mut result = Ok(false);
+    if flags & libc::EPOLLOUT as u32 != 0 {
+        result = flush(conn).map(|()| false);
+    }
+    if result.is_ok() && flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+        result = serve(conn, buf, out);
+    }
+    match result {
+        Ok(true) => again.push(key),
+        Ok(false) => {}
+        Err(_) => {
+            conns.remove(&key); // closes the socket, which leaves the epoll set
+        }
+    }
+}
+
+fn main() -> io::Result<()> {
+    let mut port = 9003u16;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--port" => {
+                port = args
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .ok_or_else(|| io::Error::other("usage: epoll-floor [--port N]"))?;
+            }
+            _ => return Err(io::Error::other("usage: epoll-floor [--port N]")),
+        }
+    }
+    let listener = TcpListener::bind(("127.0.0.1", port))?;
+    listener.set_nonblocking(true)?;
+    // SAFETY: epoll_create1 takes no pointers.
+    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epoll < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    epoll_ctl(
+        epoll,
+        libc::EPOLL_CTL_ADD,
+        listener.as_raw_fd(),
+        libc::EPOLLIN as u32,
+        LISTENER,
+    )?;
+    println!("listening on {}", listener.local_addr()?);
+    io::stdout().flush()?;
+
+    let mut conns: HashMap<u64, Conn> = HashMap::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::with_capacity(64 * 1024);
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
+    let mut again: Vec<u64> = Vec::new();
+    let mut next_again: Vec<u64> = Vec::new();
+    let edge = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET) as u32;
+    loop {
+        let timeout = if again.is_empty() { -1 } else { 0 };
+        // SAFETY: the kernel writes at most MAX_EVENTS events into `events`, which
+        // holds that many.
+        let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), MAX_EVENTS as i32, timeout) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        for event in &events[..n as usize] {
+            let (key, flags) = (event.u64, event.events);
+            if key == LISTENER {
+                while let Ok((stream, _)) = listener.accept() {
+                    stream.set_nonblocking(true)?;
+                    let fd = stream.as_raw_fd();
+                    epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, edge, fd as u64)?;
+                    let conn = Conn {
+                        stream,
+                        upgraded: false,
+                        pending: Vec::new(),
+                        unsent: Vec::new(),
+                    };
+                    conns.insert(fd as u64, conn);
+                }
+                continue;
+            }
+            handle(&mut conns, key, flags, &mut buf, &mut out, &mut next_again);
+        }
+        for key in again.drain(..) {
+            handle(
+                &mut conns,
+                key,
+                libc::EPOLLIN as u32,
+                &mut buf,
+                &mut out,
+                &mut next_again,
+            );
+        }
+        std::mem::swap(&mut again, &mut next_again);
+    }
+}
