@@ -402,10 +402,7 @@ impl ServerBuilder {
         }
         let choice = match io {
             Some(choice) => choice,
-            None => match std::env::var("KYTHERA_IO") {
-                Ok(value) => value.parse().map_err(StartError::InvalidIo)?,
-                Err(_) => IoChoice::Auto,
-            },
+            None => IoChoice::from_env().map_err(StartError::InvalidIo)?,
         };
         let (driver, features) = choose_driver(choice)?;
         app.set_limits(limits.unwrap_or_else(|| Limits {

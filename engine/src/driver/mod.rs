@@ -71,12 +71,16 @@ impl FromStr for IoChoice {
 }
 
 impl IoChoice {
-    /// The choice named by the `KYTHERA_IO` environment variable, if set and valid.
+    /// The choice named by the `KYTHERA_IO` environment variable (`Auto` when it is
+    /// not set; an error naming the value when it names no driver).
     /// [`crate::ServerBuilder`] starts from it, as tokio's runtime builder starts from
     /// `TOKIO_WORKER_THREADS`: so that a deployment (or a test run) can pick the driver
     /// of a program that embeds the engine without rebuilding it.
-    pub fn from_env() -> Option<IoChoice> {
-        std::env::var("KYTHERA_IO").ok()?.parse().ok()
+    pub fn from_env() -> Result<IoChoice, String> {
+        match std::env::var("KYTHERA_IO") {
+            Ok(value) => value.parse(),
+            Err(_) => Ok(IoChoice::Auto),
+        }
     }
 }
 

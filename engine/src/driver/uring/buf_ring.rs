@@ -205,6 +205,7 @@ impl BufRing {
         // them in here keeps page faults out of the receive path and makes the
         // process's resident memory show this fixed cost from the start, not spread
         // over the first connections as if it were theirs.
+
         // SAFETY: an anonymous private mapping at an address of the kernel's choosing;
         // it aliases no Rust object.
         let addr = unsafe {

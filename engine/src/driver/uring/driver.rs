@@ -467,10 +467,12 @@ impl Driver for UringDriver {
         let data: &mut [u8] = match token.bid {
             Some(bid) => {
                 bump(&self.stats().bytes_received, len as u64);
-                // SAFETY: the token was made from a completion of a recv on this ring's
-                // group and is not `Clone`; its buffer goes back only in `release`,
-                // which takes the token, and the `&mut self` borrow of the slice keeps
-                // `release` from running while it lives.
+                // The token is not `Clone` and its buffer goes back only in `release`,
+                // which takes the token; the slice's `&mut self` borrow keeps `release`
+                // from running while it lives.
+
+                // SAFETY: `bid` comes from a completion of a recv on this ring's group,
+                // and is not recycled while the slice lives (see above).
                 unsafe { self.bufs.received(bid, len) }
             }
             None => &mut [],
