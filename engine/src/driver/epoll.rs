@@ -9,8 +9,7 @@
 //!   others. A read that fills the buffer may have left more behind: the connection is
 //!   read again in the next turn without waiting for an edge; a shorter read emptied
 //!   the socket, so the next bytes raise a new edge. (Level-triggered, the kernel polls
-//!   every reported socket again at the next wait: one more poll per message, measured
-//!   as 1.4 times io_uring's CPU per message at 100 x 20 B x 1 instead of about 1.)
+//!   every reported socket again at the next wait: one more poll per message.)
 //! - A listener accepts with `accept4` until `EAGAIN` (at most [`ACCEPT_BATCH`] per
 //!   wait); `EMFILE` and its kind end the "multishot" accept as io_uring's does, and
 //!   the shard re-arms it after its back-off.
