@@ -43,8 +43,13 @@ use crate::shard::{ShardStats, ShardTuning};
 /// Connections accepted per listener per wait, so that a flood of connections does
 /// not hold up the connections already open.
 const ACCEPT_BATCH: usize = 64;
-/// Readiness events taken per `epoll_wait`.
-const MAX_EVENTS: usize = 1024;
+/// Readiness events taken per `epoll_wait`. Few, so that a turn's connections (their
+/// sessions, output and sockets) are still in cache when their sends go out at the end
+/// of the turn; the rest stay ready in the kernel for the next wait, which is cheap.
+/// Measured with `recv` below: 64 events cost 0.87, 0.92 and 0.94 times the CPU per
+/// message of 1,024 with `read` at 100 x 20 B, 1,000 x 20 B and 1,000 x 512 B with 16
+/// in flight (paired medians of 5 interleaved runs; the commit has the figures).
+const MAX_EVENTS: usize = 64;
 
 /// What an epoll registration stands for, in the top half of its data.
 const KIND_CONN: u64 = 0;
@@ -486,10 +491,18 @@ impl Driver for EpollDriver {
             // Cancelled after the wait saw it readable: its cancel event follows.
             return nothing(true);
         }
+        // `recv` rather than `read`: a socket's `read` goes through the file layer
+        // (`vfs_read`, `fdget_pos`) before it reaches the same `sock_recvmsg`.
         // SAFETY: reads at most `buf.len()` bytes into the shard's buffer, which lives
         // as long as the driver.
-        let res =
-            unsafe { libc::read(index as RawFd, self.buf.as_mut_ptr().cast(), self.buf.len()) };
+        let res = unsafe {
+            libc::recv(
+                index as RawFd,
+                self.buf.as_mut_ptr().cast(),
+                self.buf.len(),
+                0,
+            )
+        };
         let end = if res > 0 {
             bump(&self.stats().bytes_received, res as u64);
             if res as usize == self.buf.len() {
