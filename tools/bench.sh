@@ -67,7 +67,11 @@
 #   SERVERS       servers, in run order ["kythera fastwebsockets tungstenite"]; also
 #                 "kythera-epoll" (the epoll driver, `--io epoll`), "epoll-floor"
 #                 (benches/src/bin/epoll-floor.rs: the least an echo on epoll does,
-#                 no validation, no gear: the floor of the epoll cells),
+#                 no validation, no gear: the floor of the epoll cells), "uring-floor"
+#                 (benches/src/bin/uring-floor.rs: the same on io_uring, with
+#                 kythera's ring set-up); with a floor in the run a second table gives
+#                 kythera / uring-floor, kythera-epoll / epoll-floor and kythera / the
+#                 better floor per cell,
 #                 "kythera-plain" (plain fds instead of direct descriptors),
 #                 "kythera-zc" (zero-copy sends from 16 KiB), "kythera-4k" (1024
 #                 receive buffers of 4 KiB, each receive taking a whole one: the
@@ -167,8 +171,8 @@ number() { [[ $2 =~ ^[0-9]*\.?[0-9]+$ ]] || die "$1 must be a number, not '$2'";
 
 for s in $SERVERS; do
     case $s in
-    kythera | kythera-epoll | kythera-plain | kythera-zc | kythera-4k | kythera-deflate | kythera-deflate-ctx | fastwebsockets | tungstenite | epoll-floor) ;;
-    *) die "unknown server '$s' in SERVERS (kythera, kythera-epoll, kythera-plain, kythera-zc, kythera-4k, kythera-deflate, kythera-deflate-ctx, fastwebsockets, tungstenite, epoll-floor)" ;;
+    kythera | kythera-epoll | kythera-plain | kythera-zc | kythera-4k | kythera-deflate | kythera-deflate-ctx | fastwebsockets | tungstenite | epoll-floor | uring-floor) ;;
+    *) die "unknown server '$s' in SERVERS (kythera, kythera-epoll, kythera-plain, kythera-zc, kythera-4k, kythera-deflate, kythera-deflate-ctx, fastwebsockets, tungstenite, epoll-floor, uring-floor)" ;;
     esac
 done
 case $KIND in text | binary) ;; *) die "KIND is text or binary, not '$KIND'" ;; esac
@@ -246,7 +250,7 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     echo "== cargo build --release --bins (the whole workspace's, as cargo run --release builds)" >&2
     cargo build --release --bins || die "build failed"
 fi
-for b in kythera kythera-load fastwebsockets-echo tungstenite-echo epoll-floor; do
+for b in kythera kythera-load fastwebsockets-echo tungstenite-echo epoll-floor uring-floor; do
     [[ -x $BIN/$b ]] || die "$BIN/$b is missing (build it, or unset SKIP_BUILD)"
 done
 
@@ -295,8 +299,8 @@ start_server() {
         cmd=("$BIN/tungstenite-echo" --port "$port")
         ready="listening on"
         ;;
-    epoll-floor)
-        cmd=("$BIN/epoll-floor" --port "$port")
+    epoll-floor | uring-floor)
+        cmd=("$BIN/$name" --port "$port")
         ready="listening on"
         ;;
     esac
@@ -636,8 +640,21 @@ for s in servers:
                            "server_cpu_us_per_handshake": med([get(j, "server_cpu_us_per_handshake") for j in js]),
                            "p50_us": med([(j.get("handshake_latency_us") or {}).get("p50") for j in js])})
 busy = [j for js in by.values() for j in js if (others(j) or 0) > max_other]
-results = {"meta": meta, "echo": echo, "memory": memory, "memory_slopes": slopes, "handshakes": handshakes,
-           "failed_runs": failed, "busy_runs": len(busy)}
+# Against the floors (issue 18): each driver over its own floor, kythera over the better
+# of the two (the goal is at most 1.15 in every cell).
+floors = []
+for c, b, p in cells:
+    at = lambda s: (find(echo, s, connections=c, bytes=b, in_flight=p) or {}).get("server_cpu_us_per_msg")
+    uf, ef, k, ke = at("uring-floor"), at("epoll-floor"), at("kythera"), at("kythera-epoll")
+    if uf is None and ef is None:
+        continue
+    best = min(x for x in (uf, ef) if x is not None)
+    floors.append({"connections": c, "bytes": b, "in_flight": p, "uring_floor": uf, "epoll_floor": ef,
+                   "kythera": k, "kythera_epoll": ke,
+                   "kythera_over_uring_floor": ratio(k, uf), "kythera_epoll_over_epoll_floor": ratio(ke, ef),
+                   "kythera_over_best_floor": ratio(k, best)})
+results = {"meta": meta, "echo": echo, "floors": floors, "memory": memory, "memory_slopes": slopes,
+           "handshakes": handshakes, "failed_runs": failed, "busy_runs": len(busy)}
 json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=2)
 
 # The markdown.
@@ -685,6 +702,20 @@ if echo:
                      f"{pct(e['server_cpu_util'])} | {pct(e['client_cpu_util'])} | {f(e['other_load_cores'])} | "
                      f"{f(e['p50_us'], 0)} | {f(e['p99_us'], 0)} |")
     L.append("\n</details>\n")
+if floors:
+    L.append("### Against the floors: server CPU per message over the floor's\n")
+    L.append("uring-floor and epoll-floor do the least an echo can on each I/O method (benches/src/bin/); "
+             "kythera / better floor is kythera (io_uring) over the cheaper of the two in the cell.\n")
+    L.append("| connections | payload | in flight | uring-floor µs | epoll-floor µs | kythera / uring-floor | "
+             "kythera-epoll / epoll-floor | kythera / better floor |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for e in floors:
+        b = e["bytes"]
+        size = f"{b:,} B" if b < 1024 else f"{b // 1024} KiB" if b % 1024 == 0 else f"{b:,} B"
+        L.append(f"| {e['connections']:,} | {size} | {e['in_flight']} | {f(e['uring_floor'])} | {f(e['epoll_floor'])} | "
+                 f"{f(e['kythera_over_uring_floor'])} | {f(e['kythera_epoll_over_epoll_floor'])} | "
+                 f"{f(e['kythera_over_best_floor'])} |")
+    L.append("")
 if memory:
     L.append("### Memory per idle connection\n")
     L.append("Growth of the server's resident memory (VmRSS) with N idle, upgraded connections, divided by N "

@@ -1,10 +1,15 @@
 //! The least a WebSocket echo server on epoll can do, as a floor to measure kythera's
 //! epoll driver against (`tools/bench.sh`, server `epoll-floor`): one thread, one
-//! edge-triggered epoll instance, non-blocking sockets; per readable socket one `read`
-//! into one 64 KiB buffer (a second next turn when it came back full), every whole
-//! frame in it unmasked and written back unmasked in one `write`. No validation, no
-//! limits, no gear, no closing handshake, no timers: a client that sends a frame split
-//! across reads has its tail kept in a per-connection buffer, and that is all.
+//! edge-triggered epoll instance, non-blocking sockets; per readable socket one read
+//! (`recv`, as std's `TcpStream` does it) into one 64 KiB buffer (a second next turn
+//! when it came back full), every whole frame in it unmasked and written back unmasked
+//! in one write (`send`), `EPOLLOUT` asked for only while output waits. No validation,
+//! no limits, no gear, no closing handshake, no timers: a client that sends a frame
+//! split across reads has its tail kept in a per-connection buffer, and that is all.
+//! At 16 KiB it is not a floor yet: it copies every frame into its output, a frame
+//! split across reads twice more, and moves what is left down with `Vec::drain`
+//! (`memmove` was a third of its samples at 100 x 16 KiB x 1); `uring-floor` is the
+//! floor there.
 //!
 //! ```text
 //! epoll-floor --port 9003      # prints "listening on 127.0.0.1:9003"
@@ -22,6 +27,9 @@ use engine::protocol::handshake;
 
 const LISTENER: u64 = u64::MAX;
 const MAX_EVENTS: usize = 1024;
+/// A connection's registrations: readable, and writable while output waits.
+const READ: u32 = (libc::EPOLLIN | libc::EPOLLET) as u32;
+const WRITE: u32 = libc::EPOLLOUT as u32;
 
 struct Conn {
     stream: TcpStream,
@@ -30,6 +38,9 @@ struct Conn {
     pending: Vec<u8>,
     /// Output the socket did not take yet.
     unsent: Vec<u8>,
+    /// Registered for `EPOLLOUT` (only while `unsent` has bytes: otherwise every ACK
+    /// that frees send buffer space would wake the loop).
+    want_out: bool,
 }
 
 fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
@@ -43,7 +54,9 @@ fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, events: u32, data: u64) -> io::Re
 }
 
 /// Unmasks and echoes every whole frame at the start of `data`; returns the bytes
-/// used. The header is copied with the mask bit and key removed.
+/// used. The header is copied with the mask bit and key removed; the payload is
+/// unmasked in place with the engine's unmasking (word-wide, as kythera does, so that
+/// the floor is a floor at 16 KiB too), then copied.
 fn echo_frames(data: &mut [u8], out: &mut Vec<u8>) -> usize {
     let mut at = 0;
     loop {
@@ -79,9 +92,7 @@ fn echo_frames(data: &mut [u8], out: &mut Vec<u8>) -> usize {
                 head[header + 2],
                 head[header + 3],
             ];
-            for (i, b) in payload.iter_mut().enumerate() {
-                *b ^= key[i & 3];
-            }
+            engine::protocol::mask::unmask(payload, key, 0);
         }
         out.extend_from_slice(payload);
         at += total;
@@ -165,6 +176,7 @@ fn serve(conn: &mut Conn, buf: &mut [u8], out: &mut Vec<u8>) -> io::Result<bool>
 
 /// One readiness event (or a read-again) of connection `key`.
 fn handle(
+    epoll: RawFd,
     conns: &mut HashMap<u64, Conn>,
     key: u64,
     flags: u32,
@@ -181,6 +193,13 @@ fn handle(
     }
     if result.is_ok() && flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
         result = serve(conn, buf, out);
+    }
+    let want_out = !conn.unsent.is_empty();
+    if result.is_ok() && want_out != conn.want_out {
+        let events = if want_out { READ | WRITE } else { READ };
+        let fd = conn.stream.as_raw_fd();
+        result = epoll_ctl(epoll, libc::EPOLL_CTL_MOD, fd, events, key).map(|()| false);
+        conn.want_out = want_out;
     }
     match result {
         Ok(true) => again.push(key),
@@ -228,7 +247,6 @@ fn main() -> io::Result<()> {
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
     let mut again: Vec<u64> = Vec::new();
     let mut next_again: Vec<u64> = Vec::new();
-    let edge = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET) as u32;
     loop {
         let timeout = if again.is_empty() { -1 } else { 0 };
         // SAFETY: the kernel writes at most MAX_EVENTS events into `events`, which
@@ -247,21 +265,31 @@ fn main() -> io::Result<()> {
                 while let Ok((stream, _)) = listener.accept() {
                     stream.set_nonblocking(true)?;
                     let fd = stream.as_raw_fd();
-                    epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, edge, fd as u64)?;
+                    epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, READ, fd as u64)?;
                     let conn = Conn {
                         stream,
                         upgraded: false,
                         pending: Vec::new(),
                         unsent: Vec::new(),
+                        want_out: false,
                     };
                     conns.insert(fd as u64, conn);
                 }
                 continue;
             }
-            handle(&mut conns, key, flags, &mut buf, &mut out, &mut next_again);
+            handle(
+                epoll,
+                &mut conns,
+                key,
+                flags,
+                &mut buf,
+                &mut out,
+                &mut next_again,
+            );
         }
         for key in again.drain(..) {
             handle(
+                epoll,
                 &mut conns,
                 key,
                 libc::EPOLLIN as u32,

@@ -3,11 +3,11 @@
 //! as the io_uring driver so that everything above it is shared.
 //!
 //! - Edge-triggered `epoll` for connections, non-blocking sockets. A readable
-//!   connection gets one `read` per turn into the shard's one receive buffer (what a
+//!   connection gets one `recv` per turn into the shard's one receive buffer (what a
 //!   partial frame needs is kept by its session, as with io_uring's provided buffers),
 //!   so an idle connection holds no receive buffer and a busy one cannot starve the
-//!   others. A read that fills the buffer may have left more behind: the connection is
-//!   read again in the next turn without waiting for an edge; a shorter read emptied
+//!   others. A recv that fills the buffer may have left more behind: the connection is
+//!   read again in the next turn without waiting for an edge; a shorter one emptied
 //!   the socket, so the next bytes raise a new edge. (Level-triggered, the kernel polls
 //!   every reported socket again at the next wait: one more poll per message.)
 //! - A listener accepts with `accept4` until `EAGAIN` (at most [`ACCEPT_BATCH`] per

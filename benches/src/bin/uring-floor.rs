@@ -1,0 +1,359 @@
+//! The least a WebSocket echo server on io_uring can do, as a floor to measure kythera's
+//! io_uring driver against (`tools/bench.sh`, server `uring-floor`; issue 18). It sets
+//! the ring up as a kythera shard does, through the engine's own ring layer
+//! (`engine::uring`): the same submission and completion queue sizes and flags, a
+//! multishot accept into direct descriptors, one multishot recv per connection from a
+//! ring of 64 receive buffers of 64 KiB consumed incrementally, and one send per
+//! connection per turn, all of a turn's sends submitted together with the wait for the
+//! next completions. Per receive every whole frame is unmasked and appended, unmasked,
+//! to the connection's output; that is all: no validation, no limits, no gear, no
+//! closing handshake, no timers. A frame split across receives has its tail kept in a
+//! per-connection buffer.
+//!
+//! ```text
+//! uring-floor --port 9004      # prints "listening on 127.0.0.1:9004"
+//! ```
+//!
+//! The 101 is computed (kythera-load checks `Sec-WebSocket-Accept`) with the engine's
+//! handshake functions; it is outside the measured window.
+
+use std::io::{self, Write};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+
+use engine::protocol::handshake;
+use engine::uring::completion::{buffer_id, has_more};
+use engine::uring::{BufRing, Ring, Socket, net};
+
+/// What a completion is for: the kind in the high half of its user data, the
+/// connection's slot in the low half.
+const ACCEPT: u64 = 1;
+const RECV: u64 = 2;
+const SEND: u64 = 3;
+const CLOSE: u64 = 4;
+
+/// A kythera shard's defaults (`ShardTuning`).
+const SQ_ENTRIES: u32 = 1024;
+const CQ_ENTRIES: u32 = 16 * 1024;
+const BUF_ENTRIES: u16 = 64;
+const BUF_SIZE: u32 = 64 * 1024;
+const BGID: u16 = 0;
+/// Direct descriptor slots: enough for the bench's largest echo cell.
+const SLOTS: u32 = 16 * 1024;
+
+#[derive(Default)]
+struct Conn {
+    upgraded: bool,
+    /// Bytes of an incomplete frame (or request head) from earlier receives.
+    pending: Vec<u8>,
+    /// What the send in flight sends; it stays put until its completion.
+    out: Vec<u8>,
+    /// Bytes of `out` sent so far.
+    sent: usize,
+    sending: bool,
+    /// Output made while a send was in flight: it goes next.
+    queued: Vec<u8>,
+    /// In the turn's list of connections to send for.
+    touched: bool,
+    closing: bool,
+    /// Its descriptor is closed but a send is still in flight: the slot is freed
+    /// (and `out` dropped) at the send's completion.
+    closed: bool,
+}
+
+fn user_data(kind: u64, slot: u32) -> u64 {
+    (kind << 32) | u64::from(slot)
+}
+
+/// Unmasks and echoes every whole frame at the start of `data` into `out`; returns the
+/// bytes used. The header is copied with the mask bit and key removed; the payload is
+/// unmasked in place by the engine's unmasking (as kythera does), then copied.
+fn echo_frames(data: &mut [u8], out: &mut Vec<u8>) -> usize {
+    let mut at = 0;
+    loop {
+        let rest = &mut data[at..];
+        if rest.len() < 2 {
+            return at;
+        }
+        let (len, header) = match rest[1] & 0x7f {
+            126 if rest.len() >= 4 => (u64::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            127 if rest.len() >= 10 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&rest[2..10]);
+                (u64::from_be_bytes(b), 10)
+            }
+            126 | 127 => return at,
+            n => (u64::from(n), 2),
+        };
+        let masked = rest[1] & 0x80 != 0;
+        let key_len = if masked { 4 } else { 0 };
+        let total = header + key_len + len as usize;
+        if rest.len() < total {
+            return at;
+        }
+        out.push(rest[0]);
+        out.push(rest[1] & 0x7f);
+        out.extend_from_slice(&rest[2..header]);
+        let (head, payload) = rest.split_at_mut(header + key_len);
+        let payload = &mut payload[..len as usize];
+        if masked {
+            let key = [
+                head[header],
+                head[header + 1],
+                head[header + 2],
+                head[header + 3],
+            ];
+            engine::protocol::mask::unmask(payload, key, 0);
+        }
+        out.extend_from_slice(payload);
+        at += total;
+    }
+}
+
+/// Answers the upgrade once the request head in `conn.pending` is whole.
+fn upgrade(conn: &mut Conn) -> io::Result<bool> {
+    let mut headers = [httparse::EMPTY_HEADER; handshake::MAX_HEADERS];
+    let req = match handshake::parse_request(&conn.pending, &mut headers, 16 * 1024) {
+        Ok(Some(req)) => req,
+        Ok(None) => return Ok(false),
+        Err(_) => return Err(io::Error::other("bad request")),
+    };
+    let up = handshake::validate_upgrade(&req).map_err(|_| io::Error::other("not an upgrade"))?;
+    let mut out = Vec::with_capacity(256);
+    handshake::write_switching_protocols(&mut out, up.key, None, None, std::iter::empty());
+    let head_len = req.head_len;
+    conn.queued.extend_from_slice(&out);
+    conn.pending.drain(..head_len);
+    conn.upgraded = true;
+    Ok(true)
+}
+
+/// What a connection's received bytes make: the 101 and the echoes, into `queued`.
+fn serve(conn: &mut Conn, data: &mut [u8]) -> io::Result<()> {
+    if !conn.upgraded {
+        conn.pending.extend_from_slice(data);
+        if !upgrade(conn)? {
+            return Ok(());
+        }
+    } else if conn.pending.is_empty() {
+        // The usual case: frames unmasked in the receive buffer itself.
+        let used = echo_frames(data, &mut conn.queued);
+        conn.pending.extend_from_slice(&data[used..]);
+        return Ok(());
+    } else {
+        conn.pending.extend_from_slice(data);
+    }
+    let mut pending = std::mem::take(&mut conn.pending);
+    let used = echo_frames(&mut pending, &mut conn.queued);
+    pending.drain(..used);
+    conn.pending = pending;
+    Ok(())
+}
+
+struct Floor {
+    ring: Ring,
+    bufs: BufRing,
+    conns: Vec<Option<Conn>>,
+    touched: Vec<u32>,
+}
+
+impl Floor {
+    fn push(&mut self, entry: &io_uring::squeue::Entry) -> io::Result<()> {
+        // SAFETY: every entry pushed here points only at memory that outlives its last
+        // completion: the listener (open for the life of the process), a connection's
+        // `out` (not touched while `sending`; the connection is not dropped before the
+        // send's completion), or nothing.
+        unsafe { self.ring.push(entry) }
+    }
+
+    fn touch(&mut self, slot: u32) {
+        if let Some(Some(conn)) = self.conns.get_mut(slot as usize)
+            && !conn.touched
+        {
+            conn.touched = true;
+            self.touched.push(slot);
+        }
+    }
+
+    fn close(&mut self, slot: u32) -> io::Result<()> {
+        let Some(Some(conn)) = self.conns.get_mut(slot as usize) else {
+            return Ok(());
+        };
+        if conn.closing {
+            return Ok(());
+        }
+        conn.closing = true;
+        let entry = Socket::Fixed(slot)
+            .close()
+            .user_data(user_data(CLOSE, slot));
+        self.push(&entry)
+    }
+
+    fn on_accept(&mut self, res: i32, more: bool, listener: &TcpListener) -> io::Result<()> {
+        if res >= 0 {
+            let slot = res as u32;
+            if self.conns.len() <= slot as usize {
+                self.conns.resize_with(slot as usize + 1, || None);
+            }
+            self.conns[slot as usize] = Some(Conn::default());
+            let entry = Socket::Fixed(slot)
+                .recv_multi(BGID)
+                .user_data(user_data(RECV, slot));
+            self.push(&entry)?;
+        }
+        if !more {
+            let entry =
+                net::accept_multi(listener.as_raw_fd(), true).user_data(user_data(ACCEPT, 0));
+            self.push(&entry)?;
+        }
+        Ok(())
+    }
+
+    fn on_recv(&mut self, slot: u32, res: i32, flags: u32) -> io::Result<()> {
+        let more = has_more(flags);
+        if res <= 0 {
+            if res == -libc::ENOBUFS {
+                // Out of receive buffers: the multishot recv ended; start it again.
+                let entry = Socket::Fixed(slot)
+                    .recv_multi(BGID)
+                    .user_data(user_data(RECV, slot));
+                return self.push(&entry);
+            }
+            if !more {
+                return self.close(slot);
+            }
+            return Ok(());
+        }
+        let bid = buffer_id(flags).ok_or_else(|| io::Error::other("recv without a buffer"))?;
+        let len = res as usize;
+        let buf_more = io_uring::cqueue::buffer_more(flags);
+        // SAFETY: `bid` comes from this completion of a recv that selected from this
+        // ring's group, and is released just below.
+        let data = unsafe { self.bufs.received(bid, len) };
+        let result = match self.conns.get_mut(slot as usize) {
+            Some(Some(conn)) if !conn.closing => serve(conn, data),
+            _ => Ok(()),
+        };
+        self.bufs.release(bid, len, buf_more);
+        if result.is_err() {
+            return self.close(slot);
+        }
+        if !more {
+            let entry = Socket::Fixed(slot)
+                .recv_multi(BGID)
+                .user_data(user_data(RECV, slot));
+            self.push(&entry)?;
+        }
+        self.touch(slot);
+        Ok(())
+    }
+
+    fn on_send(&mut self, slot: u32, res: i32) -> io::Result<()> {
+        let Some(Some(conn)) = self.conns.get_mut(slot as usize) else {
+            return Ok(());
+        };
+        conn.sending = false;
+        if conn.closed {
+            self.conns[slot as usize] = None;
+            return Ok(());
+        }
+        if res < 0 {
+            return self.close(slot);
+        }
+        conn.sent += res as usize;
+        self.touch(slot);
+        Ok(())
+    }
+
+    /// Starts a send for every connection touched this turn that has output and no
+    /// send in flight.
+    fn flush(&mut self) -> io::Result<()> {
+        let touched = std::mem::take(&mut self.touched);
+        for &slot in &touched {
+            let Some(Some(conn)) = self.conns.get_mut(slot as usize) else {
+                continue;
+            };
+            conn.touched = false;
+            if conn.sending || conn.closing {
+                continue;
+            }
+            if conn.sent == conn.out.len() {
+                conn.out.clear();
+                conn.sent = 0;
+                std::mem::swap(&mut conn.out, &mut conn.queued);
+            }
+            if conn.sent == conn.out.len() {
+                continue;
+            }
+            let rest = &conn.out[conn.sent..];
+            let entry = Socket::Fixed(slot)
+                .send(rest.as_ptr(), rest.len() as u32)
+                .user_data(user_data(SEND, slot));
+            conn.sending = true;
+            self.push(&entry)?;
+        }
+        self.touched = touched;
+        self.touched.clear();
+        Ok(())
+    }
+}
+
+fn main() -> io::Result<()> {
+    let mut port = 9004u16;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--port" => {
+                port = args
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .ok_or_else(|| io::Error::other("usage: uring-floor [--port N]"))?;
+            }
+            _ => return Err(io::Error::other("usage: uring-floor [--port N]")),
+        }
+    }
+    let listener = TcpListener::bind(("127.0.0.1", port))?;
+    let ring = Ring::with_cq_entries(SQ_ENTRIES, CQ_ENTRIES).map_err(io::Error::other)?;
+    let bufs = match BufRing::new_incremental(&ring, BGID, BUF_ENTRIES, BUF_SIZE) {
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+            BufRing::new(&ring, BGID, 1024, 4096)?
+        }
+        result => result?,
+    };
+    ring.submitter().register_files_sparse(SLOTS)?;
+    let mut floor = Floor {
+        ring,
+        bufs,
+        conns: Vec::new(),
+        touched: Vec::new(),
+    };
+    let entry = net::accept_multi(listener.as_raw_fd(), true).user_data(user_data(ACCEPT, 0));
+    floor.push(&entry)?;
+    println!("listening on {}", listener.local_addr()?);
+    io::stdout().flush()?;
+
+    let mut cqes = Vec::new();
+    loop {
+        floor.ring.submit_and_wait(1)?;
+        floor.ring.drain_completions(&mut cqes);
+        for cqe in cqes.drain(..) {
+            let (data, res, flags) = (cqe.user_data(), cqe.result(), cqe.flags());
+            let slot = data as u32;
+            match data >> 32 {
+                ACCEPT => floor.on_accept(res, has_more(flags), &listener)?,
+                RECV => floor.on_recv(slot, res, flags)?,
+                SEND => floor.on_send(slot, res)?,
+                CLOSE => {
+                    if let Some(entry) = floor.conns.get_mut(slot as usize) {
+                        match entry {
+                            Some(conn) if conn.sending => conn.closed = true,
+                            _ => *entry = None,
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        floor.flush()?;
+    }
+}
