@@ -70,8 +70,9 @@
 #                 no validation, no gear: the floor of the epoll cells), "uring-floor"
 #                 (benches/src/bin/uring-floor.rs: the same on io_uring, with
 #                 kythera's ring set-up); with a floor in the run a second table gives
-#                 kythera / uring-floor, kythera-epoll / epoll-floor and kythera / the
-#                 better floor per cell,
+#                 kythera / uring-floor, kythera-epoll / epoll-floor (as ratios of
+#                 medians and, paired, as medians of the ratios of the runs in one
+#                 repeat) and kythera / the better floor per cell,
 #                 "kythera-plain" (plain fds instead of direct descriptors),
 #                 "kythera-zc" (zero-copy sends from 16 KiB), "kythera-4k" (1024
 #                 receive buffers of 4 KiB, each receive taking a whole one: the
@@ -545,6 +546,8 @@ meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "kernel": platform.releas
 # Echo: medians per (cell, server) over the successful runs.
 echo, cells, failed = [], [], []
 by = {}
+# Server CPU per message of each run by (cell, server, repeat), for paired ratios.
+per_repeat = {}
 for r in runs:
     if r["test"] != "echo":
         continue
@@ -556,6 +559,7 @@ for r in runs:
     if cell not in cells:
         cells.append(cell)
     by.setdefault((cell, r["server"]), []).append(j)
+    per_repeat[(cell, r["server"], r["repeat"])] = j.get("server_cpu_us_per_msg")
 others = lambda j: (j["system_busy_cores"] - j["server_cpu_util"] - j["client_cpu_util"]
                     if None not in (j.get("system_busy_cores"), j.get("server_cpu_util"), j.get("client_cpu_util")) else None)
 for cell in cells:
@@ -649,10 +653,19 @@ for c, b, p in cells:
     if uf is None and ef is None:
         continue
     best = min(x for x in (uf, ef) if x is not None)
+    # Paired: the median over repeats of one server's run over the other's in the same
+    # repeat (the two ran minutes apart at most, so slow drifts of a noisy machine
+    # cancel out, which a ratio of medians does not do).
+    def paired(a, f):
+        rs = [ratio(per_repeat.get(((c, b, p), a, i)), per_repeat.get(((c, b, p), f, i)))
+              for i in sorted({k[2] for k in per_repeat if k[0] == (c, b, p)})]
+        return med([x for x in rs if x is not None])
     floors.append({"connections": c, "bytes": b, "in_flight": p, "uring_floor": uf, "epoll_floor": ef,
                    "kythera": k, "kythera_epoll": ke,
                    "kythera_over_uring_floor": ratio(k, uf), "kythera_epoll_over_epoll_floor": ratio(ke, ef),
-                   "kythera_over_best_floor": ratio(k, best)})
+                   "kythera_over_best_floor": ratio(k, best),
+                   "kythera_over_uring_floor_paired": paired("kythera", "uring-floor"),
+                   "kythera_epoll_over_epoll_floor_paired": paired("kythera-epoll", "epoll-floor")})
 results = {"meta": meta, "echo": echo, "floors": floors, "memory": memory, "memory_slopes": slopes,
            "handshakes": handshakes, "failed_runs": failed, "busy_runs": len(busy)}
 json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=2)
@@ -706,6 +719,7 @@ if floors:
     L.append("### Against the floors: server CPU per message over the floor's\n")
     L.append("uring-floor and epoll-floor do the least an echo can on each I/O method (benches/src/bin/); "
              "kythera / better floor is kythera (io_uring) over the cheaper of the two in the cell.\n")
+    L.append("Ratios of medians; in brackets the median of the ratios of runs in the same repeat (paired).\n")
     L.append("| connections | payload | in flight | uring-floor µs | epoll-floor µs | kythera / uring-floor | "
              "kythera-epoll / epoll-floor | kythera / better floor |")
     L.append("|---|---|---|---|---|---|---|---|")
@@ -713,7 +727,8 @@ if floors:
         b = e["bytes"]
         size = f"{b:,} B" if b < 1024 else f"{b // 1024} KiB" if b % 1024 == 0 else f"{b:,} B"
         L.append(f"| {e['connections']:,} | {size} | {e['in_flight']} | {f(e['uring_floor'])} | {f(e['epoll_floor'])} | "
-                 f"{f(e['kythera_over_uring_floor'])} | {f(e['kythera_epoll_over_epoll_floor'])} | "
+                 f"{f(e['kythera_over_uring_floor'])} ({f(e['kythera_over_uring_floor_paired'])}) | "
+                 f"{f(e['kythera_epoll_over_epoll_floor'])} ({f(e['kythera_epoll_over_epoll_floor_paired'])}) | "
                  f"{f(e['kythera_over_best_floor'])} |")
     L.append("")
 if memory:
