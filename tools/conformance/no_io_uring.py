@@ -6,7 +6,8 @@ is wrong and how to fix it, and a non-zero exit code (issues 3 and 17).
 The refusal is real, not simulated: the child process installs a seccomp filter
 (through prctl, with ctypes) that answers the three io_uring system calls with EPERM
 (what Docker's default profile does) or ENOSYS (what a kernel without io_uring, or
-gVisor, does), then execs kythera. Run: `python3 tools/conformance/no_io_uring.py
+gVisor, does), or only `io_uring_enter` with EPERM (a profile that lets a ring be
+created but not used), then execs kythera. Run: `python3 tools/conformance/no_io_uring.py
 [--binary PATH]`.
 """
 
@@ -22,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
@@ -32,15 +34,17 @@ AUDIT_ARCH_X86_64 = 0xC000003E
 # io_uring_setup, io_uring_enter, io_uring_register: the same numbers on every
 # architecture since 5.1.
 NR_IO_URING = (425, 426, 427)
+NR_IO_URING_ENTER = 426
+CALL_NAMES = {425: "io_uring_setup", 426: "io_uring_enter", 427: "io_uring_register"}
 
 BPF_LD_W_ABS = 0x20
 BPF_JEQ_K = 0x15
 BPF_RET_K = 0x06
 
 
-def _filter(refusal_errno):
-    """A BPF program: the io_uring calls fail with `refusal_errno`, all else is allowed."""
-    n = len(NR_IO_URING)
+def _filter(refusal_errno, refused=NR_IO_URING):
+    """A BPF program: the calls `refused` fail with `refusal_errno`, all else is allowed."""
+    n = len(refused)
     insns = [
         (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
         (BPF_JEQ_K, 0, n + 1, AUDIT_ARCH_X86_64),  # another arch: allow
@@ -48,7 +52,7 @@ def _filter(refusal_errno):
     ]
     # Each comparison jumps to the refusal on a match (the refusal sits after the
     # remaining comparisons) and falls through to the next otherwise.
-    for i, nr in enumerate(NR_IO_URING):
+    for i, nr in enumerate(refused):
         insns.append((BPF_JEQ_K, n - i, 0, nr))
     insns += [
         (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
@@ -57,9 +61,9 @@ def _filter(refusal_errno):
     return b"".join(struct.pack("HBBI", *i) for i in insns), len(insns)
 
 
-def _install(refusal_errno):
+def _install(refusal_errno, refused=NR_IO_URING):
     libc = ctypes.CDLL(None, use_errno=True)
-    raw, count = _filter(refusal_errno)
+    raw, count = _filter(refusal_errno, refused)
     buf = ctypes.create_string_buffer(raw, len(raw))
 
     class SockFprog(ctypes.Structure):
@@ -78,17 +82,26 @@ def _env():
     return env
 
 
-def refused_with_io_uring(binary, refusal_errno, must_say):
+def _name(refusal_errno, refused):
+    calls = "all" if refused == NR_IO_URING else "+".join(CALL_NAMES[nr] for nr in refused)
+    return f"{errno.errorcode[refusal_errno]} ({calls})"
+
+
+def refused_with_io_uring(binary, refusal_errno, must_say, refused=NR_IO_URING):
     """`--io uring` must stop with the probe's explanation."""
-    proc = subprocess.run(
-        [binary, "--listen", "127.0.0.1:0", "--shards", "1", "--io", "uring"],
-        preexec_fn=lambda: _install(refusal_errno),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=_env(),
-    )
-    name = errno.errorcode[refusal_errno]
+    name = _name(refusal_errno, refused)
+    try:
+        proc = subprocess.run(
+            [binary, "--listen", "127.0.0.1:0", "--shards", "1", "--io", "uring"],
+            preexec_fn=lambda: _install(refusal_errno, refused),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=_env(),
+        )
+    except subprocess.TimeoutExpired as e:  # run() has killed it
+        print(f"no_io_uring: {name} --io uring: FAILED: still running after {e.timeout} s")
+        return False
     problems = []
     if proc.returncode == 0:
         problems.append("exited 0")
@@ -145,20 +158,24 @@ def _get(addr, path):
         return out.decode(errors="replace")
 
 
-def falls_back_to_epoll(binary, refusal_errno, must_say):
+def falls_back_to_epoll(binary, refusal_errno, must_say, refused=NR_IO_URING):
     """`--io auto` (the default) must run on epoll, say why, echo and drain."""
-    name = errno.errorcode[refusal_errno]
+    name = _name(refusal_errno, refused)
     proc = subprocess.Popen(
         [binary, "--listen", "127.0.0.1:0", "--shards", "1"],
-        preexec_fn=lambda: _install(refusal_errno),
+        preexec_fn=lambda: _install(refusal_errno, refused),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=_env(),
     )
     problems = []
+    # A server that never prints its banner must fail the check, not hang it.
+    watchdog = threading.Timer(30, proc.kill)
+    watchdog.start()
     try:
         banner = proc.stdout.readline().strip()
+        watchdog.cancel()
         m = re.match(r"kythera listening on ws://(\S+) \((\d+ shards?), (\w+)\)$", banner)
         if not m:
             problems.append(f"banner {banner!r}")
@@ -179,6 +196,7 @@ def falls_back_to_epoll(binary, refusal_errno, must_say):
     except Exception as e:  # noqa: BLE001 - any failure is the test's failure
         problems.append(repr(e))
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -205,11 +223,18 @@ def main():
         print("no_io_uring: the filter is written for x86_64; skipped")
         return 0
     cases = [
-        (errno.EPERM, ["io_uring is unavailable", "seccomp", "io_uring_setup"]),
-        (errno.ENOSYS, ["io_uring is unavailable", "does not provide io_uring"]),
+        (errno.EPERM, ["io_uring is unavailable", "seccomp", "io_uring_setup"], NR_IO_URING),
+        (errno.ENOSYS, ["io_uring is unavailable", "does not provide io_uring"], NR_IO_URING),
+        # A profile that lets a ring be created and refuses to submit to it: the probe
+        # must find out, not the shards (which would fail one by one).
+        (
+            errno.EPERM,
+            ["io_uring is unavailable", "seccomp", "io_uring_enter"],
+            (NR_IO_URING_ENTER,),
+        ),
     ]
-    ok = [refused_with_io_uring(args.binary, e, words) for e, words in cases]
-    ok += [falls_back_to_epoll(args.binary, e, words[1:]) for e, words in cases]
+    ok = [refused_with_io_uring(args.binary, e, words, nrs) for e, words, nrs in cases]
+    ok += [falls_back_to_epoll(args.binary, e, words[1:], nrs) for e, words, nrs in cases]
     print(f"no_io_uring: {sum(ok)} passed, {len(ok) - sum(ok)} failed")
     return 0 if all(ok) else 1
 

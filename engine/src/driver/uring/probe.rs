@@ -1,7 +1,8 @@
 //! Is io_uring usable here, and with which features?
 //!
-//! [`probe`] creates a small ring the same way a shard will ([`Ring::new`]) and asks the
-//! kernel which opcodes it knows. When the ring cannot be created, the `errno` of
+//! [`probe`] creates a small ring the same way a shard will ([`Ring::new`]), asks the
+//! kernel which opcodes it knows and runs one no-op through it, so that each of the
+//! three io_uring system calls has been made once. When the ring cannot be created, the `errno` of
 //! `io_uring_setup(2)` is mapped to an [`Unavailable`] error whose `Display` says what is
 //! wrong and how to fix it, so a server can print it at start-up and exit.
 //!
@@ -207,10 +208,18 @@ impl Features {
 /// Creates a small ring and reports the features of this kernel, or why io_uring cannot
 /// be used.
 pub fn probe() -> Result<Features, Unavailable> {
-    let ring = Ring::new(8)?;
+    let mut ring = Ring::new(8)?;
     let mut probe = Probe::new();
     ring.submitter()
         .register_probe(&mut probe)
+        .map_err(Unavailable::from_setup_error)?;
+    // A sandbox may allow `io_uring_setup` and `io_uring_register` and refuse
+    // `io_uring_enter` (a hand-written seccomp profile): every shard would then fail at
+    // its first submission. One no-op, submitted and waited for, finds that here.
+    let nop = opcode::Nop::new().build().user_data(0);
+    // SAFETY: a no-op points at no memory.
+    unsafe { ring.push(&nop) }.map_err(Unavailable::from_setup_error)?;
+    ring.submit_and_wait(1)
         .map_err(Unavailable::from_setup_error)?;
     let params = ring.params();
     Ok(Features {
