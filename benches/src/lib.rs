@@ -1,6 +1,8 @@
 //! Inputs shared by the benchmarks: the same client frames for every implementation,
 //! an endless in-memory socket that serves them, and a poll-once executor for the
-//! async implementation.
+//! async implementation; and ([`floor`]) what the two floor servers share.
+
+pub mod floor;
 
 use std::future::Future;
 use std::io;

@@ -23,7 +23,7 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 
-use engine::protocol::handshake;
+use benches::floor::{self, echo_frames};
 
 const LISTENER: u64 = u64::MAX;
 const MAX_EVENTS: usize = 1024;
@@ -53,65 +53,12 @@ fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, events: u32, data: u64) -> io::Re
     Ok(())
 }
 
-/// Unmasks and echoes every whole frame at the start of `data`; returns the bytes
-/// used. The header is copied with the mask bit and key removed; the payload is
-/// unmasked in place with the engine's unmasking (word-wide, as kythera does, so that
-/// the floor is a floor at 16 KiB too), then copied.
-fn echo_frames(data: &mut [u8], out: &mut Vec<u8>) -> usize {
-    let mut at = 0;
-    loop {
-        let rest = &mut data[at..];
-        if rest.len() < 2 {
-            return at;
-        }
-        let (len, header) = match rest[1] & 0x7f {
-            126 if rest.len() >= 4 => (u64::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
-            127 if rest.len() >= 10 => {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&rest[2..10]);
-                (u64::from_be_bytes(b), 10)
-            }
-            126 | 127 => return at,
-            n => (u64::from(n), 2),
-        };
-        let masked = rest[1] & 0x80 != 0;
-        let key_len = if masked { 4 } else { 0 };
-        let total = header + key_len + len as usize;
-        if rest.len() < total {
-            return at;
-        }
-        out.push(rest[0]);
-        out.push(rest[1] & 0x7f);
-        out.extend_from_slice(&rest[2..header]);
-        let (head, payload) = rest.split_at_mut(header + key_len);
-        let payload = &mut payload[..len as usize];
-        if masked {
-            let key = [
-                head[header],
-                head[header + 1],
-                head[header + 2],
-                head[header + 3],
-            ];
-            engine::protocol::mask::unmask(payload, key, 0);
-        }
-        out.extend_from_slice(payload);
-        at += total;
-    }
-}
-
 /// Answers the upgrade once the request head is whole; `Ok(false)` while it is not.
 fn upgrade(conn: &mut Conn) -> io::Result<bool> {
-    let mut headers = [httparse::EMPTY_HEADER; handshake::MAX_HEADERS];
-    let req = match handshake::parse_request(&conn.pending, &mut headers, 16 * 1024) {
-        Ok(Some(req)) => req,
-        Ok(None) => return Ok(false),
-        Err(_) => return Err(io::Error::other("bad request")),
+    let Some((response, head_len)) = floor::upgrade_response(&conn.pending)? else {
+        return Ok(false);
     };
-    let up = handshake::validate_upgrade(&req).map_err(|_| io::Error::other("not an upgrade"))?;
-    let mut out = Vec::with_capacity(256);
-    handshake::write_switching_protocols(&mut out, up.key, None, None, std::iter::empty());
-    let head_len = req.head_len;
-    conn.unsent.extend_from_slice(&out);
+    conn.unsent.extend_from_slice(&response);
     conn.pending.drain(..head_len);
     conn.upgraded = true;
     Ok(true)
