@@ -3,6 +3,7 @@
 //! I/O only.
 
 use std::io;
+use std::net::TcpListener;
 
 use engine::protocol::handshake;
 
@@ -50,6 +51,21 @@ pub fn echo_frames(data: &mut [u8], out: &mut Vec<u8>) -> usize {
         out.extend_from_slice(payload);
         at += total;
     }
+}
+
+/// The listener of floor server `name`: 127.0.0.1 and the port of `--port N` (the only
+/// argument), else `default_port`.
+pub fn listen(name: &str, default_port: u16) -> io::Result<TcpListener> {
+    let usage = || io::Error::other(format!("usage: {name} [--port N]"));
+    let mut port = default_port;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--port" => port = args.next().and_then(|p| p.parse().ok()).ok_or_else(usage)?,
+            _ => return Err(usage()),
+        }
+    }
+    TcpListener::bind(("127.0.0.1", port))
 }
 
 /// The 101 to the upgrade request at the start of `pending`, and the request's length,

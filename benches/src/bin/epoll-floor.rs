@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 
 use benches::floor::{self, echo_frames};
@@ -158,20 +158,7 @@ fn handle(
 }
 
 fn main() -> io::Result<()> {
-    let mut port = 9003u16;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--port" => {
-                port = args
-                    .next()
-                    .and_then(|p| p.parse().ok())
-                    .ok_or_else(|| io::Error::other("usage: epoll-floor [--port N]"))?;
-            }
-            _ => return Err(io::Error::other("usage: epoll-floor [--port N]")),
-        }
-    }
-    let listener = TcpListener::bind(("127.0.0.1", port))?;
+    let listener = floor::listen("epoll-floor", 9003)?;
     listener.set_nonblocking(true)?;
     // SAFETY: epoll_create1 takes no pointers.
     let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };

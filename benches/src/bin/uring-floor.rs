@@ -247,20 +247,7 @@ impl Floor {
 }
 
 fn main() -> io::Result<()> {
-    let mut port = 9004u16;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--port" => {
-                port = args
-                    .next()
-                    .and_then(|p| p.parse().ok())
-                    .ok_or_else(|| io::Error::other("usage: uring-floor [--port N]"))?;
-            }
-            _ => return Err(io::Error::other("usage: uring-floor [--port N]")),
-        }
-    }
-    let listener = TcpListener::bind(("127.0.0.1", port))?;
+    let listener = floor::listen("uring-floor", 9004)?;
     let ring = Ring::with_cq_entries(SQ_ENTRIES, CQ_ENTRIES).map_err(io::Error::other)?;
     let bufs = match BufRing::new_incremental(&ring, BGID, BUF_ENTRIES, BUF_SIZE) {
         Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
