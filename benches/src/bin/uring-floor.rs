@@ -23,7 +23,7 @@ use std::os::fd::AsRawFd;
 
 use benches::floor::{self, echo_frames};
 use engine::uring::completion::{buffer_id, has_more};
-use engine::uring::{BufRing, Ring, Socket, net};
+use engine::uring::{BufRing, Ring, Socket, net, probe};
 
 /// What a completion is for: the kind in the high half of its user data, the
 /// connection's slot in the low half.
@@ -38,8 +38,9 @@ const CQ_ENTRIES: u32 = 16 * 1024;
 const BUF_ENTRIES: u16 = 64;
 const BUF_SIZE: u32 = 64 * 1024;
 const BGID: u16 = 0;
-/// Direct descriptor slots: enough for the bench's largest echo cell.
-const SLOTS: u32 = 16 * 1024;
+/// Direct descriptor slots at most (a shard's `MAX_DIRECT_SLOTS`); fewer when the
+/// open-file limit, which bounds the registered file table, is lower.
+const MAX_SLOTS: usize = 1 << 20;
 
 #[derive(Default)]
 struct Conn {
@@ -255,7 +256,12 @@ fn main() -> io::Result<()> {
         }
         result => result?,
     };
-    ring.submitter().register_files_sparse(SLOTS)?;
+    // As a shard sizes its table: the open-file limit less a margin for other files.
+    let slots = probe::open_file_limit()
+        .unwrap_or(1024)
+        .saturating_sub(64)
+        .min(MAX_SLOTS);
+    ring.submitter().register_files_sparse(slots as u32)?;
     let mut floor = Floor {
         ring,
         bufs,
