@@ -108,10 +108,8 @@ struct Floor {
 
 impl Floor {
     fn push(&mut self, entry: &io_uring::squeue::Entry) -> io::Result<()> {
-        // SAFETY: every entry pushed here points only at memory that outlives its last
-        // completion: the listener (open for the life of the process), a connection's
-        // `out` (not touched while `sending`; the connection is not dropped before the
-        // send's completion), or nothing.
+        // SAFETY: entries point only at the listener (open for the process's life), a
+        // connection's `out` (untouched and kept until its send completes) or nothing.
         unsafe { self.ring.push(entry) }
     }
 

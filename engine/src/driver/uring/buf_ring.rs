@@ -339,10 +339,9 @@ impl BufRing {
             self.set_taken(bid, true);
             self.taken_count += 1;
         }
-        // SAFETY: the bytes lie inside buffer `bid` (checked above), which lies inside
-        // the mapping; the caller guarantees the kernel handed them over and writes
-        // none of them, and the `&mut self` borrow keeps `release` and `recycle` from
-        // returning the buffer while the slice lives.
+        // SAFETY: the bytes lie in buffer `bid` (checked above), inside the mapping; the
+        // kernel handed them over and writes none (the caller's promise), and `&mut self`
+        // keeps `release` and `recycle` away while the slice lives.
         unsafe { std::slice::from_raw_parts_mut(self.buffer_ptr(bid).add(start), len) }
     }
 

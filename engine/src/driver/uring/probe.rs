@@ -2,9 +2,9 @@
 //!
 //! [`probe`] creates a small ring the same way a shard will ([`Ring::new`]), asks the
 //! kernel which opcodes it knows and runs one no-op through it, so that each of the
-//! three io_uring system calls has been made once. When the ring cannot be created, the `errno` of
-//! `io_uring_setup(2)` is mapped to an [`Unavailable`] error whose `Display` says what is
-//! wrong and how to fix it, so a server can print it at start-up and exit.
+//! three io_uring system calls has been made once. When one fails, its `errno` is
+//! mapped to an [`Unavailable`] error whose `Display` says what is wrong and how to fix
+//! it, so a server can print it at start-up and exit.
 //!
 //! | errno | usual cause |
 //! |---|---|
