@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, as README.md names it: formatting, lints, unit, property,
-# integration and doc tests, loom models, then the release `kythera` binary against independent
+# integration and doc tests (the README's gear project among them), loom models, the
+# published crates (docs, `cargo package`, Rust of their rust-version), then the
+# release `kythera` binary against independent
 # clients (Python's `websockets`, and the Autobahn cases 1-13 run by `kosoku`), and the
 # demo page in headless Chromium. Run from anywhere; it works on a fresh machine with the
-# Rust toolchain (cargo, rustfmt, clippy), Python 3.11 with venv and Node.js with npm, and
+# Rust toolchain through rustup (cargo, rustfmt, clippy; rustup fetches the Rust of
+# rust-version), Python 3.11 with venv and Node.js with npm, and
 # fetches crates from crates.io, the pinned Python packages of
 # tools/conformance/requirements.txt from PyPI into .venv, playwright-core from npm into
 # tools/browser/node_modules, and Debian's chromium and redis-server packages (apt-get,
@@ -19,6 +22,11 @@ apt_install() {
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get install -y -qq "$@" >/dev/null \
         || { $sudo apt-get update -qq && $sudo apt-get install -y -qq "$@" >/dev/null; }
+}
+
+# The workspace's rust-version (Cargo.toml), the oldest Rust the published crates build with.
+msrv() {
+    sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml
 }
 
 echo "== redis-server (Debian's package) for the cluster tests"
@@ -46,7 +54,24 @@ echo "== loom models of the registry's wake-up protocol"
 # Built with --cfg loom in a target directory of their own, so that the normal build
 # cache is not invalidated.
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
-    cargo test -p registry --release --locked --lib loom_tests
+    cargo test -p kythera-registry --release --locked --lib loom_tests
+
+echo "== the published crates: docs with no warnings, cargo package, Rust $(msrv)"
+# The crates users depend on, in publishing order; everything else has publish = false.
+# `cargo package` packs each and builds it from its tarball against the others'
+# (a local overlay of the crates packed before it), as crates.io would.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --locked
+cargo package --locked --allow-dirty --workspace \
+    --exclude tools --exclude benches --exclude kythera-tests --exclude shout
+# rust-version is a promise: build the published crates with exactly that compiler
+# (fetched by rustup on a fresh machine), in a target directory of its own.
+msrv_toolchain="$(msrv)"
+if ! rustup run "$msrv_toolchain" cargo --version >/dev/null 2>&1; then
+    rustup toolchain install "$msrv_toolchain" --profile minimal
+fi
+CARGO_TARGET_DIR=target/msrv cargo "+$msrv_toolchain" check --locked --all-features \
+    -p kythera-handler-api -p kythera-registry -p kythera-engine -p kythera-cluster \
+    -p kythera-testkit -p kythera
 
 echo "== cargo build --release kythera"
 # Without -p, so that features unify over the whole workspace exactly as for the

@@ -48,10 +48,10 @@ use std::hint::black_box;
 
 use benches::{EndlessWire, masked_frame, masked_frame_with, payload, poll_once};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use engine::protocol::codec::{MAX_HEADER_BYTES, encode_frame_into, encode_frame_to_slice};
-use engine::protocol::mask::{unmask, unmask_reference};
-use engine::protocol::{Decoder, DecoderConfig, Event, OpCode, ProtocolError, Step};
-use handler_api::Message;
+use kythera_engine::protocol::codec::{MAX_HEADER_BYTES, encode_frame_into, encode_frame_to_slice};
+use kythera_engine::protocol::mask::{unmask, unmask_reference};
+use kythera_engine::protocol::{Decoder, DecoderConfig, Event, OpCode, ProtocolError, Step};
+use kythera_handler_api::Message;
 
 type FwsSocket = fastwebsockets::WebSocket<EndlessWire>;
 type TungSocket = tungstenite::WebSocket<EndlessWire>;

@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use engine::config::Limits;
-use handler_api::{Conn, ConnId, Context, Frame, Message, RegistryError, RegistryOps, Websocket};
-use registry::{Inbound, Registry, RegistryConfig, ShardRegistry, Wakeup};
+use kythera_engine::config::Limits;
+use kythera_handler_api::{
+    Conn, ConnId, Context, Frame, Message, RegistryError, RegistryOps, Websocket,
+};
+use kythera_registry::{Inbound, Registry, RegistryConfig, ShardRegistry, Wakeup};
 
 /// Pins the calling thread to `cpu` (ignored where not allowed).
 fn pin(cpu: usize) {
@@ -93,7 +95,7 @@ fn two_shards() -> (Registry<u64>, ShardRegistry<u64>, ShardRegistry<u64>) {
     let reg = Registry::new(
         RegistryConfig::default(),
         Arc::new(Wakeup::new(2)),
-        engine::protocol::codec::encode_server_frame,
+        kythera_engine::protocol::codec::encode_server_frame,
     );
     let s0 = reg.shard(0).unwrap();
     let s1 = reg.shard(1).unwrap();
@@ -295,7 +297,7 @@ fn publish_frame_end_to_end(c: &mut Criterion) {
         max_connections_per_gear: MEMBERS * 2,
         ..Limits::default()
     };
-    let server = engine::Server::builder()
+    let server = kythera_engine::Server::builder()
         .listen("127.0.0.1:0".parse().unwrap())
         .shards(1)
         .limits(limits)

@@ -5,7 +5,7 @@
 use std::io;
 use std::net::TcpListener;
 
-use engine::protocol::handshake;
+use kythera_engine::protocol::handshake;
 
 /// Unmasks and echoes every whole frame at the start of `data`; returns the bytes
 /// used. The header is copied with the mask bit and key removed; the payload is
@@ -46,7 +46,7 @@ pub fn echo_frames(data: &mut [u8], out: &mut Vec<u8>) -> usize {
                 head[header + 2],
                 head[header + 3],
             ];
-            engine::protocol::mask::unmask(payload, key, 0);
+            kythera_engine::protocol::mask::unmask(payload, key, 0);
         }
         out.extend_from_slice(payload);
         at += total;
@@ -100,10 +100,10 @@ mod tests {
             // Each echo: FIN + opcode, the unmasked length, the payload unmasked.
             let mut expected = Vec::new();
             for op in [
-                engine::protocol::OpCode::Text,
-                engine::protocol::OpCode::Binary,
+                kythera_engine::protocol::OpCode::Text,
+                kythera_engine::protocol::OpCode::Binary,
             ] {
-                engine::protocol::codec::encode_frame_into(
+                kythera_engine::protocol::codec::encode_frame_into(
                     &mut expected,
                     true,
                     0,

@@ -22,17 +22,17 @@ pub fn payload(len: usize) -> Vec<u8> {
 /// same bytes.
 pub fn masked_frame(len: usize, text: bool) -> Vec<u8> {
     let opcode = if text {
-        engine::protocol::OpCode::Text
+        kythera_engine::protocol::OpCode::Text
     } else {
-        engine::protocol::OpCode::Binary
+        kythera_engine::protocol::OpCode::Binary
     };
     masked_frame_with(opcode, &payload(len))
 }
 
 /// A masked client frame (FIN) with this opcode and payload.
-pub fn masked_frame_with(opcode: engine::protocol::OpCode, payload: &[u8]) -> Vec<u8> {
+pub fn masked_frame_with(opcode: kythera_engine::protocol::OpCode, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 14);
-    engine::protocol::codec::encode_frame_into(
+    kythera_engine::protocol::codec::encode_frame_into(
         &mut out,
         true,
         0,

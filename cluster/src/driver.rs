@@ -13,9 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use handler_api::{CloseCode, CloseFrame, Frame, Utf8Bytes};
+use kythera_handler_api::{CloseCode, CloseFrame, Frame, Utf8Bytes};
+use kythera_registry::cluster::{
+    ClusterGear, Control, DropCause, Incoming, NodeIdx, Outgoing, RemoteConn,
+};
 use redis::{Cmd, PushInfo, PushKind, RedisResult, Value};
-use registry::cluster::{ClusterGear, Control, DropCause, Incoming, NodeIdx, Outgoing, RemoteConn};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{debug, info, warn};
 
@@ -80,7 +82,7 @@ struct Shas {
 /// What a pipeline's replies are for.
 enum Reply {
     /// An `APPLY` call with these claims (gear, name, conn), in order.
-    Apply(usize, Vec<(Box<str>, handler_api::ConnId)>),
+    Apply(usize, Vec<(Box<str>, kythera_handler_api::ConnId)>),
     /// A publish of this many messages.
     Publish(u64),
 }
@@ -619,7 +621,7 @@ impl Driver {
         &self,
         g: usize,
         args: Vec<Vec<u8>>,
-        claims: Vec<(Box<str>, handler_api::ConnId)>,
+        claims: Vec<(Box<str>, kythera_handler_api::ConnId)>,
         cmds: &mut Vec<Cmd>,
         replies: &mut Vec<Reply>,
     ) {

@@ -3,8 +3,8 @@
 //!
 //! [`RedisBackplane::start`] starts a thread of its own (a tokio current-thread runtime
 //! with one RESP3 connection to Redis) and returns the [`Backplane`] to hand to
-//! `engine::ServerBuilder::cluster`. Shards never wait on Redis: they queue what is for
-//! other nodes in their gear's outbox and control queue (see `registry::cluster`), and
+//! `kythera_engine::ServerBuilder::cluster`. Shards never wait on Redis: they queue what is for
+//! other nodes in their gear's outbox and control queue (see `kythera_registry::cluster`), and
 //! this thread sends it, batched, and brings back what other nodes sent through the
 //! shards' existing inbound queues.
 //!
@@ -34,10 +34,64 @@
 //! `RegistryError::Unreachable` (and are counted), names are claimed locally. It
 //! reconnects with back-off (100 ms doubling to 2 s), then re-announces its names and
 //! memberships; a name another node took meanwhile is settled by the rule of
-//! `registry::cluster` (the later claim loses and its connection is closed with 3409).
+//! `kythera_registry::cluster` (the later claim loses and its connection is closed with 3409).
 //! It does not refuse to start: a Redis outage should not turn a restart into a
 //! service outage, and the log, `/metrics` (`kythera_cluster_connected 0`) and the
 //! retries say what is going on.
+//!
+//! # Two nodes on one Redis
+//!
+//! Runs as a doctest with Debian's `redis-server` on the `PATH` (the test harness
+//! starts one on a free port): a client on node A receives what node B publishes.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use kythera_cluster::{ClusterConfig, RedisBackplane};
+//! use kythera_engine::Server;
+//! use kythera_handler_api::{Conn, Context, Message, Websocket};
+//!
+//! struct Feed;
+//! impl Websocket for Feed {
+//!     type State = ();
+//!     type Message = String; // crosses nodes: serde, through postcard
+//!     fn init(&self, _: &mut Conn, ctx: &mut Context<'_, String>) {
+//!         ctx.join("all").expect("joined");
+//!         ctx.send_text("joined");
+//!     }
+//!     fn handle_client_message(&self, _: &mut (), _: Message<'_>, _: &mut Context<'_, String>) {}
+//!     fn handle_server_message(&self, _: &mut (), news: String, ctx: &mut Context<'_, String>) {
+//!         ctx.send_text(&news);
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let redis = kythera_testkit::redis::RedisServer::start();
+//! let node = |id: &str| -> Result<_, Box<dyn std::error::Error>> {
+//!     let mut config = ClusterConfig::new(vec![redis.url()]);
+//!     config.node_id = id.into();
+//!     let server = Server::builder()
+//!         .listen("127.0.0.1:0".parse()?)
+//!         .cluster(RedisBackplane::start(config)?)
+//!         .mount_clustered("/feed", Feed)
+//!         .build()?;
+//!     Ok(server.spawn())
+//! };
+//! let (a, b) = (node("a")?, node("b")?);
+//!
+//! let mut client = kythera_testkit::connect(a.addr(), "/feed");
+//! assert_eq!(client.recv_text(), "joined");
+//! // Group counts reach the other node through Redis, a moment later.
+//! let feed_b = b.handle().registry::<String>("/feed").expect("a gear on /feed");
+//! let deadline = Instant::now() + Duration::from_secs(10);
+//! while feed_b.count("all") == 0 && Instant::now() < deadline {
+//!     std::thread::sleep(Duration::from_millis(10));
+//! }
+//! assert_eq!(feed_b.publish("all", "from b".to_string())?, 1);
+//! assert_eq!(client.recv_text(), "from b");
+//! client.close();
+//! # Ok(())
+//! # }
+//! ```
 #![deny(missing_docs)]
 
 mod connection;
@@ -53,13 +107,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use kythera_registry::cluster::{Backplane, ClusterGear, ClusterLink, DropCause};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry as PromRegistry;
-use registry::cluster::{Backplane, ClusterGear, ClusterLink, DropCause};
 
 /// How a node joins its cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,12 +6,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use handler_api::{
+use kythera_handler_api::{
     CloseFrame, Conn, ConnId, Context, FrameSink, Message, NameTable, NoRegistry, RegistryOps,
     Response, TerminateReason, Websocket,
 };
-use registry::cluster::{Backplane, MessageCodec};
-use registry::{
+use kythera_registry::cluster::{Backplane, MessageCodec};
+use kythera_registry::{
     Inbound, Registry, RegistryConfig, RegistryHandle, RegistryStats, ShardRegistry, SharedFrame,
     Wakeup,
 };
@@ -492,7 +492,7 @@ impl Registries {
     }
 
     /// After `connect` claimed `names`: whether the handshake must wait for the
-    /// cluster to decide them (see `registry::ShardRegistry::await_names`).
+    /// cluster to decide them (see `kythera_registry::ShardRegistry::await_names`).
     pub(crate) fn await_names(&mut self, gear: usize, conn: ConnId, names: &[Box<str>]) -> bool {
         match self.gears.get_mut(gear) {
             Some(Some(g)) => g.await_names(conn, names),

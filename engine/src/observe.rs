@@ -10,12 +10,12 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use kythera_registry::Counter;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter as PromCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as PromRegistry;
-use registry::Counter;
 
 use crate::gear::App;
 use crate::server::Shared;

@@ -1,14 +1,14 @@
 //! The server: binds the listeners, starts one shard thread per core, and drains.
 //!
 //! ```no_run
-//! use engine::Server;
+//! use kythera_engine::Server;
 //! # struct Echo;
-//! # impl handler_api::Websocket for Echo {
+//! # impl kythera_handler_api::Websocket for Echo {
 //! #     type State = ();
 //! #     type Message = ();
-//! #     fn init(&self, _: &mut handler_api::Conn, _: &mut handler_api::Context<'_, ()>) {}
-//! #     fn handle_client_message(&self, _: &mut (), _: handler_api::Message<'_>, _: &mut handler_api::Context<'_, ()>) {}
-//! #     fn handle_server_message(&self, _: &mut (), _: (), _: &mut handler_api::Context<'_, ()>) {}
+//! #     fn init(&self, _: &mut kythera_handler_api::Conn, _: &mut kythera_handler_api::Context<'_, ()>) {}
+//! #     fn handle_client_message(&self, _: &mut (), _: kythera_handler_api::Message<'_>, _: &mut kythera_handler_api::Context<'_, ()>) {}
+//! #     fn handle_server_message(&self, _: &mut (), _: (), _: &mut kythera_handler_api::Context<'_, ()>) {}
 //! # }
 //! let server = Server::builder()
 //!     .listen("127.0.0.1:8080".parse().unwrap())
@@ -49,10 +49,10 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use handler_api::Websocket;
+use kythera_handler_api::Websocket;
 
-use registry::cluster::{Backplane, MessageCodec};
-use registry::{RegistryConfig, RegistryHandle, RegistryStats, Wakeup};
+use kythera_registry::cluster::{Backplane, MessageCodec};
+use kythera_registry::{RegistryConfig, RegistryHandle, RegistryStats, Wakeup};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -68,7 +68,7 @@ use crate::uring::probe;
 use crate::uring::probe::{Features, Unavailable};
 
 /// The most shards a server may have: a connection id keeps the shard in 8 bits, and
-/// shard 255 stands for connections on other nodes ([`handler_api::ConnId::REMOTE_SHARD`]).
+/// shard 255 stands for connections on other nodes ([`kythera_handler_api::ConnId::REMOTE_SHARD`]).
 pub const MAX_SHARDS: usize = 255;
 
 /// What the shards share: the drain flag, the clock, the counters, and how to wake
@@ -78,7 +78,7 @@ pub(crate) struct Shared {
     draining: AtomicBool,
     epoch: Instant,
     pub(crate) stats: Box<[ShardStats]>,
-    /// The sleep state of every shard (see [`registry::Wakeup`]).
+    /// The sleep state of every shard (see [`kythera_registry::Wakeup`]).
     pub(crate) wakeup: Arc<Wakeup>,
     /// Each shard's ring descriptor, for `MSG_RING` wake-ups; -1 while it is not running.
     pub(crate) ring_fds: Box<[AtomicI32]>,

@@ -1,11 +1,11 @@
 //! Property tests: whatever a client encodes (masked, fragmented, with pings in
 //! between), split into receives at any points, decodes back to the same messages.
 
-use engine::protocol::codec::{encode_frame_into, parse_header};
-use engine::protocol::decoder::{Decoder, Step};
-use engine::protocol::fragment::Event;
-use engine::protocol::{DecoderConfig, OpCode, ProtocolError};
-use handler_api::Message;
+use kythera_engine::protocol::codec::{encode_frame_into, parse_header};
+use kythera_engine::protocol::decoder::{Decoder, Step};
+use kythera_engine::protocol::fragment::Event;
+use kythera_engine::protocol::{DecoderConfig, OpCode, ProtocolError};
+use kythera_handler_api::Message;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,9 +134,9 @@ proptest! {
     fn header_round_trip(fin in any::<bool>(), op in prop::sample::select(vec![OpCode::Text, OpCode::Binary, OpCode::Continuation]),
                          len in prop_oneof![0u64..200, 100u64..70_000, 65_536u64..5_000_000],
                          mask in any::<[u8; 4]>()) {
-        let h = engine::protocol::codec::encode_header(fin, 0, op, len, Some(mask));
+        let h = kythera_engine::protocol::codec::encode_header(fin, 0, op, len, Some(mask));
         match parse_header(h.as_bytes(), &DecoderConfig::SERVER_DEFAULT).unwrap() {
-            engine::protocol::codec::Decoded::Complete(p, used) => {
+            kythera_engine::protocol::codec::Decoded::Complete(p, used) => {
                 prop_assert_eq!(used, h.as_bytes().len());
                 prop_assert_eq!((p.fin, p.opcode, p.payload_len, p.mask), (fin, op, len, Some(mask)));
             }

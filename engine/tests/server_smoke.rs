@@ -6,14 +6,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use engine::config::Limits;
-use engine::protocol::OpCode;
-use engine::protocol::codec::encode_frame_into;
-use engine::shard::ShardTuning;
-use engine::{IoChoice, RunningServer, Server};
-use handler_api::{Conn, Context, Message, Websocket};
-use testkit::Echo;
-use testkit::raw::upgrade_request;
+use kythera_engine::config::Limits;
+use kythera_engine::protocol::OpCode;
+use kythera_engine::protocol::codec::encode_frame_into;
+use kythera_engine::shard::ShardTuning;
+use kythera_engine::{IoChoice, RunningServer, Server};
+use kythera_handler_api::{Conn, Context, Message, Websocket};
+use kythera_testkit::Echo;
+use kythera_testkit::raw::upgrade_request;
 
 /// Sends the peer address the gear was given as its first frame.
 struct WhoAmI;
@@ -256,7 +256,10 @@ fn drain_sends_1001_and_run_returns() {
         let (opcode, payload) = read_frame(client);
         assert_eq!(opcode, 0x8);
         assert_eq!(&payload[..2], &1001u16.to_be_bytes());
-        assert_eq!(&payload[2..], engine::session::DRAIN_REASON.as_bytes());
+        assert_eq!(
+            &payload[2..],
+            kythera_engine::session::DRAIN_REASON.as_bytes()
+        );
         send_frame(client, OpCode::Close, &payload[..2]);
         expect_eof(client);
     }
@@ -660,7 +663,7 @@ fn pipelined_large_echoes_queue_in_chunks_and_go_out_whole() {
     assert!(stats[0].vectored_sends > 0, "{stats:?}");
     // io_uring's sends return short here; epoll's socket takes the 4 MiB whole on
     // loopback (its waits for EPOLLOUT are tested by the stuck peer above).
-    if driver == engine::DriverKind::Uring {
+    if driver == kythera_engine::DriverKind::Uring {
         assert!(stats[0].partial_sends > 0, "{stats:?}");
     }
 }

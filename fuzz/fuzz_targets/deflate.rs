@@ -13,8 +13,8 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use engine::protocol::deflate::{Agreed, DeflateConfig, Deflater, Inflater, negotiate};
-use engine::protocol::error::ProtocolError;
+use kythera_engine::protocol::deflate::{Agreed, DeflateConfig, Deflater, Inflater, negotiate};
+use kythera_engine::protocol::error::ProtocolError;
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, Arbitrary)]

@@ -10,12 +10,12 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use engine::protocol::codec::{DecoderConfig, OpCode, Role, encode_frame_into};
-use engine::protocol::decoder::{Decoder, Step};
-use engine::protocol::error::ProtocolError;
-use engine::protocol::fragment::Event;
-use engine::protocol::mask::unmask_reference;
-use handler_api::Message;
+use kythera_engine::protocol::codec::{DecoderConfig, OpCode, Role, encode_frame_into};
+use kythera_engine::protocol::decoder::{Decoder, Step};
+use kythera_engine::protocol::error::ProtocolError;
+use kythera_engine::protocol::fragment::Event;
+use kythera_engine::protocol::mask::unmask_reference;
+use kythera_handler_api::Message;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

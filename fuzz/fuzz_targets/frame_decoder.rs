@@ -11,12 +11,12 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use engine::protocol::codec::{
+use kythera_engine::protocol::codec::{
     Decoded, DecoderConfig, FrameHeader, MAX_HEADER_BYTES, OpCode, RSV1, Role,
     encode_frame_into, encode_frame_to_slice, encode_header, parse_header,
 };
-use engine::protocol::error::ProtocolError;
-use engine::protocol::mask::{unmask, unmask_reference};
+use kythera_engine::protocol::error::ProtocolError;
+use kythera_engine::protocol::mask::{unmask, unmask_reference};
 use libfuzzer_sys::fuzz_target;
 
 /// A decoded frame: its header and its payload, unmasked in place.

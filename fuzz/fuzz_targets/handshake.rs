@@ -14,7 +14,7 @@ use std::sync::Once;
 use arbitrary::{Arbitrary, Unstructured};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use engine::protocol::handshake::{
+use kythera_engine::protocol::handshake::{
     MAX_HEADERS, Rejection, accept_key, parse_request, reason_phrase, validate_upgrade,
 };
 use libfuzzer_sys::fuzz_target;

@@ -9,7 +9,7 @@ use std::fmt;
 /// local use and never sent; everything else is unassigned.
 ///
 /// ```
-/// use handler_api::CloseCode;
+/// use kythera_handler_api::CloseCode;
 /// assert_eq!(CloseCode::new(4000).map(CloseCode::get), Some(4000));
 /// assert!(CloseCode::new(1005).is_none());
 /// assert_eq!(CloseCode::NORMAL.get(), 1000);

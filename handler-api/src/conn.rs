@@ -367,7 +367,7 @@ pub fn check_header(name: &str, value: &str) -> Result<(), InvalidHeader> {
 /// An ordinary HTTP response with which `connect` rejects an upgrade.
 ///
 /// ```
-/// use handler_api::Response;
+/// use kythera_handler_api::Response;
 /// let r = Response::new(403).header("x-why", "banned").unwrap().body("go away");
 /// assert_eq!(r.status(), 403);
 /// ```

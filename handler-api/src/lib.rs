@@ -9,7 +9,7 @@
 //! # An echo gear
 //!
 //! ```
-//! use handler_api::{Context, Conn, Message, Websocket};
+//! use kythera_handler_api::{Context, Conn, Message, Websocket};
 //!
 //! /// Sends every message back as it came: text as text, binary as binary.
 //! struct Echo;
@@ -34,7 +34,7 @@
 //! }
 //!
 //! // Drive it by hand, as a unit test of a gear would:
-//! use handler_api::{ConnId, Frame, NoRegistry, RecordingSink, RequestParts};
+//! use kythera_handler_api::{ConnId, Frame, NoRegistry, RecordingSink, RequestParts};
 //! let gear = Echo;
 //! let mut conn = Conn::new(ConnId::new(0, 1), RequestParts::default());
 //! let (mut sink, mut registry) = (RecordingSink::default(), NoRegistry);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
-use handler_api::RegistryError;
+use kythera_handler_api::RegistryError;
 
 use crate::names::{Hasher, check_name};
 

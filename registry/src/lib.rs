@@ -16,7 +16,7 @@
 //! - **Wake-ups** ([`Wakeup`]): a shard is woken only when it may be asleep.
 //!
 //! The engine drives each shard's [`ShardRegistry`]: gear callbacks reach it through
-//! [`handler_api::Context`] ([`RegistryOps`]); once per loop turn the engine takes the
+//! [`kythera_handler_api::Context`] ([`RegistryOps`]); once per loop turn the engine takes the
 //! inbound messages ([`ShardRegistry::take_inbound`]), delivers them, and wakes the
 //! shards it pushed to ([`ShardRegistry::take_wakeups`], [`Wakeup::notify`]).
 //! Everything here is sans-I/O: tests drive several shards from one thread.
@@ -26,6 +26,37 @@
 //! [`ConnHandle`] answers [`DeliverError::Full`] with the message, and `publish` /
 //! `publish_frame` count only the members on shards whose queue took the message. No
 //! shard ever waits for another.
+//!
+//! # Two shards driven by hand
+//!
+//! What the engine does every loop turn, on one thread: a connection on shard 1 takes a
+//! name, shard 0 sends to that name, and the message is in shard 1's inbound queue once
+//! shard 0 has ended its turn.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use kythera_handler_api::{ConnId, RegistryOps};
+//! use kythera_registry::{Inbound, Registry, RegistryConfig, Wakeup};
+//!
+//! let wakeup = Arc::new(Wakeup::new(2));
+//! // The engine passes its frame encoder (used by `publish_frame`); none is needed here.
+//! let registry: Registry<String> = Registry::new(RegistryConfig::default(), wakeup, |_, _| {});
+//! let (mut shard0, mut shard1) = (registry.shard(0).unwrap(), registry.shard(1).unwrap());
+//!
+//! let alice = ConnId::new(1, 7); // connection 7 of shard 1
+//! shard1.register(alice, "alice")?;
+//! assert_eq!(shard0.send_message("alice", "hi".to_string()), Ok(true));
+//!
+//! // The end of shard 0's turn: its staged messages go out, and it is told whom to wake.
+//! let mut woken = Vec::new();
+//! shard0.take_wakeups(|shard| woken.push(shard));
+//! assert_eq!(woken, [1]);
+//!
+//! let mut inbound = Vec::new();
+//! shard1.take_inbound(usize::MAX, &mut inbound);
+//! assert!(matches!(&inbound[..], [Inbound::Message(to, text)] if *to == alice && text == "hi"));
+//! # Ok::<(), kythera_handler_api::RegistryError>(())
+//! ```
 #![deny(missing_docs)]
 
 pub mod cluster;
@@ -40,13 +71,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::Bytes;
 use crossbeam_queue::{ArrayQueue, SegQueue};
 use crossbeam_utils::CachePadded;
-use handler_api::{CloseFrame, ConnHandle, ConnId, Deliver, DeliverError, Frame, NameTable};
+use kythera_handler_api::{
+    CloseFrame, ConnHandle, ConnId, Deliver, DeliverError, Frame, NameTable,
+};
 
 use cluster::{
     Backplane, ClusterGear, ClusterLink, Control, DropCause, Incoming, MessageCodec, Outgoing,
     RemoteConn, Replica,
 };
-pub use handler_api::{RegistryError, RegistryOps};
+pub use kythera_handler_api::{RegistryError, RegistryOps};
 
 pub use groups::Group;
 use groups::Groups;
@@ -576,7 +609,7 @@ impl<M: Clone + Send + 'static> Registry<M> {
         }
     }
 
-    /// The gear's names, for [`handler_api::Conn::with_names`].
+    /// The gear's names, for [`kythera_handler_api::Conn::with_names`].
     pub fn names(&self) -> Arc<dyn NameTable> {
         Arc::new(NamesRef(Arc::clone(&self.shared)))
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_utils::CachePadded;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use handler_api::{ConnId, NameTable, RegistryError};
+use kythera_handler_api::{ConnId, NameTable, RegistryError};
 
 /// The longest name or group, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;

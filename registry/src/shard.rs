@@ -4,8 +4,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use handler_api::{CloseFrame, ConnHandle, ConnId, Deliver, Frame, RegistryError, RegistryOps};
 use indexmap::IndexSet;
+use kythera_handler_api::{
+    CloseFrame, ConnHandle, ConnId, Deliver, Frame, RegistryError, RegistryOps,
+};
 
 use crate::groups::Group;
 use crate::names::Hasher;
@@ -329,7 +331,7 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
         }
     }
 
-    /// After `connect` claimed `names` for `conn` (through [`handler_api::Conn`]):
+    /// After `connect` claimed `names` for `conn` (through [`kythera_handler_api::Conn`]):
     /// `true` if the handshake must wait for Redis to decide them
     /// ([`Inbound::NamesDecided`] follows); `false` if it can go on (a gear that
     /// stays on this node, or Redis cannot be reached: the claims are then settled
@@ -357,7 +359,7 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
         self.shared.stats[self.index].dropped_gone.add(n);
     }
 
-    /// Records names that `connect` registered through [`handler_api::Conn`], so that
+    /// Records names that `connect` registered through [`kythera_handler_api::Conn`], so that
     /// the connection's end frees them.
     pub fn adopt_names(&mut self, conn: ConnId, names: Vec<Box<str>>) {
         if names.is_empty() {

@@ -1,7 +1,7 @@
 //! The echo gear that tests of the engine itself mount (metrics, smoke and binary
 //! tests), so that each does not write its own.
 
-use handler_api::{Conn, Context, Message, Response, Websocket};
+use kythera_handler_api::{Conn, Context, Message, Response, Websocket};
 
 /// Text back as text, binary back as binary; the text `bye` closes with 4000 "bye",
 /// and an upgrade whose query has `reject` gets 403 "rejected" from `connect`.

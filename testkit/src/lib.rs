@@ -3,8 +3,8 @@
 //! ephemeral port, connect clients, send frames, and await frames and closes with
 //! timeouts, in a few lines.
 //!
-//! ```no_run
-//! use handler_api::{Conn, Context, Message, Websocket};
+//! ```
+//! use kythera_handler_api::{Conn, Context, Message, Websocket};
 //!
 //! struct Echo;
 //! impl Websocket for Echo {
@@ -19,7 +19,7 @@
 //!     fn handle_server_message(&self, _: &mut (), _: (), _: &mut Context<'_, ()>) {}
 //! }
 //!
-//! let server = testkit::TestServer::start(|b| b.mount("/echo", Echo));
+//! let server = kythera_testkit::TestServer::start(|b| b.mount("/echo", Echo));
 //! let mut client = server.connect("/echo");
 //! client.send_text("hi");
 //! assert_eq!(client.recv_text(), "hi");
@@ -41,7 +41,7 @@ pub use echo::Echo;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use engine::{RegistryHandle, RunningServer, Server, ServerBuilder};
+use kythera_engine::{RegistryHandle, RunningServer, Server, ServerBuilder};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message as WsMessage, WebSocket};
@@ -105,7 +105,7 @@ impl TestServer {
     }
 
     /// The running server (its handle: drain, stats, registries, the backplane).
-    pub fn handle(&self) -> &engine::ServerHandle {
+    pub fn handle(&self) -> &kythera_engine::ServerHandle {
         self.server.handle()
     }
 

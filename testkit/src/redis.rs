@@ -3,7 +3,7 @@
 //! here, in a directory of their own, and stopped when dropped.
 //!
 //! ```no_run
-//! let redis = testkit::redis::RedisServer::start();
+//! let redis = kythera_testkit::redis::RedisServer::start();
 //! println!("{}", redis.url()); // redis://127.0.0.1:PORT
 //! ```
 

@@ -5,15 +5,15 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 
-use engine::protocol::close::{encode_close_payload, parse_close_payload};
-use engine::protocol::codec::encode_frame_into;
-use engine::protocol::decoder::{Decoder, Step};
-use engine::protocol::fragment::Event;
-use engine::protocol::handshake::{
+use kythera_engine::protocol::close::{encode_close_payload, parse_close_payload};
+use kythera_engine::protocol::codec::encode_frame_into;
+use kythera_engine::protocol::decoder::{Decoder, Step};
+use kythera_engine::protocol::fragment::Event;
+use kythera_engine::protocol::handshake::{
     MAX_HEADERS, parse_request, validate_upgrade, write_switching_protocols,
 };
-use engine::protocol::{DecoderConfig, OpCode};
-use handler_api::{CloseCode, Message as Msg};
+use kythera_engine::protocol::{DecoderConfig, OpCode};
+use kythera_handler_api::{CloseCode, Message as Msg};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::client::ClientHandshake;
 use tungstenite::protocol::frame::Frame;

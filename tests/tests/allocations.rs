@@ -15,10 +15,10 @@
 
 use std::net::SocketAddr;
 
-use handler_api::{Conn, Context, Message, Websocket};
+use kythera_handler_api::{Conn, Context, Message, Websocket};
+use kythera_testkit::raw::{RawClient, masked};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use std::alloc::System;
-use testkit::raw::{RawClient, masked};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -97,7 +97,7 @@ fn text(c: &mut RawClient, t: &str, buf: &mut [u8]) {
 
 /// Connects until it has a connection registered as `name` on `shard`.
 fn on_shard(
-    server: &testkit::TestServer,
+    server: &kythera_testkit::TestServer,
     addr: SocketAddr,
     shard: u8,
     name: &str,
@@ -118,7 +118,7 @@ fn on_shard(
 
 #[test]
 fn no_allocation_per_message() {
-    let server = testkit::TestServer::start(|b| b.mount("/relay", Relay));
+    let server = kythera_testkit::TestServer::start(|b| b.mount("/relay", Relay));
     let addr = server.addr();
     let mut buf = vec![0u8; 1 << 16];
 

@@ -18,12 +18,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use engine::config::Limits;
 use futures_util::{SinkExt, StreamExt};
-use handler_api::{
+use kythera_engine::config::Limits;
+use kythera_handler_api::{
     CloseCode, Conn, Context, Message, Response, TerminateError, TerminateReason, Websocket,
 };
-use testkit::raw::{masked, unmasked, upgrade_request};
+use kythera_testkit::raw::{masked, unmasked, upgrade_request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -118,7 +118,7 @@ impl Websocket for Lab {
 /// `/limited` with a limit of one connection. Dropping it (a failed test) drains and
 /// joins through `RunningServer`'s own `Drop`; passing tests call [`TestServer::stop`].
 struct TestServer {
-    running: Option<engine::RunningServer>,
+    running: Option<kythera_engine::RunningServer>,
     addr: SocketAddr,
     log: Log,
 }
@@ -126,7 +126,7 @@ struct TestServer {
 impl TestServer {
     fn start(limits: Limits) -> TestServer {
         let log: Log = Arc::default();
-        let running = engine::Server::builder()
+        let running = kythera_engine::Server::builder()
             .listen("127.0.0.1:0".parse().unwrap())
             .shards(2)
             .limits(limits)
@@ -147,7 +147,7 @@ impl TestServer {
         format!("ws://{}{}", self.addr, path_and_query)
     }
 
-    fn handle(&self) -> engine::ServerHandle {
+    fn handle(&self) -> kythera_engine::ServerHandle {
         self.running.as_ref().expect("running").handle().clone()
     }
 

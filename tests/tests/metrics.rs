@@ -4,11 +4,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use engine::config::Limits;
-use handler_api::{Conn, Context, Message, Websocket};
+use kythera_engine::config::Limits;
+use kythera_handler_api::{Conn, Context, Message, Websocket};
 use tungstenite::Message as WsMessage;
 
-use testkit::Echo;
+use kythera_testkit::Echo;
 
 /// A plain HTTP GET; returns status, content type and body.
 fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
@@ -38,7 +38,7 @@ fn sample(metrics: &str, series: &str) -> f64 {
 
 #[test]
 fn metrics_count_connections_frames_bytes_closes_and_rejections() {
-    let server = engine::Server::builder()
+    let server = kythera_engine::Server::builder()
         .listen("127.0.0.1:0".parse().unwrap())
         .shards(2)
         .limits(Limits::default())
@@ -132,11 +132,12 @@ fn families(metrics: &str) -> std::collections::BTreeSet<String> {
 /// serves is in the table, and the table names nothing else.
 #[test]
 fn the_readme_lists_exactly_the_metrics_served() {
-    let backplane = cluster::RedisBackplane::start(cluster::ClusterConfig::new(vec![
-        "redis://127.0.0.1:1".into(),
-    ]))
-    .unwrap();
-    let server = engine::Server::builder()
+    let backplane =
+        kythera_cluster::RedisBackplane::start(kythera_cluster::ClusterConfig::new(vec![
+            "redis://127.0.0.1:1".into(),
+        ]))
+        .unwrap();
+    let server = kythera_engine::Server::builder()
         .listen("127.0.0.1:0".parse().unwrap())
         .shards(1)
         .cluster(backplane)

@@ -10,12 +10,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use engine::config::Limits;
 use futures_util::{SinkExt, StreamExt};
-use handler_api::{
+use kythera_engine::config::Limits;
+use kythera_handler_api::{
     Conn, ConnHandle, Context, Frame, Message, Response, TerminateError, TerminateReason, Websocket,
 };
-use registry::RegistryHandle;
+use kythera_registry::RegistryHandle;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -94,7 +94,7 @@ impl Websocket for Reg {
         } else if text == "closeall" {
             ctx.publish_frame(
                 "all",
-                Frame::close(handler_api::CloseCode::new(4001).unwrap(), "all"),
+                Frame::close(kythera_handler_api::CloseCode::new(4001).unwrap(), "all"),
             )
             .expect("publish close");
         } else if text == "handle" {
@@ -120,7 +120,7 @@ impl Websocket for Reg {
 }
 
 struct TestServer {
-    server: Option<engine::RunningServer>,
+    server: Option<kythera_engine::RunningServer>,
     log: Log,
     handles: Handles,
 }
@@ -129,7 +129,7 @@ impl TestServer {
     fn start(limits: Limits) -> TestServer {
         let log = Log::default();
         let handles = Handles::default();
-        let server = engine::Server::builder()
+        let server = kythera_engine::Server::builder()
             .listen("127.0.0.1:0".parse().unwrap())
             .shards(2)
             .limits(limits)
@@ -175,7 +175,7 @@ impl TestServer {
             .expect("the gear's registry")
     }
 
-    fn stats(&self) -> Vec<engine::shard::ShardCounters> {
+    fn stats(&self) -> Vec<kythera_engine::shard::ShardCounters> {
         self.server.as_ref().unwrap().handle().stats()
     }
 
@@ -418,7 +418,7 @@ async fn connection_handle_delivers_then_answers_closed() {
     server.wait_terminated("ann").await;
     assert!(matches!(
         h.send("late".to_owned()),
-        Err(handler_api::DeliverError::Closed(_))
+        Err(kythera_handler_api::DeliverError::Closed(_))
     ));
     server.stop();
 }
@@ -565,7 +565,7 @@ impl DeflateClient {
             "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\
              Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
-            testkit::raw::KEY
+            kythera_testkit::raw::KEY
         )
         .unwrap();
         let mut head = Vec::new();
@@ -633,7 +633,7 @@ async fn publish_frame_is_compressed_for_members_that_agreed_to_deflate() {
     assert_eq!(*opcode, 1, "text");
     assert!(payload.len() < news.len() / 4, "{} bytes", payload.len());
     let mut inflated = Vec::new();
-    engine::protocol::deflate::Inflater::default()
+    kythera_engine::protocol::deflate::Inflater::default()
         .inflate(payload, &mut inflated, 1 << 20, true)
         .unwrap();
     assert_eq!(String::from_utf8(inflated).unwrap(), news);

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use engine::IoChoice;
-use engine::config::Limits;
-use engine::shard::ShardTuning;
+use kythera_engine::IoChoice;
+use kythera_engine::config::Limits;
+use kythera_engine::shard::ShardTuning;
 use serde::Deserialize;
 
 /// How log lines are written.
@@ -180,7 +180,7 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", env = "KYTHERA_DEFLATE_MIN_BYTES")]
     pub deflate_min_bytes: Option<usize>,
     /// Pages allowed to open websocket connections besides this server's own (their
-    /// `Origin`, as https://app.example.com; repeat, or comma-separated; `*` for any).
+    /// `Origin`, as `https://app.example.com`; repeat, or comma-separated; `*` for any).
     /// Browser upgrades from other pages get 403; clients that send no `Origin` pass
     /// [default: none: this server's pages only].
     #[arg(
@@ -500,12 +500,15 @@ pub fn resolve(args: &Args, sources: &Sources, file: &File) -> Result<Settings, 
     }
     let (shards, src) = p.pick("shards", &args.shards, &file.shards);
     if let Some(n) = shards
-        && !(1..=engine::server::MAX_SHARDS).contains(&n)
+        && !(1..=kythera_engine::server::MAX_SHARDS).contains(&n)
     {
         return Err(err(
             "shards",
             src,
-            format!("must be between 1 and {}", engine::server::MAX_SHARDS),
+            format!(
+                "must be between 1 and {}",
+                kythera_engine::server::MAX_SHARDS
+            ),
         ));
     }
     let (max_message_bytes, src) = p.pick(
@@ -610,7 +613,7 @@ pub fn resolve(args: &Args, sources: &Sources, file: &File) -> Result<Settings, 
         &file.registry_queue_capacity,
     );
     let registry_queue_capacity =
-        capacity.unwrap_or(registry::RegistryConfig::default().queue_capacity);
+        capacity.unwrap_or(kythera_registry::RegistryConfig::default().queue_capacity);
     if !(1..=1 << 24).contains(&registry_queue_capacity) {
         return Err(err(
             "registry_queue_capacity",
@@ -676,7 +679,7 @@ pub fn resolve(args: &Args, sources: &Sources, file: &File) -> Result<Settings, 
         .0
         .unwrap_or(LogFormat::Pretty);
     let d = defaults.deflate;
-    let deflate = engine::config::DeflateConfig {
+    let deflate = kythera_engine::config::DeflateConfig {
         enabled: p
             .pick("deflate", &args.deflate, &file.deflate)
             .0
@@ -854,7 +857,7 @@ fn resolve_cluster(
         ));
     }
     if let Some(id) = &node_id
-        && !cluster::keys::valid_node_id(id)
+        && !kythera_cluster::keys::valid_node_id(id)
     {
         return Err(err(
             "node_id",
@@ -862,7 +865,7 @@ fn resolve_cluster(
             "must be 1 to 64 ASCII letters, digits, '.', '_' or '-'",
         ));
     }
-    let ttl_ms = ttl_ms.unwrap_or(cluster::DEFAULT_TTL.as_millis() as u64);
+    let ttl_ms = ttl_ms.unwrap_or(kythera_cluster::DEFAULT_TTL.as_millis() as u64);
     if !(300..=600_000).contains(&ttl_ms) {
         return Err(err(
             "cluster_ttl_ms",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use testkit::raw::{RawClient, masked};
+use kythera_testkit::raw::{RawClient, masked};
 
 use common::{Kythera, http_get};
 

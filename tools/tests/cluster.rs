@@ -12,10 +12,10 @@ use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::Kythera;
-use handler_api::{Conn, Context, Message, RegistryError, Response, Websocket};
+use kythera_handler_api::{Conn, Context, Message, RegistryError, Response, Websocket};
+use kythera_testkit::redis::{RedisCluster, RedisServer};
+use kythera_testkit::{Closed, Event};
 use serde_json::Value;
-use testkit::redis::{RedisCluster, RedisServer};
-use testkit::{Closed, Event};
 use tungstenite::Message as WsMessage;
 
 /// One test at a time: each runs a Redis and three nodes, and the liveness deadlines
@@ -142,7 +142,8 @@ fn chat_exactly_once(nodes: &[Kythera], strict: bool) {
             );
             std::thread::spawn(move || {
                 let url = chat_url(&format!("r{}", room_of(i)), &format!("u{i}"));
-                let mut c = testkit::connect(addr, &url).with_timeout(Duration::from_secs(20));
+                let mut c =
+                    kythera_testkit::connect(addr, &url).with_timeout(Duration::from_secs(20));
                 connected.wait();
                 go.wait();
                 for k in 0..EACH {
@@ -164,7 +165,7 @@ fn chat_exactly_once(nodes: &[Kythera], strict: bool) {
     }
     converge(nodes, &local_names, &local_names);
     // A name held on one node is refused on another, by the gear's own answer.
-    let taken = testkit::try_connect(nodes[1].addr, &chat_url("r0", "u0")).unwrap_err();
+    let taken = kythera_testkit::try_connect(nodes[1].addr, &chat_url("r0", "u0")).unwrap_err();
     assert_eq!(taken.status, 409);
     assert_eq!(
         String::from_utf8_lossy(&taken.body),
@@ -225,11 +226,11 @@ fn a_killed_node_is_forgotten_within_ttl_plus_two_seconds() {
     let redis = RedisServer::start();
     let mut nodes = start_nodes(&redis.url(), 3);
     const PER_NODE: usize = 5;
-    let mut clients: Vec<Vec<testkit::Client>> = (0..3)
+    let mut clients: Vec<Vec<kythera_testkit::Client>> = (0..3)
         .map(|n| {
             (0..PER_NODE)
                 .map(|j| {
-                    testkit::connect(nodes[n].addr, &chat_url("k", &format!("k{n}-{j}")))
+                    kythera_testkit::connect(nodes[n].addr, &chat_url("k", &format!("k{n}-{j}")))
                         .with_timeout(Duration::from_secs(10))
                 })
                 .collect()
@@ -237,7 +238,8 @@ fn a_killed_node_is_forgotten_within_ttl_plus_two_seconds() {
         .collect();
     converge(&nodes, &[PER_NODE; 3], &[PER_NODE; 3]);
     // Two senders, one on each surviving node, keep talking to the room.
-    let mut senders: Vec<testkit::Client> = vec![clients[0].remove(0), clients[1].remove(0)];
+    let mut senders: Vec<kythera_testkit::Client> =
+        vec![clients[0].remove(0), clients[1].remove(0)];
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sending: Vec<_> = senders
         .drain(..)
@@ -279,12 +281,12 @@ fn a_killed_node_is_forgotten_within_ttl_plus_two_seconds() {
     }
     let forgotten = killed.elapsed();
     // Its names are free.
-    let reused = testkit::connect(nodes[0].addr, &chat_url("k", "k2-0"));
+    let reused = kythera_testkit::connect(nodes[0].addr, &chat_url("k", "k2-0"));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let sent: Vec<(testkit::Client, usize)> =
+    let sent: Vec<(kythera_testkit::Client, usize)> =
         sending.into_iter().map(|t| t.join().unwrap()).collect();
     // Every survivor in the room got every message of both senders, in order, once.
-    let mut listeners: Vec<testkit::Client> = clients.drain(..2).flatten().collect();
+    let mut listeners: Vec<kythera_testkit::Client> = clients.drain(..2).flatten().collect();
     let sent_by: Vec<usize> = sent.iter().map(|(_, n)| *n).collect();
     listeners.extend(sent.into_iter().map(|(c, _)| c));
     for (i, c) in listeners.iter_mut().enumerate() {
@@ -324,9 +326,9 @@ fn redis_restart_is_survived() {
     let mut redis = RedisServer::start();
     let mut nodes = start_nodes(&redis.url(), 2);
     let url = |name: &str| chat_url("x", name);
-    let mut a0 = testkit::connect(nodes[0].addr, &url("a0"));
-    let mut a1 = testkit::connect(nodes[0].addr, &url("a1"));
-    let mut b0 = testkit::connect(nodes[1].addr, &url("b0"));
+    let mut a0 = kythera_testkit::connect(nodes[0].addr, &url("a0"));
+    let mut a1 = kythera_testkit::connect(nodes[0].addr, &url("a1"));
+    let mut b0 = kythera_testkit::connect(nodes[1].addr, &url("b0"));
     converge(&nodes, &[2, 1], &[2, 1]);
     a0.send_text(r#"{"to":"b0","text":"before"}"#);
     assert_eq!(parse(&b0.recv()).1, "before");
@@ -404,7 +406,7 @@ fn redis_restart_is_survived() {
 #[test]
 fn a_node_starts_without_redis_and_joins_when_it_comes() {
     let _serial = serial();
-    let port = testkit::redis::free_port();
+    let port = kythera_testkit::redis::free_port();
     let log = std::env::temp_dir().join(format!("kythera-cluster-log-{}", std::process::id()));
     let file = std::fs::File::create(&log).unwrap();
     let node = Kythera::spawn(
@@ -419,8 +421,8 @@ fn a_node_starts_without_redis_and_joins_when_it_comes() {
         &[("NO_COLOR", "1")],
         Stdio::from(file),
     );
-    let mut a = testkit::connect(node.addr, &chat_url("x", "a"));
-    let mut b = testkit::connect(node.addr, &chat_url("x", "b"));
+    let mut a = kythera_testkit::connect(node.addr, &chat_url("x", "a"));
+    let mut b = kythera_testkit::connect(node.addr, &chat_url("x", "b"));
     a.send_text(r#"{"to":"b","text":"alone"}"#);
     assert_eq!(parse(&b.recv()).1, "alone");
     assert_eq!(node.metric("kythera_cluster_connected"), Some(0.0));
@@ -491,13 +493,13 @@ fn names_raced_for_from_every_node_have_one_holder() {
     const CLIENTS: usize = 300;
     const NAMES: usize = 30;
     let mut redis = RedisServer::start();
-    let servers: Vec<testkit::TestServer> = (0..NODES)
+    let servers: Vec<kythera_testkit::TestServer> = (0..NODES)
         .map(|i| {
-            let mut config = cluster::ClusterConfig::new(vec![redis.url()]);
+            let mut config = kythera_cluster::ClusterConfig::new(vec![redis.url()]);
             config.node_id = format!("race-{i}");
             config.ttl = TTL;
-            let backplane = cluster::RedisBackplane::start(config).unwrap();
-            let server = testkit::TestServer::start_with_shards(1, |b| {
+            let backplane = kythera_cluster::RedisBackplane::start(config).unwrap();
+            let server = kythera_testkit::TestServer::start_with_shards(1, |b| {
                 b.cluster(backplane.clone())
                     .mount_clustered("/claim", Claim)
             });
@@ -519,14 +521,17 @@ fn names_raced_for_from_every_node_have_one_holder() {
                 let in_connect = i % NAMES < NAMES / 2;
                 start.wait();
                 let mut client = if in_connect {
-                    match testkit::try_connect(addr, &format!("/claim?when=connect&name={name}")) {
+                    match kythera_testkit::try_connect(
+                        addr,
+                        &format!("/claim?when=connect&name={name}"),
+                    ) {
                         Ok(c) => c,
                         Err(r) => {
                             return (name, i % NODES, Outcome::Told(r.status.to_string()), None);
                         }
                     }
                 } else {
-                    let mut c = testkit::connect(addr, "/claim");
+                    let mut c = kythera_testkit::connect(addr, "/claim");
                     c.send_text(&name);
                     match c.recv_text().as_str() {
                         "ok" => c,

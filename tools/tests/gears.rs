@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use testkit::TestServer;
+use kythera_testkit::TestServer;
 use tools::gears::chat::ChatEvent;
 use tools::gears::{Chat, Echo};
 

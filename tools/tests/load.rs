@@ -7,8 +7,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
-use engine::protocol::codec::{self, Decoded, DecoderConfig, OpCode};
-use engine::protocol::handshake::accept_key;
+use kythera_engine::protocol::codec::{self, Decoded, DecoderConfig, OpCode};
+use kythera_engine::protocol::handshake::accept_key;
 use serde_json::Value;
 
 mod common;
@@ -123,7 +123,7 @@ fn read_frames(s: &mut TcpStream, mut f: impl FnMut(OpCode, &[u8]) -> bool) {
                 let used = h.frame_len() as usize;
                 let payload = &mut buf[h.header_len..used];
                 if let Some(mask) = h.mask {
-                    engine::protocol::mask::unmask(payload, mask, 0);
+                    kythera_engine::protocol::mask::unmask(payload, mask, 0);
                 }
                 let go_on = f(h.opcode, payload);
                 buf.drain(..used);

@@ -116,7 +116,7 @@ async fn server_upgrade(
 /// The upgrade by hand: read the request head, validate it with kythera's handshake
 /// code, answer 101, then hand the bare socket to fastwebsockets.
 async fn raw_upgrade(mut stream: TcpStream) -> Result<WebSocket<TcpStream>, String> {
-    use engine::protocol::handshake;
+    use kythera_engine::protocol::handshake;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {

@@ -1,7 +1,7 @@
 //! The least a WebSocket echo server on io_uring can do, as a floor to measure kythera's
 //! io_uring driver against (`tools/bench.sh`, server `uring-floor`; issue 18). It sets
 //! the ring up as a kythera shard does, through the engine's own ring layer
-//! (`engine::uring`): the same submission and completion queue sizes and flags, a
+//! (`kythera_engine::uring`): the same submission and completion queue sizes and flags, a
 //! multishot accept into direct descriptors, one multishot recv per connection from a
 //! ring of 64 receive buffers of 64 KiB consumed incrementally, and one send per
 //! connection per turn, all of a turn's sends submitted together with the wait for the
@@ -22,8 +22,8 @@ use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 
 use benches::floor::{self, echo_frames};
-use engine::uring::completion::{buffer_id, has_more};
-use engine::uring::{BufRing, Ring, Socket, net, probe};
+use kythera_engine::uring::completion::{buffer_id, has_more};
+use kythera_engine::uring::{BufRing, Ring, Socket, net, probe};
 
 /// What a completion is for: the kind in the high half of its user data, the
 /// connection's slot in the low half.

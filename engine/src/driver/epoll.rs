@@ -1,4 +1,4 @@
-//! [`EpollDriver`]: the shard's I/O where io_uring is refused (Docker's and containerd's
+//! `EpollDriver`: the shard's I/O where io_uring is refused (Docker's and containerd's
 //! default seccomp profiles, gVisor, `kernel.io_uring_disabled`), with the same events
 //! as the io_uring driver so that everything above it is shared.
 //!
@@ -10,11 +10,11 @@
 //!   read again in the next turn without waiting for an edge; a shorter one emptied
 //!   the socket, so the next bytes raise a new edge. (Level-triggered, the kernel polls
 //!   every reported socket again at the next wait: one more poll per message.)
-//! - A listener accepts with `accept4` until `EAGAIN` (at most [`ACCEPT_BATCH`] per
+//! - A listener accepts with `accept4` until `EAGAIN` (at most `ACCEPT_BATCH` per
 //!   wait); `EMFILE` and its kind end the "multishot" accept as io_uring's does, and
 //!   the shard re-arms it after its back-off.
 //! - A send is written at once (`send`, or `sendmsg` for an output of several buffers)
-//!   and, when the socket takes it whole, is over before [`Driver::send`] returns (no
+//!   and, when the socket takes it whole, is over before `Driver::send` returns (no
 //!   event, no extra turn of the loop); what the socket does not take waits for
 //!   `EPOLLOUT`, and its event is reported once every byte went out or the send failed.
 //! - The peer address, shutdown and close are plain calls whose events are queued and

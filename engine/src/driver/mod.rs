@@ -1,17 +1,17 @@
 //! The shard's I/O, behind one small interface with two implementations.
 //!
-//! A shard ([`crate::shard`]) owns its connections and their sessions; a [`Driver`] owns
+//! A shard ([`crate::shard`]) owns its connections and their sessions; a `Driver` owns
 //! the kernel side: descriptors, operations in flight and the bytes they point to. The
-//! interface is completion-shaped (the shard asks for an operation, an [`Event`] later
+//! interface is completion-shaped (the shard asks for an operation, an `Event` later
 //! says how it ended), which is io_uring's own shape; the epoll driver produces the
 //! same events from readiness. All the `unsafe` of the shard's I/O lives below this
 //! line: the shard hands buffers over by value ([`Output`]) and gets them back in
-//! [`Event::Sent`], so it cannot free what the kernel may still read.
+//! `Event::Sent`, so it cannot free what the kernel may still read.
 //!
 //! | module | holds |
 //! |---|---|
-//! | [`uring`] | the io_uring layer (ring, provided buffers, probe) and [`uring::UringDriver`] |
-//! | [`epoll`] | [`epoll::EpollDriver`]: non-blocking sockets, `epoll_wait`, an eventfd for wake-ups |
+//! | [`uring`] | the io_uring layer (ring, provided buffers, probe) and `uring::UringDriver` |
+//! | [`epoll`] | `epoll::EpollDriver`: non-blocking sockets, `epoll_wait`, an eventfd for wake-ups |
 //! | [`iovec`] | the iovecs of an [`Output`] of several buffers, for `sendmsg` (both drivers) |
 //! | [`listener`] | the `SO_REUSEPORT` listeners every shard binds (`socket2`) |
 //! | [`sys`] | the few plain system calls both use (thread affinity, peer address) |
@@ -24,8 +24,8 @@
 //!   until one without, after which the shard arms them again if it wants more.
 //! - One send at a time per connection; the driver continues a partial send itself and
 //!   reports once, when every byte went out or the send failed (at once, from
-//!   [`Driver::send`], when that is known right away).
-//! - [`Driver::in_flight`] counts operations whose last event has not arrived; a
+//!   `Driver::send`, when that is known right away).
+//! - `Driver::in_flight` counts operations whose last event has not arrived; a
 //!   draining shard stops when it is zero.
 
 use std::collections::HashMap;
@@ -87,9 +87,9 @@ impl IoChoice {
 /// The driver a server runs on, once chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DriverKind {
-    /// [`uring::UringDriver`].
+    /// `uring::UringDriver`.
     Uring,
-    /// [`epoll::EpollDriver`].
+    /// `epoll::EpollDriver`.
     Epoll,
 }
 

@@ -4,7 +4,7 @@
 //! The state machine keeps no clock: deadlines are milliseconds on whatever monotonic
 //! clock the caller passes in.
 
-use handler_api::CloseCode;
+use kythera_handler_api::CloseCode;
 
 use super::error::ProtocolError;
 
@@ -42,7 +42,7 @@ pub fn parse_close_payload(payload: &[u8]) -> Result<ClosePayload<'_>, ProtocolE
 /// reason is cut to 123 bytes at a character boundary.
 pub fn encode_close_payload(code: Option<CloseCode>, reason: &str, out: &mut [u8; 125]) -> usize {
     let Some(code) = code else { return 0 };
-    let reason = handler_api::truncate_reason(reason);
+    let reason = kythera_handler_api::truncate_reason(reason);
     out[..2].copy_from_slice(&code.get().to_be_bytes());
     out[2..2 + reason.len()].copy_from_slice(reason.as_bytes());
     2 + reason.len()

@@ -345,13 +345,15 @@ pub fn encode_frame_to_slice(
 /// Encodes a gear's data frame as the server sends it (one unmasked frame, FIN set),
 /// appending to `out`; a close frame is written with its status and reason. The
 /// registry's `publish_frame` encodes through this once per publish.
-pub fn encode_server_frame(frame: &handler_api::Frame, out: &mut Vec<u8>) {
+pub fn encode_server_frame(frame: &kythera_handler_api::Frame, out: &mut Vec<u8>) {
     match frame {
-        handler_api::Frame::Text(t) => {
+        kythera_handler_api::Frame::Text(t) => {
             encode_frame_into(out, true, 0, OpCode::Text, t.as_bytes(), None)
         }
-        handler_api::Frame::Binary(b) => encode_frame_into(out, true, 0, OpCode::Binary, b, None),
-        handler_api::Frame::Close(close) => {
+        kythera_handler_api::Frame::Binary(b) => {
+            encode_frame_into(out, true, 0, OpCode::Binary, b, None)
+        }
+        kythera_handler_api::Frame::Close(close) => {
             let mut payload = [0u8; 125];
             let n = match close {
                 Some(c) => crate::protocol::close::encode_close_payload(

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use handler_api::{CloseCode, TerminateError};
+use kythera_handler_api::{CloseCode, TerminateError};
 
 /// A violation of RFC 6455 (or of a configured limit) by the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

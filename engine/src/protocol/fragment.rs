@@ -6,7 +6,7 @@
 //! the receive buffer. Only fragmented messages are copied, into a buffer that exists
 //! while the message is in progress.
 
-use handler_api::Message;
+use kythera_handler_api::Message;
 
 use super::close::{ClosePayload, parse_close_payload};
 use super::codec::{FrameHeader, OpCode, RSV1};

@@ -29,7 +29,7 @@ pub enum Rejection {
     /// 503: the server is draining; the client should connect again (elsewhere).
     Draining,
     /// 403: the page that opens the connection (its `Origin`) is not allowed to
-    /// (cross-site WebSocket hijacking; see `engine::origin`).
+    /// (cross-site WebSocket hijacking; see `kythera_engine::origin`).
     ForbiddenOrigin,
 }
 
@@ -281,7 +281,7 @@ pub fn write_response<'h>(
     out.extend_from_slice(reason_phrase(status).as_bytes());
     out.extend_from_slice(b"\r\n");
     for (k, v) in headers {
-        if handler_api::check_header(k, v).is_ok() {
+        if kythera_handler_api::check_header(k, v).is_ok() {
             push_header(out, k, v);
         }
     }

@@ -8,7 +8,9 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use handler_api::{CloseCode, ConnId, DataKind, Frame, FrameSink, TerminateError, TerminateReason};
+use kythera_handler_api::{
+    CloseCode, ConnId, DataKind, Frame, FrameSink, TerminateError, TerminateReason,
+};
 use tracing::warn;
 
 use super::output::{Tx, tx};

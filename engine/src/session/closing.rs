@@ -7,7 +7,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use handler_api::{CloseCode, ConnId, TerminateError, TerminateReason};
+use kythera_handler_api::{CloseCode, ConnId, TerminateError, TerminateReason};
 use tracing::{info, warn};
 
 use super::callback::Discard;

@@ -7,7 +7,7 @@
 
 use std::num::NonZeroU64;
 
-use handler_api::{CloseCode, ConnId, TerminateError, TerminateReason};
+use kythera_handler_api::{CloseCode, ConnId, TerminateError, TerminateReason};
 
 use super::output::{TX_QUIET_MS, tx};
 use super::{Session, ms};

@@ -7,7 +7,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use handler_api::{CloseCode, ConnId, Message, TerminateReason};
+use kythera_handler_api::{CloseCode, ConnId, Message, TerminateReason};
 
 use super::callback::OutSink;
 use super::output::tx;
@@ -49,8 +49,8 @@ impl Session {
                 live.meta().frames_in += 1;
                 let gear_index = self.gear as usize;
                 let payload = match msg {
-                    handler_api::Message::Text(t) => t.as_bytes(),
-                    handler_api::Message::Binary(b) => b,
+                    kythera_handler_api::Message::Text(t) => t.as_bytes(),
+                    kythera_handler_api::Message::Binary(b) => b,
                 };
                 let compressing = self.pmd.is_some();
                 let mut sink = OutSink::new(&mut self.tx, self.pmd.as_deref_mut());

@@ -8,8 +8,8 @@
 
 use std::any::Any;
 
-use handler_api::{CloseCode, ConnId, Frame, FrameSink, TerminateError, TerminateReason};
-use registry::SharedFrame;
+use kythera_handler_api::{CloseCode, ConnId, Frame, FrameSink, TerminateError, TerminateReason};
+use kythera_registry::SharedFrame;
 
 use super::callback::OutSink;
 use super::output::tx;
@@ -117,7 +117,7 @@ impl Session {
     pub fn on_published_close(
         &mut self,
         id: ConnId,
-        close: Option<handler_api::CloseFrame>,
+        close: Option<kythera_handler_api::CloseFrame>,
         now_ms: u64,
         app: &App,
         regs: &mut Registries,
@@ -127,7 +127,7 @@ impl Session {
             return false;
         }
         let mut sink = OutSink::new(&mut core.tx, core.pmd.as_deref_mut());
-        sink.send_frame(handler_api::Frame::Close(close));
+        sink.send_frame(kythera_handler_api::Frame::Close(close));
         let outcome = sink.finish();
         core.after_callback(id, outcome, now_ms, app, regs);
         true

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use handler_api::{CloseCode, Conn, ConnId, RequestParts};
+use kythera_handler_api::{CloseCode, Conn, ConnId, RequestParts};
 use tracing::{info, warn};
 
 use super::callback::OutSink;

@@ -64,7 +64,7 @@ enum Phase {
 /// One connection, from the accept to the close of its socket.
 ///
 /// What an idle connection needs is all that is kept inline; receive and send state
-/// live in the [`Tx`] box, which exists only while it holds something, so that memory
+/// live in the `Tx` box, which exists only while it holds something, so that memory
 /// per idle connection stays small (docs/architecture.md, "Memory per idle
 /// connection").
 pub struct Session {

@@ -7,7 +7,7 @@
 
 use std::num::NonZeroU64;
 
-use handler_api::{CloseCode, ConnId, TerminateError, TerminateReason};
+use kythera_handler_api::{CloseCode, ConnId, TerminateError, TerminateReason};
 
 use super::partial_frame::Partial;
 use super::{Phase, Session};

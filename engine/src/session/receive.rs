@@ -5,7 +5,7 @@
 //! Separate from `events` so that the way bytes become frames (and which buffer a
 //! frame lies in) is apart from what a frame does.
 
-use handler_api::ConnId;
+use kythera_handler_api::ConnId;
 
 use super::handshake::EARLY_BYTES_MAX;
 use super::output::{SPARE_MAX, tx};

@@ -6,7 +6,7 @@ use super::*;
 use crate::config::Limits;
 use crate::gear::Registries;
 use crate::protocol::codec::{Decoded, DecoderConfig, OpCode, RSV1, Role, encode_frame_into};
-use handler_api::{
+use kythera_handler_api::{
     CloseCode, Conn, ConnId, Context, Message, Response, TerminateError, TerminateReason, Websocket,
 };
 use std::sync::{Arc, Mutex};

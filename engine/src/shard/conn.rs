@@ -3,8 +3,8 @@
 
 use std::any::Any;
 
-use handler_api::{CloseFrame, ConnId};
-use registry::SharedFrame;
+use kythera_handler_api::{CloseFrame, ConnId};
+use kythera_registry::SharedFrame;
 
 use crate::driver::Slot;
 use crate::gear::{App, Deliveries, Registries};

@@ -2,8 +2,8 @@
 //! [`crate::driver`]), listeners and connections. Shards share nothing but the [`App`]
 //! (gears, limits, per-gear counters) and the drain flag.
 //!
-//! The shard holds no `unsafe`: it asks its [`Driver`] for operations, hands it the
-//! bytes to send by value, and handles the [`Event`]s that say how they ended. Each turn
+//! The shard holds no `unsafe`: it asks its `Driver` for operations, hands it the
+//! bytes to send by value, and handles the `Event`s that say how they ended. Each turn
 //! of the loop:
 //!
 //! 1. wait for events or the next timer tick (the driver submits what was asked);
@@ -14,9 +14,9 @@
 //!    timeouts, accept back-offs and forced closes), and sweep a share of the slots for
 //!    the coarse per-connection deadlines (handshake, idle, ping, pong, quiet output
 //!    buffers: [`Session::swept_deadline_ms`]) so that an idle connection needs no
-//!    timer entry ([`deadlines`]);
+//!    timer entry (`deadlines`);
 //! 4. on drain, start closes (1001) spread over the drain window, and close the
-//!    listeners once the connections from before the drain are gone ([`drain`]);
+//!    listeners once the connections from before the drain are gone (`drain`);
 //! 5. re-arm the recvs that ran out of receive buffers (theirs are back by now);
 //! 6. for every connection touched in this turn: start a send of everything its
 //!    session queued (one send in flight per connection, so several frames go out in
@@ -25,15 +25,15 @@
 //! | module | holds |
 //! |---|---|
 //! | this one | the loop, accepts, recvs, sends and closes |
-//! | [`conn`] | a connection's slot and flags, connection ids, registry deliveries |
-//! | [`deadlines`] | timers and the idle sweep |
-//! | [`drain`] | the graceful drain |
-//! | [`memory_release`] | when to call the memory-release hook |
-//! | [`stats`] | the counters behind `/metrics` |
+//! | `conn` | a connection's slot and flags, connection ids, registry deliveries |
+//! | `deadlines` | timers and the idle sweep |
+//! | `drain` | the graceful drain |
+//! | `memory_release` | when to call the memory-release hook |
+//! | `stats` | the counters behind `/metrics` |
 //!
 //! # Lifecycle of a connection
 //!
-//! accept → peer address ([`Driver::peer_name`]) → [`Session::new`] and a multishot
+//! accept → peer address (`Driver::peer_name`) → [`Session::new`] and a multishot
 //! recv → ... → the session says [`Session::should_close`] → once no send is in
 //! flight: shutdown if the recv is still armed (it then ends) → close once nothing of
 //! the connection is in flight → the slot is freed when the close completes, so no
@@ -301,7 +301,7 @@ impl<D: Driver> Shard<D> {
         }
         loop {
             // Block only with nothing inbound and no notification pending (see
-            // `registry::Wakeup`); otherwise just submit and turn again.
+            // `kythera_registry::Wakeup`); otherwise just submit and turn again.
             let may_sleep =
                 !self.regs.has_inbound() && self.shared.wakeup.prepare_sleep(self.index);
             let wait_ms = if may_sleep {

@@ -3,7 +3,7 @@
 //! kythera.rs` shows how to drain on SIGTERM instead).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let server = engine::Server::builder()
+    let server = kythera_engine::Server::builder()
         .listen("127.0.0.1:8090".parse()?)
         .mount("/shout", shout::Shout)
         .build()?;

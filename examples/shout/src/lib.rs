@@ -2,14 +2,14 @@
 //! shouted to every member as `"<nick>: <text>"`; `/nick NAME` changes the nickname
 //! (unique per gear, through the registry); `/whisper NAME TEXT` reaches one member.
 //!
-//! It depends on `handler-api` only. Its tests (`tests/shout.rs`) run it in a real
+//! It depends on `kythera-handler-api` only. Its tests (`tests/shout.rs`) run it in a real
 //! engine through `testkit`; `examples/serve.rs` mounts it:
 //! `cargo run --release -p shout --example serve`.
 #![deny(missing_docs)]
 
 use std::sync::Arc;
 
-use handler_api::{Conn, Context, Message, Response, Websocket};
+use kythera_handler_api::{Conn, Context, Message, Response, Websocket};
 
 /// The group every connection joins.
 pub const GROUP: &str = "everyone";

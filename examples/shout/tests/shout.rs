@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use testkit::TestServer;
+use kythera_testkit::TestServer;
 
 #[test]
 fn shouts_reach_everyone_and_whispers_one() {

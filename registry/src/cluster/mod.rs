@@ -27,13 +27,13 @@
 //! A name is claimed locally first (so that the node itself never has two holders), then
 //! in Redis, which decides between nodes: the first claim to reach Redis wins.
 //!
-//! - A name claimed in `connect` (through [`handler_api::Conn::register`]) is decided
+//! - A name claimed in `connect` (through [`kythera_handler_api::Conn::register`]) is decided
 //!   before the handshake is answered: the engine holds the 101 until Redis has
 //!   answered, and answers 409 if the name went to another node meanwhile.
 //! - A name claimed later, from a callback, cannot wait: it is held at once, and if
 //!   Redis gives it to another node's connection, this connection loses it and is
-//!   closed with 3409 ([`handler_api::CloseCode::NAME_CONFLICT`], terminate reason
-//!   [`handler_api::TerminateError::NameConflict`]).
+//!   closed with 3409 ([`kythera_handler_api::CloseCode::NAME_CONFLICT`], terminate reason
+//!   [`kythera_handler_api::TerminateError::NameConflict`]).
 //! - While Redis cannot be reached, claims are decided locally and re-announced on
 //!   reconnection, where the same rule settles any conflict.
 //!
@@ -46,7 +46,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use handler_api::{ConnId, Frame};
+use kythera_handler_api::{ConnId, Frame};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 

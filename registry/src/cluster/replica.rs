@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
-use handler_api::ConnId;
+use kythera_handler_api::ConnId;
 
 use super::NodeIdx;
 use crate::names::Hasher;

@@ -19,7 +19,7 @@
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
-use engine::Server;
+use kythera_engine::Server;
 use mimalloc::MiMalloc;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -37,7 +37,7 @@ const EXIT_CANNOT_LISTEN: u8 = 3;
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-/// The shards' memory-release hook ([`engine::ServerBuilder::release_memory`]): frees
+/// The shards' memory-release hook ([`kythera_engine::ServerBuilder::release_memory`]): frees
 /// the pages mimalloc keeps for reuse on the calling shard's thread (the last page of
 /// each size class, freed pages not purged yet) and returns them to the kernel. With
 /// 10,000 idle connections this gave back about 230 KiB that the handshakes had left
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
     // First, before the heap grows: memory per connection is counted in bytes, and
     // 2 MiB heap pages would hide it (`disable_transparent_huge_pages`). Without the
     // prctl (old kernels, seccomp) the server runs the same, with a larger RSS.
-    let thp_off = engine::disable_transparent_huge_pages();
+    let thp_off = kythera_engine::disable_transparent_huge_pages();
     let (args, sources) = match config::parse_args(std::env::args_os()) {
         Ok(parsed) => parsed,
         Err(config::ArgsError::Invalid(err)) => {
@@ -100,21 +100,21 @@ fn main() -> ExitCode {
     let shards = settings
         .shards
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let limits = engine::config::Limits {
+    let limits = kythera_engine::config::Limits {
         max_connections_per_gear: settings
             .max_connections_per_gear
-            .unwrap_or_else(|| engine::config::default_max_connections(shards)),
+            .unwrap_or_else(|| kythera_engine::config::default_max_connections(shards)),
         ..settings.limits.clone()
     };
     let backplane = match &settings.cluster {
         None => None,
         Some(c) => {
-            let mut config = cluster::ClusterConfig::new(c.redis.clone());
+            let mut config = kythera_cluster::ClusterConfig::new(c.redis.clone());
             if let Some(id) = &c.node_id {
                 config.node_id = id.clone();
             }
             config.ttl = c.ttl;
-            match cluster::RedisBackplane::start(config) {
+            match kythera_cluster::RedisBackplane::start(config) {
                 Ok(b) => Some(b),
                 Err(err) => {
                     eprintln!("kythera: {err}");
@@ -130,9 +130,9 @@ fn main() -> ExitCode {
         .tuning(settings.tuning)
         .io(settings.io)
         .release_memory(release_heap)
-        .registry(engine::RegistryConfig {
+        .registry(kythera_engine::RegistryConfig {
             queue_capacity: settings.registry_queue_capacity,
-            ..engine::RegistryConfig::default()
+            ..kythera_engine::RegistryConfig::default()
         });
     for addr in &settings.listen {
         builder = builder.listen(*addr);
@@ -141,7 +141,7 @@ fn main() -> ExitCode {
         builder = builder.cluster(b.clone());
     }
     let server = match builder
-        .http(engine::observe::HttpConfig {
+        .http(kythera_engine::observe::HttpConfig {
             files: tools::demo::files(),
             ..Default::default()
         })
@@ -153,7 +153,7 @@ fn main() -> ExitCode {
         .mount("/", Echo)
         .allowed_origins(
             "*",
-            engine::origin::OriginPolicy::from_list(&settings.allowed_origins),
+            kythera_engine::origin::OriginPolicy::from_list(&settings.allowed_origins),
         )
         .build()
     {
@@ -163,7 +163,7 @@ fn main() -> ExitCode {
             // A documented status for "cannot listen" (address in use, not
             // permitted), so that a supervisor can tell it from a bad configuration.
             return match err {
-                engine::StartError::Bind { .. } => ExitCode::from(EXIT_CANNOT_LISTEN),
+                kythera_engine::StartError::Bind { .. } => ExitCode::from(EXIT_CANNOT_LISTEN),
                 _ => ExitCode::FAILURE,
             };
         }

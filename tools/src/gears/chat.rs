@@ -64,7 +64,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use handler_api::{CloseCode, Conn, Context, Message, RegistryError, Response, Websocket};
+use kythera_handler_api::{CloseCode, Conn, Context, Message, RegistryError, Response, Websocket};
 use serde::{Deserialize, Serialize};
 
 /// The longest `name` or `room` accepted, in bytes.
@@ -331,7 +331,7 @@ impl Websocket for Chat {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use handler_api::{
+    use kythera_handler_api::{
         ConnHandle, ConnId, Frame, NameTable, RecordingSink, RegistryOps, RequestParts,
     };
     use serde_json::Value;

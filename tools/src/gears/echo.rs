@@ -2,7 +2,7 @@
 //! binary. It sends nothing unsolicited and keeps no state, which makes it the
 //! reference gear for conformance runs (Autobahn) and load tests.
 
-use handler_api::{Conn, Context, Message, Websocket};
+use kythera_handler_api::{Conn, Context, Message, Websocket};
 
 /// Sends every client message back to its sender, with the same type.
 #[derive(Debug, Clone, Copy, Default)]
@@ -27,7 +27,7 @@ impl Websocket for Echo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use handler_api::{ConnId, Frame, NoRegistry, RecordingSink, RequestParts};
+    use kythera_handler_api::{ConnId, Frame, NoRegistry, RecordingSink, RequestParts};
 
     #[test]
     fn echoes_text_as_text_and_binary_as_binary() {

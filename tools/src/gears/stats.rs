@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use engine::{ServerHandle, ShardCounters};
-use handler_api::{Conn, Context, Message, Websocket};
+use kythera_engine::{ServerHandle, ShardCounters};
+use kythera_handler_api::{Conn, Context, Message, Websocket};
 use serde::Serialize;
 
 /// The group every stats connection joins.

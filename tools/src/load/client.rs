@@ -18,10 +18,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use engine::protocol::codec::{self, Decoded, DecoderConfig, OpCode, RSV1, Role as CodecRole};
-use engine::protocol::deflate::{ConnDeflate, DeflateConfig, with_scratch};
-use engine::protocol::mask;
 use hdrhistogram::Histogram;
+use kythera_engine::protocol::codec::{
+    self, Decoded, DecoderConfig, OpCode, RSV1, Role as CodecRole,
+};
+use kythera_engine::protocol::deflate::{ConnDeflate, DeflateConfig, with_scratch};
+use kythera_engine::protocol::mask;
 
 use super::io::{self, Completion, Io};
 use super::wire::{self, Rng};

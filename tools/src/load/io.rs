@@ -7,7 +7,7 @@
 //! the slot into `user_data`; slots are never reused within a run, so no generation tag
 //! is needed.
 //!
-//! What `engine::uring` lacks for a client is the connect: it is built here from the
+//! What `kythera_engine::uring` lacks for a client is the connect: it is built here from the
 //! io-uring crate's `Connect` opcode rather than added to the engine, so that the engine
 //! stays as it is. Sockets are plain descriptors made with `socket(2)`; connections
 //! are not direct descriptors because a client opens and binds its own sockets.
@@ -17,11 +17,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use engine::uring::completion::{buffer_id, has_more};
-use engine::uring::net::{self, sockaddr_of};
-use engine::uring::{BufRing, Ring};
 use io_uring::types::CancelBuilder;
 use io_uring::{cqueue, opcode, squeue, types};
+use kythera_engine::uring::completion::{buffer_id, has_more};
+use kythera_engine::uring::net::{self, sockaddr_of};
+use kythera_engine::uring::{BufRing, Ring};
 
 /// Group id of the receive buffer ring.
 const BGID: u16 = 0;

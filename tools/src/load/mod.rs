@@ -5,7 +5,7 @@
 //! (handshakes per second, optionally holding the connections idle) and `broadcast`
 //! (one publisher, many subscribers in a chat room: deliveries per second and publish-to-
 //! receive latency). [`run`] spreads the connections over `threads` threads, each with
-//! its own ring ([`client`]), drives the phases (connect, warm-up, measured window,
+//! its own ring (`client`), drives the phases (connect, warm-up, measured window,
 //! closing handshake) from the calling thread, shows a progress line and returns a
 //! [`Report`]. Everything received is checked; [`Report::errors`] counts what was wrong
 //! and a run with errors is a failed run.

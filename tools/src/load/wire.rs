@@ -4,8 +4,8 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 
 use base64::Engine as _;
-use engine::protocol::deflate::Agreed;
-use engine::protocol::handshake::accept_key;
+use kythera_engine::protocol::deflate::Agreed;
+use kythera_engine::protocol::handshake::accept_key;
 
 /// A `ws://host:port/path` target.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -142,7 +142,7 @@ pub fn http_get(addr: SocketAddr, path: &str, upgrade: bool) -> Option<(u16, Str
         format!(
             "Upgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n",
-            testkit::raw::KEY
+            kythera_testkit::raw::KEY
         )
     } else {
         String::new()

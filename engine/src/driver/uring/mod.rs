@@ -1,4 +1,4 @@
-//! The io_uring driver ([`UringDriver`]) and the layer below it: a ring, a
+//! The io_uring driver (`UringDriver`) and the layer below it: a ring, a
 //! provided-buffer ring, sockets, completions.
 //!
 //! This is the only part of the engine with `unsafe` around buffers and descriptors;
@@ -11,7 +11,7 @@
 //! | [`buf_ring`] | [`BufRing`]: the provided-buffer ring that multishot recv picks from |
 //! | [`net`] | [`Socket`] (plain fd or direct descriptor) and the SQEs on it |
 //! | [`completion`] | the `user_data` encoding ([`UserData`]) and the flags of multishot completions |
-//! | `driver` | [`UringDriver`]: the shard's I/O on these ([`crate::driver::Driver`]) |
+//! | `driver` | `UringDriver`: the shard's I/O on these (`crate::driver::Driver`) |
 //!
 //! Threads: a [`Ring`] and a [`BufRing`] are neither `Send` nor `Sync`; create them on
 //! the thread that drives them (see [`ring`] for why).
