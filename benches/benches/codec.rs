@@ -24,8 +24,10 @@
 //!   across reads as on a real socket). fastwebsockets' future is polled once with a
 //!   no-op waker ([`benches::poll_once`]): no executor overhead is charged to it.
 //!
-//! - `unmask/1MiB`: unmasking 1 MiB in place: kythera's `mask::unmask` (fast path) and
-//!   `mask::unmask_reference` (byte by byte), and `fastwebsockets::unmask` (public).
+//! - `unmask/<size>`: unmasking 20 B, 512 B and 16 KiB (one byte past a 16-byte
+//!   boundary) and 1 MiB in place: kythera's `mask::unmask` (fast path) and
+//!   `fastwebsockets::unmask` (public); at 1 MiB also `mask::unmask_reference` (byte by
+//!   byte).
 //!   tungstenite's `apply_mask` lives in a private module and cannot be called.
 //!
 //! - `encode/<size>`: one unmasked server->client text frame into a reused `Vec<u8>`:
@@ -220,19 +222,32 @@ fn unmask_bench(c: &mut Criterion) {
         assert_ne!(want, orig[range], "unmasking changed nothing");
     }
 
-    let mut g = c.benchmark_group("unmask/1MiB");
-    g.throughput(Throughput::Bytes(LEN as u64));
-    let mut buf = orig.clone();
-    g.bench_function("kythera", |b| {
-        b.iter(|| unmask(black_box(&mut buf), black_box(MASK), 0))
-    });
-    g.bench_function("kythera_reference", |b| {
-        b.iter(|| unmask_reference(black_box(&mut buf), black_box(MASK), 0))
-    });
-    g.bench_function("fastwebsockets", |b| {
-        b.iter(|| fastwebsockets::unmask(black_box(&mut buf), black_box(MASK)))
-    });
-    g.finish();
+    // The sizes of the load matrix (a frame's payload starts 6 or 8 bytes into its
+    // receive buffer: one byte past a 16-byte boundary is as misaligned as it gets), and
+    // 1 MiB with the byte-by-byte reference beside.
+    for (label, len, start) in [
+        ("20B", 20, 1),
+        ("512B", 512, 1),
+        ("16KiB", 16 * 1024, 1),
+        ("1MiB", LEN, 0),
+    ] {
+        let mut g = c.benchmark_group(format!("unmask/{label}"));
+        g.throughput(Throughput::Bytes(len as u64));
+        let mut buf = orig.clone();
+        let piece = start..start + len;
+        g.bench_function("kythera", |b| {
+            b.iter(|| unmask(black_box(&mut buf[piece.clone()]), black_box(MASK), 0))
+        });
+        if len == LEN {
+            g.bench_function("kythera_reference", |b| {
+                b.iter(|| unmask_reference(black_box(&mut buf), black_box(MASK), 0))
+            });
+        }
+        g.bench_function("fastwebsockets", |b| {
+            b.iter(|| fastwebsockets::unmask(black_box(&mut buf[piece.clone()]), black_box(MASK)))
+        });
+        g.finish();
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 //!   whole and cut at an arbitrary point (Incomplete, the specific error, or the
 //!   original frame back);
 //! - 2: `unmask` against `unmask_reference` at an arbitrary offset and alignment, in
-//!   one piece and in two.
+//!   one piece and in two; `unmask_ascii` against the same, and its verdict against
+//!   `is_ascii`.
 
 #![no_main]
 
@@ -16,7 +17,7 @@ use kythera_engine::protocol::codec::{
     encode_frame_into, encode_frame_to_slice, encode_header, parse_header,
 };
 use kythera_engine::protocol::error::ProtocolError;
-use kythera_engine::protocol::mask::{unmask, unmask_reference};
+use kythera_engine::protocol::mask::{unmask, unmask_ascii, unmask_reference};
 use libfuzzer_sys::fuzz_target;
 
 /// A decoded frame: its header and its payload, unmasked in place.
@@ -503,4 +504,23 @@ fn unmask_case(m: Unmask) {
     // Masking is an involution.
     unmask(&mut pieces, m.mask, offset);
     assert_eq!(pieces, m.payload);
+
+    // unmask_ascii (offset 0, in place at the same misalignment): the same bytes, and
+    // text exactly when every unmasked byte is ASCII.
+    let mut want = m.payload.clone();
+    unmask_reference(&mut want, m.mask, 0);
+    let mut backing = vec![0xa5u8; align + len + 64];
+    backing[align..align + len].copy_from_slice(&m.payload);
+    match unmask_ascii(&mut backing[align..align + len], m.mask) {
+        Ok(text) => {
+            assert!(want.is_ascii());
+            assert_eq!(text.as_bytes(), &want[..]);
+        }
+        Err(bytes) => {
+            assert!(!want.is_ascii());
+            assert_eq!(bytes, &want[..]);
+        }
+    }
+    assert!(backing[..align].iter().all(|&b| b == 0xa5));
+    assert!(backing[align + len..].iter().all(|&b| b == 0xa5));
 }

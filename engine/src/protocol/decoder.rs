@@ -1,10 +1,11 @@
 //! One connection's receive side: frames decoded in place from the receive buffer,
 //! checked as early as their header allows, and reassembled into messages.
 
+use super::codec::OpCode;
 use super::codec::{Decoded, DecoderConfig, parse_header};
 use super::error::ProtocolError;
 use super::fragment::{Assembler, Event};
-use super::mask::unmask;
+use super::mask::{unmask, unmask_ascii};
 
 /// The result of one step over the receive buffer.
 #[derive(Debug, PartialEq, Eq)]
@@ -76,12 +77,24 @@ impl Decoder {
         }
         let total = total as usize;
         let payload = &mut buf[header.header_len..total];
-        if let (Some(mask), false) = (header.mask, payload_unmasked) {
-            unmask(payload, mask, 0);
-        }
-        let event = self
-            .assembler
-            .push(&header, payload, self.cfg.max_message_bytes)?;
+        let (payload, ascii): (&[u8], _) = match (header.mask, payload_unmasked) {
+            // A whole uncompressed text message: unmasked and checked for ASCII in one
+            // pass; only other text goes through the UTF-8 validator.
+            (Some(mask), false)
+                if header.opcode == OpCode::Text && header.fin && header.rsv == 0 =>
+            {
+                match unmask_ascii(payload, mask) {
+                    Ok(text) => (text.as_bytes(), Some(text)),
+                    Err(bytes) => (bytes, None),
+                }
+            }
+            (Some(mask), false) => {
+                unmask(payload, mask, 0);
+                (payload, None)
+            }
+            _ => (payload, None),
+        };
+        let event = self.assembler.push_checked(&header, payload, ascii)?;
         Ok(Step::Event(event, total))
     }
 }

@@ -115,6 +115,19 @@ impl Assembler {
         max_message_bytes: u64,
     ) -> Result<Event<'a>, ProtocolError> {
         self.check_header(header, max_message_bytes)?;
+        self.push_checked(header, payload, None)
+    }
+
+    /// [`Assembler::push`] for a frame whose header [`Assembler::check_header`] has
+    /// passed already; `ascii`: the payload as text, when the unmasking found it all
+    /// ASCII ([`super::mask::unmask_ascii`]), so that a whole text frame needs no UTF-8
+    /// pass.
+    pub fn push_checked<'a>(
+        &'a mut self,
+        header: &FrameHeader,
+        payload: &'a [u8],
+        ascii: Option<&'a str>,
+    ) -> Result<Event<'a>, ProtocolError> {
         if self.delivered {
             self.release();
         }
@@ -128,9 +141,12 @@ impl Assembler {
                     payload,
                 })
             }
-            OpCode::Text if header.fin => simdutf8::basic::from_utf8(payload)
-                .map(|t| Event::Message(Message::Text(t)))
-                .map_err(|_| ProtocolError::InvalidUtf8),
+            OpCode::Text if header.fin => match ascii {
+                Some(text) => Ok(Event::Message(Message::Text(text))),
+                None => simdutf8::basic::from_utf8(payload)
+                    .map(|t| Event::Message(Message::Text(t)))
+                    .map_err(|_| ProtocolError::InvalidUtf8),
+            },
             OpCode::Binary if header.fin => Ok(Event::Message(Message::Binary(payload))),
             OpCode::Text | OpCode::Binary => {
                 let kind = if header.opcode == OpCode::Text {

@@ -111,20 +111,29 @@ impl Tx {
     /// buffer of at least [`CHUNK`] bytes started: growing it would copy all it holds
     /// each time its capacity doubles, and large output piles up behind a send in
     /// flight. The chunks go out in one `sendmsg` (see [`Output`]).
+    /// Inlined into every send (the common case is one comparison); the rare new chunk
+    /// is out of line.
+    #[inline]
     pub(super) fn room(&mut self, n: usize) -> &mut Vec<u8> {
         let out = &self.out;
         // A received frame's buffer echoed in place is as small as that frame: what
         // follows it goes into a buffer of its own too.
         if out.len() + n > out.capacity() && (out.len() >= CHUNK_MIN || self.out_start > 0) {
-            let next = if self.spare.capacity() >= n && out.len() < CHUNK_MIN {
-                std::mem::take(&mut self.spare)
-            } else {
-                Vec::with_capacity(n.max(CHUNK))
-            };
-            let full = std::mem::replace(&mut self.out, next);
-            self.chunks.push(full);
+            self.new_chunk(n);
         }
         &mut self.out
+    }
+
+    /// Queues `out` as a chunk and starts a new output buffer with room for `n` bytes.
+    #[cold]
+    fn new_chunk(&mut self, n: usize) {
+        let next = if self.spare.capacity() >= n && self.out.len() < CHUNK_MIN {
+            std::mem::take(&mut self.spare)
+        } else {
+            Vec::with_capacity(n.max(CHUNK))
+        };
+        let full = std::mem::replace(&mut self.out, next);
+        self.chunks.push(full);
     }
 }
 
@@ -271,6 +280,8 @@ impl Session {
     /// what was queued for it is freed. Only bytes waiting behind a send still in
     /// flight count: output the kernel can take at once (one large echo, say) is not a
     /// sign of a client that stopped reading.
+    /// Inlined: after every callback, and almost always nothing is in flight.
+    #[inline]
     pub(super) fn check_outgoing(
         &mut self,
         id: ConnId,
@@ -279,9 +290,14 @@ impl Session {
         regs: &mut Registries,
     ) {
         let in_flight = self.tx.as_ref().map_or(0, |t| t.in_flight);
-        if in_flight == 0 || self.queued() <= app.limits().max_outgoing_bytes {
-            return;
+        if in_flight != 0 && self.queued() > app.limits().max_outgoing_bytes {
+            self.slow_consumer(id, now_ms, app, regs);
         }
+    }
+
+    /// [`Session::check_outgoing`] found more queued than the limit.
+    #[cold]
+    fn slow_consumer(&mut self, id: ConnId, now_ms: u64, app: &App, regs: &mut Registries) {
         // Everything it holds goes at once: what is queued (the close frame below
         // could only follow it, and the peer reads nothing), the spare buffer, a frame
         // half received. The close frame goes out if the send in flight ever
