@@ -1,8 +1,7 @@
 //! One connection's receive side: frames decoded in place from the receive buffer,
 //! checked as early as their header allows, and reassembled into messages.
 
-use super::codec::OpCode;
-use super::codec::{Decoded, DecoderConfig, parse_header};
+use super::codec::{Decoded, DecoderConfig, OpCode, parse_header};
 use super::error::ProtocolError;
 use super::fragment::{Assembler, Event};
 use super::mask::{unmask, unmask_ascii};

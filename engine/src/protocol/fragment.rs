@@ -128,6 +128,10 @@ impl Assembler {
         payload: &'a [u8],
         ascii: Option<&'a str>,
     ) -> Result<Event<'a>, ProtocolError> {
+        debug_assert!(
+            ascii.is_none_or(|t| std::ptr::eq(t.as_bytes(), payload)),
+            "`ascii` is the payload itself"
+        );
         if self.delivered {
             self.release();
         }
