@@ -100,11 +100,11 @@ fn chunks16<const CHECK: bool>(body: &mut [u8], key: [u8; 4]) -> bool {
     debug_assert_eq!(body.len() % 16, 0);
     let len = body.len();
     let base = body.as_mut_ptr();
-    // SAFETY: SSE2 is part of the x86-64 baseline (every x86-64 CPU has it, and the
-    // target enables it), which is all these intrinsics require. Every load and store
-    // is unaligned and covers 16 bytes at `base + at` with `at + 16 <= len` (the
-    // 64-byte turn runs while `at + 64 <= len`, the 16-byte one while `at + 16 <=
-    // len`), so all of them stay inside `body`, which is borrowed mutably here.
+    // Every load and store below is unaligned and covers 16 bytes at `base + at` with
+    // `at + 16 <= len` (the 64-byte turn runs while `at + 64 <= len`, the 16-byte one
+    // while `at + 16 <= len`).
+    // SAFETY: SSE2 is in the x86-64 baseline, all these intrinsics need; every access
+    // stays inside `body` (above), which is borrowed mutably here.
     unsafe {
         let k = _mm_set1_epi32(i32::from_le_bytes(key));
         let mut acc = _mm_setzero_si128();
