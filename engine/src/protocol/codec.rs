@@ -136,6 +136,55 @@ pub fn parse_header(
     }
     let b0 = buf[0];
     let b1 = buf[1];
+    // The usual frame from a client first: final, text or binary, no RSV bits,
+    // masked, its length in 7 or 16 bits (callgrind: 35 instructions less per frame
+    // than the general path below, which it agrees with).
+    if cfg.role == Role::Server && (b0 == 0x81 || b0 == 0x82) && b1 >= 0x80 && b1 != 0xff {
+        let (header_len, payload_len) = if b1 != 0xfe {
+            (6, u64::from(b1 & 0x7f))
+        } else if buf.len() >= 8 {
+            let n = u64::from(u16::from_be_bytes([buf[2], buf[3]]));
+            if n < 126 {
+                return Err(ProtocolError::NonMinimalLength);
+            }
+            (8, n)
+        } else {
+            return Ok(Decoded::Incomplete { needed: 8 });
+        };
+        if buf.len() < header_len {
+            return Ok(Decoded::Incomplete {
+                needed: header_len as u64,
+            });
+        }
+        if payload_len > cfg.max_message_bytes {
+            return Err(ProtocolError::MessageTooBig);
+        }
+        let m = header_len - 4;
+        let header = FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode: if b0 == 0x81 {
+                OpCode::Text
+            } else {
+                OpCode::Binary
+            },
+            mask: Some(<[u8; 4]>::try_from(&buf[m..header_len]).expect("4 bytes")),
+            payload_len,
+            header_len,
+        };
+        return Ok(Decoded::Complete(header, header_len));
+    }
+    parse_header_general(buf, cfg)
+}
+
+/// [`parse_header`] for every frame: what its fast path must agree with.
+#[inline(always)]
+fn parse_header_general(
+    buf: &[u8],
+    cfg: &DecoderConfig,
+) -> Result<Decoded<FrameHeader>, ProtocolError> {
+    let b0 = buf[0];
+    let b1 = buf[1];
     let fin = b0 & 0x80 != 0;
     let rsv = (b0 >> 4) & 0b111;
     let opcode = OpCode::from_bits(b0 & 0x0f)?;
@@ -375,6 +424,11 @@ pub fn encode_server_frame(frame: &kythera_handler_api::Frame, out: &mut Vec<u8>
 /// Appends a whole frame (header then payload) to `out`; masks the copy when `mask` is
 /// given. For payloads that should not be copied, use [`encode_header`] and send the
 /// payload as a second buffer.
+///
+/// Always inlined: every call but the client's passes no mask and no RSV bits, and
+/// with those constant the header is a few stores (callgrind, 100 x 512 B x 16: the
+/// call cost 67 instructions per echo besides the copy).
+#[inline(always)]
 pub fn encode_frame_into(
     out: &mut Vec<u8>,
     fin: bool,
@@ -400,6 +454,66 @@ pub fn encode_frame_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast path of `parse_header` agrees with the general one on every first two
+    /// bytes, with each length encoding, every buffer length up to a whole header and
+    /// limits and RSV rules either side of the fast path's.
+    #[test]
+    fn parse_header_fast_path_agrees_with_the_general_path() {
+        let tails: [&[u8]; 6] = [
+            &[0, 5, 1, 2, 3, 4, 9, 9, 9, 9, 9, 9],
+            &[0, 125, 1, 2, 3, 4, 9, 9, 9, 9, 9, 9],
+            &[0, 126, 1, 2, 3, 4, 9, 9, 9, 9, 9, 9],
+            &[0x01, 0x00, 1, 2, 3, 4, 9, 9, 9, 9, 9, 9],
+            &[0, 0, 0, 0, 0, 1, 0, 0, 1, 2, 3, 4],
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4],
+        ];
+        let configs = [
+            DecoderConfig {
+                role: Role::Server,
+                max_message_bytes: 1 << 20,
+                allowed_rsv: 0,
+            },
+            DecoderConfig {
+                role: Role::Server,
+                max_message_bytes: 200,
+                allowed_rsv: RSV1,
+            },
+            DecoderConfig {
+                role: Role::Server,
+                max_message_bytes: 10,
+                allowed_rsv: 0,
+            },
+            DecoderConfig {
+                role: Role::Client,
+                max_message_bytes: 1 << 20,
+                allowed_rsv: 0,
+            },
+        ];
+        let mut fast = 0;
+        for b0 in 0..=255u8 {
+            for b1 in 0..=255u8 {
+                for tail in tails {
+                    let mut whole = vec![b0, b1];
+                    whole.extend_from_slice(tail);
+                    for len in 2..=whole.len() {
+                        for cfg in &configs {
+                            let buf = &whole[..len];
+                            let general = parse_header_general(buf, cfg);
+                            assert_eq!(parse_header(buf, cfg), general, "{buf:02x?} {cfg:?}");
+                            fast += usize::from(
+                                cfg.role == Role::Server
+                                    && (b0 == 0x81 || b0 == 0x82)
+                                    && (0x80..0xff).contains(&b1)
+                                    && matches!(general, Ok(Decoded::Complete(..))),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert!(fast > 1000, "the fast path was taken {fast} times");
+    }
 
     const CLIENT: DecoderConfig = DecoderConfig {
         role: Role::Client,

@@ -54,7 +54,28 @@ impl Session {
     }
 
     /// What a callback left behind: a close, a gear bug, a panic, too much output.
+    #[inline(always)]
     pub(super) fn after_callback(
+        &mut self,
+        id: ConnId,
+        outcome: SinkOutcome,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) {
+        // Inlined for the usual outcome (frames queued, nothing else), so that the
+        // outcome is not moved into a call per message.
+        if outcome.panic.is_none() && outcome.gear_error.is_none() && !outcome.closed {
+            self.check_outgoing(id, now_ms, app, regs);
+            return;
+        }
+        self.after_callback_rare(id, outcome, now_ms, app, regs);
+    }
+
+    /// [`Session::after_callback`] when the callback closed, failed or panicked.
+    #[cold]
+    #[inline(never)]
+    fn after_callback_rare(
         &mut self,
         id: ConnId,
         outcome: SinkOutcome,
@@ -87,9 +108,7 @@ impl Session {
             }
             self.local_close(now_ms, app);
             self.terminate(id, TerminateReason::Stop, now_ms, app, regs);
-            return;
         }
-        self.check_outgoing(id, now_ms, app, regs);
     }
 }
 

@@ -39,14 +39,12 @@ impl Session {
                 if !self.closing_open() {
                     return None; // after our close, data is read and dropped
                 }
-                let counters = regs.counters(self.gear());
-                if let Some(c) = counters {
-                    c.frames_in.add(1);
-                }
                 let Phase::Open(live) = &mut self.phase else {
+                    if let Some(c) = regs.counters(self.gear()) {
+                        c.frames_in.add(1);
+                    }
                     return None;
                 };
-                live.meta().frames_in += 1;
                 let gear_index = self.gear as usize;
                 let payload = match msg {
                     kythera_handler_api::Message::Text(t) => t.as_bytes(),
@@ -64,8 +62,13 @@ impl Session {
                     live.client_message(gear_index, id, msg, &mut sink, regs)
                 }));
                 let mut outcome = sink.finish();
-                live.meta().frames_out += outcome.frames;
+                // Counted after the callback, with what it sent: one look-up of the
+                // counters and one call through the gear's vtable per message.
+                let meta = live.meta();
+                meta.frames_in += 1;
+                meta.frames_out += outcome.frames;
                 if let Some(c) = regs.counters(self.gear()) {
+                    c.frames_in.add(1);
                     c.frames_out.add(outcome.frames);
                     c.bytes_out.add(outcome.bytes);
                 }
