@@ -32,7 +32,8 @@
 #      spread over the nodes against the same on one node, Redis commands and bytes
 #      per message (see that script). Its table is appended to OUT/table.md.
 #   6. Writes OUT/results.json (medians), OUT/table.md (also printed) and, with
-#      bench-chart, OUT/echo-msgs.png, OUT/echo-cpu.png, OUT/memory.png and
+#      bench-chart, OUT/echo-msgs.png, OUT/echo-cpu.png, OUT/echo-floors.png (with a
+#      floor in the run), OUT/memory.png and
 #      OUT/handshakes.png. Every run's own JSON (kythera-load --json) is in OUT/raw/ and
 #      indexed, one line per run, in OUT/runs.jsonl.
 #
@@ -650,6 +651,7 @@ floors = []
 for c, b, p in cells:
     at = lambda s: (find(echo, s, connections=c, bytes=b, in_flight=p) or {}).get("server_cpu_us_per_msg")
     uf, ef, k, ke = at("uring-floor"), at("epoll-floor"), at("kythera"), at("kythera-epoll")
+    fws = at("fastwebsockets")
     if uf is None and ef is None:
         continue
     best = min(x for x in (uf, ef) if x is not None)
@@ -664,6 +666,11 @@ for c, b, p in cells:
                    "kythera": k, "kythera_epoll": ke,
                    "kythera_over_uring_floor": ratio(k, uf), "kythera_epoll_over_epoll_floor": ratio(ke, ef),
                    "kythera_over_best_floor": ratio(k, best),
+                   # Issue 18's goals against fastwebsockets, and what the floor leaves of
+                   # them: a goal below best_floor_over_fastwebsockets is out of reach for
+                   # a server that does at least the floor's work.
+                   "fastwebsockets": fws, "kythera_over_fastwebsockets": ratio(k, fws),
+                   "best_floor_over_fastwebsockets": ratio(best, fws),
                    "kythera_over_uring_floor_paired": paired("kythera", "uring-floor"),
                    "kythera_epoll_over_epoll_floor_paired": paired("kythera-epoll", "epoll-floor")})
 results = {"meta": meta, "echo": echo, "floors": floors, "memory": memory, "memory_slopes": slopes,
@@ -720,16 +727,24 @@ if floors:
     L.append("uring-floor and epoll-floor do the least an echo can on each I/O method (benches/src/bin/); "
              "kythera / better floor is kythera (io_uring) over the cheaper of the two in the cell.\n")
     L.append("Ratios of medians; in brackets the median of the ratios of runs in the same repeat (paired).\n")
+    with_fws = any(e["fastwebsockets"] is not None for e in floors)
+    if with_fws:
+        L.append("With fastwebsockets in the run: kythera / fws and better floor / fws (CPU per message); "
+                 "a goal for kythera / fws below the floor's ratio cannot be met by a server that does at "
+                 "least the floor's work.\n")
     L.append("| connections | payload | in flight | uring-floor µs | epoll-floor µs | kythera / uring-floor | "
-             "kythera-epoll / epoll-floor | kythera / better floor |")
-    L.append("|---|---|---|---|---|---|---|---|")
+             "kythera-epoll / epoll-floor | kythera / better floor |" +
+             (" kythera / fws | better floor / fws |" if with_fws else ""))
+    L.append("|---|---|---|---|---|---|---|---|" + ("---|---|" if with_fws else ""))
     for e in floors:
         b = e["bytes"]
         size = f"{b:,} B" if b < 1024 else f"{b // 1024} KiB" if b % 1024 == 0 else f"{b:,} B"
         L.append(f"| {e['connections']:,} | {size} | {e['in_flight']} | {f(e['uring_floor'])} | {f(e['epoll_floor'])} | "
                  f"{f(e['kythera_over_uring_floor'])} ({f(e['kythera_over_uring_floor_paired'])}) | "
                  f"{f(e['kythera_epoll_over_epoll_floor'])} ({f(e['kythera_epoll_over_epoll_floor_paired'])}) | "
-                 f"{f(e['kythera_over_best_floor'])} |")
+                 f"{f(e['kythera_over_best_floor'])} |" +
+                 (f" {f(e['kythera_over_fastwebsockets'])} | {f(e['best_floor_over_fastwebsockets'])} |"
+                  if with_fws else ""))
     L.append("")
 if memory:
     L.append("### Memory per idle connection\n")

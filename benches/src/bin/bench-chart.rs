@@ -10,6 +10,8 @@
 //! - `echo-msgs.png`: echoes per second, one panel per (connections, in flight), bars
 //!   grouped by payload size, one bar per server;
 //! - `echo-cpu.png`: the server's CPU time per message (µs), laid out the same way;
+//! - `echo-floors.png` (with a floor in the run): kythera's CPU per message over the
+//!   floors', laid out the same way, with issue 18's goal (1.15) drawn across;
 //! - `memory.png`: the server's resident memory per idle connection (bytes), grouped by
 //!   connection count;
 //! - `handshakes.png`: handshakes per second per server.
@@ -101,6 +103,13 @@ fn run(dir: &Path) -> Res<Vec<PathBuf>> {
         }
     }
 
+    let floors = rows(&results, "floors");
+    if !floors.is_empty() {
+        let out = dir.join("echo-floors.png");
+        floors_chart(&out, &floors, &subtitle)?;
+        written.push(out);
+    }
+
     let memory = rows(&results, "memory");
     if !memory.is_empty() {
         let mut groups: Vec<String> = Vec::new();
@@ -181,6 +190,7 @@ fn draw_memory(
                 .and_then(|c| c.2)
         },
         true,
+        None,
     )?;
     root.present()?;
     Ok(())
@@ -205,6 +215,7 @@ fn draw_handshakes(
         series,
         |_, s| hs[s]["handshakes_per_sec"].as_f64(),
         true,
+        None,
     )?;
     root.present()?;
     Ok(())
@@ -352,6 +363,87 @@ fn echo_chart(
                     .and_then(|e| e[key].as_f64())
             },
             i == 0,
+            None,
+        )?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Server CPU per message over the floors' per cell: a panel per (connections, in
+/// flight), size groups, a bar per ratio (paired where the run has it), the goal across.
+fn floors_chart(out: &Path, floors: &[Value], subtitle: &str) -> Res<()> {
+    let mut conns: Vec<u64> = Vec::new();
+    let mut inflight: Vec<u64> = Vec::new();
+    let mut sizes: Vec<u64> = Vec::new();
+    for e in floors {
+        for (list, v) in [
+            (&mut conns, num(e, "connections")),
+            (&mut inflight, num(e, "in_flight")),
+            (&mut sizes, num(e, "bytes")),
+        ] {
+            if !list.contains(&v) {
+                list.push(v);
+            }
+        }
+    }
+    // (label, key, fallback key when the paired ratio is missing)
+    let all = [
+        (
+            "kythera / uring-floor (paired)",
+            "kythera_over_uring_floor_paired",
+            "kythera_over_uring_floor",
+        ),
+        (
+            "kythera-epoll / epoll-floor (paired)",
+            "kythera_epoll_over_epoll_floor_paired",
+            "kythera_epoll_over_epoll_floor",
+        ),
+        (
+            "kythera / better floor",
+            "kythera_over_best_floor",
+            "kythera_over_best_floor",
+        ),
+    ];
+    let kinds: Vec<_> = all
+        .iter()
+        .filter(|(_, k, f)| floors.iter().any(|e| e[*k].is_f64() || e[*f].is_f64()))
+        .collect();
+    let series: Vec<String> = kinds.iter().map(|(l, _, _)| l.to_string()).collect();
+    let panel_w = (180 + 60 * (sizes.len() * series.len()) as u32).max(450);
+    let panel_h = 380;
+    let (cols, rows) = (inflight.len() as u32, conns.len() as u32);
+    let root = BitMapBackend::new(out, (panel_w * cols, 62 + panel_h * rows)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let area = titled(
+        &root,
+        "Echo: server CPU per message over the floor's (lower is better, 1 = the floor)",
+        subtitle,
+    )?;
+    let panels = area.split_evenly((rows as usize, cols as usize));
+    let groups: Vec<String> = sizes.iter().map(|&b| size_label(b)).collect();
+    for (i, panel) in panels.iter().enumerate() {
+        let (c, p) = (conns[i / cols as usize], inflight[i % cols as usize]);
+        let caption = format!("{} connections, {p} in flight", thousands(c));
+        grouped_bars(
+            panel,
+            &caption,
+            "CPU per message / floor's",
+            &groups,
+            &series,
+            |g, s| {
+                let (_, key, fallback) = kinds[s];
+                floors
+                    .iter()
+                    .find(|e| {
+                        num(e, "connections") == c
+                            && num(e, "in_flight") == p
+                            && num(e, "bytes") == sizes[g]
+                    })
+                    .and_then(|e| e[*key].as_f64().or_else(|| e[*fallback].as_f64()))
+            },
+            i == 0,
+            Some((1.15, "goal: 1.15")),
         )?;
     }
     root.present()?;
@@ -359,6 +451,8 @@ fn echo_chart(
 }
 
 /// Bars: `groups` along x, one bar per series in each, the value on top.
+// Every argument is a different part of the chart; a struct for them would only rename.
+#[allow(clippy::too_many_arguments)]
 fn grouped_bars(
     area: &Area<'_>,
     caption: &str,
@@ -367,6 +461,7 @@ fn grouped_bars(
     series: &[String],
     value: impl Fn(usize, usize) -> Option<f64>,
     legend: bool,
+    goal: Option<(f64, &str)>,
 ) -> Res<()> {
     // x in half-bar units: each bar is 2 wide, a group is the bars plus one bar of gap.
     let s_n = series.len() as i32;
@@ -380,6 +475,7 @@ fn grouped_bars(
     }
     // Headroom for the values on top of the bars, and the legend's box.
     let headroom = if legend { 1.4 } else { 1.18 };
+    let y_max = goal.map_or(y_max, |(g, _)| y_max.max(g));
     let y_max = if y_max > 0.0 { y_max * headroom } else { 1.0 };
     // Ticks and labels only at the groups' centres.
     let centers: Vec<i32> = (0..groups.len() as i32)
@@ -432,6 +528,21 @@ fn grouped_bars(
                     .pos(Pos::new(HPos::Center, VPos::Bottom)),
             )
         }))?;
+    }
+    if let Some((g, label)) = goal {
+        let red = RGBColor(200, 30, 30);
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(0, g), (x_max, g)],
+            red.stroke_width(2),
+        )))?;
+        chart.draw_series(std::iter::once(Text::new(
+            label.to_string(),
+            (1, g + y_max * 0.01),
+            ("sans-serif", 12)
+                .into_font()
+                .color(&red)
+                .pos(Pos::new(HPos::Left, VPos::Bottom)),
+        )))?;
     }
     if legend {
         chart
