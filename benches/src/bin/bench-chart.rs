@@ -400,8 +400,8 @@ fn floors_chart(out: &Path, floors: &[Value], subtitle: &str) -> Res<()> {
             "kythera_epoll_over_epoll_floor",
         ),
         (
-            "kythera / better floor",
-            "kythera_over_best_floor",
+            "kythera / better floor (paired)",
+            "kythera_over_best_floor_paired",
             "kythera_over_best_floor",
         ),
     ];
