@@ -313,80 +313,42 @@ fn echo_chart(
     y_desc: &str,
     subtitle: &str,
 ) -> Res<()> {
-    let mut conns: Vec<u64> = Vec::new();
-    let mut inflight: Vec<u64> = Vec::new();
-    let mut sizes: Vec<u64> = Vec::new();
+    let grid = Grid::of(echo);
     let mut series: Vec<String> = servers.to_vec();
     for e in echo {
-        let (c, p, b) = (num(e, "connections"), num(e, "in_flight"), num(e, "bytes"));
-        if !conns.contains(&c) {
-            conns.push(c);
-        }
-        if !inflight.contains(&p) {
-            inflight.push(p);
-        }
-        if !sizes.contains(&b) {
-            sizes.push(b);
-        }
         let s = str_of(e, "server");
         if !series.contains(&s) {
             series.push(s);
         }
     }
     series.retain(|s| echo.iter().any(|e| str_of(e, "server") == *s));
-    let min_w = if inflight.len() > 1 { 450 } else { 900 };
-    let panel_w = (180 + 60 * (sizes.len() * series.len()) as u32).max(min_w);
-    let panel_h = 380;
-    let (cols, rows) = (inflight.len() as u32, conns.len() as u32);
-    let root = BitMapBackend::new(out, (panel_w * cols, 62 + panel_h * rows)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let area = titled(&root, title, subtitle)?;
-    let panels = area.split_evenly((rows as usize, cols as usize));
-    let groups: Vec<String> = sizes.iter().map(|&b| size_label(b)).collect();
-    for (i, panel) in panels.iter().enumerate() {
-        let (c, p) = (conns[i / cols as usize], inflight[i % cols as usize]);
-        let caption = format!("{} connections, {p} in flight", thousands(c));
-        grouped_bars(
-            panel,
-            &caption,
-            y_desc,
-            &groups,
-            &series,
-            |g, s| {
-                echo.iter()
-                    .find(|e| {
-                        num(e, "connections") == c
-                            && num(e, "in_flight") == p
-                            && num(e, "bytes") == sizes[g]
-                            && str_of(e, "server") == series[s]
-                    })
-                    .and_then(|e| e[key].as_f64())
-            },
-            i == 0,
-            None,
-        )?;
-    }
-    root.present()?;
-    Ok(())
+    grid.draw(
+        out,
+        series.len(),
+        title,
+        subtitle,
+        |panel, c, p, caption, first| {
+            grouped_bars(
+                panel,
+                caption,
+                y_desc,
+                &grid.groups(),
+                &series,
+                |g, s| {
+                    let cell = echo.iter().filter(|e| str_of(e, "server") == series[s]);
+                    grid.find(cell, c, p, g).and_then(|e| e[key].as_f64())
+                },
+                first,
+                None,
+            )
+        },
+    )
 }
 
 /// Server CPU per message over the floors' per cell: a panel per (connections, in
 /// flight), size groups, a bar per ratio (paired where the run has it), the goal across.
 fn floors_chart(out: &Path, floors: &[Value], subtitle: &str) -> Res<()> {
-    let mut conns: Vec<u64> = Vec::new();
-    let mut inflight: Vec<u64> = Vec::new();
-    let mut sizes: Vec<u64> = Vec::new();
-    for e in floors {
-        for (list, v) in [
-            (&mut conns, num(e, "connections")),
-            (&mut inflight, num(e, "in_flight")),
-            (&mut sizes, num(e, "bytes")),
-        ] {
-            if !list.contains(&v) {
-                list.push(v);
-            }
-        }
-    }
+    let grid = Grid::of(floors);
     // (label, key, fallback key when the paired ratio is missing)
     let all = [
         (
@@ -410,44 +372,109 @@ fn floors_chart(out: &Path, floors: &[Value], subtitle: &str) -> Res<()> {
         .filter(|(_, k, f)| floors.iter().any(|e| e[*k].is_f64() || e[*f].is_f64()))
         .collect();
     let series: Vec<String> = kinds.iter().map(|(l, _, _)| l.to_string()).collect();
-    let panel_w = (180 + 60 * (sizes.len() * series.len()) as u32).max(450);
-    let panel_h = 380;
-    let (cols, rows) = (inflight.len() as u32, conns.len() as u32);
-    let root = BitMapBackend::new(out, (panel_w * cols, 62 + panel_h * rows)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let area = titled(
-        &root,
-        "Echo: server CPU per message over the floor's (lower is better, 1 = the floor)",
+    let title = "Echo: server CPU per message over the floor's (lower is better, 1 = the floor)";
+    grid.draw(
+        out,
+        series.len(),
+        title,
         subtitle,
-    )?;
-    let panels = area.split_evenly((rows as usize, cols as usize));
-    let groups: Vec<String> = sizes.iter().map(|&b| size_label(b)).collect();
-    for (i, panel) in panels.iter().enumerate() {
-        let (c, p) = (conns[i / cols as usize], inflight[i % cols as usize]);
-        let caption = format!("{} connections, {p} in flight", thousands(c));
-        grouped_bars(
-            panel,
-            &caption,
-            "CPU per message / floor's",
-            &groups,
-            &series,
-            |g, s| {
-                let (_, key, fallback) = kinds[s];
-                floors
-                    .iter()
-                    .find(|e| {
-                        num(e, "connections") == c
-                            && num(e, "in_flight") == p
-                            && num(e, "bytes") == sizes[g]
-                    })
-                    .and_then(|e| e[*key].as_f64().or_else(|| e[*fallback].as_f64()))
-            },
-            i == 0,
-            Some((1.15, "goal: 1.15")),
-        )?;
+        |panel, c, p, caption, first| {
+            grouped_bars(
+                panel,
+                caption,
+                "CPU per message / floor's",
+                &grid.groups(),
+                &series,
+                |g, s| {
+                    let (_, key, fallback) = kinds[s];
+                    grid.find(floors, c, p, g)
+                        .and_then(|e| e[*key].as_f64().or_else(|| e[*fallback].as_f64()))
+                },
+                first,
+                Some((1.15, "goal: 1.15")),
+            )
+        },
+    )
+}
+
+/// The cells of an echo matrix, in the order the run has them: a panel per
+/// (connections, in flight), rows by connections, a group per payload size.
+struct Grid {
+    conns: Vec<u64>,
+    inflight: Vec<u64>,
+    sizes: Vec<u64>,
+}
+
+impl Grid {
+    fn of(rows: &[Value]) -> Grid {
+        let mut grid = Grid {
+            conns: Vec::new(),
+            inflight: Vec::new(),
+            sizes: Vec::new(),
+        };
+        for e in rows {
+            for (list, v) in [
+                (&mut grid.conns, num(e, "connections")),
+                (&mut grid.inflight, num(e, "in_flight")),
+                (&mut grid.sizes, num(e, "bytes")),
+            ] {
+                if !list.contains(&v) {
+                    list.push(v);
+                }
+            }
+        }
+        grid
     }
-    root.present()?;
-    Ok(())
+
+    fn groups(&self) -> Vec<String> {
+        self.sizes.iter().map(|&b| size_label(b)).collect()
+    }
+
+    /// The row of `rows` for connections `c`, in flight `p` and the `g`th size.
+    fn find<'a>(
+        &self,
+        rows: impl IntoIterator<Item = &'a Value>,
+        c: u64,
+        p: u64,
+        g: usize,
+    ) -> Option<&'a Value> {
+        rows.into_iter().find(|e| {
+            num(e, "connections") == c
+                && num(e, "in_flight") == p
+                && num(e, "bytes") == self.sizes[g]
+        })
+    }
+
+    /// Draws the picture: the title, then `panel` for each cell with its caption
+    /// (the first panel carries the legend); `bars`: bars per size group.
+    fn draw(
+        &self,
+        out: &Path,
+        bars: usize,
+        title: &str,
+        subtitle: &str,
+        mut panel: impl FnMut(&Area<'_>, u64, u64, &str, bool) -> Res<()>,
+    ) -> Res<()> {
+        let min_w = if self.inflight.len() > 1 { 450 } else { 900 };
+        let panel_w = (180 + 60 * (self.sizes.len() * bars) as u32).max(min_w);
+        let panel_h = 380;
+        let (cols, rows) = (self.inflight.len() as u32, self.conns.len() as u32);
+        let root =
+            BitMapBackend::new(out, (panel_w * cols, 62 + panel_h * rows)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let area = titled(&root, title, subtitle)?;
+        let panels = area.split_evenly((rows as usize, cols as usize));
+        for (i, area) in panels.iter().enumerate() {
+            let (c, p) = (
+                self.conns[i / cols as usize],
+                self.inflight[i % cols as usize],
+            );
+            let caption = format!("{} connections, {p} in flight", thousands(c));
+            panel(area, c, p, &caption, i == 0)?;
+        }
+        root.present()?;
+        Ok(())
+    }
 }
 
 /// Bars: `groups` along x, one bar per series in each, the value on top.

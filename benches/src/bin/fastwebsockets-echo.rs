@@ -8,7 +8,8 @@
 //! by fastwebsockets itself (`auto_pong` and `auto_close`, both on by default).
 //!
 //! Two deviations from the example, both in fastwebsockets' favour or neutral:
-//! `TCP_NODELAY` is set on every accepted socket (as kythera does), and nothing is
+//! `TCP_NODELAY` is set on every accepted socket (kythera leaves Nagle on and writes
+//! once per turn), and nothing is
 //! printed per connection. With `--raw-handshake` the upgrade is answered by hand
 //! (kythera's sans-I/O handshake code) and the `WebSocket` wraps the bare `TcpStream`
 //! rather than hyper's boxed `Upgraded` stream, which takes hyper out of the per-message

@@ -1,8 +1,8 @@
 //! An echo server on tokio-tungstenite 0.30, a second baseline for
 //! `tools/bench.sh`.
 //!
-//! One tokio current-thread runtime; each accepted socket (with `TCP_NODELAY`, as kythera
-//! sets it) gets a task that runs tokio-tungstenite's `accept_async` and then sends
+//! One tokio current-thread runtime; each accepted socket (with `TCP_NODELAY`, which
+//! kythera does not set: it writes once per turn) gets a task that runs tokio-tungstenite's `accept_async` and then sends
 //! every text message back as text and every binary message as binary (`send`: one
 //! write and flush per message). tungstenite answers pings and close frames itself.
 //!
