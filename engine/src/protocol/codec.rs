@@ -137,25 +137,24 @@ pub fn parse_header(
     let b0 = buf[0];
     let b1 = buf[1];
     // The usual frame from a client first: final, text or binary, no RSV bits,
-    // masked, its length in 7 or 16 bits (callgrind: 35 instructions less per frame
-    // than the general path below, which it agrees with).
+    // masked, its length in 7 or 16 bits. It agrees with the general path below (see
+    // the test); callgrind at 100 x 512 B x 16: about 60 instructions per echo less.
     if cfg.role == Role::Server && (b0 == 0x81 || b0 == 0x82) && b1 >= 0x80 && b1 != 0xff {
-        let (header_len, payload_len) = if b1 != 0xfe {
-            (6, u64::from(b1 & 0x7f))
-        } else if buf.len() >= 8 {
-            let n = u64::from(u16::from_be_bytes([buf[2], buf[3]]));
-            if n < 126 {
-                return Err(ProtocolError::NonMinimalLength);
-            }
-            (8, n)
-        } else {
-            return Ok(Decoded::Incomplete { needed: 8 });
-        };
+        let header_len = if b1 == 0xfe { 8 } else { 6 };
         if buf.len() < header_len {
             return Ok(Decoded::Incomplete {
                 needed: header_len as u64,
             });
         }
+        let payload_len = if b1 == 0xfe {
+            let n = u64::from(u16::from_be_bytes([buf[2], buf[3]]));
+            if n < 126 {
+                return Err(ProtocolError::NonMinimalLength);
+            }
+            n
+        } else {
+            u64::from(b1 & 0x7f)
+        };
         if payload_len > cfg.max_message_bytes {
             return Err(ProtocolError::MessageTooBig);
         }
