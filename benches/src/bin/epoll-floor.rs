@@ -2,14 +2,14 @@
 //! epoll driver against (`tools/bench.sh`, server `epoll-floor`): one thread, one
 //! edge-triggered epoll instance, non-blocking sockets; per readable socket one read
 //! (`recv`, as std's `TcpStream` does it) into one 64 KiB buffer (a second next turn
-//! when it came back full), every whole frame in it unmasked and written back unmasked
-//! in one write (`send`), `EPOLLOUT` asked for only while output waits. No validation,
-//! no limits, no gear, no closing handshake, no timers: a client that sends a frame
-//! split across reads has its tail kept in a per-connection buffer, and that is all.
-//! At 16 KiB it is not a floor yet: it copies every frame into its output, a frame
-//! split across reads twice more, and moves what is left down with `Vec::drain`
-//! (`memmove` was a third of its samples in `perf record -e cpu-clock -g -C 0` during
-//! `kythera-load echo -c 100 -b 16384 -p 1`); `uring-floor` is the floor there.
+//! when it came back full), every header and piece of payload in it answered at once
+//! ([`EchoStream`]: appended to the output unmasked, in one pass, so a frame split
+//! across reads is not gathered first) and written back in one write (`send`),
+//! `EPOLLOUT` asked for only while output waits. No validation, no limits, no gear, no
+//! closing handshake, no timers. (Until the echo was streamed, a frame split across
+//! reads was gathered and what followed moved down with `Vec::drain`: `memmove` was a
+//! third of its samples at 16 KiB in `perf record -e cpu-clock -g -C 0` during
+//! `kythera-load echo -c 100 -b 16384 -p 1`.)
 //!
 //! ```text
 //! epoll-floor --port 9003      # prints "listening on 127.0.0.1:9003"
@@ -23,7 +23,7 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 
-use benches::floor::{self, echo_frames};
+use benches::floor::{self, EchoStream};
 
 const LISTENER: u64 = u64::MAX;
 const MAX_EVENTS: usize = 1024;
@@ -34,8 +34,10 @@ const WRITE: u32 = libc::EPOLLOUT as u32;
 struct Conn {
     stream: TcpStream,
     upgraded: bool,
-    /// Bytes of an incomplete frame (or request head) from earlier reads.
+    /// The request head so far, until the upgrade.
     pending: Vec<u8>,
+    /// The echo of the frames after it.
+    echo: EchoStream,
     /// Output the socket did not take yet.
     unsent: Vec<u8>,
     /// Registered for `EPOLLOUT` (only while `unsent` has bytes: otherwise every ACK
@@ -51,17 +53,6 @@ fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, events: u32, data: u64) -> io::Re
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// Answers the upgrade once the request head is whole; `Ok(false)` while it is not.
-fn upgrade(conn: &mut Conn) -> io::Result<bool> {
-    let Some((response, head_len)) = floor::upgrade_response(&conn.pending)? else {
-        return Ok(false);
-    };
-    conn.unsent.extend_from_slice(&response);
-    conn.pending.drain(..head_len);
-    conn.upgraded = true;
-    Ok(true)
 }
 
 /// Writes what the socket takes of `conn.unsent`.
@@ -89,33 +80,24 @@ fn serve(conn: &mut Conn, buf: &mut [u8], out: &mut Vec<u8>) -> io::Result<bool>
     };
     if !conn.upgraded {
         conn.pending.extend_from_slice(&buf[..n]);
-        if !upgrade(conn)? {
+        let Some((response, head_len)) = floor::upgrade_response(&conn.pending)? else {
             return Ok(false);
-        }
-        let mut pending = std::mem::take(&mut conn.pending);
-        let used = echo_frames(&mut pending, &mut conn.unsent);
-        pending.drain(..used);
-        conn.pending = pending;
-    } else if conn.pending.is_empty() {
+        };
+        conn.unsent.extend_from_slice(&response);
+        conn.upgraded = true;
+        let rest = std::mem::take(&mut conn.pending);
+        conn.echo.echo(&rest[head_len..], &mut conn.unsent);
+    } else if conn.unsent.is_empty() {
+        // The usual case: one write straight from the echo buffer.
         out.clear();
-        let used = echo_frames(&mut buf[..n], out);
-        conn.pending.extend_from_slice(&buf[used..n]);
-        if conn.unsent.is_empty() {
-            // The usual case: one write straight from the echo buffer.
-            match conn.stream.write(out) {
-                Ok(w) => conn.unsent.extend_from_slice(&out[w..]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => conn.unsent.extend_from_slice(out),
-                Err(e) => return Err(e),
-            }
-        } else {
-            conn.unsent.extend_from_slice(out);
+        conn.echo.echo(&buf[..n], out);
+        match conn.stream.write(out) {
+            Ok(w) => conn.unsent.extend_from_slice(&out[w..]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => conn.unsent.extend_from_slice(out),
+            Err(e) => return Err(e),
         }
     } else {
-        conn.pending.extend_from_slice(&buf[..n]);
-        let mut pending = std::mem::take(&mut conn.pending);
-        let used = echo_frames(&mut pending, &mut conn.unsent);
-        pending.drain(..used);
-        conn.pending = pending;
+        conn.echo.echo(&buf[..n], &mut conn.unsent);
     }
     flush(conn)?;
     Ok(n == buf.len())
@@ -204,6 +186,7 @@ fn main() -> io::Result<()> {
                         stream,
                         upgraded: false,
                         pending: Vec::new(),
+                        echo: EchoStream::default(),
                         unsent: Vec::new(),
                         want_out: false,
                     };

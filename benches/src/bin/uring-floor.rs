@@ -5,10 +5,10 @@
 //! multishot accept into direct descriptors, one multishot recv per connection from a
 //! ring of 64 receive buffers of 64 KiB consumed incrementally, and one send per
 //! connection per turn, all of a turn's sends submitted together with the wait for the
-//! next completions. Per receive every whole frame is unmasked and appended, unmasked,
-//! to the connection's output; that is all: no validation, no limits, no gear, no
-//! closing handshake, no timers. A frame split across receives has its tail kept in a
-//! per-connection buffer.
+//! next completions. Per receive every header and piece of payload is answered at once
+//! ([`EchoStream`]: appended to the connection's output unmasked, in one pass, so a
+//! frame split across receives is not gathered first); that is all: no
+//! validation, no limits, no gear, no closing handshake, no timers.
 //!
 //! ```text
 //! uring-floor --port 9004      # prints "listening on 127.0.0.1:9004"
@@ -21,7 +21,7 @@ use std::io::{self, Write};
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 
-use benches::floor::{self, echo_frames};
+use benches::floor::{self, EchoStream};
 use kythera_engine::uring::completion::{buffer_id, has_more};
 use kythera_engine::uring::{BufRing, Ring, Socket, net, probe};
 
@@ -45,8 +45,10 @@ const MAX_SLOTS: usize = 1 << 20;
 #[derive(Default)]
 struct Conn {
     upgraded: bool,
-    /// Bytes of an incomplete frame (or request head) from earlier receives.
+    /// The request head so far, until the upgrade.
     pending: Vec<u8>,
+    /// The echo of the frames after it.
+    echo: EchoStream,
     /// What the send in flight sends; it stays put until its completion.
     out: Vec<u8>,
     /// Bytes of `out` sent so far.
@@ -66,36 +68,20 @@ fn user_data(kind: u64, slot: u32) -> u64 {
     (kind << 32) | u64::from(slot)
 }
 
-/// Answers the upgrade in `conn.pending` once the request head is whole.
-fn upgrade(conn: &mut Conn) -> io::Result<bool> {
+/// What a connection's received bytes make: the 101 and the echoes, into `queued`.
+fn serve(conn: &mut Conn, data: &[u8]) -> io::Result<()> {
+    if conn.upgraded {
+        conn.echo.echo(data, &mut conn.queued);
+        return Ok(());
+    }
+    conn.pending.extend_from_slice(data);
     let Some((response, head_len)) = floor::upgrade_response(&conn.pending)? else {
-        return Ok(false);
+        return Ok(());
     };
     conn.queued.extend_from_slice(&response);
-    conn.pending.drain(..head_len);
     conn.upgraded = true;
-    Ok(true)
-}
-
-/// What a connection's received bytes make: the 101 and the echoes, into `queued`.
-fn serve(conn: &mut Conn, data: &mut [u8]) -> io::Result<()> {
-    if !conn.upgraded {
-        conn.pending.extend_from_slice(data);
-        if !upgrade(conn)? {
-            return Ok(());
-        }
-    } else if conn.pending.is_empty() {
-        // The usual case: frames unmasked in the receive buffer itself.
-        let used = echo_frames(data, &mut conn.queued);
-        conn.pending.extend_from_slice(&data[used..]);
-        return Ok(());
-    } else {
-        conn.pending.extend_from_slice(data);
-    }
-    let mut pending = std::mem::take(&mut conn.pending);
-    let used = echo_frames(&mut pending, &mut conn.queued);
-    pending.drain(..used);
-    conn.pending = pending;
+    let rest = std::mem::take(&mut conn.pending);
+    conn.echo.echo(&rest[head_len..], &mut conn.queued);
     Ok(())
 }
 
