@@ -40,7 +40,8 @@ pub struct EchoStream {
 }
 
 /// The header at the start of `b`, once it is whole: its length, the payload's length
-/// and the mask key.
+/// and the mask key. Not the engine's `parse_header`, which checks the opcode, the RSV
+/// bits, the masking and the length against limits: a floor checks nothing.
 fn header(b: &[u8]) -> Option<(usize, u64, Option<[u8; 4]>)> {
     let second = *b.get(1)?;
     let (len, at) = match second & 0x7f {
