@@ -139,6 +139,9 @@ pub(super) struct OutSink<'a, 'p> {
     /// The incoming payload, when an echo of it as the first frame queued may be left
     /// to the session to queue in place ([`Session::echo_in_place`]).
     pub(super) echo_candidate: Option<&'p [u8]>,
+    /// The candidate is staged at the end of the output, which is lent out meanwhile
+    /// (see `staged_echo`): its echo may stand whatever was queued before it.
+    pub(super) staged: bool,
 }
 
 impl<'a, 'p> OutSink<'a, 'p> {
@@ -148,6 +151,7 @@ impl<'a, 'p> OutSink<'a, 'p> {
             pmd,
             outcome: SinkOutcome::default(),
             echo_candidate: None,
+            staged: false,
         }
     }
 
@@ -175,7 +179,7 @@ impl<'a, 'p> OutSink<'a, 'p> {
     fn defer_echo(&mut self, op: OpCode, payload: &[u8]) -> bool {
         if let Some(candidate) = self.echo_candidate
             && self.outcome.frames == 0
-            && self.tx.as_ref().is_none_or(|t| t.nothing_queued())
+            && (self.staged || self.tx.as_ref().is_none_or(|t| t.nothing_queued()))
             && payload.as_ptr() == candidate.as_ptr()
             && payload.len() == candidate.len()
         {

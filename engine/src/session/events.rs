@@ -9,7 +9,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use kythera_handler_api::{CloseCode, ConnId, Message, TerminateReason};
 
-use super::callback::OutSink;
+use super::callback::{OutSink, SinkOutcome};
 use super::output::tx;
 use super::{Phase, Session, panic_message};
 use crate::gear::{App, Registries};
@@ -62,16 +62,7 @@ impl Session {
                     live.client_message(gear_index, id, msg, &mut sink, regs)
                 }));
                 let mut outcome = sink.finish();
-                // Counted after the callback, with what it sent: one look-up of the
-                // counters and one call through the gear's vtable per message.
-                let meta = live.meta();
-                meta.frames_in += 1;
-                meta.frames_out += outcome.frames;
-                if let Some(c) = regs.counters(self.gear()) {
-                    c.frames_in.add(1);
-                    c.frames_out.add(outcome.frames);
-                    c.bytes_out.add(outcome.bytes);
-                }
+                self.count_message(&outcome, regs);
                 if let Err(panic) = result {
                     outcome.panic = Some(panic_message(&panic));
                 }
@@ -126,6 +117,23 @@ impl Session {
             }
         }
         None
+    }
+
+    /// Counts a client message and what the gear sent for it. After the callback, with
+    /// what it sent: one look-up of the counters and one call through the gear's
+    /// vtable per message.
+    #[inline(always)]
+    pub(super) fn count_message(&mut self, outcome: &SinkOutcome, regs: &mut Registries) {
+        if let Phase::Open(live) = &mut self.phase {
+            let meta = live.meta();
+            meta.frames_in += 1;
+            meta.frames_out += outcome.frames;
+        }
+        if let Some(c) = regs.counters(self.gear()) {
+            c.frames_in.add(1);
+            c.frames_out.add(outcome.frames);
+            c.bytes_out.add(outcome.bytes);
+        }
     }
 
     /// Queues the echo that [`Session::on_event`] returned: `buf` is the frame that was

@@ -39,6 +39,7 @@ mod handshake;
 mod output;
 mod partial_frame;
 mod receive;
+mod staged_echo;
 #[cfg(test)]
 mod tests;
 

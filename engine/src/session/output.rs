@@ -35,7 +35,7 @@ pub(super) struct Tx {
     /// new buffer is started rather than `out` grown (see [`Tx::room`]).
     pub(super) chunks: Vec<Vec<u8>>,
     /// The allocation of the last completed send, reused for the next.
-    spare: Vec<u8>,
+    pub(super) spare: Vec<u8>,
     /// Receive state no longer needed (the frame that crossed receives is done), kept
     /// for the next frame that does, with its pending buffer's allocation: a
     /// conversing connection then allocates nothing per message even when frames
@@ -84,7 +84,7 @@ impl Tx {
     /// Keeps a buffer that came back (a completed send, or an output replaced by an
     /// echo in place) for reuse: as the spare output buffer if it is the larger, else
     /// as the pending buffer of the spare receive state; large ones are given back.
-    fn recycle(&mut self, mut buf: Vec<u8>) {
+    pub(super) fn recycle(&mut self, mut buf: Vec<u8>) {
         if buf.capacity() > SPARE_MAX {
             return;
         }

@@ -12,6 +12,7 @@ use super::output::{SPARE_MAX, tx};
 use super::partial_frame::{
     Partial, append_pending, check_partial_text, reserve_frame, started_frame, unmask_started,
 };
+use super::staged_echo::may_stage;
 use super::{Session, ms};
 use crate::gear::{App, Registries};
 use crate::protocol::ProtocolError;
@@ -253,6 +254,16 @@ fn process(
     let (len, end) = (buf.len(), buf.as_ptr_range().end);
     while start < len && !core.finished {
         let whole_buffer = owned && start == 0;
+        // A frame in a receive buffer (not `pending`, whose echo goes out in place):
+        // unmasked straight into the output as its own echo, if it is a message.
+        if !owned
+            && may_stage(&buf[start..])
+            && let Some(used) = core.stage_echo(decoder, id, &buf[start..], now_ms, app, regs)
+        {
+            start += used;
+            echo = None;
+            continue;
+        }
         match decoder.step_with(&mut buf[start..], std::mem::take(&mut unmasked)) {
             Ok(Step::Event(Event::Compressed { binary, payload }, used)) => {
                 start += used;

@@ -66,6 +66,9 @@ impl Websocket for TestGear {
                 ctx.send_binary(b);
                 panic!("boom");
             }
+            Message::Binary(b) if b.starts_with(b"short reply") => ctx.send_text("short"),
+            Message::Binary(b) if b.starts_with(b"long reply") => ctx.send_binary(&[7; 20_000]),
+            Message::Binary(b) if b.starts_with(b"nothing") => {}
             Message::Binary(b) if b.starts_with(b"text first") => {
                 ctx.send_text("first");
                 ctx.send_binary(b);
@@ -278,19 +281,114 @@ fn echo_in_place_then_close_or_panic() {
     ] {
         let payload = big(40_000, prefix);
         let wire = client_frame(OpCode::Binary, &payload);
-        let mut h = harness(Limits::default(), None);
-        h.open();
-        for chunk in wire.chunks(4096) {
-            h.recv(chunk);
+        // In pieces (gathered in `pending`), and whole (staged in the output).
+        for piece in [4096, wire.len()] {
+            let mut h = harness(Limits::default(), None);
+            h.open();
+            for chunk in wire.chunks(piece) {
+                h.recv(chunk);
+            }
+            assert_eq!(
+                frames(&h.output()),
+                [
+                    (OpCode::Binary, payload.clone()),
+                    (OpCode::Close, close_payload(code, reason))
+                ],
+                "pieces of {piece}"
+            );
         }
-        assert_eq!(
-            frames(&h.output()),
-            [
-                (OpCode::Binary, payload),
-                (OpCode::Close, close_payload(code, reason))
-            ]
-        );
     }
+}
+
+/// Whole messages in a receive buffer are unmasked into the output behind their
+/// echo's header (`staged_echo`): whatever the gear does with them (echo, a short or a
+/// long reply, nothing, a reply before the echo), and whatever was queued before (an
+/// echo in place from `pending`, chunks behind a send in flight), the output stays in
+/// order and holds no staged bytes that were not echoed.
+#[test]
+fn staged_messages_keep_the_output_in_order() {
+    let text = "é".repeat(3000);
+    let mut whole = Vec::new();
+    let mut want = Vec::new();
+    for (op, payload) in [
+        (OpCode::Binary, big(20_000, b"short reply")),
+        (OpCode::Binary, big(20_000, b"")),
+        (OpCode::Binary, big(5000, b"nothing")),
+        (OpCode::Binary, big(20_000, b"long reply")),
+        (OpCode::Text, text.clone().into_bytes()),
+        (OpCode::Binary, big(3000, b"twice")),
+        (OpCode::Binary, big(70_000, b"text first")),
+        (OpCode::Binary, big(1500, b"")),
+    ] {
+        whole.extend(client_frame(op, &payload));
+        if payload.starts_with(b"short reply") {
+            want.push((OpCode::Text, b"short".to_vec()));
+        } else if payload.starts_with(b"long reply") {
+            want.push((OpCode::Binary, vec![7; 20_000]));
+        } else if payload.starts_with(b"twice") {
+            want.push((op, payload));
+            want.push((OpCode::Text, b"after".to_vec()));
+        } else if payload.starts_with(b"text first") {
+            want.push((OpCode::Text, b"first".to_vec()));
+            want.push((op, payload));
+        } else if !payload.starts_with(b"nothing") {
+            want.push((op, payload));
+        }
+    }
+    let first = big(30_000, b"");
+    for in_flight in [false, true] {
+        for in_place_first in [false, true] {
+            let mut h = harness(Limits::default(), None);
+            h.open();
+            let mut expected = Vec::new();
+            let sending = in_flight.then(|| {
+                h.send(OpCode::Binary, &big(16_384, b""));
+                h.session.take_output(h.now).unwrap()
+            });
+            if in_place_first {
+                // Gathered across two receives and echoed in place: the output then
+                // starts inside its buffer (`out_start`).
+                let wire = client_frame(OpCode::Binary, &first);
+                let (a, b) = wire.split_at(10_000);
+                h.recv(a);
+                h.recv(b);
+                expected.push((OpCode::Binary, first.clone()));
+            }
+            h.recv(&whole);
+            expected.extend(want.iter().cloned());
+            let mut out = Vec::new();
+            if let Some(sending) = sending {
+                out.extend(sending.to_vec());
+                h.session.sent(sending);
+                expected.insert(0, (OpCode::Binary, big(16_384, b"")));
+            }
+            out.extend(h.output());
+            assert!(
+                frames(&out) == expected,
+                "in flight {in_flight}, in place first {in_place_first}"
+            );
+            assert!(h.reasons().is_empty());
+        }
+    }
+}
+
+/// A whole text message with invalid UTF-8 is failed with 1007 after what was queued
+/// before it, and none of its bytes are sent.
+#[test]
+fn staged_text_with_invalid_utf8_closes_1007() {
+    let bad = [vec![b'a'; 3000], vec![0xc3, 0x28], vec![b'b'; 3000]].concat();
+    let echo = big(20_000, b"");
+    let mut wire = client_frame(OpCode::Binary, &echo);
+    wire.extend(client_frame(OpCode::Text, &bad));
+    wire.extend(client_frame(OpCode::Binary, &echo));
+    let mut h = harness(Limits::default(), None);
+    h.open();
+    h.recv(&wire);
+    let got = frames(&h.output());
+    let ops: Vec<_> = got.iter().map(|(op, _)| *op).collect();
+    assert_eq!(ops, [OpCode::Binary, OpCode::Close]);
+    assert!(got[0].1 == echo);
+    assert_eq!(got[1].1[..2], 1007u16.to_be_bytes());
 }
 
 /// Protocol errors in frames gathered across receives keep their close codes.
