@@ -28,7 +28,7 @@ impl SendMsg {
     pub(crate) fn point_at(&mut self, output: &Output, mut skip: usize) -> *const libc::msghdr {
         self.iov.clear();
         let pieces = std::iter::once(&output.first[output.start..])
-            .chain(output.rest.iter().map(Vec::as_slice));
+            .chain(output.rest.iter().map(|c| c.bytes()));
         for piece in pieces {
             if skip >= piece.len() {
                 skip -= piece.len();
@@ -53,13 +53,23 @@ impl SendMsg {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::Chunk;
 
     #[test]
     fn sendmsg_points_past_what_was_sent() {
         let output = Output {
             first: b"xxhello".to_vec(),
             start: 2,
-            rest: vec![b" big".to_vec(), b" world".to_vec()],
+            rest: vec![
+                Chunk {
+                    buf: b"?? big".to_vec(),
+                    start: 2,
+                },
+                Chunk {
+                    buf: b" world".to_vec(),
+                    start: 0,
+                },
+            ],
         };
         let mut msg = SendMsg::new();
         let pieces = |msg: &SendMsg| -> Vec<Vec<u8>> {
@@ -88,7 +98,12 @@ mod tests {
         let many = Output {
             first: vec![1],
             start: 0,
-            rest: vec![vec![2]; 2000],
+            rest: (0..2000)
+                .map(|_| Chunk {
+                    buf: vec![2],
+                    start: 0,
+                })
+                .collect(),
         };
         msg.point_at(&many, 0);
         assert_eq!(msg.iov.len(), MAX_IOVECS);

@@ -136,12 +136,10 @@ pub(super) struct OutSink<'a, 'p> {
     /// compressed.
     pmd: Option<&'a mut ConnDeflate>,
     outcome: SinkOutcome,
-    /// The incoming payload, when an echo of it as the first frame queued may be left
-    /// to the session to queue in place ([`Session::echo_in_place`]).
+    /// The incoming payload, when an echo of it as the callback's first frame may be
+    /// left to the session to queue in place ([`Session::echo_in_place`], or staged
+    /// already: `staged_echo`).
     pub(super) echo_candidate: Option<&'p [u8]>,
-    /// The candidate is staged at the end of the output, which is lent out meanwhile
-    /// (see `staged_echo`): its echo may stand whatever was queued before it.
-    pub(super) staged: bool,
 }
 
 impl<'a, 'p> OutSink<'a, 'p> {
@@ -151,7 +149,6 @@ impl<'a, 'p> OutSink<'a, 'p> {
             pmd,
             outcome: SinkOutcome::default(),
             echo_candidate: None,
-            staged: false,
         }
     }
 
@@ -179,7 +176,6 @@ impl<'a, 'p> OutSink<'a, 'p> {
     fn defer_echo(&mut self, op: OpCode, payload: &[u8]) -> bool {
         if let Some(candidate) = self.echo_candidate
             && self.outcome.frames == 0
-            && (self.staged || self.tx.as_ref().is_none_or(|t| t.nothing_queued()))
             && payload.as_ptr() == candidate.as_ptr()
             && payload.len() == candidate.len()
         {

@@ -11,6 +11,7 @@ use kythera_handler_api::{CloseCode, ConnId, Message, TerminateReason};
 
 use super::callback::{OutSink, SinkOutcome};
 use super::output::tx;
+use super::staged_echo::STAGE_MIN;
 use super::{Phase, Session, panic_message};
 use crate::gear::{App, Registries};
 use crate::protocol::ProtocolError;
@@ -22,7 +23,7 @@ use crate::protocol::fragment::Event;
 impl Session {
     /// Acts on one frame's event. `in_place`: the frame is all of a buffer that ends
     /// there and that the session may give away; if the gear's first send is this
-    /// message's payload as it is, with nothing queued before it, that echo is not
+    /// message's payload as it is, and it sends nothing after it, that echo is not
     /// copied but returned (opcode, length), for the caller to queue it in place
     /// ([`Session::echo_in_place`]).
     pub(super) fn on_event(
@@ -139,7 +140,9 @@ impl Session {
     /// Queues the echo that [`Session::on_event`] returned: `buf` is the frame that was
     /// echoed, its payload the last `len` bytes. The server's header goes in front of
     /// the payload (the client's header is 4 bytes longer: it carries the mask), and
-    /// `buf` becomes the output. The caller checks the output limit.
+    /// `buf` becomes the output, after what was queued before (as a chunk of its own).
+    /// Returns an empty buffer to reuse, if there is one. The caller checks the output
+    /// limit.
     pub(super) fn echo_in_place(&mut self, mut buf: Vec<u8>, op: OpCode, len: usize) -> Vec<u8> {
         let payload_start = buf.len() - len;
         let header = encode_header(true, 0, op, len as u64, None);
@@ -148,14 +151,23 @@ impl Session {
             .checked_sub(header.len())
             .and_then(|s| u8::try_from(s).ok());
         let tx = tx(&mut self.tx);
+        let queued = tx.out.len() > usize::from(tx.out_start);
         match start {
-            Some(start) if tx.out.is_empty() && tx.chunks.is_empty() => {
+            // Behind other output a small payload is copied: a buffer of its own would
+            // cost an allocation for the next pending frame and an iovec, more than
+            // the copy.
+            Some(start) if !queued || len >= STAGE_MIN => {
                 buf[usize::from(start)..payload_start].copy_from_slice(header);
+                if queued {
+                    tx.push_out(buf);
+                    tx.out_start = start;
+                    return Vec::new();
+                }
                 tx.out_start = start;
                 std::mem::replace(&mut tx.out, buf)
             }
-            // Not reached (nothing is queued after a deferred echo, and a client's
-            // header is longer than ours), but correct: copy.
+            // A client's header is longer than ours, so only a small payload behind
+            // other output comes here.
             _ => {
                 encode_frame_into(&mut tx.out, true, 0, op, &buf[payload_start..], None);
                 buf

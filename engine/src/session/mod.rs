@@ -45,7 +45,7 @@ mod tests;
 
 use handshake::Handshaking;
 use output::Tx;
-pub use output::{Output, TX_QUIET_MS};
+pub use output::{Chunk, Output, TX_QUIET_MS};
 
 /// The close reason sent to every connection on drain (SPEC section 3).
 pub const DRAIN_REASON: &str = "server shutting down; please reconnect";

@@ -32,8 +32,9 @@ pub(super) struct Tx {
     /// Frames encoded and not yet handed to the shard, from `out_start` on.
     pub(super) out: Vec<u8>,
     /// Output queued before `out`, in order: when `out` is full, it goes here and a
-    /// new buffer is started rather than `out` grown (see [`Tx::room`]).
-    pub(super) chunks: Vec<Vec<u8>>,
+    /// new buffer is started rather than `out` grown (see [`Tx::room`]); so does a
+    /// received frame's buffer echoed in place.
+    pub(super) chunks: Vec<Chunk>,
     /// The allocation of the last completed send, reused for the next.
     pub(super) spare: Vec<u8>,
     /// Receive state no longer needed (the frame that crossed receives is done), kept
@@ -47,10 +48,9 @@ pub(super) struct Tx {
     pub(super) active_ms: u64,
     pub(super) pong_deadline_ms: Option<NonZeroU64>,
     pub(super) closing: Closing,
-    /// Where the output starts in the first buffer queued (`out`, or the first of
-    /// `chunks` if there are any): not 0 only when that is a received frame's buffer
-    /// whose payload is echoed in place (the bytes before are the rest of the client's
-    /// header).
+    /// Where the output starts in `out`: not 0 only when `out` is a received frame's
+    /// buffer whose payload is echoed in place (the bytes before are the rest of the
+    /// client's header). A chunk carries its own.
     pub(super) out_start: u8,
 }
 
@@ -77,7 +77,7 @@ impl Tx {
 
     /// Bytes waiting to be handed to the shard.
     fn queued(&self) -> usize {
-        let chunks: usize = self.chunks.iter().map(Vec::len).sum();
+        let chunks: usize = self.chunks.iter().map(Chunk::len).sum();
         chunks + self.out.len() - usize::from(self.out_start)
     }
 
@@ -132,10 +132,46 @@ impl Tx {
         } else {
             Vec::with_capacity(n.max(CHUNK))
         };
-        let full = std::mem::replace(&mut self.out, next);
-        self.chunks.push(full);
+        self.push_out(next);
+    }
+
+    /// Queues `out` as a chunk (with where its bytes start) and makes `next` the output
+    /// buffer.
+    pub(super) fn push_out(&mut self, next: Vec<u8>) {
+        let buf = std::mem::replace(&mut self.out, next);
+        let start = usize::from(std::mem::take(&mut self.out_start));
+        self.chunks.push(Chunk { buf, start });
     }
 }
+
+/// A buffer of output queued before the current one, and where its bytes start (after
+/// the rest of a client's header in a received frame's buffer echoed in place; else 0).
+#[derive(Debug, Default)]
+pub struct Chunk {
+    /// The buffer.
+    pub buf: Vec<u8>,
+    /// Where the bytes to send start in `buf`.
+    pub start: usize,
+}
+
+impl Chunk {
+    /// The bytes to send.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// The number of bytes to send.
+    pub fn len(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Tx {}
 
 /// Output at least this long is queued as a chunk rather than grown ([`Tx::room`]).
 const CHUNK_MIN: usize = 16 * 1024;
@@ -148,8 +184,9 @@ pub(super) const CHUNK: usize = 64 * 1024;
 pub(super) const SPARE_MAX: usize = 64 * 1024;
 
 /// Bytes for the shard to send, from [`Session::take_output`]: `first[start..]`, then
-/// each of `rest` whole (output that did not fit one buffer, sent with one
-/// `sendmsg`). Give it back with [`Session::sent`] once sent.
+/// the bytes of each of `rest` (output that did not fit one buffer, or frames echoed
+/// in place in buffers of their own; sent with one `sendmsg`). Give it back with
+/// [`Session::sent`] once sent.
 #[derive(Debug, Default)]
 pub struct Output {
     /// The first buffer.
@@ -158,13 +195,13 @@ pub struct Output {
     /// frame header, when a received frame is echoed in place).
     pub start: usize,
     /// The buffers after the first, in order.
-    pub rest: Vec<Vec<u8>>,
+    pub rest: Vec<Chunk>,
 }
 
 impl Output {
     /// The number of bytes to send.
     pub fn len(&self) -> usize {
-        let rest: usize = self.rest.iter().map(Vec::len).sum();
+        let rest: usize = self.rest.iter().map(Chunk::len).sum();
         self.first.len().saturating_sub(self.start) + rest
     }
 
@@ -177,7 +214,7 @@ impl Output {
     pub fn to_vec(&self) -> Vec<u8> {
         let mut all = self.first[self.start..].to_vec();
         for chunk in &self.rest {
-            all.extend_from_slice(chunk);
+            all.extend_from_slice(chunk.bytes());
         }
         all
     }
@@ -207,11 +244,14 @@ impl Session {
                 rest: Vec::new(),
             }
         } else {
-            // `start` is where the first chunk's bytes start.
             let mut rest = std::mem::take(&mut tx.chunks);
             let first = rest.remove(0);
-            rest.push(last);
-            Output { first, start, rest }
+            rest.push(Chunk { buf: last, start });
+            Output {
+                first: first.buf,
+                start: first.start,
+                rest,
+            }
         };
         tx.in_flight = output.len();
         tx.active_ms = now_ms;
@@ -246,7 +286,7 @@ impl Session {
             tx.recycle(buf);
             let mut rest = output.rest;
             for chunk in rest.drain(..) {
-                tx.recycle(chunk);
+                tx.recycle(chunk.buf);
             }
             // The list's own allocation too.
             if tx.chunks.capacity() == 0 {

@@ -15,7 +15,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use kythera_handler_api::{ConnId, Message};
 
 use super::callback::OutSink;
-use super::output::tx;
+use super::output::{Chunk, tx};
 use super::{Phase, Session, panic_message};
 use crate::gear::{App, Registries};
 use crate::protocol::ProtocolError;
@@ -25,7 +25,8 @@ use crate::protocol::mask::{extend_unmasked, extend_unmasked_text};
 
 /// The least payload staged: below it the in-place path's copy is a few instructions,
 /// and the staging's bookkeeping (lending the output out and back) costs more than it
-/// saves.
+/// saves. Also the least payload of a frame completed in `pending` that is echoed in
+/// its own buffer behind other output (`Session::echo_in_place`).
 pub(super) const STAGE_MIN: usize = 1024;
 
 /// Whether the frame at the start of `buf` may be staged, from its length bytes alone:
@@ -49,7 +50,7 @@ struct Staged {
     at: usize,
     /// The number of chunks queued before.
     chunks: usize,
-    /// `Tx::out_start`, when `out` was the first buffer queued (no chunks before).
+    /// Where its bytes start (`Tx::out_start`).
     out_start: u8,
 }
 
@@ -97,11 +98,7 @@ impl Session {
         let t = tx(&mut self.tx);
         t.room(len + MAX_HEADER_BYTES);
         let chunks = t.chunks.len();
-        let out_start = if chunks == 0 {
-            std::mem::take(&mut t.out_start)
-        } else {
-            0
-        };
+        let out_start = std::mem::take(&mut t.out_start);
         let fresh = std::mem::take(&mut t.spare);
         let mut out = std::mem::replace(&mut t.out, fresh);
         let at = out.len();
@@ -133,7 +130,6 @@ impl Session {
             Message::Text(t) => t.as_bytes(),
             Message::Binary(b) => b,
         });
-        sink.staged = true;
         let result = catch_unwind(AssertUnwindSafe(|| {
             live.client_message(gear_index, id, msg, &mut sink, regs)
         }));
@@ -170,6 +166,7 @@ impl Session {
             out.truncate(at);
         }
         let t = tx(&mut self.tx);
+        let start = usize::from(out_start);
         if out.is_empty() {
             // Nothing was queued before and nothing stays: what the gear queued is
             // all the output.
@@ -177,21 +174,16 @@ impl Session {
         } else if t.chunks.len() > chunks {
             // The gear's sends filled chunks of their own: the lent output goes
             // before them.
-            t.chunks.insert(chunks, out);
+            t.chunks.insert(chunks, Chunk { buf: out, start });
         } else if t.out.len() <= REPLY_COPY_MAX {
             // The usual case: nothing (an echo) or a short reply after the lent output.
             let fresh = std::mem::replace(&mut t.out, out);
             t.out.extend_from_slice(&fresh);
+            t.out_start = out_start;
             t.recycle(fresh);
         } else {
             // A long reply: queued after the lent output rather than copied behind it.
-            let fresh = std::mem::replace(&mut t.out, out);
-            t.chunks.push(std::mem::replace(&mut t.out, fresh));
-        }
-        if chunks == 0 {
-            // The first buffer queued is the lent output still, unless it was dropped
-            // empty (then `out_start` was 0).
-            t.out_start = out_start;
+            t.chunks.push(Chunk { buf: out, start });
         }
     }
 }

@@ -2,6 +2,7 @@
 //! through `on_recv`, `on_tick` and the output as the shard would drive it.
 
 use super::output::CHUNK;
+use super::staged_echo::STAGE_MIN;
 use super::*;
 use crate::config::Limits;
 use crate::gear::Registries;
@@ -813,7 +814,7 @@ fn slow_consumer_1008_and_memory_freed() {
 /// `output` holds the echoes of the 16 KiB payloads `echoes` (each payload the
 /// byte `i` repeated), in buffers none of which grew past a chunk; it is given back.
 fn assert_chunked_echoes(h: &mut Harness, output: Output, echoes: std::ops::RangeInclusive<u8>) {
-    for buf in std::iter::once(&output.first).chain(&output.rest) {
+    for buf in std::iter::once(&output.first).chain(output.rest.iter().map(|c| &c.buf)) {
         assert!(
             buf.capacity() <= CHUNK,
             "a buffer grew to {}",
@@ -872,6 +873,44 @@ fn output_after_an_echo_in_place_is_chunked_too() {
     assert!(output.start > 0, "the first echo went out in place");
     assert!(!output.rest.is_empty());
     assert_chunked_echoes(&mut h, output, 1..=12);
+}
+
+/// Frames completed in `pending` are echoed in place whatever was queued before them:
+/// each buffer goes out as a chunk of its own, from after the rest of the client's
+/// header, between the other output.
+#[test]
+fn several_echoes_in_place_share_one_output() {
+    // Frames of 20,000 bytes in pieces of 7,000, and of 600 in pieces of 210: every
+    // one crosses a receive. The small ones are copied behind other output.
+    for (size, piece, in_place_max) in [(20_000, 7000, 4), (600, 210, 1)] {
+        let mut h = harness(Limits::default(), None);
+        h.open();
+        let payload = |i: u8| vec![i; size];
+        let mut wire = Vec::new();
+        let mut want = Vec::new();
+        for i in 1..=4 {
+            wire.extend_from_slice(&client_frame(OpCode::Binary, &payload(i)));
+            wire.extend_from_slice(&client_frame(OpCode::Text, b"small"));
+            want.push((OpCode::Binary, payload(i)));
+            want.push((OpCode::Text, b"small".to_vec()));
+        }
+        for piece in wire.chunks(piece) {
+            h.recv(piece);
+        }
+        let output = h.session.take_output(h.now).unwrap();
+        let in_place = std::iter::once(output.start)
+            .chain(output.rest.iter().map(|c| c.start))
+            .filter(|&start| start > 0)
+            .count();
+        if size > STAGE_MIN {
+            assert_eq!(in_place, in_place_max, "every large echo went out in place");
+        } else {
+            assert!(in_place <= in_place_max, "{in_place} small echoes in place");
+        }
+        assert!(frames(&output.to_vec()) == want, "size {size}");
+        h.session.sent(output);
+        assert!(h.output().is_empty());
+    }
 }
 
 #[test]
