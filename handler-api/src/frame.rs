@@ -5,10 +5,13 @@ use std::fmt;
 
 use crate::close::{CloseCode, truncate_reason};
 
-/// A complete data message from the client, borrowed from the engine's receive buffer.
+/// A complete data message from the client, borrowed from the engine's buffers.
 ///
-/// Unfragmented messages point straight into the buffer the kernel filled; the borrow
-/// ends when the callback returns. Keep what you need by copying it
+/// An unfragmented message under 1 KiB points straight into the buffer the kernel
+/// filled, and a longer one into the connection's output, where the engine unmasked it
+/// behind the header of its echo (so that echoing it as it is copies nothing more); a
+/// message that was fragmented, compressed or split across receives, into the buffer
+/// it was gathered in. The borrow ends when the callback returns. Keep what you need by copying it
 /// (`text.to_owned()`, `Bytes::copy_from_slice(data)`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Message<'a> {

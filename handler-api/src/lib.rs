@@ -2,7 +2,7 @@
 //!
 //! A gear implements [`Websocket`]; the engine runs it for every connection on the
 //! shard (core) that owns the connection. Callbacks are plain synchronous functions.
-//! Incoming messages are borrowed from the engine's receive buffer; outgoing frames go
+//! Incoming messages are borrowed from the engine's buffers; outgoing frames go
 //! through the [`Context`] the engine passes in, so nothing is allocated per message on
 //! the engine's side.
 //!
