@@ -1,12 +1,14 @@
-//! Unmasking client payloads (RFC 6455 section 5.3), in place.
+//! Unmasking client payloads (RFC 6455 section 5.3), in place or while copying.
 //!
 //! [`unmask`] is the fast path (SSE2 on x86-64, 64 then 16 bytes per step, then a
 //! word-wide tail); [`unmask_ascii`] is the same pass for a whole text frame, telling
 //! ASCII text apart so that it needs no UTF-8 pass; [`extend_unmasked`] unmasks while
-//! appending, for frames gathered across receives. [`unmask_reference`] is the
-//! byte-by-byte definition that tests and the fuzz target compare them with. All but
-//! `unmask_ascii` take `offset`, the position of `buf[0]` within the payload, so that a
-//! payload can be unmasked in pieces as it arrives.
+//! appending (the same SSE2 loop), for frames gathered across receives and messages
+//! staged in the output as their own echo, and [`extend_unmasked_text`] tells ASCII
+//! apart as it goes. [`unmask_reference`] is the byte-by-byte definition that tests
+//! and the fuzz target compare them with. [`unmask`] and [`extend_unmasked`] take
+//! `offset`, the position of the first byte within the payload, so that a payload can
+//! be unmasked in pieces as it arrives.
 
 /// Byte-by-byte unmasking: `buf[i] ^= mask[(offset + i) % 4]`.
 pub fn unmask_reference(buf: &mut [u8], mask: [u8; 4], offset: usize) {

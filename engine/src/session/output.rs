@@ -171,8 +171,6 @@ impl Chunk {
     }
 }
 
-impl Tx {}
-
 /// Output at least this long is queued as a chunk rather than grown ([`Tx::room`]).
 const CHUNK_MIN: usize = 16 * 1024;
 

@@ -42,8 +42,8 @@ pub(super) fn may_stage(buf: &[u8]) -> bool {
     }
 }
 
-/// What the gear's sends during a staged message queued after the staged bytes, and
-/// how to put the output back together ([`Session::unstage`]).
+/// The output lent out while the gear handles a staged message, and what
+/// [`Session::unstage`] needs to put it back in order with what the gear queued.
 struct Staged {
     /// The output as it was, with the staged frame from `at` on.
     out: Vec<u8>,
