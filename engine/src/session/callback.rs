@@ -36,18 +36,13 @@ impl Session {
             return false;
         };
         let gear = self.gear as usize;
-        let mut sink = OutSink::new(&mut self.tx, self.pmd.as_deref_mut());
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            call(&mut **live, gear, id, &mut sink, regs)
-        }));
-        let mut outcome = sink.finish();
+        let outcome = with_sink(&mut self.tx, self.pmd.as_deref_mut(), None, |sink| {
+            call(&mut **live, gear, id, sink, regs)
+        });
         live.meta().frames_out += outcome.frames;
         if let Some(c) = regs.counters(self.gear()) {
             c.frames_out.add(outcome.frames);
             c.bytes_out.add(outcome.bytes);
-        }
-        if let Err(panic) = result {
-            outcome.panic = Some(panic_message(&panic));
         }
         self.after_callback(id, outcome, now_ms, app, regs);
         true
@@ -112,6 +107,28 @@ impl Session {
     }
 }
 
+/// Runs a gear callback with an [`OutSink`] into the connection's output (`tx`),
+/// `echo_candidate` the incoming payload whose echo may be left to the session (see
+/// [`OutSink::echo_candidate`]); a panic is caught and recorded in what it returns.
+/// For client messages and [`Session::run_callback`]'s callbacks (`init`, which
+/// returns the gear's state, runs its own).
+#[inline(always)]
+pub(super) fn with_sink<'p>(
+    tx: &mut Option<Box<Tx>>,
+    pmd: Option<&mut ConnDeflate>,
+    echo_candidate: Option<&'p [u8]>,
+    call: impl FnOnce(&mut OutSink<'_, 'p>),
+) -> SinkOutcome {
+    let mut sink = OutSink::new(tx, pmd);
+    sink.echo_candidate = echo_candidate;
+    let result = catch_unwind(AssertUnwindSafe(|| call(&mut sink)));
+    let mut outcome = sink.finish();
+    if let Err(panic) = result {
+        outcome.panic = Some(panic_message(&panic));
+    }
+    outcome
+}
+
 /// What a callback did through its sink.
 #[derive(Default)]
 pub(super) struct SinkOutcome {
@@ -139,7 +156,7 @@ pub(super) struct OutSink<'a, 'p> {
     /// The incoming payload, when an echo of it as the callback's first frame may be
     /// left to the session to queue in place ([`Session::echo_in_place`], or staged
     /// already: `staged_echo`).
-    pub(super) echo_candidate: Option<&'p [u8]>,
+    echo_candidate: Option<&'p [u8]>,
 }
 
 impl<'a, 'p> OutSink<'a, 'p> {

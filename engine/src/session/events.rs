@@ -5,14 +5,12 @@
 //! Separate from `receive`, which finds the frames, so that each event's handling
 //! reads in one place.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
-
 use kythera_handler_api::{CloseCode, ConnId, Message, TerminateReason};
 
-use super::callback::{OutSink, SinkOutcome};
+use super::callback::{SinkOutcome, with_sink};
 use super::output::tx;
 use super::staged_echo::STAGE_MIN;
-use super::{Phase, Session, panic_message};
+use super::{Phase, Session};
 use crate::gear::{App, Registries};
 use crate::protocol::ProtocolError;
 use crate::protocol::close::PeerCloseAction;
@@ -51,22 +49,17 @@ impl Session {
                     kythera_handler_api::Message::Text(t) => t.as_bytes(),
                     kythera_handler_api::Message::Binary(b) => b,
                 };
-                let compressing = self.pmd.is_some();
-                let mut sink = OutSink::new(&mut self.tx, self.pmd.as_deref_mut());
                 // Only a payload that ends the buffer lies in it (a reassembled one
                 // lies in the assembler's buffer). With compression agreed, echoes are
                 // compressed, not sent in place.
-                if !compressing && in_place.is_some_and(|end| payload.as_ptr_range().end == end) {
-                    sink.echo_candidate = Some(payload);
-                }
-                let result = catch_unwind(AssertUnwindSafe(|| {
-                    live.client_message(gear_index, id, msg, &mut sink, regs)
-                }));
-                let mut outcome = sink.finish();
+                let candidate = (self.pmd.is_none()
+                    && in_place.is_some_and(|end| payload.as_ptr_range().end == end))
+                .then_some(payload);
+                let pmd = self.pmd.as_deref_mut();
+                let mut outcome = with_sink(&mut self.tx, pmd, candidate, |sink| {
+                    live.client_message(gear_index, id, msg, sink, regs)
+                });
                 self.count_message(&outcome, regs);
-                if let Err(panic) = result {
-                    outcome.panic = Some(panic_message(&panic));
-                }
                 let mut echo = outcome.echo.take();
                 if let Some(op) = echo
                     && (outcome.panic.is_some() || outcome.gear_error.is_some() || outcome.closed)

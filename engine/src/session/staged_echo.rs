@@ -10,13 +10,11 @@
 //! lent out and given back around the callback here, and that bookkeeping is easier to
 //! check alone.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
-
 use kythera_handler_api::{ConnId, Message};
 
-use super::callback::OutSink;
+use super::callback::with_sink;
 use super::output::{Chunk, tx};
-use super::{Phase, Session, panic_message};
+use super::{Phase, Session};
 use crate::gear::{App, Registries};
 use crate::protocol::ProtocolError;
 use crate::protocol::codec::{Decoded, MAX_HEADER_BYTES, OpCode, encode_header, parse_header};
@@ -125,15 +123,13 @@ impl Session {
             return Some(total);
         };
 
-        let mut sink = OutSink::new(&mut self.tx, None);
-        sink.echo_candidate = Some(match msg {
+        let candidate = match msg {
             Message::Text(t) => t.as_bytes(),
             Message::Binary(b) => b,
+        };
+        let mut outcome = with_sink(&mut self.tx, None, Some(candidate), |sink| {
+            live.client_message(gear_index, id, msg, sink, regs)
         });
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            live.client_message(gear_index, id, msg, &mut sink, regs)
-        }));
-        let mut outcome = sink.finish();
         // The echo stood (the gear's first send, nothing after it): it is the staged
         // frame, queued already.
         let echoed = outcome.echo.take().is_some();
@@ -145,9 +141,6 @@ impl Session {
         };
         self.unstage(staged, echoed);
         self.count_message(&outcome, regs);
-        if let Err(panic) = result {
-            outcome.panic = Some(panic_message(&panic));
-        }
         self.after_callback(id, outcome, now_ms, app, regs);
         Some(total)
     }
