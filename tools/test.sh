@@ -134,6 +134,10 @@ both_drivers .venv/bin/python tools/conformance/python_client.py --compression d
     --server-arg=--deflate-client-no-context-takeover=false \
     --server-arg=--deflate-client-max-window-bits=12 --server-arg=--deflate-min-bytes=100
 
+echo "== python websockets client over wss:// (a TLS listener, a test CA from trustme), io_uring and epoll"
+both_drivers .venv/bin/python tools/conformance/python_client.py --tls
+both_drivers .venv/bin/python tools/conformance/python_client.py --tls --compression deflate
+
 echo "== autobahn cases 1-13 (kosoku) against kythera, io_uring and epoll"
 # Cases 9.1.5-9.2.6 echo 8 and 16 MiB messages; the default limit (5,000,000 bytes,
 # antikythera's) would close them with 1009, which Autobahn counts as a failure. The

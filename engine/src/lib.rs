@@ -64,6 +64,7 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod timer;
+pub mod tls;
 pub use driver::uring;
 
 pub use driver::{DriverKind, IoChoice};
@@ -73,3 +74,4 @@ pub use server::{
     disable_transparent_huge_pages,
 };
 pub use shard::ShardCounters;
+pub use tls::{TlsConfig, TlsError};

@@ -173,6 +173,11 @@ struct ShardLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DriverLabel {
     driver: String,
 }
@@ -304,6 +309,19 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
         "shard_websockets",
         "Connections running a gear per shard",
     );
+    let tls_handshakes = counter_family::<ShardLabel>(
+        &mut reg,
+        "tls_handshakes",
+        "TLS handshakes completed per shard",
+    );
+    let tls_failed = counter_family::<CauseLabel>(
+        &mut reg,
+        "tls_handshakes_failed",
+        "TLS connections that failed before or during the handshake, by cause: not_tls \
+         (the first bytes were not TLS; plain HTTP gets a 400), refused_by_client (an \
+         alert from the client), protocol (anything else rustls refused), incomplete \
+         (closed before the handshake completed: the handshake timeout, or the client left)",
+    );
 
     let gear_names: Vec<String> = (0..app.gear_count())
         .map(|g| app.pattern(g).to_owned())
@@ -398,6 +416,17 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
         rearms.get_or_create(&label).inc_by(c.recv_rearms);
         releases.get_or_create(&label).inc_by(c.memory_releases);
         accepted.get_or_create(&label).inc_by(c.accepted);
+        tls_handshakes
+            .get_or_create(&label)
+            .inc_by(c.tls_handshakes);
+        for (cause, n) in [
+            ("not_tls", c.tls_failed_not_tls),
+            ("refused_by_client", c.tls_failed_refused),
+            ("protocol", c.tls_failed_protocol),
+            ("incomplete", c.tls_failed_incomplete),
+        ] {
+            tls_failed.get_or_create(&CauseLabel { cause }).inc_by(n);
+        }
         open.get_or_create(&label).set(c.open() as i64);
         let running: u64 = shared.gear_counters[i]
             .iter()

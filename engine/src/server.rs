@@ -64,6 +64,7 @@ use crate::observe::{AllGearCounters, GearCounters, Http, HttpConfig};
 use crate::origin::OriginPolicy;
 use crate::route::InvalidRoute;
 use crate::shard::{self, ShardCounters, ShardSetup, ShardStats, ShardTuning};
+use crate::tls::TlsConfig;
 use crate::uring::probe;
 use crate::uring::probe::{Features, Unavailable};
 
@@ -114,6 +115,8 @@ pub enum StartError {
     MissingFeatures(Features),
     /// No address to listen on was given.
     NoListenAddress,
+    /// TLS listeners were asked for without a certificate ([`ServerBuilder::tls`]).
+    TlsWithoutCertificate,
     /// The shard count is 0 or above [`MAX_SHARDS`].
     InvalidShards(usize),
     /// A listener could not be bound.
@@ -142,6 +145,9 @@ impl fmt::Display for StartError {
                  Linux 6.1 or later: {features:?}"
             ),
             StartError::NoListenAddress => f.write_str("no address to listen on"),
+            StartError::TlsWithoutCertificate => {
+                f.write_str("TLS listeners need a certificate and a key")
+            }
             StartError::InvalidShards(n) => {
                 write!(f, "invalid shard count {n}: must be 1 to {MAX_SHARDS}")
             }
@@ -211,6 +217,8 @@ impl std::error::Error for RunError {
 /// Configures a [`Server`]; see [`Server::builder`].
 pub struct ServerBuilder {
     addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
+    tls: Option<TlsConfig>,
     shards: Option<usize>,
     limits: Option<Limits>,
     tuning: ShardTuning,
@@ -227,6 +235,7 @@ impl fmt::Debug for ServerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerBuilder")
             .field("addrs", &self.addrs)
+            .field("tls_addrs", &self.tls_addrs)
             .field("shards", &self.shards)
             .field("limits", &self.limits)
             .field("tuning", &self.tuning)
@@ -253,6 +262,20 @@ impl ServerBuilder {
     /// [`Server::local_addrs`].
     pub fn listen(mut self, addr: SocketAddr) -> Self {
         self.addrs.push(addr);
+        self
+    }
+
+    /// Listens on `addr` for `wss://` (and `https://`) with the settings of
+    /// [`ServerBuilder::tls`], which must be given too (may be given several times).
+    pub fn tls_listen(mut self, addr: SocketAddr) -> Self {
+        self.tls_addrs.push(addr);
+        self
+    }
+
+    /// The certificate, key and TLS settings of the [`ServerBuilder::tls_listen`]
+    /// listeners. Keep a clone to [`TlsConfig::reload`] it while the server runs.
+    pub fn tls(mut self, config: TlsConfig) -> Self {
+        self.tls = Some(config);
         self
     }
 
@@ -378,7 +401,9 @@ impl ServerBuilder {
     /// the listeners' backlogs from now on.
     pub fn build(self) -> Result<Server, StartError> {
         let ServerBuilder {
-            addrs,
+            mut addrs,
+            tls_addrs,
+            tls,
             shards,
             limits,
             tuning,
@@ -393,9 +418,15 @@ impl ServerBuilder {
         if let Some(err) = route_error {
             return Err(StartError::Route(err));
         }
-        if addrs.is_empty() {
+        if addrs.is_empty() && tls_addrs.is_empty() {
             return Err(StartError::NoListenAddress);
         }
+        if !tls_addrs.is_empty() && tls.is_none() {
+            return Err(StartError::TlsWithoutCertificate);
+        }
+        // The TLS listeners come after the plain ones, in each shard's list too.
+        let tls_from = addrs.len();
+        addrs.extend(tls_addrs);
         let shards = shards.unwrap_or_else(default_shards);
         if shards == 0 || shards > MAX_SHARDS {
             return Err(StartError::InvalidShards(shards));
@@ -467,6 +498,8 @@ impl ServerBuilder {
         });
         Ok(Server {
             app: Arc::new(app),
+            tls,
+            tls_from,
             listeners,
             local_addrs,
             shared,
@@ -543,6 +576,9 @@ fn default_shards() -> usize {
 /// A server whose listeners are bound; [`Server::run`] starts the shards.
 pub struct Server {
     app: Arc<App>,
+    tls: Option<TlsConfig>,
+    /// Where the TLS listeners start in each shard's list (and in `local_addrs`).
+    tls_from: usize,
     listeners: Vec<Vec<TcpListener>>,
     local_addrs: Vec<SocketAddr>,
     shared: Arc<Shared>,
@@ -569,6 +605,8 @@ impl Server {
     pub fn builder() -> ServerBuilder {
         ServerBuilder {
             addrs: Vec::new(),
+            tls_addrs: Vec::new(),
+            tls: None,
             shards: None,
             limits: None,
             tuning: ShardTuning::default(),
@@ -583,9 +621,14 @@ impl Server {
     }
 
     /// The bound addresses, in the order given to [`ServerBuilder::listen`] (with the
-    /// port picked for port 0).
+    /// port picked for port 0), then those given to [`ServerBuilder::tls_listen`].
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.local_addrs.clone()
+    }
+
+    /// The bound TLS addresses, in the order given to [`ServerBuilder::tls_listen`].
+    pub fn tls_addrs(&self) -> Vec<SocketAddr> {
+        self.local_addrs[self.tls_from..].to_vec()
     }
 
     /// The number of shards.
@@ -627,6 +670,8 @@ impl Server {
             tuning,
             release_memory,
             driver,
+            tls,
+            tls_from,
             ..
         } = self;
         let mut threads: Vec<(usize, JoinHandle<io::Result<()>>)> = Vec::new();
@@ -640,6 +685,8 @@ impl Server {
                 tuning,
                 release_memory,
                 driver,
+                tls: tls.clone(),
+                tls_from,
             };
             let shared_for_thread = Arc::clone(&shared);
             // In a cluster every log line of the shard names the node.
@@ -690,6 +737,7 @@ impl Server {
     /// returned [`RunningServer`] drains it and waits for it.
     pub fn spawn(self) -> RunningServer {
         let addrs = self.local_addrs();
+        let tls_from = self.tls_from;
         let handle = self.handle();
         let thread = std::thread::Builder::new()
             .name("kythera-server".into())
@@ -697,6 +745,7 @@ impl Server {
             .expect("spawn the server thread");
         RunningServer {
             addrs,
+            tls_from,
             handle,
             thread: Some(thread),
         }
@@ -763,11 +812,17 @@ impl ServerHandle {
 #[derive(Debug)]
 pub struct RunningServer {
     addrs: Vec<SocketAddr>,
+    tls_from: usize,
     handle: ServerHandle,
     thread: Option<JoinHandle<Result<(), RunError>>>,
 }
 
 impl RunningServer {
+    /// The bound TLS addresses (see [`Server::tls_addrs`]).
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.addrs[self.tls_from..]
+    }
+
     /// The bound addresses.
     pub fn addrs(&self) -> &[SocketAddr] {
         &self.addrs

@@ -72,6 +72,20 @@ pub struct RequestParts {
     pub headers: Vec<(String, String)>,
     /// The peer's address.
     pub peer: Option<SocketAddr>,
+    /// The TLS session the request came over (`wss://`), `None` on a plain listener.
+    pub tls: Option<TlsParts>,
+}
+
+/// What the engine knows of a connection's TLS session, for `connect` and `init`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsParts {
+    /// The host name the client asked for in its TLS handshake (SNI), if it sent one.
+    /// Compare it with the `Host` header to refuse a request sent to another name.
+    pub server_name: Option<String>,
+    /// `TLSv1.3` or `TLSv1.2`.
+    pub version: &'static str,
+    /// The handshake resumed an earlier session (a ticket or a cached session id).
+    pub resumed: bool,
 }
 
 /// The upgrade request and the response being prepared, as `connect` and `init` see it.
@@ -245,6 +259,11 @@ impl Conn {
     /// The peer's address, when the engine knows it.
     pub fn peer(&self) -> Option<SocketAddr> {
         self.req.peer
+    }
+
+    /// The TLS session the request came over, `None` on a plain (`ws://`) listener.
+    pub fn tls(&self) -> Option<&TlsParts> {
+        self.req.tls.as_ref()
     }
 
     /// Subprotocols the client offered in `Sec-WebSocket-Protocol`, in its order.

@@ -55,7 +55,9 @@ mod terminate;
 
 pub use bytes::Bytes;
 pub use close::{CloseCode, InvalidCloseCode, MAX_CLOSE_REASON_BYTES, truncate_reason};
-pub use conn::{Conn, ConnId, InvalidHeader, NotOffered, RequestParts, Response, check_header};
+pub use conn::{
+    Conn, ConnId, InvalidHeader, NotOffered, RequestParts, Response, TlsParts, check_header,
+};
 pub use context::{Context, DataKind, FrameSink, RecordingSink};
 pub use frame::{CloseFrame, Frame, Message, Utf8Bytes};
 pub use registry::{

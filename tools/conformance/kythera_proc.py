@@ -29,6 +29,7 @@ DEFAULT_BINARY = REPO / "target" / "release" / "kythera"
 LOG_DIR = REPO / "target" / "conformance"
 
 LISTENING = re.compile(r"kythera listening on (ws://\S+) \(([^)]*)\)")
+LISTENING_TLS = re.compile(r"kythera listening on (wss://\S+) \(")
 # The banner's name for each --io / KYTHERA_IO choice that names one driver.
 DRIVER_NAMES = {"uring": "io_uring", "epoll": "epoll"}
 
@@ -90,6 +91,8 @@ class KytheraServer:
         self.stop_timeout = stop_timeout
         self.log_path = LOG_DIR / f"{name}.log"
         self.url = ""
+        # The first wss:// address, when kythera was given a --tls-listen.
+        self.tls_url = ""
         self.proc: subprocess.Popen[str] | None = None
         self._lines: list[str] = []
         self._ready = threading.Event()
@@ -172,6 +175,9 @@ class KytheraServer:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             self._lines.append(line.rstrip("\n"))
+            t = LISTENING_TLS.search(line)
+            if t and not self.tls_url:
+                self.tls_url = t.group(1)
             m = LISTENING.search(line)
             if m and not self._ready.is_set():
                 self.url = m.group(1)

@@ -14,7 +14,10 @@ each echo must come back with the same type and content, and each connection end
 a clean close: the client sends close 1000 and must see the server's close with 1000.
 With `--compression deflate` every connection offers permessage-deflate (websockets'
 default offer: `client_max_window_bits`, context takeover allowed) and must get it;
-`--server-arg` passes flags to kythera (its deflate settings, say).
+`--server-arg` passes flags to kythera (its deflate settings, say). With `--tls` the
+same runs over `wss://`: a test CA and a certificate for `localhost` are made with
+`trustme`, kythera gets a `--tls-listen` address with them, and the client trusts that
+CA only.
 Exits 0 when all of that holds, 1 on the first mismatch, and stops the server
 (SIGTERM, then checks that it exits 0) in every case.
 """
@@ -25,6 +28,7 @@ import argparse
 import contextlib
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +36,13 @@ from websockets.sync.client import ClientConnection, connect
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kythera_proc import DEFAULT_BINARY, add_server_arg_option, KytheraServer, ServerError  # noqa: E402
+from kythera_proc import (  # noqa: E402
+    DEFAULT_BINARY,
+    KytheraServer,
+    ServerError,
+    add_server_arg_option,
+    free_port,
+)
 
 SIZES = [0, 1, 125, 126, 1000, 65535, 65536, 500_000]
 # Characters of each UTF-8 length, so that text messages cross code-point boundaries at
@@ -82,11 +92,14 @@ def check_echo(sent: str | bytes, got: str | bytes, what: str) -> None:
 
 
 COMPRESSION: str | None = None
+# The TLS client context, for wss:// URLs.
+SSL_CONTEXT = None
 
 
 def open_ws(url: str) -> ClientConnection:
     ws = connect(
         url,
+        ssl=SSL_CONTEXT if url.startswith("wss://") else None,
         max_size=None,
         compression=COMPRESSION,
         open_timeout=TIMEOUT,
@@ -170,6 +183,33 @@ def run(url: str, rounds: int, seed: int) -> None:
     )
 
 
+def tls_server_args(tmp: Path) -> list[str]:
+    """A test CA (trusted by this client only) and a certificate for localhost from it,
+    as kythera's TLS options on a free port."""
+    import ssl
+
+    import trustme
+
+    global SSL_CONTEXT
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
+    for extra in cert.cert_chain_pems[1:]:
+        with open(tmp / "cert.pem", "ab") as f:
+            f.write(extra.bytes())
+    SSL_CONTEXT = ssl.create_default_context()
+    ca.configure_trust(SSL_CONTEXT)
+    return [
+        "--tls-listen",
+        f"127.0.0.1:{free_port()}",
+        "--tls-cert",
+        str(tmp / "cert.pem"),
+        "--tls-key",
+        str(tmp / "key.pem"),
+    ]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", help="test this running server instead of starting kythera")
@@ -179,6 +219,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--compression", choices=["none", "deflate"], default="none")
+    p.add_argument("--tls", action="store_true", help="run over wss:// (a test CA made here)")
     add_server_arg_option(p)
     args = p.parse_args()
     global COMPRESSION
@@ -187,6 +228,17 @@ def main() -> int:
     try:
         if args.url:
             run(args.url, args.rounds, seed)
+        elif args.tls:
+            with tempfile.TemporaryDirectory() as tmp:
+                extra = [*args.server_arg, *tls_server_args(Path(tmp))]
+                with KytheraServer(
+                    args.binary, args.shards, extra_args=extra, name="python_client_tls"
+                ) as srv:
+                    if not srv.tls_url:
+                        raise ServerError(f"no wss:// listening line\n{srv.output_tail()}")
+                    # The certificate names localhost.
+                    url = srv.tls_url.replace("127.0.0.1", "localhost").rstrip("/")
+                    run(url + args.path, args.rounds, seed)
         else:
             with KytheraServer(
                 args.binary, args.shards, extra_args=args.server_arg, name="python_client"

@@ -72,6 +72,24 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub listen: Vec<SocketAddr>,
+    /// Address to listen on for wss:// and https:// (TLS 1.3 and 1.2); repeat for
+    /// several (in the environment: comma-separated). Needs --tls-cert and --tls-key.
+    /// Plain --listen addresses keep serving beside them [default: none].
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "KYTHERA_TLS_LISTEN",
+        value_delimiter = ','
+    )]
+    pub tls_listen: Vec<SocketAddr>,
+    /// PEM file with the TLS listeners' certificate chain, leaf first. Read again on
+    /// SIGHUP (new handshakes get the new one; open connections stay).
+    #[arg(long, value_name = "FILE", env = "KYTHERA_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1). Read again
+    /// on SIGHUP.
+    #[arg(long, value_name = "FILE", env = "KYTHERA_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Number of shards, threads pinned to cores, 1 to 256 [default: the number of CPUs].
     #[arg(long, value_name = "N", env = "KYTHERA_SHARDS")]
     pub shards: Option<usize>,
@@ -222,6 +240,9 @@ pub struct ClusterSettings {
 #[serde(deny_unknown_fields)]
 pub struct File {
     listen: Option<Vec<SocketAddr>>,
+    tls_listen: Option<Vec<SocketAddr>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     shards: Option<usize>,
     max_message_bytes: Option<u64>,
     max_outgoing_bytes: Option<usize>,
@@ -283,6 +304,8 @@ impl std::error::Error for ConfigError {}
 pub struct Settings {
     /// Where to listen.
     pub listen: Vec<SocketAddr>,
+    /// The TLS listeners, if any.
+    pub tls: Option<TlsSettings>,
     /// Shards; `None` is one per CPU.
     pub shards: Option<usize>,
     /// Connection limits (SPEC section 3).
@@ -301,6 +324,17 @@ pub struct Settings {
     pub cluster: Option<ClusterSettings>,
     /// Origins allowed besides the server's own (`*`: any).
     pub allowed_origins: Vec<String>,
+}
+
+/// The TLS listeners and their certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Where to listen for `wss://`.
+    pub listen: Vec<SocketAddr>,
+    /// The PEM certificate chain.
+    pub cert: PathBuf,
+    /// The PEM private key.
+    pub key: PathBuf,
 }
 
 /// Reads the `--config` file, if any.
@@ -784,8 +818,10 @@ pub fn resolve(args: &Args, sources: &Sources, file: &File) -> Result<Settings, 
         ));
     }
 
+    let tls = resolve_tls(args, p, file)?;
     Ok(Settings {
         listen,
+        tls,
         shards,
         limits: Limits {
             max_message_bytes,
@@ -815,6 +851,51 @@ pub fn resolve(args: &Args, sources: &Sources, file: &File) -> Result<Settings, 
         cluster,
         allowed_origins,
     })
+}
+
+/// The TLS options: listeners need both files, and the files need listeners.
+fn resolve_tls(args: &Args, p: &Sources, file: &File) -> Result<Option<TlsSettings>, ConfigError> {
+    let err = |key: &str, source: String, reason: &str| ConfigError {
+        key: key.into(),
+        source,
+        reason: reason.into(),
+    };
+    let listen = if args.tls_listen.is_empty() {
+        file.tls_listen.clone().unwrap_or_default()
+    } else {
+        args.tls_listen.clone()
+    };
+    let listen_src = if args.tls_listen.is_empty() {
+        "config file".to_owned()
+    } else {
+        p.pick("tls_listen", &Some(()), &None).1
+    };
+    let (cert, cert_src) = p.pick("tls_cert", &args.tls_cert, &file.tls_cert);
+    let (key, key_src) = p.pick("tls_key", &args.tls_key, &file.tls_key);
+    if listen.is_empty() {
+        if cert.is_some() {
+            return Err(err("tls_cert", cert_src, "needs tls_listen"));
+        }
+        if key.is_some() {
+            return Err(err("tls_key", key_src, "needs tls_listen"));
+        }
+        return Ok(None);
+    }
+    let Some(cert) = cert else {
+        return Err(err(
+            "tls_listen",
+            listen_src,
+            "needs tls_cert (a PEM certificate chain)",
+        ));
+    };
+    let Some(key) = key else {
+        return Err(err(
+            "tls_listen",
+            listen_src,
+            "needs tls_key (a PEM private key)",
+        ));
+    };
+    Ok(Some(TlsSettings { listen, cert, key }))
 }
 
 /// The cluster options: all or nothing of them.
@@ -1079,6 +1160,47 @@ mod tests {
             (e.key.as_str(), e.source.as_str()),
             ("cluster_ttl_ms", "config file")
         );
+    }
+
+    #[test]
+    fn tls_options_come_together() {
+        let s = resolve(
+            &args(&[
+                "--tls-listen",
+                "127.0.0.1:8443",
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+            ]),
+            &File::default(),
+        )
+        .unwrap();
+        let tls = s.tls.unwrap();
+        assert_eq!(tls.listen, vec!["127.0.0.1:8443".parse().unwrap()]);
+        assert_eq!(
+            (tls.cert.to_str(), tls.key.to_str()),
+            (Some("c.pem"), Some("k.pem"))
+        );
+        // The plain listener keeps its default beside it.
+        assert_eq!(s.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+
+        let s = resolve(
+            &args(&[]),
+            &file("tls_listen = [\"127.0.0.1:8443\"]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\""),
+        )
+        .unwrap();
+        assert!(s.tls.is_some());
+
+        let e = resolve(&args(&["--tls-listen", "127.0.0.1:8443"]), &File::default()).unwrap_err();
+        assert_eq!(e.key, "tls_listen");
+        assert!(e.reason.contains("tls_cert"), "{}", e.reason);
+        let e = resolve(&args(&["--tls-cert", "c.pem"]), &File::default()).unwrap_err();
+        assert_eq!(
+            (e.key.as_str(), e.source.as_str()),
+            ("tls_cert", "command line (--tls-cert)")
+        );
+        assert_eq!(resolve(&args(&[]), &File::default()).unwrap().tls, None);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use kythera_handler_api::{CloseCode, Conn, ConnId, RequestParts};
+use kythera_handler_api::{CloseCode, Conn, ConnId, RequestParts, TlsParts};
 use tracing::{info, warn};
 
 use super::callback::OutSink;
@@ -26,6 +26,8 @@ use crate::protocol::handshake::{
 pub(super) struct Handshaking {
     pub(super) deadline_ms: u64,
     pub(super) peer: Option<SocketAddr>,
+    /// The TLS session the request arrives over (`wss://`), for `connect`.
+    pub(super) tls: Option<Box<TlsParts>>,
     /// `connect` accepted and claimed names of a clustered gear: the 101 waits for
     /// Redis to decide them ([`Session::on_names_decided`]).
     pub(super) awaiting: Option<Box<AwaitingNames>>,
@@ -48,6 +50,18 @@ pub(super) struct AwaitingNames {
 pub(super) const EARLY_BYTES_MAX: usize = 64 * 1024;
 
 impl Session {
+    /// The TLS session the connection runs over, once its TLS handshake is done (the
+    /// shard calls this before the first decrypted byte): `connect` sees it in
+    /// [`RequestParts::tls`]. Ignored after the upgrade request.
+    pub fn set_tls(&mut self, parts: TlsParts) {
+        let Some(hs) = self.tx.as_mut().and_then(|t| t.partial.as_mut()) else {
+            return;
+        };
+        if let Some(h) = hs.handshake.as_mut() {
+            h.tls = Some(Box::new(parts));
+        }
+    }
+
     /// When the upgrade request must be whole, during the handshake.
     pub(super) fn handshake_deadline_ms(&self) -> Option<u64> {
         let partial = self.tx.as_ref()?.partial.as_ref()?;
@@ -67,6 +81,7 @@ impl Session {
     ) -> Option<Vec<u8>> {
         hs.pending.extend_from_slice(data);
         let peer = hs.handshake.as_ref().and_then(|h| h.peer);
+        let tls = hs.handshake.as_mut().and_then(|h| h.tls.take());
         let head = &hs.pending;
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let req = match parse_request(head, &mut headers, app.limits().max_head_bytes) {
@@ -126,6 +141,7 @@ impl Session {
                 })
                 .collect(),
             peer,
+            tls: tls.map(|t| *t),
         };
         let key = up.key.to_owned();
         let head_len = req.head_len;

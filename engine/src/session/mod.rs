@@ -120,6 +120,7 @@ impl Session {
         partial.handshake = Some(Handshaking {
             deadline_ms: now_ms + ms(app.limits().handshake_timeout),
             peer,
+            tls: None,
             awaiting: None,
         });
         session.put_partial(partial);

@@ -53,6 +53,8 @@ impl ConnFlags {
     pub(super) const PEER_PENDING: u16 = 1 << 11;
     /// A send is in flight (the driver holds its output).
     pub(super) const SENDING: u16 = 1 << 12;
+    /// The connection speaks TLS (its state is in the shard's `tls_conns`).
+    pub(super) const TLS: u16 = 1 << 13;
 
     pub(super) fn has(self, bit: u16) -> bool {
         self.0 & bit != 0

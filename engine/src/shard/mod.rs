@@ -59,11 +59,12 @@ use tracing::{debug, info, warn};
 
 use crate::driver::epoll::EpollDriver;
 use crate::driver::uring::UringDriver;
-use crate::driver::{Driver, DriverKind, Event, RecvEnd, bump};
+use crate::driver::{ByIndex, Driver, DriverKind, Event, RecvEnd, bump};
 use crate::gear::{App, Registries};
 use crate::server::Shared;
 use crate::session::Session;
 use crate::timer::{self, TimerWheel};
+use crate::tls::{Failure, TlsConfig, TlsConn};
 
 mod conn;
 mod deadlines;
@@ -160,6 +161,10 @@ pub(crate) struct ShardSetup {
     pub tuning: ShardTuning,
     pub release_memory: Option<fn()>,
     pub driver: DriverKind,
+    /// The TLS settings of the TLS listeners: those of `listeners` from index
+    /// `tls_from` on.
+    pub tls: Option<TlsConfig>,
+    pub tls_from: usize,
 }
 
 /// The body of a shard thread: pins it, sets the shard up on the chosen driver and
@@ -192,6 +197,8 @@ struct Listener {
     /// `None` once closed (drain).
     socket: Option<TcpListener>,
     ipv6: bool,
+    /// Its connections speak TLS.
+    tls: bool,
     armed: bool,
     /// The last accept failed for lack of resources: re-arm after the back-off.
     backoff_needed: bool,
@@ -231,6 +238,15 @@ struct Shard<D: Driver> {
     wake_seen: Vec<bool>,
     /// When to hand cached heap memory back after connections opened or closed.
     release: MemoryRelease,
+    /// The TLS listeners' settings, and the rustls configuration last taken from them
+    /// (with its generation, to see a reload).
+    tls: Option<TlsConfig>,
+    tls_current: Option<(u64, Arc<rustls::ServerConfig>)>,
+    /// The TLS state of the connections that have one (kept out of the slots, so that
+    /// a plain connection does not carry its size).
+    tls_conns: ByIndex<Box<TlsConn>>,
+    /// Where a TLS connection's received bytes are decrypted to, for its session.
+    tls_plain: Vec<u8>,
 }
 
 impl<D: Driver> Shard<D> {
@@ -243,6 +259,8 @@ impl<D: Driver> Shard<D> {
             tuning,
             release_memory,
             driver: _,
+            tls,
+            tls_from,
         } = setup;
         let now_ms = shared.now_ms();
         let sweep_ms = deadlines::idle_sweep_ms(&app, &tuning);
@@ -250,8 +268,10 @@ impl<D: Driver> Shard<D> {
         let shards = shared.event_fds.len();
         let listeners = listeners
             .into_iter()
-            .map(|l| Listener {
+            .enumerate()
+            .map(|(i, l)| Listener {
                 ipv6: l.local_addr().map(|a| a.is_ipv6()).unwrap_or(false),
+                tls: i >= tls_from,
                 socket: Some(l),
                 armed: false,
                 backoff_needed: false,
@@ -288,6 +308,10 @@ impl<D: Driver> Shard<D> {
             wake_list: Vec::new(),
             wake_seen: vec![false; shards],
             release: MemoryRelease::new(release_memory),
+            tls,
+            tls_current: None,
+            tls_conns: ByIndex::default(),
+            tls_plain: Vec::new(),
         }
     }
 
@@ -477,8 +501,8 @@ impl<D: Driver> Shard<D> {
                 bump(&self.stats().accepted, 1);
                 let l = &mut self.listeners[listener as usize];
                 l.failure_streak = 0;
-                let ipv6 = l.ipv6;
-                self.add_conn(index, ipv6)?;
+                let (ipv6, tls) = (l.ipv6, l.tls);
+                self.add_conn(index, ipv6, tls)?;
             }
             Err(errno) => {
                 bump(&self.stats().accept_errors, 1);
@@ -526,7 +550,7 @@ impl<D: Driver> Shard<D> {
         Ok(())
     }
 
-    fn add_conn(&mut self, index: u32, ipv6: bool) -> io::Result<()> {
+    fn add_conn(&mut self, index: u32, ipv6: bool, tls: bool) -> io::Result<()> {
         let slot = index as usize;
         if self.conns.len() <= slot {
             self.conns.resize_with(slot + 1, || None);
@@ -536,6 +560,16 @@ impl<D: Driver> Shard<D> {
         self.next_generation = (self.next_generation + 1) & MAX_GENERATION;
         let mut flags = ConnFlags::default();
         flags.set(ConnFlags::PEER_PENDING, true);
+        if tls {
+            match self.new_tls_conn() {
+                Some(state) => {
+                    flags.set(ConnFlags::TLS, true);
+                    self.tls_conns.insert(index, state);
+                }
+                // Without TLS state the connection cannot speak: it is closed at once.
+                None => flags.set(ConnFlags::FORCED, true),
+            }
+        }
         let conn = Conn {
             session: None,
             generation,
@@ -546,6 +580,29 @@ impl<D: Driver> Shard<D> {
         self.open += 1;
         self.release.churned(self.now_ms);
         self.driver.peer_name(slot_id, ipv6)
+    }
+
+    /// TLS state for a new connection, with the current certificate (taken again
+    /// after a reload).
+    fn new_tls_conn(&mut self) -> Option<Box<TlsConn>> {
+        let tls = self.tls.as_ref()?;
+        let generation = tls.generation();
+        if self
+            .tls_current
+            .as_ref()
+            .is_none_or(|(g, _)| *g != generation)
+        {
+            self.tls_current = Some(tls.current());
+        }
+        let (_, config) = self.tls_current.as_ref()?;
+        match TlsConn::new(Arc::clone(config)) {
+            Ok(state) => Some(Box::new(state)),
+            Err(err) => {
+                warn!(shard = self.index, error = %err, "TLS connection refused");
+                bump(&self.stats().tls_failed_protocol, 1);
+                None
+            }
+        }
     }
 
     fn on_peer(&mut self, index: u32, addr: Option<std::net::SocketAddr>) -> io::Result<()> {
@@ -584,7 +641,23 @@ impl<D: Driver> Shard<D> {
         if let Some(conn) = conn_in(&mut self.conns, index) {
             if !received.data.is_empty() {
                 let id = conn_id(shard, index, conn.generation);
-                if let Some(session) = conn.live_session() {
+                if conn.flags.has(ConnFlags::TLS) {
+                    let stats = &self.shared.stats[shard];
+                    let plain = &mut self.tls_plain;
+                    if let Some(tls) = self.tls_conns.get_mut(&index) {
+                        tls_receive(
+                            tls,
+                            conn,
+                            id,
+                            received.data,
+                            plain,
+                            stats,
+                            now_ms,
+                            &self.app,
+                            &mut self.regs,
+                        );
+                    }
+                } else if let Some(session) = conn.live_session() {
                     session.on_recv(id, received.data, now_ms, &self.app, &mut self.regs);
                 }
             }
@@ -620,11 +693,15 @@ impl<D: Driver> Shard<D> {
         conn.flags.set(ConnFlags::SENDING, false);
         match result {
             Ok(output) => {
+                let tls = self.tls_conns.get_mut(&index);
                 if let Some(session) = conn.session.as_mut() {
-                    session.sent(output);
+                    give_back(session, tls, output);
                 }
             }
             Err(errno) => {
+                if let Some(tls) = self.tls_conns.get_mut(&index) {
+                    tls.held.clear();
+                }
                 // EPIPE, ECONNRESET, or the shutdown of a forced close.
                 let id = conn_id(self.index, index, conn.generation);
                 if let Some(session) = conn.live_session() {
@@ -717,6 +794,14 @@ impl<D: Driver> Shard<D> {
         }
         if let Some(slot) = self.conns.get_mut(index as usize) {
             let Some(mut conn) = slot.take() else { return };
+            if let Some(tls) = self.tls_conns.remove(&index)
+                && !tls.is_established()
+                && !tls.has_failed()
+            {
+                // Closed before the handshake completed: the handshake timeout, or a
+                // peer that left (or never spoke).
+                bump(&self.shared.stats[self.index].tls_failed_incomplete, 1);
+            }
             // A terminate still owed (the end of a drain) runs before the session goes.
             if let Some(session) = conn.session.as_mut().filter(|s| !s.is_terminated()) {
                 let id = conn_id(self.index, index, conn.generation);
@@ -753,8 +838,30 @@ impl<D: Driver> Shard<D> {
             let Some(session) = conn.session.as_mut() else {
                 break;
             };
-            let Some(output) = session.take_output(now_ms) else {
-                break;
+            let plain = session.take_output(now_ms);
+            let output = if conn.flags.has(ConnFlags::TLS) {
+                let Some(tls) = self.tls_conns.get_mut(&index) else {
+                    break;
+                };
+                match tls.seal(plain, session.should_close()) {
+                    Some(records) => records,
+                    None => {
+                        // Nothing to send (an empty output): it goes straight back.
+                        let any = !tls.held.is_empty();
+                        for output in tls.held.drain(..) {
+                            session.sent(output);
+                        }
+                        if any {
+                            continue;
+                        }
+                        break;
+                    }
+                }
+            } else {
+                let Some(output) = plain else {
+                    break;
+                };
+                output
             };
             if output.is_empty() {
                 session.sent(output);
@@ -766,8 +873,11 @@ impl<D: Driver> Shard<D> {
             };
             conn.flags.set(ConnFlags::SENDING, false);
             match result {
-                Ok(output) => session.sent(output),
+                Ok(output) => give_back(session, self.tls_conns.get_mut(&index), output),
                 Err(errno) => {
+                    if let Some(tls) = self.tls_conns.get_mut(&index) {
+                        tls.held.clear();
+                    }
                     let id = conn_id(self.index, index, conn.generation);
                     if let Some(session) = conn.live_session() {
                         session.on_peer_gone(id, Some(errno), now_ms, &self.app, &mut self.regs);
@@ -809,6 +919,70 @@ impl<D: Driver> Drop for Shard<D> {
                 session.shut_down(id, self.now_ms, &self.app, &mut self.regs);
             }
         }
+    }
+}
+
+/// A completed send's output goes back to where it came from: the session, or (on a
+/// TLS connection) the TLS state, which gives the session back what it sealed.
+fn give_back(
+    session: &mut Session,
+    tls: Option<&mut Box<TlsConn>>,
+    output: crate::session::Output,
+) {
+    match tls {
+        Some(tls) => {
+            tls.recycle(output);
+            for plain in tls.held.drain(..) {
+                session.sent(plain);
+            }
+        }
+        None => session.sent(output),
+    }
+}
+
+/// Received bytes of a TLS connection: decrypted and given to its session; the end of
+/// the handshake counted and told to the session; a failure counted, and the session
+/// ended as by a broken connection.
+#[allow(clippy::too_many_arguments)]
+fn tls_receive(
+    tls: &mut TlsConn,
+    conn: &mut Conn,
+    id: kythera_handler_api::ConnId,
+    data: &[u8],
+    plain: &mut Vec<u8>,
+    stats: &ShardStats,
+    now_ms: u64,
+    app: &App,
+    regs: &mut Registries,
+) {
+    plain.clear();
+    let result = tls.receive(data, plain);
+    let Some(session) = conn.live_session() else {
+        return;
+    };
+    match result {
+        Ok(established) => {
+            if established {
+                bump(&stats.tls_handshakes, 1);
+                session.set_tls(tls.parts());
+            }
+            if !plain.is_empty() {
+                session.on_recv(id, plain, now_ms, app, regs);
+            }
+        }
+        Err(failure) => {
+            let counter = match failure {
+                Failure::NotTls => &stats.tls_failed_not_tls,
+                Failure::RefusedByClient => &stats.tls_failed_refused,
+                Failure::Protocol => &stats.tls_failed_protocol,
+            };
+            bump(counter, 1);
+            session.on_peer_gone(id, Some(libc::EPROTO), now_ms, app, regs);
+        }
+    }
+    // A large burst's plaintext is not kept for every later receive.
+    if plain.capacity() > 256 * 1024 {
+        *plain = Vec::new();
     }
 }
 

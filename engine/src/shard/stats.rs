@@ -27,6 +27,11 @@ pub struct ShardStats {
     pub(crate) wakeups_received: AtomicU64,
     /// Registry envelopes waiting when the shard last looked (a gauge).
     pub(crate) registry_depth: AtomicU64,
+    pub(crate) tls_handshakes: AtomicU64,
+    pub(crate) tls_failed_not_tls: AtomicU64,
+    pub(crate) tls_failed_refused: AtomicU64,
+    pub(crate) tls_failed_protocol: AtomicU64,
+    pub(crate) tls_failed_incomplete: AtomicU64,
 }
 
 /// A snapshot of a shard's counters.
@@ -76,6 +81,17 @@ pub struct ShardCounters {
     pub frames_in: u64,
     /// Frames sent to clients, all gears.
     pub frames_out: u64,
+    /// TLS handshakes completed.
+    pub tls_handshakes: u64,
+    /// TLS connections whose first bytes were not TLS (a plain HTTP request gets 400).
+    pub tls_failed_not_tls: u64,
+    /// TLS handshakes the client ended with an alert (it refused the certificate, say).
+    pub tls_failed_refused: u64,
+    /// TLS connections rustls failed otherwise (malformed records, nothing in common).
+    pub tls_failed_protocol: u64,
+    /// TLS connections closed before their handshake completed (the handshake timeout,
+    /// or a client that left).
+    pub tls_failed_incomplete: u64,
 }
 
 impl ShardCounters {
@@ -117,6 +133,11 @@ impl ShardStats {
             websockets: 0,
             frames_in: 0,
             frames_out: 0,
+            tls_handshakes: get(&self.tls_handshakes),
+            tls_failed_not_tls: get(&self.tls_failed_not_tls),
+            tls_failed_refused: get(&self.tls_failed_refused),
+            tls_failed_protocol: get(&self.tls_failed_protocol),
+            tls_failed_incomplete: get(&self.tls_failed_incomplete),
         }
     }
 }

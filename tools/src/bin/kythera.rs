@@ -7,7 +7,9 @@
 //!
 //! Once every listener is bound it prints `kythera listening on ws://ADDR (N shards,
 //! DRIVER)` (DRIVER: `io_uring` or `epoll`; with `, node ID` in a cluster) on stdout,
-//! one line per address. SIGTERM or SIGINT drains the server (close 1001 to
+//! one line per address (`wss://` for a `--tls-listen` address). SIGHUP reloads the TLS
+//! certificate and key (a reload that fails keeps the old pair and logs why). SIGTERM
+//! or SIGINT drains the server (close 1001 to
 //! every connection, spread over the drain window) and it exits 0 once drained; a second
 //! signal exits at once. Logs go to stderr, filtered by `RUST_LOG` (default `info`).
 //! If io_uring is unavailable it runs on epoll and says why in one log line (with
@@ -21,11 +23,11 @@ use std::process::ExitCode;
 
 use kythera_engine::Server;
 use mimalloc::MiMalloc;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tools::config::{self, Args, LogFormat};
 use tools::gears::{Chat, Echo, Stats};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// The exit status when an address cannot be listened on (in use, by another kythera
@@ -137,6 +139,22 @@ fn main() -> ExitCode {
     for addr in &settings.listen {
         builder = builder.listen(*addr);
     }
+    let tls = match &settings.tls {
+        Some(t) => match kythera_engine::TlsConfig::from_pem_files(&t.cert, &t.key) {
+            Ok(config) => {
+                for addr in &t.listen {
+                    builder = builder.tls_listen(*addr);
+                }
+                builder = builder.tls(config.clone());
+                Some(config)
+            }
+            Err(err) => {
+                eprintln!("kythera: {err}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     if let Some(b) = &backplane {
         builder = builder.cluster(b.clone());
     }
@@ -190,7 +208,7 @@ fn main() -> ExitCode {
         "kythera starting"
     );
 
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(err) => {
             eprintln!("kythera: cannot install signal handlers: {err}");
@@ -202,6 +220,19 @@ fn main() -> ExitCode {
         .name("kythera-signals".into())
         .spawn(move || {
             for signal in signals.forever() {
+                if signal == SIGHUP {
+                    // Reload the certificate and key; open connections keep theirs.
+                    match &tls {
+                        Some(tls) => match tls.reload() {
+                            Ok(()) => info!("TLS certificate and key reloaded"),
+                            Err(err) => {
+                                warn!(error = %err, "TLS reload failed; keeping the old certificate")
+                            }
+                        },
+                        None => info!("SIGHUP: no TLS listener, nothing to reload"),
+                    }
+                    continue;
+                }
                 if handle.is_draining() {
                     eprintln!("kythera: second signal ({signal}); exiting without draining");
                     std::process::exit(1);
@@ -228,11 +259,17 @@ fn main() -> ExitCode {
     let driver = server.driver();
     let node_text = node.map(|n| format!(", node {n}")).unwrap_or_default();
     let mut stdout = std::io::stdout().lock();
+    let tls_addrs = server.tls_addrs();
     for addr in server.local_addrs() {
+        let scheme = if tls_addrs.contains(&addr) {
+            "wss"
+        } else {
+            "ws"
+        };
         // Tests and scripts read this line to learn the address: flush it.
         let _ = writeln!(
             stdout,
-            "kythera listening on ws://{addr} ({shards_text}, {driver}{node_text})"
+            "kythera listening on {scheme}://{addr} ({shards_text}, {driver}{node_text})"
         );
     }
     let _ = stdout.flush();
