@@ -84,6 +84,10 @@
 #                 with kythera in one run: SERVERS="kythera kythera-deflate
 #                 kythera-deflate-ctx"; the echo runs' "server_rss_per_connection" (RSS
 #                 at the end of the window) gives memory per connection after traffic.
+#                 "kythera-tls" and "fastwebsockets-tls": the same over wss:// (kythera's
+#                 --tls-listen; fastwebsockets-echo behind tokio-rustls), with a
+#                 self-signed certificate made by openssl that the client trusts (--ca);
+#                 compare them with REFERENCE=kythera-tls.
 #   REFERENCE     the server the ratios are of [kythera]
 #   CONNECTIONS * connection counts ["100 1000 10000"; quick: 100]
 #   SIZES       * payload sizes in bytes ["20 512 16384"; quick: 20]
@@ -173,8 +177,8 @@ number() { [[ $2 =~ ^[0-9]*\.?[0-9]+$ ]] || die "$1 must be a number, not '$2'";
 
 for s in $SERVERS; do
     case $s in
-    kythera | kythera-epoll | kythera-plain | kythera-zc | kythera-4k | kythera-deflate | kythera-deflate-ctx | fastwebsockets | tungstenite | epoll-floor | uring-floor) ;;
-    *) die "unknown server '$s' in SERVERS (kythera, kythera-epoll, kythera-plain, kythera-zc, kythera-4k, kythera-deflate, kythera-deflate-ctx, fastwebsockets, tungstenite, epoll-floor, uring-floor)" ;;
+    kythera | kythera-epoll | kythera-plain | kythera-zc | kythera-4k | kythera-deflate | kythera-deflate-ctx | kythera-tls | fastwebsockets | fastwebsockets-tls | tungstenite | epoll-floor | uring-floor) ;;
+    *) die "unknown server '$s' in SERVERS (kythera, kythera-epoll, kythera-plain, kythera-zc, kythera-4k, kythera-deflate, kythera-deflate-ctx, kythera-tls, fastwebsockets, fastwebsockets-tls, tungstenite, epoll-floor, uring-floor)" ;;
     esac
 done
 case $KIND in text | binary) ;; *) die "KIND is text or binary, not '$KIND'" ;; esac
@@ -256,6 +260,30 @@ for b in kythera kythera-load fastwebsockets-echo tungstenite-echo epoll-floor u
     [[ -x $BIN/$b ]] || die "$BIN/$b is missing (build it, or unset SKIP_BUILD)"
 done
 
+# The TLS servers' certificate (a self-signed one for localhost, made here with
+# openssl; the client trusts exactly it with --ca).
+TLS_DIR="$OUT/tls"
+if [[ " $SERVERS " == *-tls* ]]; then
+    command -v openssl >/dev/null || die "the -tls servers need openssl to make a test certificate"
+    mkdir -p "$TLS_DIR"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+        -addext basicConstraints=critical,CA:FALSE \
+        -keyout "$TLS_DIR/key.pem" -out "$TLS_DIR/cert.pem" 2>/dev/null \
+        || die "openssl could not make the test certificate"
+fi
+
+# The URL of the server just started, and the client options its scheme needs.
+server_url() { # server name; sets URL and URL_ARGS
+    if [[ $1 == *-tls ]]; then
+        URL="wss://localhost:$SERVER_PORT/echo"
+        URL_ARGS=(--ca "$TLS_DIR/cert.pem")
+    else
+        URL="ws://127.0.0.1:$SERVER_PORT/echo"
+        URL_ARGS=()
+    fi
+}
+
 # A free loopback port: bound by the kernel's choice, then released for the server.
 free_port() {
     python3 -c 'import socket
@@ -288,6 +316,16 @@ start_server() {
     # takeover, compressors shared per shard), and context takeover both ways (a
     # compressor and a decompressor per connection).
     kythera-deflate) cmd=("$BIN/kythera" --listen "127.0.0.1:$port" --shards 1) ;;
+    # wss:// (the plain listener beside it is not used).
+    kythera-tls)
+        cmd=("$BIN/kythera" --listen "127.0.0.1:$(free_port)" --shards 1 --tls-listen "127.0.0.1:$port"
+            --tls-cert "$TLS_DIR/cert.pem" --tls-key "$TLS_DIR/key.pem")
+        ready="kythera listening on wss://"
+        ;;
+    fastwebsockets-tls)
+        cmd=("$BIN/fastwebsockets-echo" --port "$port" --tls-cert "$TLS_DIR/cert.pem" --tls-key "$TLS_DIR/key.pem")
+        ready="listening on"
+        ;;
     kythera-deflate-ctx)
         cmd=("$BIN/kythera" --listen "127.0.0.1:$port" --shards 1
             --deflate-server-no-context-takeover false --deflate-client-no-context-takeover false)
@@ -350,8 +388,9 @@ run_load() {
     json="raw/$tag.json"
     [[ $name == kythera-deflate* ]] && deflate=(--deflate)
     start_server "$name" "$LOGDIR/$tag.server.log"
+    server_url "$name"
     set +e
-    taskset -c "$CLIENT_CPU" "$LOAD" "$@" "${deflate[@]}" --url "ws://127.0.0.1:$SERVER_PORT/echo" \
+    taskset -c "$CLIENT_CPU" "$LOAD" "$@" "${deflate[@]}" --url "$URL" "${URL_ARGS[@]}" \
         --server-pid "$SERVER_PID" --json "$OUT/$json" -q >"$LOGDIR/$tag.client.log" 2>&1 &
     CLIENT_PIDS=($!)
     wait "${CLIENT_PIDS[0]}"

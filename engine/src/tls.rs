@@ -9,14 +9,15 @@
 //!
 //! # Where bytes are copied
 //!
-//! This first version uses rustls' buffered `ServerConnection`. Receiving, the
-//! ciphertext is copied into rustls' record buffer, decrypted there, and the plaintext
-//! copied out into the shard's scratch buffer, where the session unmasks frames in place
-//! as it does in a receive buffer. Sending, each buffer of the session's output is
-//! encrypted into rustls' queue of records and copied from there into the send buffer.
-//! A plain connection copies none of these. rustls' unbuffered API would decrypt records
-//! in place in the receive buffer and encrypt straight into the send buffer; moving to it
-//! is the next step (issue 19's notes).
+//! rustls' unbuffered API (`UnbufferedServerConnection`): records are decrypted in
+//! place in the receive buffer (only a record cut by the end of a receive is copied, to
+//! `TlsConn::incoming`), and the session's output is encrypted straight from its buffers
+//! into the send buffer. Two copies remain on the way in, neither of them avoidable from
+//! here: rustls 0.23 moves each decrypted record into a `Vec` of its own
+//! (`ReadTraffic::next_record` pops it from its plaintext queue; its source says in-place
+//! records are for later), and the payload it lends is immutable, so it is copied into
+//! the shard's scratch buffer, where the session unmasks frames in place as in a receive
+//! buffer. A plain connection copies none of these.
 //!
 //! # kTLS
 //!
@@ -25,6 +26,14 @@
 //! machines do not offer (`/proc/sys/net/ipv4/tcp_available_ulp` lists `mptcp` only).
 //! The seam for it is `TlsConn`: after the handshake it would export the traffic
 //! secrets (`dangerous_extract_secrets`) and step aside.
+//!
+//! # Memory
+//!
+//! An idle TLS connection holds rustls' connection state (keys, the record layer: about
+//! 2.3 KB measured with a counting allocator) and no buffer: `incoming` is empty
+//! between records, and the send buffer is given back by the shard's idle sweep. At
+//! 10,000 idle `wss://` connections the server's RSS grew by 4.0 KB per connection
+//! (136 B for `ws://`), README "Serving wss://".
 //!
 //! # Certificates
 //!
@@ -36,7 +45,7 @@
 //! `TlsConfig`, not to one certificate.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -44,8 +53,13 @@ use std::sync::{Arc, RwLock};
 use kythera_handler_api::TlsParts;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
-use rustls::{HandshakeKind, ProtocolVersion, ServerConfig, ServerConnection};
+use rustls::server::{
+    ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache,
+    StoresServerSessions, UnbufferedServerConnection,
+};
+use rustls::sign::CertifiedKey;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError};
+use rustls::{HandshakeKind, ProtocolVersion, ServerConfig};
 
 use crate::session::Output;
 
@@ -256,6 +270,7 @@ fn build(
         .with_single_cert(chain, key)
         .map_err(TlsError::Rustls)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.cert_resolver = Arc::new(RecordServerName(Arc::clone(&config.cert_resolver)));
     config.ticketer = Arc::clone(ticketer);
     config.session_storage = Arc::clone(sessions);
     Ok(Arc::new(config))
@@ -281,17 +296,25 @@ Content-Length: 46\r\n\
 Connection: close\r\n\r\n\
 This port speaks TLS: use https:// or wss://.\n";
 
-/// A connection's TLS state, held by its shard beside the session.
+/// A connection's TLS state, held by its shard beside the session: rustls' unbuffered
+/// connection (which holds no buffers of its own between records) and the few bytes
+/// that must wait.
 pub(crate) struct TlsConn {
-    conn: ServerConnection,
+    conn: UnbufferedServerConnection,
+    /// Received ciphertext not processed yet: a record (or handshake message) cut by the
+    /// end of a receive. Empty between records, which is almost always.
+    incoming: Vec<u8>,
+    /// Ciphertext to send (`out[..out_used]`): handshake messages, tickets, sealed
+    /// output; the bytes after `out_used` are a previous send's, kept as room to write
+    /// into without zeroing it first.
+    out: Vec<u8>,
+    out_used: usize,
     /// The session's outputs whose bytes are sealed into the send in flight: they go
     /// back to the session ([`crate::session::Session::sent`]) when that send
     /// completes, so that its slow-consumer limit counts them until then.
     pub(crate) held: Vec<Output>,
-    /// The last send buffer, for the next.
-    spare: Vec<u8>,
-    /// Bytes to send outside TLS (the 400 to a plain HTTP request).
-    raw: Vec<u8>,
+    /// The name the client asked for (SNI), until the session is told.
+    server_name: Option<Box<str>>,
     /// The handshake completed.
     established: bool,
     /// The connection failed (counted once); nothing more is read from it.
@@ -301,17 +324,83 @@ pub(crate) struct TlsConn {
     saw_first: bool,
 }
 
+/// rustls' overhead per record at most (TLS 1.2's 5-byte header, 8-byte explicit nonce
+/// and 16-byte tag; TLS 1.3's is 22), and its largest plaintext per record.
+const RECORD_OVERHEAD: usize = 29;
+const RECORD_PLAINTEXT: usize = 16 * 1024;
+
+/// Room for rustls to write `estimate` bytes at `out[*used..]` (growing `out` only where
+/// it is shorter: what is beyond `used` is writable already), retried with the size
+/// rustls asks for; advances `used` by what was written.
+fn write_out<E>(
+    out: &mut Vec<u8>,
+    used: &mut usize,
+    estimate: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    required: impl Fn(&E) -> Option<usize>,
+) -> Result<(), E> {
+    let mut room = estimate;
+    loop {
+        if out.len() < *used + room {
+            out.resize(*used + room, 0);
+        }
+        match write(&mut out[*used..]) {
+            Ok(n) => {
+                *used += n;
+                return Ok(());
+            }
+            Err(e) => match required(&e) {
+                Some(r) if r > room => room = r,
+                _ => return Err(e),
+            },
+        }
+    }
+}
+
+fn encode_required(e: &EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
+}
+
+fn encrypt_required(e: &EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
+}
+
+thread_local! {
+    /// The SNI name of the ClientHello a shard's thread processed last (see
+    /// [`RecordServerName`]).
+    static HELLO_SERVER_NAME: std::cell::RefCell<Option<Box<str>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Notes the client's SNI name on the way to the certificate: rustls' unbuffered server
+/// connection does not tell it, and the resolver runs on the shard's thread, inside the
+/// `process_tls_records` call that reads the ClientHello.
+#[derive(Debug)]
+struct RecordServerName(Arc<dyn ResolvesServerCert>);
+
+impl ResolvesServerCert for RecordServerName {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name().map(Box::from);
+        HELLO_SERVER_NAME.with(|n| *n.borrow_mut() = name);
+        self.0.resolve(hello)
+    }
+}
+
 impl TlsConn {
     pub(crate) fn new(config: Arc<ServerConfig>) -> Result<TlsConn, rustls::Error> {
-        let mut conn = ServerConnection::new(config)?;
-        // The session's own slow-consumer limit bounds what is queued; rustls' would
-        // only make writes partial.
-        conn.set_buffer_limit(None);
         Ok(TlsConn {
-            conn,
+            conn: UnbufferedServerConnection::new(config)?,
+            incoming: Vec::new(),
+            out: Vec::new(),
+            out_used: 0,
             held: Vec::new(),
-            spare: Vec::new(),
-            raw: Vec::new(),
+            server_name: None,
             established: false,
             failed: false,
             close_notified: false,
@@ -330,9 +419,9 @@ impl TlsConn {
     }
 
     /// What `connect` is told of this session.
-    pub(crate) fn parts(&self) -> TlsParts {
+    pub(crate) fn parts(&mut self) -> TlsParts {
         TlsParts {
-            server_name: self.conn.server_name().map(str::to_owned),
+            server_name: self.server_name.take().map(String::from),
             version: match self.conn.protocol_version() {
                 Some(ProtocolVersion::TLSv1_3) => "TLSv1.3",
                 Some(ProtocolVersion::TLSv1_2) => "TLSv1.2",
@@ -342,12 +431,14 @@ impl TlsConn {
         }
     }
 
-    /// Takes received ciphertext; appends the plaintext it held to `plain`. `Ok(true)`
-    /// when this completed the handshake. After an error the connection is to be
-    /// closed (what [`TlsConn::seal`] returns next is the alert, or the 400).
+    /// Takes received ciphertext (decrypted in place where a record lies whole in
+    /// `data`); appends the plaintext of its records to `plain`. `Ok(true)` when this
+    /// completed the handshake. After an error the connection is to be closed (what
+    /// [`TlsConn::seal`] returns next is the 400 to a plain HTTP request, if that was
+    /// it).
     pub(crate) fn receive(
         &mut self,
-        mut data: &[u8],
+        data: &mut [u8],
         plain: &mut Vec<u8>,
     ) -> Result<bool, Failure> {
         if self.failed {
@@ -359,78 +450,117 @@ impl TlsConn {
             if data[0] != 22 {
                 self.failed = true;
                 if data[0].is_ascii_uppercase() {
-                    self.raw.extend_from_slice(PLAIN_HTTP_ON_TLS_PORT);
+                    self.out.truncate(self.out_used);
+                    self.out.extend_from_slice(PLAIN_HTTP_ON_TLS_PORT);
+                    self.out_used = self.out.len();
                 }
                 return Err(Failure::NotTls);
             }
         }
-        let was_handshaking = self.conn.is_handshaking();
-        while !data.is_empty() {
-            if let Err(err) = self.conn.read_tls(&mut data) {
-                tracing::debug!(error = %err, "TLS read refused");
-                self.failed = true;
-                return Err(Failure::Protocol);
+        let was_established = self.established;
+        let result = if self.incoming.is_empty() {
+            // The usual case: records are processed where they arrived, and only a
+            // record cut by the end of the receive is kept.
+            let result = self.process(data, plain);
+            if let Ok(used) = result {
+                self.incoming.extend_from_slice(&data[used..]);
             }
-            let state = match self.conn.process_new_packets() {
-                Ok(state) => state,
-                Err(err) => {
-                    self.failed = true;
-                    tracing::debug!(error = %err, "TLS connection failed");
-                    return Err(match err {
-                        rustls::Error::AlertReceived(_) => Failure::RefusedByClient,
-                        _ => Failure::Protocol,
-                    });
+            result
+        } else {
+            let mut buf = std::mem::take(&mut self.incoming);
+            buf.extend_from_slice(data);
+            let result = self.process(&mut buf, plain);
+            if let Ok(used) = result {
+                buf.drain(..used);
+            }
+            self.incoming = buf;
+            result
+        };
+        if let Err(failure) = result {
+            self.failed = true;
+            return Err(failure);
+        }
+        if self.server_name.is_none() && !was_established {
+            self.server_name = HELLO_SERVER_NAME.with(|n| n.borrow_mut().take());
+        }
+        Ok(self.established && !was_established)
+    }
+
+    /// Drives rustls over `buf` (the records not processed yet, first byte on): the
+    /// plaintext of application-data records to `plain`, handshake messages to `out`.
+    /// Returns how many bytes of `buf` it is done with.
+    fn process(&mut self, buf: &mut [u8], plain: &mut Vec<u8>) -> Result<usize, Failure> {
+        let mut start = 0;
+        loop {
+            let status = self.conn.process_tls_records(&mut buf[start..]);
+            let mut discard = status.discard;
+            let state = status.state.map_err(|err| {
+                tracing::debug!(error = %err, "TLS connection failed");
+                match err {
+                    rustls::Error::AlertReceived(_) => Failure::RefusedByClient,
+                    _ => Failure::Protocol,
                 }
+            })?;
+            let done = match state {
+                ConnectionState::ReadTraffic(mut records) => {
+                    while let Some(record) = records.next_record() {
+                        let record = record.map_err(|_| Failure::Protocol)?;
+                        discard += record.discard;
+                        plain.extend_from_slice(record.payload);
+                    }
+                    false
+                }
+                ConnectionState::EncodeTlsData(mut message) => {
+                    write_out(
+                        &mut self.out,
+                        &mut self.out_used,
+                        4096,
+                        |b| message.encode(b),
+                        encode_required,
+                    )
+                    .map_err(|_| Failure::Protocol)?;
+                    false
+                }
+                // Sent at this turn's flush, after anything queued before it.
+                ConnectionState::TransmitTlsData(transmit) => {
+                    transmit.done();
+                    false
+                }
+                ConnectionState::WriteTraffic(_) => {
+                    self.established = true;
+                    true
+                }
+                // Need more bytes; or the peer's close_notify (its close frame, or the
+                // end of the connection, follows).
+                _ => true,
             };
-            let n = state.plaintext_bytes_to_read();
-            if n > 0 {
-                let at = plain.len();
-                plain.resize(at + n, 0);
-                // `n` bytes are ready: one read takes them all.
-                let read = self.conn.reader().read(&mut plain[at..]).unwrap_or(0);
-                plain.truncate(at + read);
+            start += discard;
+            if done {
+                return Ok(start);
             }
         }
-        let done = was_handshaking && !self.conn.is_handshaking();
-        if done {
-            self.established = true;
-        }
-        Ok(done)
     }
 
     /// Seals `plain` (the session's output, kept in `held` until the send completes)
-    /// into records, with a `close_notify` once `closing`, and returns what is to be
-    /// sent: records (handshake messages and alerts among them), or the raw 400. `None`
-    /// when there is nothing to send.
+    /// straight into records in the send buffer, with a `close_notify` once `closing`,
+    /// and returns what is to be sent: records (handshake messages among them), or the
+    /// 400 to a plain HTTP request. `None` when there is nothing to send.
     pub(crate) fn seal(&mut self, plain: Option<Output>, closing: bool) -> Option<Output> {
+        let plain_bytes = plain.as_ref().map_or(0, Output::len);
+        if self.established
+            && !self.failed
+            && (plain_bytes > 0 || (closing && !self.close_notified))
+        {
+            self.encrypt(plain.as_ref(), closing);
+        }
         if let Some(plain) = plain {
-            if !plain.is_empty() && !self.failed {
-                let mut writer = self.conn.writer();
-                // Without a buffer limit the writer takes everything.
-                let _ = writer.write_all(&plain.first[plain.start..]);
-                for chunk in &plain.rest {
-                    let _ = writer.write_all(chunk.bytes());
-                }
-            }
             self.held.push(plain);
         }
-        if closing && self.established && !self.close_notified && !self.failed {
-            self.close_notified = true;
-            self.conn.send_close_notify();
-        }
-        let mut buf = std::mem::take(&mut self.spare);
-        buf.clear();
-        buf.append(&mut self.raw);
-        while self.conn.wants_write() {
-            match self.conn.write_tls(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        if buf.is_empty() {
-            self.spare = buf;
+        if self.out_used == 0 {
             return None;
         }
+        let mut buf = std::mem::take(&mut self.out);
+        buf.truncate(std::mem::take(&mut self.out_used));
         Some(Output {
             first: buf,
             start: 0,
@@ -438,11 +568,82 @@ impl TlsConn {
         })
     }
 
-    /// A send of [`TlsConn::seal`]'s output completed: its buffer is kept for the next.
+    /// Encrypts `plain`'s bytes (and a `close_notify` once `closing`) into `out`.
+    fn encrypt(&mut self, plain: Option<&Output>, closing: bool) {
+        // Handshake messages still waiting (tickets) go first; the records of a cut
+        // message in `incoming` are not touched (no bytes are read here).
+        loop {
+            let status = self.conn.process_tls_records(&mut []);
+            match status.state {
+                Ok(ConnectionState::EncodeTlsData(mut message)) => {
+                    let written = write_out(
+                        &mut self.out,
+                        &mut self.out_used,
+                        4096,
+                        |b| message.encode(b),
+                        encode_required,
+                    );
+                    if written.is_err() {
+                        return;
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                    let mut seal = |bytes: &[u8]| {
+                        let records = bytes.len().div_ceil(RECORD_PLAINTEXT).max(1);
+                        write_out(
+                            &mut self.out,
+                            &mut self.out_used,
+                            bytes.len() + records * RECORD_OVERHEAD,
+                            |b| traffic.encrypt(bytes, b),
+                            encrypt_required,
+                        )
+                    };
+                    if let Some(p) = plain {
+                        let _ = seal(&p.first[p.start..]);
+                        for chunk in &p.rest {
+                            let _ = seal(chunk.bytes());
+                        }
+                    }
+                    if closing && !self.close_notified {
+                        self.close_notified = true;
+                        let _ = write_out(
+                            &mut self.out,
+                            &mut self.out_used,
+                            64,
+                            |b| traffic.queue_close_notify(b),
+                            encrypt_required,
+                        );
+                    }
+                    return;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Gives back what an idle connection need not hold: its send buffer, and the room
+    /// of its receive state.
+    pub(crate) fn release_idle(&mut self) {
+        if self.out_used == 0 {
+            self.out = Vec::new();
+        }
+        if self.incoming.is_empty() {
+            self.incoming = Vec::new();
+        }
+        if self.held.is_empty() {
+            self.held = Vec::new();
+        }
+    }
+
+    /// A send of [`TlsConn::seal`]'s output completed (call it before giving `held`
+    /// back): its buffer is the next one written into, unless more was queued
+    /// meanwhile, it is large, or it carried no output of the session.
     pub(crate) fn recycle(&mut self, output: Output) {
-        // The largest send buffer kept between sends, as for a plain connection.
-        if output.first.capacity() <= 64 * 1024 {
-            self.spare = output.first;
+        // Only a send that carried the session's output is a sign of more to come: the
+        // handshake's own sends (its flight, the tickets) are followed by idle time.
+        if self.out_used == 0 && !self.held.is_empty() && output.first.capacity() <= 64 * 1024 {
+            self.out = output.first;
         }
     }
 }

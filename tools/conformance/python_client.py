@@ -234,6 +234,10 @@ def main() -> int:
                 with KytheraServer(
                     args.binary, args.shards, extra_args=extra, name="python_client_tls"
                 ) as srv:
+                    # The wss:// line follows the ws:// one that said the server is up.
+                    deadline = time.monotonic() + 10
+                    while not srv.tls_url and time.monotonic() < deadline:
+                        time.sleep(0.01)
                     if not srv.tls_url:
                         raise ServerError(f"no wss:// listening line\n{srv.output_tail()}")
                     # The certificate names localhost.

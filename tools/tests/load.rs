@@ -64,6 +64,111 @@ fn echo_against_kythera_counts_messages_and_no_errors() {
     }
 }
 
+/// A self-signed certificate for localhost and 127.0.0.1 (PEM chain, PEM key) whose
+/// common name is `tag`.
+fn self_signed(tag: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, tag);
+    (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn echo_over_wss_trusting_the_certificate_and_reloaded_on_sighup() {
+    let dir = std::env::temp_dir().join(format!("kythera-load-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let (first, first_key) = self_signed("first");
+    std::fs::write(&cert, &first).unwrap();
+    std::fs::write(&key, &first_key).unwrap();
+    let first_ca = dir.join("first.pem");
+    std::fs::write(&first_ca, &first).unwrap();
+    let port = free_port();
+    let tls_addr = format!("127.0.0.1:{port}");
+    let server = Kythera::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+        "--tls-listen",
+        &tls_addr,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let url = format!("wss://localhost:{port}/echo");
+    let echo = |url: &str, trust: &[&str]| {
+        let mut args = vec![
+            "echo", "--url", url, "-c", "4", "-b", "3000", "-p", "4", "-d", "0.5", "--warmup",
+            "0.1",
+        ];
+        args.extend_from_slice(trust);
+        load(&args)
+    };
+    let (out, json) = echo(&url, &["--ca", first_ca.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let json = json.expect("a JSON report");
+    assert_eq!(json["url"], url.as_str());
+    assert!(json["messages"].as_u64().unwrap() > 0, "{json}");
+    assert_eq!(json["errors"], 0, "{json}");
+    // --insecure checks no certificate (an address, not the name, in the URL).
+    let (out, _) = echo(&format!("wss://127.0.0.1:{port}/echo"), &["--insecure"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    // Neither: refused before connecting.
+    let (out, _) = echo(&url, &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ca"),
+        "{}",
+        describe(&out)
+    );
+
+    // A new certificate on disk and SIGHUP: new handshakes present it.
+    let (second, second_key) = self_signed("second");
+    std::fs::write(&cert, &second).unwrap();
+    std::fs::write(&key, &second_key).unwrap();
+    let second_ca = dir.join("second.pem");
+    std::fs::write(&second_ca, &second).unwrap();
+    server.signal(libc::SIGHUP);
+    let trusted_after = |ca: &std::path::Path| {
+        // The reload happens on the signal thread: give it a moment.
+        (0..50).any(|_| {
+            let (out, _) = echo(&url, &["--ca", ca.to_str().unwrap()]);
+            out.status.success() || {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                false
+            }
+        })
+    };
+    assert!(
+        trusted_after(&second_ca),
+        "the reloaded certificate is served"
+    );
+    let (out, _) = echo(&url, &["--ca", first_ca.to_str().unwrap()]);
+    assert!(!out.status.success(), "the old one is not");
+
+    // A reload that fails (a key that is not PEM) keeps the pair in use.
+    std::fs::write(&key, "not a key").unwrap();
+    server.signal(libc::SIGHUP);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (out, _) = echo(&url, &["--ca", second_ca.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn connect_against_kythera_holds_and_closes() {
     let server = Kythera::start(&["--listen", "127.0.0.1:0", "--shards", "1"]);

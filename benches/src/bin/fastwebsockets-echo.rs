@@ -21,6 +21,11 @@
 //! ```
 //!
 //! `--port 0` picks a free port (the line printed names it). It runs until killed.
+//!
+//! With `--tls-cert FILE --tls-key FILE` it serves `wss://` through tokio-rustls (rustls
+//! with aws-lc-rs, TLS 1.3 and 1.2, ALPN `http/1.1`), the usual Rust way, with the
+//! hyper upgrade on top of the TLS stream: the baseline of `kythera-tls` in
+//! `tools/bench.sh`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -34,12 +39,15 @@ use hyper::{Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const USAGE: &str = "usage: fastwebsockets-echo [--port N] [--raw-handshake] [--verbose]";
+const USAGE: &str = "usage: fastwebsockets-echo [--port N] [--raw-handshake] [--verbose] \
+                     [--tls-cert FILE --tls-key FILE]";
 
 struct Args {
     port: u16,
     raw_handshake: bool,
     verbose: bool,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -47,6 +55,8 @@ fn parse_args() -> Result<Args, String> {
         port: 9001,
         raw_handshake: false,
         verbose: false,
+        tls_cert: None,
+        tls_key: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -56,6 +66,8 @@ fn parse_args() -> Result<Args, String> {
                 args.port = v.parse().map_err(|_| format!("bad --port {v:?}"))?;
             }
             "--raw-handshake" => args.raw_handshake = true,
+            "--tls-cert" => args.tls_cert = Some(it.next().ok_or("--tls-cert needs a file")?),
+            "--tls-key" => args.tls_key = Some(it.next().ok_or("--tls-key needs a file")?),
             "--verbose" => args.verbose = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -163,11 +175,41 @@ async fn raw_upgrade(mut stream: TcpStream) -> Result<WebSocket<TcpStream>, Stri
     Ok(WebSocket::after_handshake(stream, Role::Server))
 }
 
+/// tokio-rustls' acceptor for a PEM certificate chain and key.
+fn tls_acceptor(cert: &str, key: &str) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{cert}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{key}: {e}"))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+}
+
 fn main() {
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("fastwebsockets-echo: {e}");
+            std::process::exit(2);
+        }
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match tls_acceptor(cert, key) {
+            Ok(acceptor) => Some(acceptor),
+            Err(e) => {
+                eprintln!("fastwebsockets-echo: {e}");
+                std::process::exit(2);
+            }
+        },
+        (None, None) => None,
+        _ => {
+            eprintln!("fastwebsockets-echo: --tls-cert and --tls-key go together");
             std::process::exit(2);
         }
     };
@@ -181,8 +223,9 @@ fn main() {
         let mut stdout = std::io::stdout();
         writeln!(
             stdout,
-            "listening on {addr} (fastwebsockets 0.10, {} handshake)",
-            if args.raw_handshake { "raw" } else { "hyper" }
+            "listening on {addr} (fastwebsockets 0.10, {} handshake{})",
+            if args.raw_handshake { "raw" } else { "hyper" },
+            if tls.is_some() { ", TLS" } else { "" }
         )?;
         stdout.flush()?;
         let verbose = args.verbose;
@@ -197,7 +240,28 @@ fn main() {
                 }
             };
             let _ = stream.set_nodelay(true);
-            if args.raw_handshake {
+            if let Some(acceptor) = tls.clone() {
+                tokio::spawn(async move {
+                    let stream = match acceptor.accept(stream).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            if verbose {
+                                eprintln!("fastwebsockets-echo: TLS: {e}");
+                            }
+                            return;
+                        }
+                    };
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let conn = http1::Builder::new()
+                        .serve_connection(io, service_fn(move |req| server_upgrade(req, verbose)))
+                        .with_upgrades();
+                    if let Err(e) = conn.await
+                        && verbose
+                    {
+                        eprintln!("fastwebsockets-echo: http: {e}");
+                    }
+                });
+            } else if args.raw_handshake {
                 tokio::spawn(tokio::task::unconstrained(async move {
                     match raw_upgrade(stream).await {
                         Ok(ws) => {

@@ -104,9 +104,18 @@ impl<D: Driver> Shard<D> {
                 continue;
             };
             let id = conn_id(self.index, index as u32, conn.generation);
+            let tls = conn.flags.has(ConnFlags::TLS) && !conn.flags.has(ConnFlags::SENDING);
             let Some(session) = conn.live_session() else {
                 continue;
             };
+            // A TLS connection with nothing to send keeps no send buffer (a busy one
+            // allocates one again at its next send: once per pass of the sweep).
+            if tls
+                && session.queued_bytes() == 0
+                && let Some(state) = self.tls_conns.get_mut(&(index as u32))
+            {
+                state.release_idle();
+            }
             if session
                 .swept_deadline_ms(&self.app)
                 .is_some_and(|d| d <= now_ms)

@@ -948,7 +948,7 @@ fn tls_receive(
     tls: &mut TlsConn,
     conn: &mut Conn,
     id: kythera_handler_api::ConnId,
-    data: &[u8],
+    data: &mut [u8],
     plain: &mut Vec<u8>,
     stats: &ShardStats,
     now_ms: u64,
@@ -964,7 +964,8 @@ fn tls_receive(
         Ok(established) => {
             if established {
                 bump(&stats.tls_handshakes, 1);
-                session.set_tls(tls.parts());
+                let parts = tls.parts();
+                session.set_tls(parts);
             }
             if !plain.is_empty() {
                 session.on_recv(id, plain, now_ms, app, regs);

@@ -122,6 +122,14 @@ struct Common {
     /// compressed and every compressed reply inflated and checked.
     #[arg(long)]
     deflate: bool,
+    /// PEM file of the CA (or self-signed certificate) to trust for wss:// targets
+    /// [default: none; give --ca or --insecure for wss://].
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// wss:// without checking the server's certificate (a bench against a test
+    /// certificate; never against a server you do not run).
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Debug, Args)]
@@ -217,6 +225,14 @@ fn config(cli: Cli) -> Result<(Config, Option<PathBuf>), String> {
         ),
         None => (0, 0, Duration::ZERO, Duration::ZERO),
     };
+    let tls = match (&common.ca, common.insecure) {
+        (_, true) => Some(tools::load::tls::insecure()),
+        (Some(ca), false) => Some(tools::load::tls::trusting(ca)?),
+        (None, false) if targets.iter().any(|t| t.tls) => {
+            return Err("wss:// needs --ca FILE (the certificate to trust) or --insecure".into());
+        }
+        (None, false) => None,
+    };
     let cfg = Config {
         mode,
         targets,
@@ -243,6 +259,7 @@ fn config(cli: Cli) -> Result<(Config, Option<PathBuf>), String> {
         progress: !common.quiet,
         server_pid: common.server_pid,
         deflate: common.deflate,
+        tls,
     };
     Ok((cfg, common.json))
 }

@@ -99,6 +99,9 @@ struct Conn {
     frag: Option<(OpCode, bool, Vec<u8>)>,
     /// permessage-deflate, when agreed (`--deflate`), seen from the client's side.
     pmd: Option<Box<ConnDeflate>>,
+    /// TLS (a `wss://` target): `out` holds plaintext, sealed into records at the
+    /// flush; received records are decrypted before anything else looks at them.
+    tls: Option<Box<rustls::ClientConnection>>,
     /// Echo: messages sent and not yet echoed, as `(seq, sent at)`.
     pending: VecDeque<(u64, u64)>,
     /// Echo and publisher: the next sequence number to send.
@@ -123,6 +126,7 @@ impl Conn {
             spare: Vec::new(),
             frag: None,
             pmd: None,
+            tls: None,
             pending: VecDeque::new(),
             next_seq: 0,
             expect: None,
@@ -204,6 +208,8 @@ struct Worker {
     /// Counted into `shared` at the end of each iteration.
     messages_delta: u64,
     result: WorkerResult,
+    /// Where a TLS connection's received records are decrypted to.
+    tls_plain: Vec<u8>,
 }
 
 /// Runs thread `thread`'s share of the connections: `count` of them, numbered from
@@ -243,6 +249,7 @@ pub(crate) fn run(
         next_start: 0,
         connecting: 0,
         rng: Rng::new(0x5eed ^ ((thread as u64 + 1) << 32) ^ u64::from(first)),
+        tls_plain: Vec::new(),
         scratch: Vec::new(),
         decoder: DecoderConfig {
             role: CodecRole::Client,
@@ -432,7 +439,7 @@ impl Worker {
                     self.fail(slot, || {
                         format!("send: {}", std::io::Error::from_raw_os_error(-res))
                     });
-                } else if !c.out.is_empty() {
+                } else if !c.out.is_empty() || c.tls.as_ref().is_some_and(|t| t.wants_write()) {
                     self.mark(slot);
                 }
             }
@@ -469,12 +476,77 @@ impl Worker {
             Role::Echo | Role::Idle => target.path.clone(),
         };
         let host = target.host.clone();
+        let tls = match (&self.cfg.tls, target.tls) {
+            (Some(config), true) => {
+                let name = rustls::pki_types::ServerName::try_from(target.server_name.clone());
+                match name.map_err(|e| e.to_string()).and_then(|name| {
+                    rustls::ClientConnection::new(Arc::clone(config), name)
+                        .map_err(|e| e.to_string())
+                }) {
+                    Ok(mut conn) => {
+                        // The run's own limits bound what is queued.
+                        conn.set_buffer_limit(None);
+                        Some(Box::new(conn))
+                    }
+                    Err(e) => {
+                        self.result.errors.handshake += 1;
+                        self.fail(slot, || format!("TLS: {e}"));
+                        return;
+                    }
+                }
+            }
+            _ => None,
+        };
         let c = &mut self.conns[slot as usize];
+        c.tls = tls;
+        // Over TLS the request waits in rustls until the handshake is done.
         wire::write_request(&mut c.out, &host, &path, &c.key, self.cfg.deflate);
         self.mark(slot);
     }
 
+    /// Received bytes: decrypted first on a TLS connection.
     fn on_data(&mut self, slot: u32, bytes: &[u8]) {
+        let Some(tls) = self.conns[slot as usize].tls.as_mut() else {
+            self.on_plain(slot, bytes);
+            return;
+        };
+        let mut plain = std::mem::take(&mut self.tls_plain);
+        plain.clear();
+        let mut rest = bytes;
+        let mut failed = None;
+        while !rest.is_empty() {
+            if let Err(e) = tls.read_tls(&mut rest) {
+                failed = Some(e.to_string());
+                break;
+            }
+            match tls.process_new_packets() {
+                Ok(state) => {
+                    let n = state.plaintext_bytes_to_read();
+                    let at = plain.len();
+                    plain.resize(at + n, 0);
+                    let read =
+                        std::io::Read::read(&mut tls.reader(), &mut plain[at..]).unwrap_or(0);
+                    plain.truncate(at + read);
+                }
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        if tls.wants_write() {
+            self.mark(slot);
+        }
+        if let Some(e) = failed {
+            self.result.errors.handshake += 1;
+            self.fail(slot, || format!("TLS: {e}"));
+        } else if !plain.is_empty() {
+            self.on_plain(slot, &plain);
+        }
+        self.tls_plain = plain;
+    }
+
+    fn on_plain(&mut self, slot: u32, bytes: &[u8]) {
         let state = self.conns[slot as usize].state;
         match state {
             State::Handshaking => {
@@ -1208,9 +1280,28 @@ impl Worker {
                 c.recv_armed = true;
                 io.recv(slot, fd)?;
             }
-            if !c.out.is_empty() && !io.sending(slot) {
+            let tls_pending = c.tls.as_ref().is_some_and(|t| t.wants_write());
+            if (!c.out.is_empty() || tls_pending) && !io.sending(slot) {
                 let next = std::mem::take(&mut c.spare);
-                let bytes = std::mem::replace(&mut c.out, next);
+                let mut bytes = std::mem::replace(&mut c.out, next);
+                if let Some(tls) = c.tls.as_mut() {
+                    // Seal the frames into records (held by rustls until the
+                    // handshake is done) and send whatever records are ready.
+                    if !bytes.is_empty() {
+                        let _ = std::io::Write::write_all(&mut tls.writer(), &bytes);
+                    }
+                    bytes.clear();
+                    while tls.wants_write() {
+                        match tls.write_tls(&mut bytes) {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    if bytes.is_empty() {
+                        c.spare = bytes;
+                        continue;
+                    }
+                }
                 io.send(slot, fd, bytes)?;
             }
         }

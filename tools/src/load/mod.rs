@@ -26,6 +26,7 @@
 
 mod client;
 mod io;
+pub mod tls;
 pub mod wire;
 
 use std::fmt::Write as _;
@@ -108,6 +109,8 @@ pub struct Config {
     /// Offer permessage-deflate and require it; messages both ways are compressed
     /// (client: zlib level 1, every message) and checked once inflated.
     pub deflate: bool,
+    /// The TLS client settings for `wss://` targets (trusted roots, or none checked).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Counts of what went wrong, by kind; any of them fails the run.
@@ -661,7 +664,14 @@ pub fn run(cfg: Config) -> Result<Report, String> {
         url: cfg
             .targets
             .iter()
-            .map(|t| format!("ws://{}{}", t.host, t.path))
+            .map(|t| {
+                format!(
+                    "{}://{}{}",
+                    if t.tls { "wss" } else { "ws" },
+                    t.host,
+                    t.path
+                )
+            })
             .collect::<Vec<_>>()
             .join(","),
         threads,

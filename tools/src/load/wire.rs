@@ -7,7 +7,7 @@ use base64::Engine as _;
 use kythera_engine::protocol::deflate::Agreed;
 use kythera_engine::protocol::handshake::accept_key;
 
-/// A `ws://host:port/path` target.
+/// A `ws://host:port/path` or `wss://host:port/path` target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     /// The `Host` header value (`host:port` as written in the URL).
@@ -16,18 +16,22 @@ pub struct Target {
     pub addr: SocketAddr,
     /// Path and query, starting with `/`.
     pub path: String,
+    /// `wss://`: the connection speaks TLS, for `server_name`.
+    pub tls: bool,
+    /// The host without its port (what a certificate must name).
+    pub server_name: String,
 }
 
 impl Target {
-    /// Parses `ws://HOST[:PORT][/PATH]` (port 80 by default) and resolves the host.
-    /// `wss://` is refused: the client speaks no TLS.
+    /// Parses `ws://HOST[:PORT][/PATH]` (port 80 by default) or `wss://...` (443) and
+    /// resolves the host.
     pub fn parse(url: &str) -> Result<Target, String> {
-        let rest = if let Some(rest) = url.strip_prefix("ws://") {
-            rest
-        } else if url.starts_with("wss://") {
-            return Err("wss:// is not supported (no TLS)".into());
+        let (rest, tls) = if let Some(rest) = url.strip_prefix("ws://") {
+            (rest, false)
+        } else if let Some(rest) = url.strip_prefix("wss://") {
+            (rest, true)
         } else {
-            return Err(format!("{url:?}: the URL must start with ws://"));
+            return Err(format!("{url:?}: the URL must start with ws:// or wss://"));
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -44,7 +48,12 @@ impl Target {
         let with_port = if has_port {
             authority.to_string()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{}", if tls { 443 } else { 80 })
+        };
+        let server_name = match authority.rfind(']') {
+            Some(close) => authority[1..close].to_string(),
+            None if has_port => authority[..authority.rfind(':').unwrap_or(0)].to_string(),
+            None => authority.to_string(),
         };
         let addr = with_port
             .to_socket_addrs()
@@ -55,6 +64,8 @@ impl Target {
             host: authority.to_string(),
             addr,
             path: path.to_string(),
+            tls,
+            server_name,
         })
     }
 }
@@ -294,7 +305,11 @@ mod tests {
         let t = Target::parse("ws://[::1]:9/x?y=1").unwrap();
         assert_eq!(t.addr, "[::1]:9".parse().unwrap());
         assert_eq!(t.path, "/x?y=1");
-        assert!(Target::parse("wss://a/").is_err());
+        let t = Target::parse("wss://localhost:8443/echo").unwrap();
+        assert!(t.tls);
+        assert_eq!((t.server_name.as_str(), t.addr.port()), ("localhost", 8443));
+        let t = Target::parse("wss://[::1]/x").unwrap();
+        assert_eq!((t.server_name.as_str(), t.addr.port()), ("::1", 443));
         assert!(Target::parse("http://a/").is_err());
     }
 
