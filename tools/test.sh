@@ -151,6 +151,12 @@ both_drivers .venv/bin/python tools/conformance/autobahn.py --cases '13.*' --out
     --server-arg=--deflate-server-no-context-takeover=false \
     --server-arg=--deflate-client-no-context-takeover=false
 
+echo "== autobahn cases 1-10 over wss:// (kosoku through a TLS relay: tools/conformance/tls_relay.py), io_uring and epoll"
+both_drivers .venv/bin/python tools/conformance/autobahn.py --tls --outdir target/autobahn-tls \
+    --server-arg=--max-message-bytes=20000000 \
+    --cases '1.*' --cases '2.*' --cases '3.*' --cases '4.*' --cases '5.*' --cases '6.*' \
+    --cases '7.*' --cases '9.*' --cases '10.*'
+
 echo "== container files: hadolint, shellcheck, docker-compose config (tools/check-container.sh)"
 ./tools/check-container.sh
 
@@ -166,5 +172,8 @@ if ! cmp -s tools/browser/package-lock.json tools/browser/node_modules/.kythera-
     cp tools/browser/package-lock.json tools/browser/node_modules/.kythera-lock.json
 fi
 node tools/browser/demo.test.mjs
+echo "== the demo page over https:// and wss:// in headless Chromium (a self-signed certificate it is told to trust)"
+command -v openssl >/dev/null || apt_install openssl
+node tools/browser/demo.test.mjs --tls
 echo "== demo page on two cluster nodes in headless Chromium (Redis, two kythera nodes)"
 node tools/browser/cluster.test.mjs

@@ -11,13 +11,15 @@
 //!
 //! rustls' unbuffered API (`UnbufferedServerConnection`): records are decrypted in
 //! place in the receive buffer (only a record cut by the end of a receive is copied, to
-//! `TlsConn::incoming`), and the session's output is encrypted straight from its buffers
-//! into the send buffer. Two copies remain on the way in, neither of them avoidable from
-//! here: rustls 0.23 moves each decrypted record into a `Vec` of its own
-//! (`ReadTraffic::next_record` pops it from its plaintext queue; its source says in-place
-//! records are for later), and the payload it lends is immutable, so it is copied into
-//! the shard's scratch buffer, where the session unmasks frames in place as in a receive
-//! buffer. A plain connection copies none of these.
+//! `TlsConn::incoming`, and only that record), and the session's output goes from its
+//! buffers to `WriteTraffic::encrypt`, which writes records into the send buffer. Inside
+//! rustls 0.23 each way still copies twice, which cannot be avoided from here: a
+//! decrypted record is moved into a `Vec` of its own (`ReadTraffic::next_record` pops it
+//! from its plaintext queue; its source says in-place records are for later) and lent
+//! immutably, so it is copied once more into the shard's scratch buffer, where the
+//! session unmasks frames in place as in a receive buffer; and `encrypt` copies the
+//! plaintext into a record of its own, encrypts it there and copies the record into the
+//! send buffer. A plain connection copies none of these.
 //!
 //! # kTLS
 //!
@@ -458,6 +460,15 @@ impl TlsConn {
             }
         }
         let was_established = self.established;
+        let mut data = data;
+        if self.established && !self.incoming.is_empty() {
+            // The rest of a record cut by the end of the last receive: complete that
+            // record alone, then go on in place (appending the whole receive would copy
+            // every byte of it, and with several messages in flight nearly every
+            // receive ends inside a record).
+            let taken = self.complete_cut_record(data, plain)?;
+            data = &mut data[taken..];
+        }
         let result = if self.incoming.is_empty() {
             // The usual case: records are processed where they arrived, and only a
             // record cut by the end of the receive is kept.
@@ -484,6 +495,38 @@ impl TlsConn {
             self.server_name = HELLO_SERVER_NAME.with(|n| n.borrow_mut().take());
         }
         Ok(self.established && !was_established)
+    }
+
+    /// After the handshake, with a cut record in `incoming`: appends from `data` what
+    /// completes it (its length is in its header) and processes it. Returns how many
+    /// bytes of `data` it took; `incoming` is empty afterwards unless `data` ended first.
+    fn complete_cut_record(&mut self, data: &[u8], plain: &mut Vec<u8>) -> Result<usize, Failure> {
+        const HEADER: usize = 5;
+        let mut taken = 0;
+        if self.incoming.len() < HEADER {
+            taken = (HEADER - self.incoming.len()).min(data.len());
+            self.incoming.extend_from_slice(&data[..taken]);
+            if self.incoming.len() < HEADER {
+                return Ok(taken);
+            }
+        }
+        let record = HEADER + usize::from(u16::from_be_bytes([self.incoming[3], self.incoming[4]]));
+        let more = record
+            .saturating_sub(self.incoming.len())
+            .min(data.len() - taken);
+        self.incoming.extend_from_slice(&data[taken..taken + more]);
+        taken += more;
+        if self.incoming.len() >= record {
+            let mut buf = std::mem::take(&mut self.incoming);
+            let used = self
+                .process(&mut buf, plain)
+                .inspect_err(|_| self.failed = true)?;
+            buf.drain(..used);
+            // A record rustls did not take whole (it cannot be, after the handshake)
+            // stays, and the rest of `data` is appended behind it as before.
+            self.incoming = buf;
+        }
+        Ok(taken)
     }
 
     /// Drives rustls over `buf` (the records not processed yet, first byte on): the
@@ -638,11 +681,14 @@ impl TlsConn {
 
     /// A send of [`TlsConn::seal`]'s output completed (call it before giving `held`
     /// back): its buffer is the next one written into, unless more was queued
-    /// meanwhile, it is large, or it carried no output of the session.
+    /// meanwhile or it carried no output of the session.
     pub(crate) fn recycle(&mut self, output: Output) {
         // Only a send that carried the session's output is a sign of more to come: the
         // handshake's own sends (its flight, the tickets) are followed by idle time.
-        if self.out_used == 0 && !self.held.is_empty() && output.first.capacity() <= 64 * 1024 {
+        // Whatever its size: the idle sweep gives it back once the connection is quiet,
+        // and dropping a large one after each send would allocate (and zero, and fault
+        // in) as much again for the next.
+        if self.out_used == 0 && !self.held.is_empty() {
             self.out = output.first;
         }
     }

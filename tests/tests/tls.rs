@@ -111,6 +111,16 @@ fn start(tls: &TlsConfig, limits: Limits) -> RunningServer {
         .spawn()
 }
 
+/// A test CA, a certificate from it (common name `first`), and a server on both kinds
+/// of listener with that certificate.
+fn setup(limits: Limits) -> (Ca, TlsConfig, RunningServer) {
+    let ca = Ca::new();
+    let (cert, key) = ca.issue("first", false);
+    let tls = TlsConfig::from_pem(cert.as_bytes(), key.as_bytes()).unwrap();
+    let server = start(&tls, limits);
+    (ca, tls, server)
+}
+
 type Wss = WebSocket<StreamOwned<ClientConnection, TcpStream>>;
 
 /// A TLS connection to `addr` for `name`, handshake done (or its error).
@@ -172,10 +182,7 @@ fn wait_counts(server: &RunningServer, what: &str, check: impl Fn([u64; 5]) -> b
 
 #[test]
 fn echoes_text_and_binary_of_every_size_over_wss_beside_plain_ws() {
-    let ca = Ca::new();
-    let (cert, key) = ca.issue("first", false);
-    let tls = TlsConfig::from_pem(cert.as_bytes(), key.as_bytes()).unwrap();
-    let server = start(&tls, Limits::default());
+    let (ca, _tls, server) = setup(Limits::default());
     let client = ca.client();
     let mut ws = wss(server.handle_tls_addr(), &client, "/echo");
     for len in [
@@ -220,10 +227,7 @@ fn echoes_text_and_binary_of_every_size_over_wss_beside_plain_ws() {
 
 #[test]
 fn connect_sees_the_server_name_and_a_resumed_session() {
-    let ca = Ca::new();
-    let (cert, key) = ca.issue("first", false);
-    let tls = TlsConfig::from_pem(cert.as_bytes(), key.as_bytes()).unwrap();
-    let server = start(&tls, Limits::default());
+    let (ca, _tls, server) = setup(Limits::default());
     let client = ca.client();
     let addr = server.handle_tls_addr();
 
@@ -267,10 +271,7 @@ fn connect_sees_the_server_name_and_a_resumed_session() {
 
 #[test]
 fn clients_refuse_a_wrong_name_and_an_expired_certificate_and_both_are_counted() {
-    let ca = Ca::new();
-    let (cert, key) = ca.issue("first", false);
-    let tls = TlsConfig::from_pem(cert.as_bytes(), key.as_bytes()).unwrap();
-    let server = start(&tls, Limits::default());
+    let (ca, tls, server) = setup(Limits::default());
     let client = ca.client();
     let addr = server.handle_tls_addr();
 
@@ -287,14 +288,10 @@ fn clients_refuse_a_wrong_name_and_an_expired_certificate_and_both_are_counted()
 
 #[test]
 fn bad_input_costs_a_bounded_connection_and_is_counted_by_cause() {
-    let ca = Ca::new();
-    let (cert, key) = ca.issue("first", false);
-    let tls = TlsConfig::from_pem(cert.as_bytes(), key.as_bytes()).unwrap();
-    let limits = Limits {
+    let (ca, _tls, server) = setup(Limits {
         handshake_timeout: Duration::from_secs(1),
         ..Limits::default()
-    };
-    let server = start(&tls, limits);
+    });
     let addr = server.handle_tls_addr();
 
     // A plain HTTP request to the TLS port: a plain 400 that says so, then the close.
@@ -341,10 +338,7 @@ fn bad_input_costs_a_bounded_connection_and_is_counted_by_cause() {
 
 #[test]
 fn a_reload_under_traffic_drops_no_connection_and_new_handshakes_get_the_new_certificate() {
-    let ca = Ca::new();
-    let (cert, key) = ca.issue("first", false);
-    let tls = TlsConfig::from_pem(cert.as_bytes(), key.as_bytes()).unwrap();
-    let server = start(&tls, Limits::default());
+    let (ca, tls, server) = setup(Limits::default());
     let client = ca.client();
     let addr = server.handle_tls_addr();
     let common_name = |s: &StreamOwned<ClientConnection, TcpStream>| {

@@ -6,6 +6,9 @@
 // target/browser/. Exits non-zero on the first failed check, naming it.
 //
 //   node tools/browser/demo.test.mjs       (after cargo build --release --bin kythera)
+//   node tools/browser/demo.test.mjs --tls (the same over https:// and wss://: kythera
+//                                           gets a TLS listener with a self-signed
+//                                           certificate that Chromium is told to trust)
 //
 // KYTHERA_BIN overrides the binary, CHROMIUM the browser (default /usr/bin/chromium).
 
@@ -14,8 +17,10 @@ import {
   WAIT,
   browserPath,
   check,
+  freePort,
   joinAs,
   launchBrowser,
+  makeCertificate,
   messages,
   outDir,
   startServer,
@@ -23,14 +28,24 @@ import {
   waitForMessage,
 } from "./lib.mjs";
 
-const server = startServer(["--listen", "127.0.0.1:0", "--shards", "2"]);
+const tls = process.argv.includes("--tls");
+const certificate = tls ? makeCertificate(join(outDir, "tls")) : null;
+const args = ["--listen", "127.0.0.1:0", "--shards", "2"];
+if (tls) {
+  args.push("--tls-listen", `127.0.0.1:${await freePort()}`);
+  args.push("--tls-cert", certificate.cert, "--tls-key", certificate.key);
+}
+const server = startServer(args, tls ? "wss" : "ws");
+const shot = (who) => join(outDir, `demo-${who}${tls ? "-tls" : ""}.png`);
 let browser;
 let failed = false;
+let tlsVersion;
 try {
   const addr = await server.addr;
-  const url = `http://${addr}/`;
-  console.log(`kythera at ${addr}; ${browserPath}`);
-  browser = await launchBrowser();
+  // The certificate names localhost.
+  const url = tls ? `https://${addr.replace("127.0.0.1", "localhost")}/` : `http://${addr}/`;
+  console.log(`kythera at ${url}; ${browserPath}`);
+  browser = await launchBrowser(tls ? [`--ignore-certificate-errors-spki-list=${certificate.spki}`] : []);
   const [ctxA, ctxB, ctxC] = [
     await browser.newContext({ viewport: { width: 1100, height: 720 } }),
     await browser.newContext({ viewport: { width: 1100, height: 720 } }),
@@ -43,6 +58,7 @@ try {
     page.on("pageerror", (e) => errors.push(`${who}: ${e.message}`));
     const resp = await page.goto(url);
     check(resp.status() === 200, `${who}'s page loads from GET / (200)`);
+    tlsVersion = (await resp.securityDetails())?.protocol;
   }
   check((await ann.title()) === "kythera demo", "the page is the demo page");
 
@@ -112,9 +128,14 @@ try {
   check(Number(total) >= 5, `the figures count the open connections (${total})`);
   check((await ann.getAttribute("#stats-status", "data-state")) === "live", "the figures are live");
 
-  await ann.screenshot({ path: join(outDir, "demo-ann.png"), fullPage: true });
-  await bob.screenshot({ path: join(outDir, "demo-bob.png"), fullPage: true });
-  console.log(`screenshots: ${join(outDir, "demo-ann.png")}, ${join(outDir, "demo-bob.png")}`);
+  if (tls) {
+    const scheme = await ann.evaluate(() => location.protocol);
+    check(scheme === "https:", `the page came over https (${scheme})`);
+    check(tlsVersion?.startsWith("TLS 1."), `the page came over ${tlsVersion}, its certificate trusted`);
+  }
+  await ann.screenshot({ path: shot("ann"), fullPage: true });
+  await bob.screenshot({ path: shot("bob"), fullPage: true });
+  console.log(`screenshots: ${shot("ann")}, ${shot("bob")}`);
 
   // Leaving closes with 1000 and frees the name.
   await bob.click("#leave");

@@ -3,8 +3,9 @@
 //
 // KYTHERA_BIN overrides the binary, CHROMIUM the browser (default /usr/bin/chromium).
 
-import { spawn } from "node:child_process";
-import { mkdirSync } from "node:fs";
+import { execFileSync, spawn } from "node:child_process";
+import { createHash, X509Certificate } from "node:crypto";
+import { mkdirSync, readFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -18,8 +19,9 @@ export const WAIT = 10_000;
 
 mkdirSync(outDir, { recursive: true });
 
-/** Starts kythera with `args`; `addr` resolves once it prints where it listens. */
-export function startServer(args) {
+/** Starts kythera with `args`; `addr` resolves once it prints where it listens (its
+ * `wss://` address when `scheme` is "wss"). */
+export function startServer(args, scheme = "ws") {
   const child = spawn(bin, args, {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, RUST_LOG: "warn", NO_COLOR: "1" },
@@ -31,7 +33,7 @@ export function startServer(args) {
     const timer = setTimeout(() => fail(new Error(`kythera did not start: ${stderr}`)), WAIT);
     child.stdout.on("data", (d) => {
       out += d;
-      const m = out.match(/listening on ws:\/\/(\S+)/);
+      const m = out.match(new RegExp(`listening on ${scheme}://(\\S+)`));
       if (m) {
         clearTimeout(timer);
         ok(m[1]);
@@ -88,12 +90,32 @@ export async function startRedis() {
   return { child, url: `redis://127.0.0.1:${port}` };
 }
 
-/** Headless Chromium, without the background networking this machine cannot reach. */
-export function launchBrowser() {
+/** A self-signed certificate for localhost made with openssl in `dir`: its files, and
+ * the base64 SHA-256 of its public key, which Chromium is told to trust
+ * (`--ignore-certificate-errors-spki-list`: that key only, not every certificate). */
+export function makeCertificate(dir) {
+  mkdirSync(dir, { recursive: true });
+  const cert = join(dir, "cert.pem");
+  const key = join(dir, "key.pem");
+  execFileSync("openssl", [
+    "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+    "-days", "2", "-subj", "/CN=localhost",
+    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+    "-addext", "basicConstraints=critical,CA:FALSE",
+    "-keyout", key, "-out", cert,
+  ], { stdio: "ignore" });
+  const spki = new X509Certificate(readFileSync(cert)).publicKey.export({ type: "spki", format: "der" });
+  return { cert, key, spki: createHash("sha256").update(spki).digest("base64") };
+}
+
+/** Headless Chromium, without the background networking this machine cannot reach;
+ * `extraArgs` go on its command line. */
+export function launchBrowser(extraArgs = []) {
   return chromium.launch({
     executablePath: browserPath,
     headless: true,
     args: [
+      ...extraArgs,
       "--no-sandbox",
       "--disable-gpu",
       "--disable-quic",

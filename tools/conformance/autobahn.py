@@ -18,6 +18,10 @@ stopped (SIGTERM), and must exit 0: a server that has to be killed or exits non-
 fails the run too.
 
 Cases 12.* and 13.* exercise permessage-deflate (kosoku offers it on those only).
+
+With `--tls` kythera also gets a `wss://` listener (a test CA from `trustme`), and the
+cases run over it: kosoku speaks only plain `ws://`, so it connects to a relay
+(`tls_relay.py`) that carries each of its connections to kythera inside TLS.
 """
 
 from __future__ import annotations
@@ -29,12 +33,22 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kythera_proc import DEFAULT_BINARY, add_server_arg_option, REPO, KytheraServer, ServerError  # noqa: E402
+from kythera_proc import (  # noqa: E402
+    DEFAULT_BINARY,
+    REPO,
+    KytheraServer,
+    ServerError,
+    add_server_arg_option,
+    tls_options,
+    wait_tls_url,
+)
+from tls_relay import TlsRelay  # noqa: E402
 
 ACCEPTED = {"OK", "INFORMATIONAL"}
 # Autobahn has no groups 8 and 11.
@@ -200,6 +214,9 @@ def main() -> int:
         metavar="GLOB",
         help="case ids or globs to run (repeatable; default 1.* to 13.*)",
     )
+    p.add_argument(
+        "--tls", action="store_true", help="run the cases over wss:// (through a TLS relay)"
+    )
     args = p.parse_args()
     kosoku = find_kosoku()
     outdir = args.outdir.resolve()
@@ -210,6 +227,22 @@ def main() -> int:
         if args.address:
             run_kosoku(kosoku, args.address, outdir, args.parallelism, args.timeout, cases)
             failing = summarize(outdir, cases)
+        elif args.tls:
+            with tempfile.TemporaryDirectory() as tmp:
+                tls_args, context = tls_options(Path(tmp))
+                with KytheraServer(
+                    args.binary,
+                    args.shards,
+                    extra_args=[*args.server_arg, *tls_args],
+                    name="autobahn_tls",
+                ) as srv:
+                    host, port = wait_tls_url(srv).removeprefix("wss://").rstrip("/").split(":")
+                    with TlsRelay((host, int(port)), context, "localhost") as relay:
+                        print(f"kosoku -> {relay.address} (plain) -> {srv.tls_url} (TLS)")
+                        run_kosoku(
+                            kosoku, relay.address, outdir, args.parallelism, args.timeout, cases
+                        )
+                    failing = summarize(outdir, cases)
         else:
             with KytheraServer(
                 args.binary, args.shards, extra_args=args.server_arg, name="autobahn"

@@ -45,6 +45,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tls_options(tmp: Path):
+    """A test CA (from `trustme`) and a certificate for localhost and 127.0.0.1 from it,
+    written to `tmp`: kythera's TLS options on a free port, and a client SSL context
+    that trusts that CA only."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
+    with open(tmp / "cert.pem", "wb") as f:
+        for pem in cert.cert_chain_pems:
+            f.write(pem.bytes())
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    args = [
+        "--tls-listen",
+        f"127.0.0.1:{free_port()}",
+        "--tls-cert",
+        str(tmp / "cert.pem"),
+        "--tls-key",
+        str(tmp / "key.pem"),
+    ]
+    return args, context
+
+
+def wait_tls_url(srv: "KytheraServer", within: float = 10.0) -> str:
+    """The server's first wss:// address (its line follows the ws:// one)."""
+    deadline = time.monotonic() + within
+    while not srv.tls_url and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not srv.tls_url:
+        raise ServerError(f"no wss:// listening line\n{srv.output_tail()}")
+    return srv.tls_url
+
+
 def _terminate_with_parent() -> None:
     """In the child before exec: SIGTERM when the parent dies (Linux prctl)."""
     try:

@@ -41,7 +41,8 @@ from kythera_proc import (  # noqa: E402
     KytheraServer,
     ServerError,
     add_server_arg_option,
-    free_port,
+    tls_options,
+    wait_tls_url,
 )
 
 SIZES = [0, 1, 125, 126, 1000, 65535, 65536, 500_000]
@@ -183,33 +184,6 @@ def run(url: str, rounds: int, seed: int) -> None:
     )
 
 
-def tls_server_args(tmp: Path) -> list[str]:
-    """A test CA (trusted by this client only) and a certificate for localhost from it,
-    as kythera's TLS options on a free port."""
-    import ssl
-
-    import trustme
-
-    global SSL_CONTEXT
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
-    for extra in cert.cert_chain_pems[1:]:
-        with open(tmp / "cert.pem", "ab") as f:
-            f.write(extra.bytes())
-    SSL_CONTEXT = ssl.create_default_context()
-    ca.configure_trust(SSL_CONTEXT)
-    return [
-        "--tls-listen",
-        f"127.0.0.1:{free_port()}",
-        "--tls-cert",
-        str(tmp / "cert.pem"),
-        "--tls-key",
-        str(tmp / "key.pem"),
-    ]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", help="test this running server instead of starting kythera")
@@ -222,7 +196,7 @@ def main() -> int:
     p.add_argument("--tls", action="store_true", help="run over wss:// (a test CA made here)")
     add_server_arg_option(p)
     args = p.parse_args()
-    global COMPRESSION
+    global COMPRESSION, SSL_CONTEXT
     COMPRESSION = None if args.compression == "none" else args.compression
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     try:
@@ -230,18 +204,15 @@ def main() -> int:
             run(args.url, args.rounds, seed)
         elif args.tls:
             with tempfile.TemporaryDirectory() as tmp:
-                extra = [*args.server_arg, *tls_server_args(Path(tmp))]
+                tls_args, SSL_CONTEXT = tls_options(Path(tmp))
                 with KytheraServer(
-                    args.binary, args.shards, extra_args=extra, name="python_client_tls"
+                    args.binary,
+                    args.shards,
+                    extra_args=[*args.server_arg, *tls_args],
+                    name="python_client_tls",
                 ) as srv:
-                    # The wss:// line follows the ws:// one that said the server is up.
-                    deadline = time.monotonic() + 10
-                    while not srv.tls_url and time.monotonic() < deadline:
-                        time.sleep(0.01)
-                    if not srv.tls_url:
-                        raise ServerError(f"no wss:// listening line\n{srv.output_tail()}")
                     # The certificate names localhost.
-                    url = srv.tls_url.replace("127.0.0.1", "localhost").rstrip("/")
+                    url = wait_tls_url(srv).replace("127.0.0.1", "localhost").rstrip("/")
                     run(url + args.path, args.rounds, seed)
         else:
             with KytheraServer(

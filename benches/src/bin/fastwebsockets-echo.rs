@@ -175,6 +175,23 @@ async fn raw_upgrade(mut stream: TcpStream) -> Result<WebSocket<TcpStream>, Stri
     Ok(WebSocket::after_handshake(stream, Role::Server))
 }
 
+/// hyper's HTTP/1 connection with upgrades (the documented fastwebsockets way), over a
+/// plain or a TLS stream.
+async fn serve_http<S>(stream: S, verbose: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let conn = http1::Builder::new()
+        .serve_connection(io, service_fn(move |req| server_upgrade(req, verbose)))
+        .with_upgrades();
+    if let Err(e) = conn.await
+        && verbose
+    {
+        eprintln!("fastwebsockets-echo: http: {e}");
+    }
+}
+
 /// tokio-rustls' acceptor for a PEM certificate chain and key.
 fn tls_acceptor(cert: &str, key: &str) -> Result<tokio_rustls::TlsAcceptor, String> {
     use rustls::pki_types::pem::PemObject;
@@ -251,15 +268,7 @@ fn main() {
                             return;
                         }
                     };
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let conn = http1::Builder::new()
-                        .serve_connection(io, service_fn(move |req| server_upgrade(req, verbose)))
-                        .with_upgrades();
-                    if let Err(e) = conn.await
-                        && verbose
-                    {
-                        eprintln!("fastwebsockets-echo: http: {e}");
-                    }
+                    serve_http(stream, verbose).await;
                 });
             } else if args.raw_handshake {
                 tokio::spawn(tokio::task::unconstrained(async move {
@@ -275,17 +284,7 @@ fn main() {
                     }
                 }));
             } else {
-                tokio::spawn(async move {
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let conn = http1::Builder::new()
-                        .serve_connection(io, service_fn(move |req| server_upgrade(req, verbose)))
-                        .with_upgrades();
-                    if let Err(e) = conn.await
-                        && verbose
-                    {
-                        eprintln!("fastwebsockets-echo: http: {e}");
-                    }
-                });
+                tokio::spawn(serve_http(stream, verbose));
             }
         }
     });
