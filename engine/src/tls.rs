@@ -460,6 +460,11 @@ impl TlsConn {
             }
         }
         let was_established = self.established;
+        if !was_established {
+            // A name noted for a connection that failed before taking it is not this
+            // one's.
+            HELLO_SERVER_NAME.with(|n| n.borrow_mut().take());
+        }
         let mut data = data;
         if self.established && !self.incoming.is_empty() {
             // The rest of a record cut by the end of the last receive: complete that
