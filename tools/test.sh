@@ -61,6 +61,12 @@ echo "== the published crates: docs with no warnings, cargo package, Rust $(msrv
 # `cargo package` packs each and builds it from its tarball against the others'
 # (a local overlay of the crates packed before it), as crates.io would.
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --locked
+# Cargo unpacks the overlay's tarballs under $CARGO_HOME/registry/src/-<hash of the
+# overlay's path>/ and reuses a crate unpacked there before, of the same name and version,
+# without comparing it; and a registry crate's build is fresh for as long as its version
+# is. A checkout at a path packaged before would be verified against the old sources (CI
+# failed this way once), so forget both the unpacked copies and our crates' builds.
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/kythera-* target/debug/.fingerprint/kythera-*
 cargo package --locked --allow-dirty --workspace \
     --exclude tools --exclude benches --exclude kythera-tests --exclude shout
 # rust-version is a promise: build the published crates with exactly that compiler
