@@ -144,6 +144,13 @@ echo "== python websockets client over wss:// (a TLS listener, a test CA from tr
 both_drivers .venv/bin/python tools/conformance/python_client.py --tls
 both_drivers .venv/bin/python tools/conformance/python_client.py --tls --compression deflate
 
+echo "== live handover to a new process (tools/conformance/handover.py): io_uring, epoll, and each to the other"
+# 1,000 echo clients and chat rooms through two handovers, a new process killed
+# midway, a gear that does not opt in, permessage-deflate, a half-received frame.
+.venv/bin/python tools/conformance/handover.py --old-io uring --new-io uring
+.venv/bin/python tools/conformance/handover.py --old-io epoll --new-io uring --clients 300
+.venv/bin/python tools/conformance/handover.py --old-io uring --new-io epoll --clients 300
+
 echo "== autobahn cases 1-13 (kosoku) against kythera, io_uring and epoll"
 # Cases 9.1.5-9.2.6 echo 8 and 16 MiB messages; the default limit (5,000,000 bytes,
 # antikythera's) would close them with 1009, which Autobahn counts as a failure. The

@@ -3,6 +3,7 @@
 
 use std::any::Any;
 use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -150,6 +151,9 @@ pub(crate) trait LiveConn {
     );
     /// The connection's bookkeeping.
     fn meta(&mut self) -> &mut Meta;
+    /// The gear's [`Websocket::freeze`] of the state (a live handover), or `None` if
+    /// the gear does not opt in (or panicked).
+    fn freeze(&self) -> Option<Vec<u8>>;
 }
 
 struct Live<G: Websocket> {
@@ -251,6 +255,11 @@ impl<G: Websocket> LiveConn for Live<G> {
     fn meta(&mut self) -> &mut Meta {
         &mut self.meta
     }
+
+    fn freeze(&self) -> Option<Vec<u8>> {
+        let gear = &self.mount.0.gear;
+        catch_unwind(AssertUnwindSafe(|| gear.freeze(&self.state))).unwrap_or(None)
+    }
 }
 
 /// A mounted gear without its type.
@@ -276,6 +285,9 @@ trait DynGear: Send + Sync {
     ) -> Box<dyn AnyRegistry>;
     /// Whether the gear's messages can cross processes (mounted with a codec).
     fn crosses_nodes(&self) -> bool;
+    /// A connection's state from its [`Websocket::freeze`] on another process, or
+    /// `None` if the gear refuses it (or panicked).
+    fn thaw(&self, frozen: &[u8], meta: Meta, admission: Admission) -> Option<Box<dyn LiveConn>>;
 }
 
 impl<G: Websocket> DynGear for Arc<Mount<G>> {
@@ -332,6 +344,17 @@ impl<G: Websocket> DynGear for Arc<Mount<G>> {
     fn crosses_nodes(&self) -> bool {
         self.codec.is_some()
     }
+
+    fn thaw(&self, frozen: &[u8], meta: Meta, admission: Admission) -> Option<Box<dyn LiveConn>> {
+        let gear = &self.gear;
+        let state = catch_unwind(AssertUnwindSafe(|| gear.thaw(frozen))).unwrap_or(None)?;
+        admission.keep();
+        Some(Box::new(Live {
+            mount: Place(Arc::clone(self)),
+            state,
+            meta,
+        }))
+    }
 }
 
 /// A gear's [`Registry`] without its message type.
@@ -381,6 +404,11 @@ trait GearShard: Any {
     fn await_names(&mut self, conn: ConnId, names: &[Box<str>]) -> bool;
     fn take_wakeups(&mut self, each: &mut dyn FnMut(usize));
     fn remove_conn(&mut self, conn: ConnId);
+    /// The connection's names and groups, then freed (a live handover).
+    fn take_holdings(&mut self, conn: ConnId) -> (Vec<Box<str>>, Vec<Box<str>>);
+    /// Takes `names` and joins `groups` for a connection handed over from another
+    /// process; how many failed (a name taken meanwhile, a full group).
+    fn restore(&mut self, conn: ConnId, names: &[String], groups: &[String]) -> usize;
     fn adopt_names(&mut self, conn: ConnId, names: Vec<Box<str>>);
     /// Takes up to `max` envelopes into `batch` (a `Vec<Inbound<M>>` of the gear's
     /// type, kept by [`Registries`] from turn to turn so that delivering allocates
@@ -407,6 +435,19 @@ impl<M: Clone + Send + 'static> GearShard for TypedShard<M> {
     }
     fn remove_conn(&mut self, conn: ConnId) {
         self.reg.remove_conn(conn);
+    }
+    fn take_holdings(&mut self, conn: ConnId) -> (Vec<Box<str>>, Vec<Box<str>>) {
+        self.reg.take_holdings(conn)
+    }
+    fn restore(&mut self, conn: ConnId, names: &[String], groups: &[String]) -> usize {
+        let mut failed = 0;
+        for name in names {
+            failed += usize::from(self.reg.register(conn, name).is_err());
+        }
+        for group in groups {
+            failed += usize::from(self.reg.join(conn, group).is_err());
+        }
+        failed
     }
     fn adopt_names(&mut self, conn: ConnId, names: Vec<Box<str>>) {
         self.reg.adopt_names(conn, names);
@@ -482,6 +523,34 @@ impl Registries {
     pub(crate) fn remove_conn(&mut self, gear: usize, conn: ConnId) {
         if let Some(Some(g)) = self.gears.get_mut(gear) {
             g.remove_conn(conn);
+        }
+    }
+
+    /// The names and groups `conn` holds in `gear`'s registry, then freed: for a
+    /// connection handed over to another process.
+    pub(crate) fn take_holdings(
+        &mut self,
+        gear: usize,
+        conn: ConnId,
+    ) -> (Vec<Box<str>>, Vec<Box<str>>) {
+        match self.gears.get_mut(gear) {
+            Some(Some(g)) => g.take_holdings(conn),
+            _ => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Takes `names` and joins `groups` for a connection handed over from another
+    /// process; how many of them failed.
+    pub(crate) fn restore(
+        &mut self,
+        gear: usize,
+        conn: ConnId,
+        names: &[String],
+        groups: &[String],
+    ) -> usize {
+        match self.gears.get_mut(gear) {
+            Some(Some(g)) => g.restore(conn, names, groups),
+            _ => names.len() + groups.len(),
         }
     }
 
@@ -893,6 +962,22 @@ impl App {
 
     pub(crate) fn pattern(&self, gear: usize) -> &str {
         &self.gears[gear].pattern
+    }
+
+    /// The gear mounted on `pattern` (a connection handed over names its gear so).
+    pub(crate) fn gear_by_pattern(&self, pattern: &str) -> Option<usize> {
+        self.gears.iter().position(|g| g.pattern == pattern)
+    }
+
+    /// A handed-over connection's gear state, thawed; `None` if the gear refused it.
+    pub(crate) fn thaw(
+        &self,
+        gear: usize,
+        frozen: &[u8],
+        meta: Meta,
+        admission: Admission,
+    ) -> Option<Box<dyn LiveConn>> {
+        self.gears[gear].gear.thaw(frozen, meta, admission)
     }
 
     /// Takes a place in the gear's connection limit, or `None` when it is full.

@@ -56,6 +56,7 @@
 pub mod config;
 pub mod driver;
 pub mod gear;
+pub mod handover;
 pub mod observe;
 pub mod origin;
 pub mod protocol;

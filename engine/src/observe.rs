@@ -178,6 +178,11 @@ struct CauseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DriverLabel {
     driver: String,
 }
@@ -322,6 +327,14 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
          alert from the client), protocol (anything else rustls refused), incomplete \
          (closed before the handshake completed: the handshake timeout, or the client left)",
     );
+    let handover = counter_family::<ResultLabel>(
+        &mut reg,
+        "handover_connections",
+        "Connections in live handovers, by result: moved (handed to the new process), \
+         closed (closed with 1001 instead), taken (taken over from the old process), refused \
+         (this build refused the state: the old process closes it with 1001), failed (the \
+         socket could not be adopted: the same)",
+    );
 
     let gear_names: Vec<String> = (0..app.gear_count())
         .map(|g| app.pattern(g).to_owned())
@@ -426,6 +439,15 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
             ("incomplete", c.tls_failed_incomplete),
         ] {
             tls_failed.get_or_create(&CauseLabel { cause }).inc_by(n);
+        }
+        for (result, n) in [
+            ("moved", c.handover_moved),
+            ("closed", c.handover_closed),
+            ("taken", c.handover_taken),
+            ("refused", c.handover_refused),
+            ("failed", c.handover_failed),
+        ] {
+            handover.get_or_create(&ResultLabel { result }).inc_by(n);
         }
         open.get_or_create(&label).set(c.open() as i64);
         let running: u64 = shared.gear_counters[i]

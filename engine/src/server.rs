@@ -44,6 +44,7 @@ use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::thread::JoinHandle;
@@ -60,6 +61,7 @@ use crate::config::{Limits, default_max_connections};
 use crate::driver::listener::{bind_reuseport, ensure_unused};
 use crate::driver::{DriverKind, IoChoice};
 use crate::gear::App;
+use crate::handover::{Giver, HandoverState, ListenerInfo, Taker};
 use crate::observe::{AllGearCounters, GearCounters, Http, HttpConfig};
 use crate::origin::OriginPolicy;
 use crate::route::InvalidRoute;
@@ -89,6 +91,8 @@ pub(crate) struct Shared {
     pub(crate) gear_counters: AllGearCounters,
     /// The I/O driver every shard runs on.
     pub(crate) driver: DriverKind,
+    /// A live handover to or from another process.
+    pub(crate) handover: HandoverState,
 }
 
 impl Shared {
@@ -132,6 +136,14 @@ pub enum StartError {
     EventFd(io::Error),
     /// `KYTHERA_IO` names no driver.
     InvalidIo(String),
+    /// The handover socket could not be bound, or taking over from the process on it
+    /// failed ([`ServerBuilder::handover_socket`], [`ServerBuilder::take_over`]).
+    Handover {
+        /// The socket's path.
+        path: PathBuf,
+        /// What failed.
+        source: io::Error,
+    },
 }
 
 impl fmt::Display for StartError {
@@ -155,6 +167,9 @@ impl fmt::Display for StartError {
             StartError::Route(err) => err.fmt(f),
             StartError::EventFd(err) => write!(f, "cannot create a shard's eventfd: {err}"),
             StartError::InvalidIo(msg) => write!(f, "KYTHERA_IO: {msg}"),
+            StartError::Handover { path, source } => {
+                write!(f, "handover socket {}: {source}", path.display())
+            }
         }
     }
 }
@@ -166,6 +181,7 @@ impl std::error::Error for StartError {
             StartError::Bind { source, .. } => Some(source),
             StartError::Route(err) => Some(err),
             StartError::EventFd(err) => Some(err),
+            StartError::Handover { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -229,6 +245,8 @@ pub struct ServerBuilder {
     route_error: Option<InvalidRoute>,
     backplane: Option<Arc<dyn Backplane>>,
     io: Option<IoChoice>,
+    handover_socket: Option<PathBuf>,
+    take_over: Option<PathBuf>,
 }
 
 impl fmt::Debug for ServerBuilder {
@@ -246,6 +264,25 @@ impl fmt::Debug for ServerBuilder {
 }
 
 impl ServerBuilder {
+    /// Listens on the Unix socket `path` for a new process that takes over this one's
+    /// listeners and connections ([`ServerBuilder::take_over`]; README, "Deploying
+    /// without disconnecting"). Once it has, [`Server::run`] returns when this process
+    /// holds nothing more.
+    pub fn handover_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.handover_socket = Some(path.into());
+        self
+    }
+
+    /// Takes over the listeners and connections of the process listening on the Unix
+    /// socket `path` ([`ServerBuilder::handover_socket`]) instead of binding: the
+    /// listeners when the server is built, the connections once it runs. The addresses
+    /// given to [`ServerBuilder::listen`] and [`ServerBuilder::tls_listen`] must be the
+    /// old process's (any not handed over is bound as usual).
+    pub fn take_over(mut self, path: impl Into<PathBuf>) -> Self {
+        self.take_over = Some(path.into());
+        self
+    }
+
     /// The I/O driver: [`IoChoice::Auto`] (io_uring when the start-up probe passes,
     /// else epoll, with one log line that says why), [`IoChoice::Uring`] (or refuse to
     /// start with the probe's explanation) or [`IoChoice::Epoll`]. Without this call
@@ -414,6 +451,8 @@ impl ServerBuilder {
             route_error,
             backplane,
             io,
+            handover_socket,
+            take_over,
         } = self;
         if let Some(err) = route_error {
             return Err(StartError::Route(err));
@@ -441,13 +480,49 @@ impl ServerBuilder {
             ..Limits::default()
         }));
 
-        let mut listeners: Vec<Vec<TcpListener>> = (0..shards).map(|_| Vec::new()).collect();
+        // Taking over: the old process's listeners first (it stops accepting on them
+        // once we have them, so no connection waits for a listener meanwhile).
+        let (taker, mut taken) = match &take_over {
+            Some(path) => {
+                let (taker, taken) =
+                    Taker::connect(path).map_err(|source| StartError::Handover {
+                        path: path.clone(),
+                        source,
+                    })?;
+                (Some(taker), taken)
+            }
+            None => (None, Vec::new()),
+        };
+        let mut listeners: Vec<Vec<(TcpListener, bool)>> =
+            (0..shards).map(|_| Vec::new()).collect();
         let mut local_addrs = Vec::with_capacity(addrs.len());
-        for addr in addrs {
+        for (i, addr) in addrs.into_iter().enumerate() {
+            let tls = i >= tls_from;
             let bind = |addr: SocketAddr| {
                 bind_reuseport(addr, tuning.backlog)
                     .map_err(|source| StartError::Bind { addr, source })
             };
+            let mut mine: Vec<TcpListener> = Vec::new();
+            let (matching, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut taken)
+                .into_iter()
+                .partition(|(info, _)| info.addr == addr && info.tls == tls);
+            taken = rest;
+            mine.extend(matching.into_iter().map(|(_, l)| l));
+            if !mine.is_empty() {
+                // Every shard gets at least one of the address's listeners: the old
+                // process's, spread over the shards, and new ones in the same
+                // SO_REUSEPORT group where there are fewer.
+                let mut i = 0;
+                for l in mine {
+                    listeners[i % shards].push((l, tls));
+                    i += 1;
+                }
+                for shard in listeners.iter_mut().skip(i) {
+                    shard.push((bind(addr)?, tls));
+                }
+                local_addrs.push(addr);
+                continue;
+            }
             // SO_REUSEPORT would let this server join another's listeners on the
             // address; refuse as for any other address in use. (Port 0 asks for a
             // fresh port, which nobody holds.)
@@ -458,12 +533,40 @@ impl ServerBuilder {
             let actual = first
                 .local_addr()
                 .map_err(|source| StartError::Bind { addr, source })?;
-            listeners[0].push(first);
+            listeners[0].push((first, tls));
             for shard in listeners.iter_mut().skip(1) {
-                shard.push(bind(actual)?);
+                shard.push((bind(actual)?, tls));
             }
             local_addrs.push(actual);
         }
+        for (info, _) in &taken {
+            tracing::warn!(addr = %info.addr, tls = info.tls, "handover: the old process listened on an address this one does not; closing it");
+        }
+        let giver = match &handover_socket {
+            Some(path) => {
+                let mut copies = Vec::new();
+                for (l, tls) in listeners.iter().flatten() {
+                    let addr = l.local_addr().map_err(|source| StartError::Handover {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    let copy = l.try_clone().map_err(|source| StartError::Handover {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    copies.push((ListenerInfo { addr, tls: *tls }, copy));
+                }
+                Some(
+                    Giver::bind(path, copies, take_over.is_none()).map_err(|source| {
+                        StartError::Handover {
+                            path: path.clone(),
+                            source,
+                        }
+                    })?,
+                )
+            }
+            None => None,
+        };
         let event_fds: Arc<[OwnedFd]> = (0..shards)
             .map(|_| crate::driver::sys::eventfd())
             .collect::<io::Result<Vec<_>>>()
@@ -491,6 +594,7 @@ impl ServerBuilder {
                 })
                 .collect(),
             driver,
+            handover: HandoverState::new(shards),
         });
         app.set_http(Http {
             config: http,
@@ -500,6 +604,8 @@ impl ServerBuilder {
             app: Arc::new(app),
             tls,
             tls_from,
+            giver,
+            taker,
             listeners,
             local_addrs,
             shared,
@@ -579,7 +685,9 @@ pub struct Server {
     tls: Option<TlsConfig>,
     /// Where the TLS listeners start in each shard's list (and in `local_addrs`).
     tls_from: usize,
-    listeners: Vec<Vec<TcpListener>>,
+    giver: Option<Giver>,
+    taker: Option<Taker>,
+    listeners: Vec<Vec<(TcpListener, bool)>>,
     local_addrs: Vec<SocketAddr>,
     shared: Arc<Shared>,
     tuning: ShardTuning,
@@ -617,6 +725,8 @@ impl Server {
             route_error: None,
             backplane: None,
             io: None,
+            handover_socket: None,
+            take_over: None,
         }
     }
 
@@ -671,9 +781,34 @@ impl Server {
             release_memory,
             driver,
             tls,
-            tls_from,
+            giver,
+            taker,
             ..
         } = self;
+        // Taking over: the connections arrive on a thread of their own, which then
+        // listens for the next taker if asked to (the old process listened on the
+        // socket until it was done).
+        let giver_thread = if giver.is_some() || taker.is_some() {
+            let shared = Arc::clone(&shared);
+            Some(
+                std::thread::Builder::new()
+                    .name("kythera-handover".into())
+                    .spawn(move || {
+                        if let Some(taker) = taker {
+                            taker.run(Arc::clone(&shared));
+                        }
+                        if let Some(giver) = giver {
+                            giver.run(shared);
+                        }
+                    }),
+            )
+        } else {
+            None
+        };
+        let giver_thread = match giver_thread.transpose() {
+            Ok(t) => t,
+            Err(err) => return Err(RunError::Spawn(err)),
+        };
         let mut threads: Vec<(usize, JoinHandle<io::Result<()>>)> = Vec::new();
         let mut first_error = None;
         for (index, listeners) in listeners.into_iter().enumerate() {
@@ -686,7 +821,6 @@ impl Server {
                 release_memory,
                 driver,
                 tls: tls.clone(),
-                tls_from,
             };
             let shared_for_thread = Arc::clone(&shared);
             // In a cluster every log line of the shard names the node.
@@ -721,6 +855,14 @@ impl Server {
                 }
             };
             first_error.get_or_insert(result);
+        }
+        // Handing over: the handover thread sends what the shards left it, then says
+        // done. (Without a handover under way it is waiting for a taker: not joined.)
+        if let Some(thread) = giver_thread {
+            shared.handover.finish();
+            if shared.handover.attempt() != 0 {
+                let _ = thread.join();
+            }
         }
         // The shards have let go of every connection (and so given up their names and
         // memberships): the backplane sends that to Redis and leaves the cluster.

@@ -124,4 +124,32 @@ pub trait Websocket: Send + Sync + 'static {
     ) {
         let _ = (state, reason, ctx);
     }
+
+    /// Opts the gear in to live handover (`kythera --take-over`, see the README's
+    /// "Deploying without disconnecting"): the connection's state as bytes, which the
+    /// new process gives to [`Websocket::thaw`]. Called on the old process once the
+    /// connection is quiet (nothing half received or queued); once the new process has
+    /// taken the connection, the state is dropped there without `terminate`, which the
+    /// new process calls when the connection ends.
+    ///
+    /// `None` (the default) keeps the connection out of the handover: it is closed with
+    /// 1001 "please reconnect" on the old process and terminated there, as by a drain.
+    ///
+    /// Put a version in the bytes (a first byte, say, or a field of a serde struct),
+    /// so that a newer build's `thaw` can convert an older format or refuse it.
+    /// Names and group memberships are not part of the state: the engine moves them.
+    fn freeze(&self, state: &Self::State) -> Option<Vec<u8>> {
+        let _ = state;
+        None
+    }
+
+    /// The state that [`Websocket::freeze`] gave on the old process, in the new one.
+    /// `None` refuses it (a format this build does not know): the old process, which
+    /// kept the connection until this answer, closes it with 1001 "please reconnect"
+    /// and calls `terminate` there, as for a gear that does not opt in. Default:
+    /// refuse.
+    fn thaw(&self, frozen: &[u8]) -> Option<Self::State> {
+        let _ = frozen;
+        None
+    }
 }

@@ -373,6 +373,21 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
         }
     }
 
+    /// The names and groups `conn` holds (groups by name), then frees them as
+    /// [`ShardRegistry::remove_conn`] does: for a connection leaving the process in a
+    /// live handover, whose new process takes the same names and joins the same groups.
+    pub fn take_holdings(&mut self, conn: ConnId) -> (Vec<Box<str>>, Vec<Box<str>>) {
+        let held = match self.holdings.get(&conn) {
+            Some(h) => (
+                h.names.clone(),
+                h.groups.iter().map(|g| g.name.clone()).collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        self.remove_conn(conn);
+        held
+    }
+
     /// Frees everything `conn` holds: its names and memberships. Called when the
     /// connection terminates (before and after its `terminate` callback).
     pub fn remove_conn(&mut self, conn: ConnId) {

@@ -154,6 +154,21 @@ pub struct Args {
     /// Log line format [default: pretty].
     #[arg(long, value_name = "FORMAT", env = "KYTHERA_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Unix socket on which a new process (started with --take-over PATH) can take
+    /// this one's listeners and connections; this process exits 0 once it holds
+    /// nothing (README, "Deploying without disconnecting") [default: none].
+    #[arg(long, value_name = "PATH", env = "KYTHERA_HANDOVER_SOCKET")]
+    pub handover_socket: Option<PathBuf>,
+    /// Take over the listeners and connections of the process listening on this Unix
+    /// socket (its --handover-socket) instead of binding; give the same listen
+    /// addresses [default: none].
+    #[arg(long, value_name = "PATH", env = "KYTHERA_TAKE_OVER")]
+    pub take_over: Option<PathBuf>,
+    /// Put this text before every text message the echo gear sends back, to tell one
+    /// build from another (a handover test sees where the answers switch)
+    /// [default: none].
+    #[arg(long, value_name = "TEXT", env = "KYTHERA_ECHO_PREFIX")]
+    pub echo_prefix: Option<String>,
     /// The I/O driver: auto (io_uring when it works here, else epoll), uring, or epoll
     /// [default: auto].
     #[arg(long, value_name = "DRIVER", env = "KYTHERA_IO")]
@@ -261,6 +276,9 @@ pub struct File {
     recv_buffers: Option<u16>,
     recv_buffers_incremental: Option<bool>,
     log_format: Option<LogFormat>,
+    handover_socket: Option<PathBuf>,
+    take_over: Option<PathBuf>,
+    echo_prefix: Option<String>,
     io: Option<IoArg>,
     deflate: Option<bool>,
     deflate_server_no_context_takeover: Option<bool>,
@@ -324,6 +342,12 @@ pub struct Settings {
     pub cluster: Option<ClusterSettings>,
     /// Origins allowed besides the server's own (`*`: any).
     pub allowed_origins: Vec<String>,
+    /// Where a new process can take this one over.
+    pub handover_socket: Option<PathBuf>,
+    /// The process to take over.
+    pub take_over: Option<PathBuf>,
+    /// The echo gear's prefix for text.
+    pub echo_prefix: Option<String>,
 }
 
 /// The TLS listeners and their certificate.
@@ -712,6 +736,17 @@ pub fn resolve(args: &Args, sources: &Sources, file: &File) -> Result<Settings, 
         .pick("log_format", &args.log_format, &file.log_format)
         .0
         .unwrap_or(LogFormat::Pretty);
+    let handover_socket = p
+        .pick(
+            "handover_socket",
+            &args.handover_socket,
+            &file.handover_socket,
+        )
+        .0;
+    let take_over = p.pick("take_over", &args.take_over, &file.take_over).0;
+    let echo_prefix = p
+        .pick("echo_prefix", &args.echo_prefix, &file.echo_prefix)
+        .0;
     let d = defaults.deflate;
     let deflate = kythera_engine::config::DeflateConfig {
         enabled: p
@@ -850,6 +885,9 @@ pub fn resolve(args: &Args, sources: &Sources, file: &File) -> Result<Settings, 
         io,
         cluster,
         allowed_origins,
+        handover_socket,
+        take_over,
+        echo_prefix,
     })
 }
 

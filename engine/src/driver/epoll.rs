@@ -28,7 +28,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use tracing::info;
@@ -575,6 +575,38 @@ impl Driver for EpollDriver {
             index: slot.index,
             res,
         });
+        Ok(())
+    }
+
+    fn detach(&mut self, slot: Slot) -> io::Result<()> {
+        // SAFETY: the slot's descriptor is the connection's, open until the shard
+        // closes it (`close` below), which it does only after this event.
+        let fd = unsafe { BorrowedFd::borrow_raw(slot.index as RawFd) };
+        let result = fd
+            .try_clone_to_owned()
+            .map_err(|err| err.raw_os_error().unwrap_or(libc::EIO));
+        self.queue(Event::Detached {
+            index: slot.index,
+            result,
+        });
+        Ok(())
+    }
+
+    fn adopt(&mut self, fd: OwnedFd, token: u32) -> io::Result<()> {
+        // The socket may come from an io_uring process, whose sockets block.
+        let result = match socket2::SockRef::from(&fd).set_nonblocking(true) {
+            Ok(()) => {
+                let index = fd.into_raw_fd() as u32;
+                let slot = index as usize;
+                if self.interest.len() <= slot {
+                    self.interest.resize(slot + 1, 0);
+                }
+                self.interest[slot] = OPEN;
+                Ok(index)
+            }
+            Err(err) => Err(err.raw_os_error().unwrap_or(libc::EIO)),
+        };
+        self.queue(Event::Adopted { token, result });
         Ok(())
     }
 

@@ -32,6 +32,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
 use std::str::FromStr;
 
 use crate::session::Output;
@@ -150,6 +151,18 @@ pub(crate) enum Event<R> {
     Closed { index: u32, res: i32 },
     /// Another shard or a foreign thread asked this shard to look at its queues.
     Woken,
+    /// [`Driver::detach`] is over: a descriptor of the connection's socket of its own
+    /// (the slot stays the connection's until it is closed), or an errno.
+    Detached {
+        index: u32,
+        result: Result<OwnedFd, i32>,
+    },
+    /// [`Driver::adopt`] is over: the socket's slot, or an errno (the socket was
+    /// closed).
+    Adopted {
+        token: u32,
+        result: Result<u32, i32>,
+    },
 }
 
 /// What a recv event carries, read by [`Driver::receive`].
@@ -211,6 +224,12 @@ pub(crate) trait Driver {
     fn close(&mut self, slot: Slot) -> io::Result<()>;
     /// Wakes shard `target` (which may be asleep in its wait).
     fn wake(&mut self, target: usize) -> io::Result<()>;
+    /// Makes a plain descriptor of a connection's socket, for another process (live
+    /// handover); [`Event::Detached`] follows. The connection has nothing in flight.
+    fn detach(&mut self, slot: Slot) -> io::Result<()>;
+    /// Takes a connected socket from another process into a slot of this driver;
+    /// [`Event::Adopted`] follows with `token`.
+    fn adopt(&mut self, fd: OwnedFd, token: u32) -> io::Result<()>;
 }
 
 /// Adds to a counter that only the owning shard's thread writes.

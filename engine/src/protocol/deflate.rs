@@ -115,7 +115,7 @@ impl DeflateConfig {
 }
 
 /// What was agreed for one connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Agreed {
     /// The server compresses every message on its own.
     pub server_no_context_takeover: bool,

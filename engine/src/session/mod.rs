@@ -35,6 +35,7 @@ mod closing;
 mod deadlines;
 mod events;
 mod from_server;
+mod handover;
 mod handshake;
 mod output;
 mod partial_frame;
@@ -43,6 +44,7 @@ mod staged_echo;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use handover::{Readiness, Thawed};
 use handshake::Handshaking;
 use output::Tx;
 pub use output::{Chunk, Output, TX_QUIET_MS};

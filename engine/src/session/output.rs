@@ -70,6 +70,17 @@ impl Tx {
 }
 
 impl Tx {
+    /// Nothing half received, queued or in flight, and no closing handshake: what a
+    /// connection handed over to another process must be (a ping awaiting its pong is
+    /// fine: the pong goes to the new process, which did not ask for it and ignores
+    /// it).
+    pub(super) fn is_quiet(&self) -> bool {
+        self.nothing_queued()
+            && self.partial.is_none()
+            && self.in_flight == 0
+            && self.closing.is_open()
+    }
+
     /// No output waits to be handed to the shard.
     pub(super) fn nothing_queued(&self) -> bool {
         self.out.len() == usize::from(self.out_start) && self.chunks.is_empty()

@@ -55,6 +55,12 @@ impl ConnFlags {
     pub(super) const SENDING: u16 = 1 << 12;
     /// The connection speaks TLS (its state is in the shard's `tls_conns`).
     pub(super) const TLS: u16 = 1 << 13;
+    /// Its recv was cancelled (or its socket is being detached) to hand it over to
+    /// another process (`handover`).
+    pub(super) const HANDOVER: u16 = 1 << 14;
+    /// Handed over: the session is over here without `terminate`; only the close of
+    /// this process's descriptor is left.
+    pub(super) const MOVED: u16 = 1 << 15;
 
     pub(super) fn has(self, bit: u16) -> bool {
         self.0 & bit != 0

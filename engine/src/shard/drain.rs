@@ -109,6 +109,14 @@ impl<D: Driver> Shard<D> {
             drain.forced = true;
         }
         for (index, generation) in to_start {
+            // Sent to a new process (`handover`): it is the new process's to close,
+            // unless that one goes away, when it comes back here to be drained.
+            if self.parked.contains_key(&index) {
+                if let Some(drain) = self.drain.as_mut() {
+                    drain.queue.push_back((index, generation));
+                }
+                continue;
+            }
             let Some(conn) = conn_in(&mut self.conns, index) else {
                 continue;
             };
@@ -126,9 +134,10 @@ impl<D: Driver> Shard<D> {
                 .conns
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| {
+                .filter(|(i, c)| {
                     c.as_ref()
                         .is_some_and(|c| !c.flags.has(ConnFlags::CLOSE_SENT))
+                        && !self.parked.contains_key(&(*i as u32))
                 })
                 .map(|(i, _)| i as u32)
                 .collect();
@@ -148,6 +157,10 @@ impl<D: Driver> Shard<D> {
     /// Whether the shard may stop: draining, and nothing left open or in flight (or
     /// the grace after forcing closes has run out).
     pub(super) fn drained(&self) -> bool {
+        if self.handing.is_some() && self.open == 0 && self.driver.in_flight() == 0 {
+            // Everything was handed over (or closed).
+            return true;
+        }
         let Some(drain) = &self.drain else {
             return false;
         };

@@ -69,6 +69,7 @@ use crate::tls::{Failure, TlsConfig, TlsConn};
 mod conn;
 mod deadlines;
 mod drain;
+mod handover;
 mod memory_release;
 mod stats;
 
@@ -155,16 +156,15 @@ const REGISTRY_BATCH: usize = 4096;
 /// What a shard thread is given.
 pub(crate) struct ShardSetup {
     pub index: usize,
-    pub listeners: Vec<TcpListener>,
+    /// The listeners, each with whether its connections speak TLS.
+    pub listeners: Vec<(TcpListener, bool)>,
     pub app: Arc<App>,
     pub shared: Arc<Shared>,
     pub tuning: ShardTuning,
     pub release_memory: Option<fn()>,
     pub driver: DriverKind,
-    /// The TLS settings of the TLS listeners: those of `listeners` from index
-    /// `tls_from` on.
+    /// The TLS settings of the TLS listeners.
     pub tls: Option<TlsConfig>,
-    pub tls_from: usize,
 }
 
 /// The body of a shard thread: pins it, sets the shard up on the chosen driver and
@@ -247,6 +247,13 @@ struct Shard<D: Driver> {
     tls_conns: ByIndex<Box<TlsConn>>,
     /// Where a TLS connection's received bytes are decrypted to, for its session.
     tls_plain: Vec<u8>,
+    /// Handing connections over to a new process (`handover`).
+    handing: Option<handover::Handing>,
+    /// Connections sent to a new process, until it answers (`handover`).
+    parked: ByIndex<handover::Parked>,
+    /// Connections from an old process whose sockets are being adopted, by token.
+    adopting: ByIndex<crate::session::Thawed>,
+    next_adopt_token: u32,
 }
 
 impl<D: Driver> Shard<D> {
@@ -260,7 +267,6 @@ impl<D: Driver> Shard<D> {
             release_memory,
             driver: _,
             tls,
-            tls_from,
         } = setup;
         let now_ms = shared.now_ms();
         let sweep_ms = deadlines::idle_sweep_ms(&app, &tuning);
@@ -268,10 +274,9 @@ impl<D: Driver> Shard<D> {
         let shards = shared.event_fds.len();
         let listeners = listeners
             .into_iter()
-            .enumerate()
-            .map(|(i, l)| Listener {
+            .map(|(l, tls)| Listener {
                 ipv6: l.local_addr().map(|a| a.is_ipv6()).unwrap_or(false),
-                tls: i >= tls_from,
+                tls,
                 socket: Some(l),
                 armed: false,
                 backoff_needed: false,
@@ -312,6 +317,10 @@ impl<D: Driver> Shard<D> {
             tls_current: None,
             tls_conns: ByIndex::default(),
             tls_plain: Vec::new(),
+            handing: None,
+            parked: ByIndex::default(),
+            adopting: ByIndex::default(),
+            next_adopt_token: 0,
         }
     }
 
@@ -326,8 +335,10 @@ impl<D: Driver> Shard<D> {
         loop {
             // Block only with nothing inbound and no notification pending (see
             // `kythera_registry::Wakeup`); otherwise just submit and turn again.
-            let may_sleep =
-                !self.regs.has_inbound() && self.shared.wakeup.prepare_sleep(self.index);
+            let may_sleep = !self.regs.has_inbound()
+                && !self.shared.handover.has_incoming(self.index)
+                && !self.shared.handover.has_acks(self.index)
+                && self.shared.wakeup.prepare_sleep(self.index);
             let wait_ms = if may_sleep {
                 self.timers.until_next_tick_ms(self.now_ms)
             } else {
@@ -371,6 +382,9 @@ impl<D: Driver> Shard<D> {
             self.drain_step();
             self.close_listeners_when_done()?;
         }
+        self.handover_step()?;
+        self.take_acks();
+        self.take_incoming()?;
         self.deliver_registry();
         if let Some(hook) = self.release.due(self.now_ms) {
             let started = std::time::Instant::now();
@@ -424,6 +438,8 @@ impl<D: Driver> Shard<D> {
             }
             // The turn delivers whatever other shards queued.
             Event::Woken => Ok(()),
+            Event::Detached { index, result } => self.on_detached(index, result),
+            Event::Adopted { token, result } => self.on_adopted(token, result),
         }
     }
 
@@ -539,6 +555,8 @@ impl<D: Driver> Shard<D> {
             l.armed = false;
             if closing {
                 l.socket = None;
+            } else if self.handing.is_some() {
+                // Handing over: the new process accepts on this socket now.
             } else if std::mem::take(&mut l.backoff_needed) {
                 l.backing_off = true;
                 let at = self.now_ms + self.tuning.accept_backoff_ms;
@@ -550,7 +568,9 @@ impl<D: Driver> Shard<D> {
         Ok(())
     }
 
-    fn add_conn(&mut self, index: u32, ipv6: bool, tls: bool) -> io::Result<()> {
+    /// Makes room for a new connection in slot `index` (a socket just accepted or
+    /// adopted) and gives it the next generation.
+    fn claim_slot(&mut self, index: u32) -> u32 {
         let slot = index as usize;
         if self.conns.len() <= slot {
             self.conns.resize_with(slot + 1, || None);
@@ -558,6 +578,12 @@ impl<D: Driver> Shard<D> {
         debug_assert!(self.conns[slot].is_none(), "slot {slot} reused while open");
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & MAX_GENERATION;
+        generation
+    }
+
+    fn add_conn(&mut self, index: u32, ipv6: bool, tls: bool) -> io::Result<()> {
+        let slot = index as usize;
+        let generation = self.claim_slot(index);
         let mut flags = ConnFlags::default();
         flags.set(ConnFlags::PEER_PENDING, true);
         if tls {
@@ -661,8 +687,12 @@ impl<D: Driver> Shard<D> {
                     session.on_recv(id, received.data, now_ms, &self.app, &mut self.regs);
                 }
             }
+            let paused = conn.flags.has(ConnFlags::HANDOVER)
+                && end == Some(RecvEnd::Closed(Some(libc::ECANCELED)));
             match end {
                 None | Some(RecvEnd::NoBuffers) => {}
+                // The recv was cancelled to hand the connection over (`handover`).
+                Some(RecvEnd::Closed(_)) if paused => {}
                 Some(RecvEnd::Closed(errno)) => {
                     // End-of-file, or an error (ECANCELED after a failed shutdown).
                     conn.flags.set(ConnFlags::RECV_ENDED, true);
@@ -674,6 +704,12 @@ impl<D: Driver> Shard<D> {
             }
             if !more {
                 conn.flags.set(ConnFlags::RECV_ARMED, false);
+                if paused {
+                    self.driver.release(token);
+                    self.recv_paused(index);
+                    self.touch(index);
+                    return;
+                }
                 if !conn.flags.has(ConnFlags::RECV_ENDED) {
                     bump(&self.shared.stats[shard].recv_rearms, 1);
                     self.rearm.push(index);
@@ -829,6 +865,12 @@ impl<D: Driver> Shard<D> {
         };
         conn.flags.set(ConnFlags::TOUCHED, false);
         if conn.flags.has(ConnFlags::CLOSE_SENT) {
+            return Ok(());
+        }
+        // Sent to a new process (`handover`): until it answers, nothing is written
+        // here, where it could interleave with what the new process writes. Should it
+        // go away, what was queued meanwhile goes out then.
+        if self.parked.contains_key(&index) {
             return Ok(());
         }
         let slot = conn.slot(index);
@@ -994,8 +1036,9 @@ fn event_slot<R>(event: &Event<R>) -> Option<u32> {
         | Event::Recv { index, .. }
         | Event::Sent { index, .. }
         | Event::Shutdown { index, .. }
-        | Event::Closed { index, .. } => Some(*index),
-        Event::Accept { .. } | Event::Woken => None,
+        | Event::Closed { index, .. }
+        | Event::Detached { index, .. } => Some(*index),
+        Event::Accept { .. } | Event::Woken | Event::Adopted { .. } => None,
     }
 }
 

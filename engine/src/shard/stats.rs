@@ -32,6 +32,11 @@ pub struct ShardStats {
     pub(crate) tls_failed_refused: AtomicU64,
     pub(crate) tls_failed_protocol: AtomicU64,
     pub(crate) tls_failed_incomplete: AtomicU64,
+    pub(crate) handover_moved: AtomicU64,
+    pub(crate) handover_closed: AtomicU64,
+    pub(crate) handover_taken: AtomicU64,
+    pub(crate) handover_refused: AtomicU64,
+    pub(crate) handover_failed: AtomicU64,
 }
 
 /// A snapshot of a shard's counters.
@@ -92,6 +97,19 @@ pub struct ShardCounters {
     /// TLS connections closed before their handshake completed (the handshake timeout,
     /// or a client that left).
     pub tls_failed_incomplete: u64,
+    /// Handover, old process: connections handed to the new process.
+    pub handover_moved: u64,
+    /// Handover, old process: connections closed with 1001 instead (their gear does
+    /// not opt in, TLS, permessage-deflate with context takeover, or the deadline).
+    pub handover_closed: u64,
+    /// Handover, new process: connections taken over.
+    pub handover_taken: u64,
+    /// Handover, new process: connections whose state this build refused (gear not
+    /// mounted here, full, or `thaw` said no); the old process closes them with 1001.
+    pub handover_refused: u64,
+    /// Handover, new process: sockets that could not be adopted; the old process
+    /// closes them with 1001.
+    pub handover_failed: u64,
 }
 
 impl ShardCounters {
@@ -138,6 +156,11 @@ impl ShardStats {
             tls_failed_refused: get(&self.tls_failed_refused),
             tls_failed_protocol: get(&self.tls_failed_protocol),
             tls_failed_incomplete: get(&self.tls_failed_incomplete),
+            handover_moved: get(&self.handover_moved),
+            handover_closed: get(&self.handover_closed),
+            handover_taken: get(&self.handover_taken),
+            handover_refused: get(&self.handover_refused),
+            handover_failed: get(&self.handover_failed),
         }
     }
 }

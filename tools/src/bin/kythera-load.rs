@@ -43,6 +43,10 @@ enum Command {
         /// Frame kind.
         #[arg(long, value_enum, default_value_t = KindArg::Text)]
         kind: KindArg,
+        /// Milliseconds each connection waits after an echo before it sends the next
+        /// message (a paced load, to see pauses rather than queueing) [default: 0].
+        #[arg(long, value_name = "MS", default_value_t = 0.0)]
+        pause_ms: f64,
     },
     /// Opens connections as fast as it can: handshakes/s and handshake latency.
     Connect {
@@ -159,12 +163,17 @@ fn secs(s: f64, what: &str) -> Result<Duration, String> {
 }
 
 fn config(cli: Cli) -> Result<(Config, Option<PathBuf>), String> {
+    let mut echo_pause = 0.0;
     let (mode, common, traffic, kind, hold, room, rate) = match cli.command {
         Command::Echo {
             common,
             traffic,
             kind,
-        } => (Mode::Echo, common, Some(traffic), kind, 0.0, None, None),
+            pause_ms,
+        } => {
+            echo_pause = pause_ms / 1000.0;
+            (Mode::Echo, common, Some(traffic), kind, 0.0, None, None)
+        }
         Command::Connect { common, hold } => {
             (Mode::Connect, common, None, KindArg::Text, hold, None, None)
         }
@@ -256,6 +265,7 @@ fn config(cli: Cli) -> Result<(Config, Option<PathBuf>), String> {
         connect_timeout: secs(common.connect_timeout, "--connect-timeout")?,
         room: room.unwrap_or_default(),
         rate,
+        echo_pause: secs(echo_pause, "--pause-ms")?,
         progress: !common.quiet,
         server_pid: common.server_pid,
         deflate: common.deflate,

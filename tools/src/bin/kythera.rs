@@ -26,7 +26,7 @@ use mimalloc::MiMalloc;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tools::config::{self, Args, LogFormat};
-use tools::gears::{Chat, Echo, Stats};
+use tools::gears::{Chat, Echo, PrefixEcho, Stats};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -158,12 +158,26 @@ fn main() -> ExitCode {
     if let Some(b) = &backplane {
         builder = builder.cluster(b.clone());
     }
+    if let Some(path) = &settings.handover_socket {
+        builder = builder.handover_socket(path);
+    }
+    if let Some(path) = &settings.take_over {
+        builder = builder.take_over(path);
+    }
+    builder = match &settings.echo_prefix {
+        Some(prefix) => builder.mount(
+            "/echo",
+            PrefixEcho {
+                prefix: prefix.as_str().into(),
+            },
+        ),
+        None => builder.mount("/echo", Echo),
+    };
     let server = match builder
         .http(kythera_engine::observe::HttpConfig {
             files: tools::demo::files(),
             ..Default::default()
         })
-        .mount("/echo", Echo)
         // Chat spans the cluster; the stats gear shows this node's figures to watchers
         // connected here, so it stays on its node.
         .mount_clustered("/chat", Chat)

@@ -326,6 +326,23 @@ impl Websocket for Chat {
     ) {
         ctx.send_text(&event.0);
     }
+
+    /// Handed over as `[1]` (the format) followed by JSON `[name, room]`; the engine
+    /// moves the name and the room's membership with it.
+    fn freeze(&self, state: &ChatState) -> Option<Vec<u8>> {
+        let mut bytes = vec![1u8];
+        serde_json::to_writer(&mut bytes, &(&*state.name, &*state.room)).ok()?;
+        Some(bytes)
+    }
+
+    fn thaw(&self, frozen: &[u8]) -> Option<ChatState> {
+        let (&format, json) = frozen.split_first()?;
+        if format != 1 {
+            return None;
+        }
+        let (name, room): (String, String) = serde_json::from_slice(json).ok()?;
+        Some(ChatState::new(&name, &room))
+    }
 }
 
 #[cfg(test)]

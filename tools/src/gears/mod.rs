@@ -5,5 +5,5 @@ pub mod echo;
 pub mod stats;
 
 pub use chat::Chat;
-pub use echo::Echo;
+pub use echo::{Echo, PrefixEcho};
 pub use stats::Stats;

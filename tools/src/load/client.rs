@@ -108,6 +108,8 @@ struct Conn {
     next_seq: u64,
     /// Subscriber: the next publication expected (`None` before the first).
     expect: Option<u64>,
+    /// Echo: the longest round trip in the window, ns (the pause this connection saw).
+    longest: u64,
 }
 
 impl Conn {
@@ -130,6 +132,7 @@ impl Conn {
             pending: VecDeque::new(),
             next_seq: 0,
             expect: None,
+            longest: 0,
         }
     }
 }
@@ -139,6 +142,8 @@ impl Conn {
 pub(crate) struct WorkerResult {
     /// Round trips (echo) or publish-to-receive times (broadcast), ns, in the window.
     pub latency: Histogram<u64>,
+    /// Echo: each connection's longest round trip in the window, ns.
+    pub longest: Histogram<u64>,
     /// Connect start to 101, ns.
     pub handshake: Histogram<u64>,
     /// Echoes or deliveries in the window.
@@ -176,6 +181,8 @@ struct Worker {
     conns: Vec<Conn>,
     /// Slots to flush at the end of the iteration.
     dirty: Vec<u32>,
+    /// Echoes waiting for their pause (`--pause-ms`) to end: (due, slot).
+    paced: VecDeque<(u64, u32)>,
     /// Next slot to start connecting.
     next_start: usize,
     /// Connects and handshakes in progress.
@@ -246,6 +253,7 @@ pub(crate) fn run(
         cfg,
         shared,
         dirty: Vec::new(),
+        paced: VecDeque::new(),
         next_start: 0,
         connecting: 0,
         rng: Rng::new(0x5eed ^ ((thread as u64 + 1) << 32) ^ u64::from(first)),
@@ -269,6 +277,7 @@ pub(crate) fn run(
         messages_delta: 0,
         result: WorkerResult {
             latency: new_histogram(),
+            longest: new_histogram(),
             handshake: new_histogram(),
             messages: 0,
             published: 0,
@@ -281,6 +290,11 @@ pub(crate) fn run(
     };
     w.run_loop(&mut io).map_err(|e| format!("io_uring: {e}"))?;
     w.finish_all();
+    for c in &w.conns {
+        if c.longest > 0 {
+            w.result.longest.saturating_record(c.longest);
+        }
+    }
     io.quiesce(Duration::from_secs(1));
     Ok(w.result)
 }
@@ -294,6 +308,7 @@ impl Worker {
                 self.shared.measure_end.load(Ordering::Relaxed),
             );
             self.start_echoes();
+            self.send_paced();
             self.start_connects(io)?;
             io.drain(|c| self.on_completion(c))?;
             self.step();
@@ -314,6 +329,10 @@ impl Worker {
     /// How long to sleep in the kernel when nothing completes: until the publisher's
     /// next send when it runs at a rate, else a short tick to see the window change.
     fn wait_timeout(&self) -> Duration {
+        if let Some(&(due, _)) = self.paced.front() {
+            let ns = due.saturating_sub(self.now).clamp(10_000, 10_000_000);
+            return Duration::from_nanos(ns);
+        }
         if let (Some(started), Some(rate)) = (self.pub_started, self.cfg.rate) {
             let sent = self.conns.last().map_or(0, |c| c.next_seq);
             let next_at = started + ((sent + 1) as f64 * 1e9 / rate) as u64;
@@ -806,12 +825,18 @@ impl Worker {
         if self.in_window() {
             self.result.messages += 1;
             self.messages_delta += 1;
-            self.result
-                .latency
-                .saturating_record(self.now.saturating_sub(ts).max(1));
+            let rtt = self.now.saturating_sub(ts).max(1);
+            self.result.latency.saturating_record(rtt);
+            let c = &mut self.conns[slot as usize];
+            c.longest = c.longest.max(rtt);
         }
         if !self.stopping && self.now < self.window.1 {
-            self.queue_echo(slot);
+            if self.cfg.echo_pause.is_zero() {
+                self.queue_echo(slot);
+            } else {
+                let due = self.now + self.cfg.echo_pause.as_nanos() as u64;
+                self.paced.push_back((due, slot));
+            }
         }
     }
 
@@ -835,6 +860,20 @@ impl Worker {
                     self.queue_echo(slot);
                 }
                 budget = budget.saturating_sub(per_conn);
+            }
+        }
+    }
+
+    /// Echoes whose pause (`--pause-ms`) is over go out (the pause is the same for
+    /// every connection, so the queue is in order of due time).
+    fn send_paced(&mut self) {
+        while let Some(&(due, slot)) = self.paced.front() {
+            if due > self.now {
+                break;
+            }
+            self.paced.pop_front();
+            if !self.stopping && self.conns[slot as usize].state == State::Open {
+                self.queue_echo(slot);
             }
         }
     }

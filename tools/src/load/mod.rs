@@ -101,6 +101,11 @@ pub struct Config {
     pub room: String,
     /// Publications per second (broadcast); `None`: as fast as `in_flight` allows.
     pub rate: Option<f64>,
+    /// Echo: how long a connection waits after an echo before it sends the next
+    /// message (zero: at once). A paced load leaves the server idle most of the time,
+    /// so that a round trip shows what the server did to it (a live handover's pause)
+    /// rather than the queue of a saturated server.
+    pub echo_pause: Duration,
     /// Show the progress line on stderr.
     pub progress: bool,
     /// A server process whose resident memory is read before connecting and at the
@@ -230,6 +235,9 @@ pub struct Report {
     pub messages_per_sec: f64,
     /// Round trip (echo) or publish-to-receive (broadcast) latency in the window.
     pub latency_us: Option<Latency>,
+    /// Echo: each connection's longest round trip in the window (the longest pause it
+    /// saw: during a live handover, say), over the connections.
+    pub longest_round_trip_us: Option<Latency>,
     /// Publications sent in the window (broadcast).
     pub published: Option<u64>,
     /// Frames received that were not the load's own (broadcast).
@@ -365,6 +373,9 @@ impl Report {
             );
             if let Some(l) = &self.latency_us {
                 row(&mut s, "latency", latency_line(l));
+            }
+            if let Some(l) = &self.longest_round_trip_us {
+                row(&mut s, "longest per conn", latency_line(l));
             }
         }
         if let (Some(before), Some(loaded)) =
@@ -627,6 +638,7 @@ pub fn run(cfg: Config) -> Result<Report, String> {
     let cpu_end = cpu_end.unwrap_or_else(|| CpuSample::take(cfg.server_pid));
 
     let mut latency = new_histogram();
+    let mut longest = new_histogram();
     let mut handshake = new_histogram();
     let mut errors = Errors::default();
     let (mut messages, mut published, mut ignored, mut established) = (0, 0, 0, 0);
@@ -637,6 +649,9 @@ pub fn run(cfg: Config) -> Result<Report, String> {
             .map_err(|_| "a load thread panicked".to_string())??;
         latency
             .add(&r.latency)
+            .map_err(|e| format!("histogram: {e}"))?;
+        longest
+            .add(&r.longest)
             .map_err(|e| format!("histogram: {e}"))?;
         handshake
             .add(&r.handshake)
@@ -689,6 +704,7 @@ pub fn run(cfg: Config) -> Result<Report, String> {
             0.0
         },
         latency_us: has(&latency),
+        longest_round_trip_us: has(&longest),
         published: (cfg.mode == Mode::Broadcast).then_some(published),
         ignored,
         connect_secs,

@@ -37,6 +37,11 @@ pub enum Op {
     MsgRing = 9,
     /// The read of the shard's eventfd (foreign threads' wake-ups).
     EventFd = 10,
+    /// `IORING_OP_FIXED_FD_INSTALL`: a plain descriptor for a direct one (handover).
+    FdInstall = 11,
+    /// `IORING_OP_FILES_UPDATE` into a free direct slot: a socket from another process
+    /// (handover); the index is the shard's token.
+    FilesUpdate = 12,
 }
 
 impl Op {
@@ -52,6 +57,8 @@ impl Op {
             8 => Op::Wake,
             9 => Op::MsgRing,
             10 => Op::EventFd,
+            11 => Op::FdInstall,
+            12 => Op::FilesUpdate,
             _ => return None,
         })
     }

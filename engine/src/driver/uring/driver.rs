@@ -10,7 +10,7 @@
 
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -89,6 +89,12 @@ pub(crate) struct UringDriver {
     accepted_any: bool,
     send_zc_min: Option<usize>,
     cqes: Vec<cqueue::Entry>,
+    /// Events of calls already made (a handover's descriptors on plain fds), for the
+    /// next wait.
+    queued: Vec<Event<UringRecv>>,
+    /// Sockets from another process on their way into a direct slot, by token: the
+    /// slot the kernel picks is written into the box.
+    adopting: ByIndex<(Box<RawFd>, OwnedFd)>,
     shared: Arc<Shared>,
     shard: usize,
 }
@@ -138,6 +144,8 @@ impl UringDriver {
             slots: if direct { slots } else { file_limit },
             in_flight: 0,
             sends: ByIndex::default(),
+            queued: Vec::new(),
+            adopting: ByIndex::default(),
             peer_bufs: ByIndex::default(),
             event_buf: Box::leak(Box::new(0u64)),
             event_fd,
@@ -372,6 +380,28 @@ impl UringDriver {
                 events.push(Event::Peer { index, addr });
             }
             Op::Shutdown => events.push(Event::Shutdown { index, res }),
+            Op::FdInstall => {
+                let result = if res >= 0 {
+                    // SAFETY: the kernel installed this descriptor for us just now;
+                    // nothing else owns it.
+                    Ok(unsafe { OwnedFd::from_raw_fd(res) })
+                } else {
+                    Err(-res)
+                };
+                events.push(Event::Detached { index, result });
+            }
+            Op::FilesUpdate => {
+                // The kernel holds its own reference in the table now (or failed):
+                // our descriptor closes either way.
+                let result = match self.adopting.remove(&index) {
+                    Some((slot, _fd)) if res == 1 => Ok(*slot as u32),
+                    _ => Err(if res < 0 { -res } else { libc::EIO }),
+                };
+                events.push(Event::Adopted {
+                    token: index,
+                    result,
+                });
+            }
             Op::Close => events.push(Event::Closed { index, res }),
             Op::Cancel | Op::Wake | Op::MsgRing | Op::EventFd => {}
         }
@@ -387,6 +417,12 @@ impl Driver for UringDriver {
     }
 
     fn wait(&mut self, timeout_ms: u64, events: &mut Vec<Event<UringRecv>>) -> io::Result<()> {
+        let timeout_ms = if self.queued.is_empty() {
+            timeout_ms
+        } else {
+            0
+        };
+        events.append(&mut self.queued);
         match self.ring.wait(1, Duration::from_millis(timeout_ms)) {
             Ok(_) => {}
             // The completion queue overflowed: drain it below, then submit again.
@@ -523,6 +559,55 @@ impl Driver for UringDriver {
         unsafe { self.push(&entry) }
     }
 
+    fn detach(&mut self, slot: Slot) -> io::Result<()> {
+        match self.socket(slot.index) {
+            Socket::Fixed(index) => {
+                // Flags 0: the new descriptor is close-on-exec.
+                let entry = opcode::FixedFdInstall::new(types::Fixed(index), 0)
+                    .build()
+                    .user_data(user_data(Op::FdInstall, slot));
+                // SAFETY: installing a descriptor points to no memory.
+                unsafe { self.push(&entry) }
+            }
+            Socket::Fd(fd) => {
+                // SAFETY: the slot's descriptor is the connection's, open until the
+                // shard closes it, which it does only after this event.
+                let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                let result = fd
+                    .try_clone_to_owned()
+                    .map_err(|err| err.raw_os_error().unwrap_or(libc::EIO));
+                self.queued.push(Event::Detached {
+                    index: slot.index,
+                    result,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn adopt(&mut self, fd: OwnedFd, token: u32) -> io::Result<()> {
+        if !self.direct {
+            let index = fd.into_raw_fd() as u32;
+            self.queued.push(Event::Adopted {
+                token,
+                result: Ok(index),
+            });
+            return Ok(());
+        }
+        // The kernel picks a free slot of the table (IORING_FILE_INDEX_ALLOC), as
+        // multishot accept does, so the two never race for one.
+        const FILE_INDEX_ALLOC: i32 = -1;
+        let mut slot = Box::new(fd.as_raw_fd());
+        let entry = opcode::FilesUpdate::new(std::ptr::from_mut(&mut *slot), 1)
+            .offset(FILE_INDEX_ALLOC)
+            .build()
+            .user_data(UserData::new(Op::FilesUpdate, token).encode());
+        self.adopting.insert(token, (slot, fd));
+        // SAFETY: the box the kernel reads the descriptor from and writes the slot into
+        // is kept in `adopting` until the completion (leaked at drop if still there).
+        unsafe { self.push(&entry) }
+    }
+
     fn close(&mut self, slot: Slot) -> io::Result<()> {
         let entry = self
             .socket(slot.index)
@@ -594,6 +679,7 @@ impl Drop for UringDriver {
                     match ud.op {
                         Op::Send if !has_more(cqe.flags()) => drop(self.sends.remove(&ud.index)),
                         Op::PeerName => drop(self.peer_bufs.remove(&ud.index)),
+                        Op::FilesUpdate => drop(self.adopting.remove(&ud.index)),
                         _ => {}
                     }
                 }
@@ -605,6 +691,9 @@ impl Drop for UringDriver {
             }
             for (_, buf) in self.peer_bufs.drain() {
                 std::mem::forget(buf);
+            }
+            for (_, (slot, _fd)) in self.adopting.drain() {
+                std::mem::forget(slot);
             }
         }
     }

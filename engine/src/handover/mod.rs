@@ -1,0 +1,503 @@
+//! Live handover: a new process takes the listeners and the open connections of a
+//! running one, so that a deploy closes no connection (README, "Deploying without
+//! disconnecting"; docs/architecture.md, "Live handover").
+//!
+//! The old process, started with a handover socket ([`crate::ServerBuilder::handover_socket`]),
+//! listens on it with a thread of its own (`give`). A new process started with
+//! [`crate::ServerBuilder::take_over`] connects before it binds anything, says which
+//! format it speaks, and gets the listening sockets (`SCM_RIGHTS`): it accepts on
+//! them from then on, so no connection is refused meanwhile (the old process stops
+//! accepting on them). Then each shard of the old process moves its connections, one
+//! by one as each is quiet: its recv is cancelled, a plain descriptor is made of its
+//! socket (`Driver::detach`), the session and the gear's state are
+//! frozen (`FrozenConn`), and the pair goes to the new process, whose shard adopts
+//! the socket (`Driver::adopt`) and thaws the session. Bytes the
+//! client sent meanwhile wait in the socket's receive queue and are read by the new
+//! process, so every message is answered exactly once, by one side or the other.
+//!
+//! The old process lets go of a connection only when the new one says it took it
+//! (`Ack`); until then the connection is parked, its state intact. So if the new
+//! process goes away midway, the old one keeps every connection it has not had an
+//! answer for, reads them again and accepts again, then waits for another taker; and
+//! a connection the new build refuses (its gear's `thaw` says no) is closed by the old
+//! process with 1001, `terminate` running there. The old process exits (its `run`
+//! returns) once it holds nothing.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::protocol::deflate::Agreed;
+use crate::server::Shared;
+
+pub(crate) mod socket;
+
+use socket::Channel;
+
+/// The version of what crosses the socket. A process refuses a taker that speaks
+/// another (a newer build bumps it when the format changes, and may keep reading the
+/// older one).
+pub const FORMAT: u32 = 1;
+
+/// How long an old process keeps handing over after the new one took the listeners:
+/// the connections that were never quiet meanwhile then get 1001, as in a drain.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// One connection on its way to the new process, apart from its socket.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct FrozenConn {
+    /// The mount pattern of its gear (gear indexes may differ between builds).
+    pub gear: String,
+    /// Its connection id in the old process, for the answer ([`Message::Ack`]).
+    pub origin: u64,
+    pub peer: Option<SocketAddr>,
+    /// How long it has been open.
+    pub age_ms: u64,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    /// permessage-deflate, when agreed (only without context takeover both ways).
+    pub deflate: Option<Agreed>,
+    pub names: Vec<String>,
+    pub groups: Vec<String>,
+    /// What the gear's `freeze` gave.
+    pub state: Vec<u8>,
+}
+
+/// The new process's answer about a connection: its id in the old process, and
+/// whether it was taken.
+pub(crate) type Answer = (u64, bool);
+
+/// A connection with its socket.
+#[derive(Debug)]
+pub(crate) struct Moved {
+    pub fd: OwnedFd,
+    pub conn: FrozenConn,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Message {
+    /// New to old: the format the new process speaks.
+    Hello { format: u32 },
+    /// Old to new: the listening sockets (attached in this order).
+    Listeners { listeners: Vec<ListenerInfo> },
+    /// Old to new: a connection (its socket attached).
+    Conn(FrozenConn),
+    /// New to old: the connection `origin` was taken (the old process lets go of it),
+    /// or refused (the old process keeps it and closes it with 1001).
+    Ack { origin: u64, taken: bool },
+    /// Old to new: the old process holds nothing more and exits.
+    Done { moved: u64 },
+    /// Old to new: refused (another format).
+    Refused { reason: String },
+}
+
+/// A listening socket handed over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ListenerInfo {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+/// What the shards and the handover thread share, in both roles.
+#[derive(Debug)]
+pub(crate) struct HandoverState {
+    /// Old process: the handover under way (a count of attempts), 0 when none.
+    attempt: AtomicU64,
+    outbox: Mutex<Option<mpsc::Sender<Moved>>>,
+    /// New process: connections received, per shard, for it to adopt.
+    inbox: Box<[Mutex<Vec<Moved>>]>,
+    inbox_any: Box<[AtomicBool]>,
+    /// Old process: the new process's answers, per shard.
+    acks: Box<[Mutex<Vec<Answer>>]>,
+    acks_any: Box<[AtomicBool]>,
+    /// New process: where the shards answer.
+    answer: Mutex<Option<Arc<Channel>>>,
+}
+
+impl HandoverState {
+    pub(crate) fn new(shards: usize) -> HandoverState {
+        HandoverState {
+            attempt: AtomicU64::new(0),
+            outbox: Mutex::new(None),
+            inbox: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            inbox_any: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            acks: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            acks_any: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            answer: Mutex::new(None),
+        }
+    }
+
+    /// Old process: whether shard `shard` has answers from the new process.
+    pub(crate) fn has_acks(&self, shard: usize) -> bool {
+        self.acks_any[shard].load(Ordering::Acquire)
+    }
+
+    pub(crate) fn take_acks(&self, shard: usize) -> Vec<Answer> {
+        self.acks_any[shard].store(false, Ordering::Release);
+        self.acks[shard]
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+
+    fn push_ack(&self, shard: usize, origin: u64, taken: bool) {
+        if let Some(acks) = self.acks.get(shard) {
+            if let Ok(mut v) = acks.lock() {
+                v.push((origin, taken));
+            }
+            self.acks_any[shard].store(true, Ordering::Release);
+        }
+    }
+
+    /// New process: tells the old one whether connection `origin` was taken. A
+    /// message of a few bytes on a socket with room for hundreds of kilobytes: it does
+    /// not block the shard in practice.
+    pub(crate) fn answer(&self, origin: u64, taken: bool) {
+        let channel = self.answer.lock().ok().and_then(|a| a.clone());
+        if let Some(channel) = channel
+            && let Ok(bytes) = encode(&Message::Ack { origin, taken })
+            && let Err(err) = channel.send(&bytes, &[])
+        {
+            debug!(error = %err, "handover: the old process is gone; no answer");
+        }
+    }
+
+    /// The attempt under way (0: none), and where its connections go.
+    pub(crate) fn attempt(&self) -> u64 {
+        self.attempt.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn outbox(&self) -> Option<mpsc::Sender<Moved>> {
+        self.outbox.lock().ok()?.clone()
+    }
+
+    fn begin(&self, outbox: mpsc::Sender<Moved>) -> u64 {
+        if let Ok(mut o) = self.outbox.lock() {
+            *o = Some(outbox);
+        }
+        self.attempt.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    fn abort(&self, attempt: u64) {
+        if let Ok(mut o) = self.outbox.lock() {
+            *o = None;
+        }
+        let _ = self
+            .attempt
+            .compare_exchange(attempt, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The shards are gone: the handover thread sends what they left and says done.
+    pub(crate) fn finish(&self) {
+        if let Ok(mut o) = self.outbox.lock() {
+            *o = None;
+        }
+    }
+
+    /// New process: whether shard `shard` has connections to adopt.
+    pub(crate) fn has_incoming(&self, shard: usize) -> bool {
+        self.inbox_any[shard].load(Ordering::Acquire)
+    }
+
+    pub(crate) fn take_incoming(&self, shard: usize) -> Vec<Moved> {
+        self.inbox_any[shard].store(false, Ordering::Release);
+        self.inbox[shard]
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+
+    fn push_incoming(&self, shard: usize, moved: Moved) {
+        if let Ok(mut v) = self.inbox[shard].lock() {
+            v.push(moved);
+        }
+        self.inbox_any[shard].store(true, Ordering::Release);
+    }
+}
+
+/// Wakes every shard (a handover began or ended; a shard also looks every tick).
+fn wake_all(shared: &Shared) {
+    for shard in 0..shared.event_fds.len() {
+        shared.wakeup.notify_from_foreign(shard);
+    }
+}
+
+fn encode(message: &Message) -> io::Result<Vec<u8>> {
+    postcard::to_stdvec(message).map_err(io::Error::other)
+}
+
+fn decode(bytes: &[u8]) -> io::Result<Message> {
+    postcard::from_bytes(bytes).map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
+}
+
+/// The old process's side: listens on `path` and hands everything over to the first
+/// process that asks, then to the next if that one goes away midway.
+pub(crate) struct Giver {
+    pub path: PathBuf,
+    /// `None` until bound ([`Giver::run`] binds it when it was not bound at once).
+    pub socket: Option<OwnedFd>,
+    /// Copies of every shard's listening sockets, with what they are.
+    pub listeners: Vec<(ListenerInfo, TcpListener)>,
+}
+
+impl Giver {
+    /// Binds the handover socket now (before the shards start, so that a taker can
+    /// come as soon as the process runs), or, with `now` false, in [`Giver::run`]: a
+    /// process that takes over on the same path binds it once the old process is
+    /// done, since the old one still listens there for another taker until then.
+    pub(crate) fn bind(
+        path: &Path,
+        listeners: Vec<(ListenerInfo, TcpListener)>,
+        now: bool,
+    ) -> io::Result<Giver> {
+        Ok(Giver {
+            path: path.to_owned(),
+            socket: if now {
+                Some(socket::listen(path)?)
+            } else {
+                None
+            },
+            listeners,
+        })
+    }
+
+    /// The handover thread: serves takers until one took everything.
+    pub(crate) fn run(mut self, shared: Arc<Shared>) {
+        let listener = match self.socket.take() {
+            Some(s) => s,
+            None => match socket::listen(&self.path) {
+                Ok(s) => s,
+                Err(err) => {
+                    warn!(path = %self.path.display(), error = %err, "cannot listen for a handover");
+                    return;
+                }
+            },
+        };
+        loop {
+            let channel = match socket::accept(&listener) {
+                Ok(c) => c,
+                Err(err) => {
+                    warn!(error = %err, "handover socket failed; no handover possible");
+                    return;
+                }
+            };
+            match self.serve(&channel, &shared) {
+                Ok(true) => break,
+                Ok(false) => continue,
+                Err(err) => warn!(error = %err, "handover failed"),
+            }
+        }
+    }
+
+    /// One taker. `Ok(true)`: it took everything.
+    fn serve(&self, channel: &Channel, shared: &Arc<Shared>) -> io::Result<bool> {
+        let Some((hello, _)) = channel.recv(true)? else {
+            return Ok(false);
+        };
+        match decode(&hello)? {
+            Message::Hello { format } if format == FORMAT => {}
+            Message::Hello { format } => {
+                let reason = format!("this process speaks format {FORMAT}, not {format}");
+                warn!(format, "handover refused: {reason}");
+                channel.send(&encode(&Message::Refused { reason })?, &[])?;
+                return Ok(false);
+            }
+            _ => return Err(io::Error::other("expected a hello")),
+        }
+        let started = Instant::now();
+        let infos = self.listeners.iter().map(|(i, _)| i.clone()).collect();
+        let fds: Vec<_> = self.listeners.iter().map(|(_, l)| l.as_fd()).collect();
+        channel.send(&encode(&Message::Listeners { listeners: infos })?, &fds)?;
+        let (tx, rx) = mpsc::channel::<Moved>();
+        // The answers come on the same socket: a thread of their own reads them.
+        let gone = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (channel, shared, gone) =
+                (channel.try_clone()?, Arc::clone(shared), Arc::clone(&gone));
+            std::thread::Builder::new()
+                .name("kythera-handover-acks".into())
+                .spawn(move || read_acks(&channel, &shared, &gone))?
+        };
+        let attempt = shared.handover.begin(tx);
+        wake_all(shared);
+        info!(
+            listeners = fds.len(),
+            "handover: listeners handed over; moving connections"
+        );
+        let mut moved = 0u64;
+        let outcome = loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(m) => {
+                    let bytes = encode(&Message::Conn(m.conn))?;
+                    if let Err(err) = channel.send(&bytes, &[m.fd.as_fd()]) {
+                        break Err(err);
+                    }
+                    moved += 1;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if gone.load(Ordering::Acquire) {
+                        break Err(io::Error::other("the new process went away"));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                // Before `Done`: the new process binds the same path once it has it,
+                // and that socket must not be the one removed.
+                let _ = std::fs::remove_file(&self.path);
+                let _ = channel.send(&encode(&Message::Done { moved })?, &[]);
+                let _ = channel.shutdown();
+                let _ = reader.join();
+                info!(
+                    moved,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "handover complete"
+                );
+                Ok(true)
+            }
+            Err(err) => {
+                // The shards take back every connection without an answer.
+                shared.handover.abort(attempt);
+                let _ = channel.shutdown();
+                let _ = reader.join();
+                wake_all(shared);
+                warn!(
+                    sent = moved,
+                    error = %err,
+                    "handover aborted: keeping the connections not taken, accepting again"
+                );
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// The old process's reader of the new one's answers, until the socket closes.
+fn read_acks(channel: &Channel, shared: &Shared, gone: &AtomicBool) {
+    loop {
+        match channel.recv(true) {
+            Ok(Some((bytes, _))) => match decode(&bytes) {
+                Ok(Message::Ack { origin, taken }) => {
+                    let shard = (origin >> 56) as usize;
+                    shared.handover.push_ack(shard, origin, taken);
+                    if shard < shared.event_fds.len() {
+                        shared.wakeup.notify_from_foreign(shard);
+                    }
+                }
+                Ok(_) => warn!("handover: unexpected message from the new process"),
+                Err(err) => warn!(error = %err, "handover: undecodable answer"),
+            },
+            Ok(None) | Err(_) => {
+                gone.store(true, Ordering::Release);
+                return;
+            }
+        }
+    }
+}
+
+/// The new process's side, connected to the old one.
+#[derive(Debug)]
+pub(crate) struct Taker {
+    channel: Channel,
+    started: Instant,
+}
+
+impl Taker {
+    /// Connects to the old process on `path` and takes its listening sockets.
+    pub(crate) fn connect(path: &Path) -> io::Result<(Taker, Vec<(ListenerInfo, TcpListener)>)> {
+        let channel = socket::connect(path)?;
+        let started = Instant::now();
+        channel.send(&encode(&Message::Hello { format: FORMAT })?, &[])?;
+        let Some((bytes, fds)) = channel.recv(true)? else {
+            return Err(io::Error::other(
+                "the old process closed the handover socket",
+            ));
+        };
+        let listeners = match decode(&bytes)? {
+            Message::Listeners { listeners } => listeners,
+            Message::Refused { reason } => {
+                return Err(io::Error::other(format!("handover refused: {reason}")));
+            }
+            _ => return Err(io::Error::other("expected the listeners")),
+        };
+        if listeners.len() != fds.len() {
+            return Err(io::Error::other("listeners and descriptors do not match"));
+        }
+        let listeners = listeners
+            .into_iter()
+            .zip(fds)
+            .map(|(info, fd)| (info, TcpListener::from(fd)))
+            .collect();
+        Ok((Taker { channel, started }, listeners))
+    }
+
+    /// The thread that receives the connections and gives each to a shard in turn.
+    pub(crate) fn run(self, shared: Arc<Shared>) {
+        let shards = shared.event_fds.len();
+        match self.channel.try_clone() {
+            Ok(c) => {
+                if let Ok(mut a) = shared.handover.answer.lock() {
+                    *a = Some(Arc::new(c));
+                }
+            }
+            Err(err) => warn!(error = %err, "handover: cannot answer the old process"),
+        }
+        // A test's way to die midway (`tools/tests/handover.rs`).
+        let die_after: Option<u64> = std::env::var("KYTHERA_TEST_TAKER_DIES_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        let mut taken = 0u64;
+        loop {
+            let (bytes, mut fds) = match self.channel.recv(true) {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    warn!(taken, "handover: the old process went away");
+                    return;
+                }
+                Err(err) => {
+                    warn!(taken, error = %err, "handover: receiving failed");
+                    return;
+                }
+            };
+            match decode(&bytes) {
+                Ok(Message::Conn(conn)) => {
+                    let Some(fd) = fds.pop() else {
+                        warn!("handover: a connection came without its socket");
+                        continue;
+                    };
+                    let shard = (taken % shards as u64) as usize;
+                    shared.handover.push_incoming(shard, Moved { fd, conn });
+                    shared.wakeup.notify_from_foreign(shard);
+                    taken += 1;
+                    if die_after.is_some_and(|n| taken >= n) {
+                        warn!(taken, "KYTHERA_TEST_TAKER_DIES_AFTER: exiting");
+                        std::process::exit(70);
+                    }
+                }
+                Ok(Message::Done { moved }) => {
+                    if let Ok(mut a) = shared.handover.answer.lock() {
+                        *a = None;
+                    }
+                    info!(
+                        taken,
+                        moved,
+                        took_ms = self.started.elapsed().as_millis() as u64,
+                        "handover complete: the old process exits"
+                    );
+                    return;
+                }
+                Ok(_) => warn!("handover: unexpected message"),
+                Err(err) => warn!(error = %err, "handover: undecodable message"),
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! A session leaving for another process, or arriving from one (live handover, see
+//! [`crate::handover`]): what it must look like to move, and what moves.
+
+use kythera_handler_api::ConnId;
+use tracing::info;
+
+use super::{Phase, Session, ms};
+use crate::gear::{App, LiveConn, Meta, Millis40, PeerAddr, Registries};
+use crate::handover::FrozenConn;
+use crate::protocol::deflate::ConnDeflate;
+
+/// Whether a session can be handed over now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    /// Open, quiet (nothing half received, queued or closing) and its gear opts in.
+    Movable,
+    /// Not now: a handshake, a frame or message half received, output queued, a
+    /// closing handshake; ask again later (it finishes on this process if it closes).
+    Busy,
+    /// Never: its gear does not opt in, or permessage-deflate with context takeover
+    /// (the compressor windows do not move): it is closed with 1001 instead.
+    Never,
+}
+
+/// A handed-over connection's gear state, thawed, waiting for its socket's slot.
+pub(crate) struct Thawed {
+    gear: usize,
+    live: Box<dyn LiveConn>,
+    frozen: FrozenConn,
+}
+
+impl Thawed {
+    /// Its connection id in the old process.
+    pub(crate) fn origin(&self) -> u64 {
+        self.frozen.origin
+    }
+}
+
+impl Session {
+    /// Whether the session can be handed over now.
+    pub(crate) fn handover_readiness(&self) -> Readiness {
+        if self.handshaking || self.finished || self.terminated || self.abandoned {
+            return Readiness::Busy;
+        }
+        let Phase::Open(live) = &self.phase else {
+            return Readiness::Busy;
+        };
+        if let Some(pmd) = &self.pmd {
+            let agreed = pmd.agreed();
+            if !(agreed.server_no_context_takeover && agreed.client_no_context_takeover) {
+                return Readiness::Never;
+            }
+        }
+        if self.tx.as_ref().is_some_and(|tx| !tx.is_quiet()) {
+            return Readiness::Busy;
+        }
+        if live.freeze().is_none() {
+            return Readiness::Never;
+        }
+        Readiness::Movable
+    }
+
+    /// What the new process needs of a [`Readiness::Movable`] session: its gear's
+    /// frozen state, and its names and memberships, which leave this process's
+    /// registry now (so that nothing more is delivered here). The session stays
+    /// until the new process says it took it ([`Session::handed_over`]) or not
+    /// ([`Session::restore_holdings`]). `None` if the gear refused after all.
+    pub(crate) fn freeze(
+        &mut self,
+        id: ConnId,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) -> Option<FrozenConn> {
+        let gear = self.gear()?;
+        let Phase::Open(live) = &mut self.phase else {
+            return None;
+        };
+        let state = live.freeze()?;
+        let meta = live.meta();
+        let (names, groups) = regs.take_holdings(gear, id);
+        Some(FrozenConn {
+            gear: app.pattern(gear).to_owned(),
+            origin: id.get(),
+            peer: meta.peer.get(),
+            age_ms: now_ms.saturating_sub(meta.opened.get()),
+            frames_in: meta.frames_in,
+            frames_out: meta.frames_out,
+            deflate: self.pmd.as_ref().map(|p| *p.agreed()),
+            names: names.into_iter().map(String::from).collect(),
+            groups: groups.into_iter().map(String::from).collect(),
+            state,
+        })
+    }
+
+    /// The connection stays after all (the new process went away, or refused it):
+    /// its names and memberships come back.
+    pub(crate) fn restore_holdings(
+        &mut self,
+        id: ConnId,
+        regs: &mut Registries,
+        names: &[String],
+        groups: &[String],
+    ) {
+        if let Some(gear) = self.gear() {
+            regs.restore(gear, id, names, groups);
+        }
+    }
+
+    /// The new process took the connection: its state is dropped here without
+    /// `terminate` (the new process calls it when the connection ends there), which
+    /// gives back its place in the gear's limit.
+    pub(crate) fn handed_over(&mut self, id: ConnId, app: &App, regs: &Registries) {
+        let Phase::Open(live) = &mut self.phase else {
+            return;
+        };
+        let meta = live.meta();
+        let (peer, frames_in, frames_out) = (meta.peer.get(), meta.frames_in, meta.frames_out);
+        // What was queued while the connection was parked (a message through a
+        // connection handle) is not written: the new process owns the socket now.
+        if let Some(tx) = self.tx.as_mut() {
+            tx.discard_queued();
+        }
+        self.phase = Phase::Done;
+        self.terminated = true;
+        self.finished = true;
+        if let Some(gear) = self.gear() {
+            if let Some(c) = regs.counters(Some(gear)) {
+                c.terminated.add(1);
+            }
+            info!(conn = %id, gear = app.pattern(gear), peer = ?peer, frames_in, frames_out, "HANDED OVER");
+        }
+    }
+
+    /// New process: the gear state of a connection handed over, thawed, with a place
+    /// in its gear's limit; `None` if this build refuses it (the gear is not mounted
+    /// here, is full, or `thaw` said no).
+    pub(crate) fn thaw_state(
+        frozen: FrozenConn,
+        now_ms: u64,
+        app: &App,
+    ) -> Result<Thawed, Box<FrozenConn>> {
+        let Some(gear) = app.gear_by_pattern(&frozen.gear) else {
+            return Err(Box::new(frozen));
+        };
+        let meta = Meta {
+            frames_in: frozen.frames_in,
+            frames_out: frozen.frames_out,
+            peer: PeerAddr::new(frozen.peer),
+            opened: Millis40::new(now_ms.saturating_sub(frozen.age_ms)),
+        };
+        let Some(admission) = app.admit(gear) else {
+            return Err(Box::new(frozen));
+        };
+        match app.thaw(gear, &frozen.state, meta, admission) {
+            Some(live) => Ok(Thawed { gear, live, frozen }),
+            None => Err(Box::new(frozen)),
+        }
+    }
+
+    /// New process: the session of a connection handed over, once its socket has a
+    /// slot here (`id`): open, with its names and memberships taken again.
+    pub(crate) fn adopted(
+        thawed: Thawed,
+        id: ConnId,
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) -> Session {
+        let Thawed { gear, live, frozen } = thawed;
+        let failed = regs.restore(gear, id, &frozen.names, &frozen.groups);
+        if failed > 0 {
+            tracing::warn!(conn = %id, failed, "handover: names or groups not taken again");
+        }
+        if let Some(c) = regs.counters(Some(gear)) {
+            c.opened.add(1);
+        }
+        info!(conn = %id, gear = frozen.gear, peer = ?frozen.peer, "TAKEN OVER");
+        Session {
+            gear: gear as u32,
+            phase: Phase::Open(live),
+            handshaking: false,
+            abandoned: false,
+            finished: false,
+            terminated: false,
+            idle_deadline_ms: now_ms.saturating_add(ms(app.limits().idle_timeout)),
+            pmd: frozen
+                .deflate
+                .map(|agreed| Box::new(ConnDeflate::new(agreed, &app.limits().deflate))),
+            tx: None,
+        }
+    }
+}

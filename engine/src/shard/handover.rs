@@ -1,0 +1,417 @@
+//! A shard's part of a live handover ([`crate::handover`]): on the old process,
+//! moving its connections out one by one as each is quiet; on the new one, adopting
+//! the sockets that arrive and thawing their sessions.
+//!
+//! Out, per connection: the session says it can move ([`Readiness::Movable`]) → its
+//! recv is cancelled (bytes that arrive meanwhile wait in the socket) → at the recv's
+//! last event, if it is still quiet and nothing is being sent, the driver makes a
+//! plain descriptor of its socket → the session is frozen and the pair goes to the
+//! handover thread → this process's descriptor is closed as for any connection,
+//! without `terminate`. A connection that was not quiet after all is read again and
+//! tried later. One whose gear does not opt in gets 1001 as in a drain.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::mpsc;
+
+use tracing::{debug, info, warn};
+
+use crate::driver::{Driver, bump};
+use crate::handover::{DEADLINE, Moved};
+use crate::session::{Readiness, Session};
+
+use kythera_handler_api::ConnId;
+
+use super::conn::{Conn, ConnFlags, conn_id, conn_in, conn_slot};
+use super::{Shard, ms};
+
+/// Connections looked at per turn, so that a shard with many keeps serving the others
+/// while it hands over.
+const VISIT_PER_TURN: usize = 1024;
+
+/// A connection sent to the new process, kept until it answers.
+pub(super) struct Parked {
+    generation: u32,
+    /// Its names and groups, taken back should it stay.
+    holdings: (Vec<String>, Vec<String>),
+}
+
+/// A handover under way on the old process.
+pub(super) struct Handing {
+    attempt: u64,
+    started_ms: u64,
+    /// Where frozen connections go (`None` once the attempt failed).
+    outbox: Option<mpsc::Sender<Moved>>,
+    /// The next slot to look at.
+    cursor: usize,
+    /// The deadline passed: the rest were given 1001.
+    expired: bool,
+}
+
+impl<D: Driver> Shard<D> {
+    /// Starts, continues or abandons handing over, as the handover thread says.
+    pub(super) fn handover_step(&mut self) -> io::Result<()> {
+        let attempt = self.shared.handover.attempt();
+        match &self.handing {
+            None if attempt == 0 || self.drain.is_some() => return Ok(()),
+            None => self.start_handover(attempt)?,
+            Some(h) if h.attempt == attempt => {}
+            Some(_) => {
+                self.abort_handover()?;
+                return Ok(());
+            }
+        }
+        let now_ms = self.now_ms;
+        let Some(h) = self.handing.as_mut() else {
+            return Ok(());
+        };
+        if !h.expired && now_ms.saturating_sub(h.started_ms) >= ms(DEADLINE) {
+            h.expired = true;
+            warn!(
+                shard = self.index,
+                connections = self.open,
+                "handover deadline: closing the connections not handed over with 1001"
+            );
+            self.close_the_rest();
+            return Ok(());
+        }
+        if h.expired {
+            return Ok(());
+        }
+        let len = self.conns.len();
+        if len == 0 {
+            return Ok(());
+        }
+        let start = h.cursor.min(len);
+        let count = VISIT_PER_TURN.min(len);
+        h.cursor = (start + count) % len;
+        for k in 0..count {
+            let index = ((start + k) % len) as u32;
+            self.offer(index)?;
+        }
+        Ok(())
+    }
+
+    fn start_handover(&mut self, attempt: u64) -> io::Result<()> {
+        let Some(outbox) = self.shared.handover.outbox() else {
+            return Ok(());
+        };
+        info!(
+            shard = self.index,
+            connections = self.open,
+            "handover: the new process accepts now; handing the connections over"
+        );
+        self.handing = Some(Handing {
+            attempt,
+            started_ms: self.now_ms,
+            outbox: Some(outbox),
+            cursor: 0,
+            expired: false,
+        });
+        // The new process accepts on these sockets now; they stay open here so that
+        // accepting can resume should it go away.
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.armed
+                && let Some(socket) = &l.socket
+            {
+                self.driver.cancel_accept(i as u32, socket)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The new process went away: keep everything not handed over, accept again.
+    fn abort_handover(&mut self) -> io::Result<()> {
+        warn!(
+            shard = self.index,
+            connections = self.open,
+            parked = self.parked.len(),
+            "handover aborted: serving the connections kept here, accepting again"
+        );
+        self.handing = None;
+        let parked: Vec<(u32, Parked)> = self.parked.drain().collect();
+        for (index, parked) in parked {
+            self.unpark(index, parked.holdings);
+        }
+        for listener in 0..self.listeners.len() as u32 {
+            self.arm_accept(listener)?;
+        }
+        // Connections whose recv was cancelled are read again when its last event
+        // arrives (`recv_paused`); those being detached, at `on_detached`.
+        Ok(())
+    }
+
+    /// Closes every connection still here with 1001 (the deadline passed).
+    fn close_the_rest(&mut self) {
+        for index in 0..self.conns.len() as u32 {
+            let now_ms = self.now_ms;
+            let shard = self.index;
+            let Some(conn) = conn_in(&mut self.conns, index) else {
+                continue;
+            };
+            // Parked ones wait for the new process's answer: it may have them.
+            if conn.flags.has(ConnFlags::MOVED) || self.parked.contains_key(&index) {
+                continue;
+            }
+            let id = conn_id(shard, index, conn.generation);
+            if let Some(session) = conn.live_session() {
+                session.start_drain(id, now_ms, &self.app, &mut self.regs);
+                bump(&self.shared.stats[shard].handover_closed, 1);
+            }
+            self.touch(index);
+        }
+    }
+
+    /// Starts moving one connection if it can move now.
+    fn offer(&mut self, index: u32) -> io::Result<()> {
+        let now_ms = self.now_ms;
+        let shard = self.index;
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            return Ok(());
+        };
+        let busy = ConnFlags::HANDOVER
+            | ConnFlags::MOVED
+            | ConnFlags::PEER_PENDING
+            | ConnFlags::CLOSE_SENT
+            | ConnFlags::FORCED
+            | ConnFlags::SENDING;
+        if conn.flags.has(busy) || !conn.flags.has(ConnFlags::RECV_ARMED) {
+            return Ok(());
+        }
+        let tls = conn.flags.has(ConnFlags::TLS);
+        let id = conn_id(shard, index, conn.generation);
+        let slot = conn.slot(index);
+        let Some(session) = conn.live_session() else {
+            return Ok(());
+        };
+        let readiness = match session.handover_readiness() {
+            // rustls cannot carry a connection's keys and sequence numbers over.
+            Readiness::Movable if tls => Readiness::Never,
+            r => r,
+        };
+        match readiness {
+            Readiness::Busy => {}
+            Readiness::Never => {
+                debug!(conn = %id, "handover: cannot move; closing with 1001");
+                session.start_drain(id, now_ms, &self.app, &mut self.regs);
+                bump(&self.shared.stats[shard].handover_closed, 1);
+                self.touch(index);
+            }
+            Readiness::Movable => {
+                conn.flags.set(ConnFlags::HANDOVER, true);
+                self.driver.cancel_recv(slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The recv of a connection being handed over has ended: detach its socket if it
+    /// is still quiet, else read it again and try later.
+    pub(super) fn recv_paused(&mut self, index: u32) {
+        let still = self.handing.as_ref().is_some_and(|h| h.outbox.is_some());
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            return;
+        };
+        let movable = still
+            && !conn.flags.has(ConnFlags::SENDING)
+            && conn
+                .live_session()
+                .is_some_and(|s| s.handover_readiness() == Readiness::Movable);
+        if movable {
+            let slot = conn.slot(index);
+            if let Err(err) = self.driver.detach(slot) {
+                warn!(shard = self.index, error = %err, "handover: cannot detach a socket");
+                self.resume(index);
+            }
+        } else {
+            self.resume(index);
+        }
+    }
+
+    /// A connection stays: read it again.
+    fn resume(&mut self, index: u32) {
+        if let Some(conn) = conn_in(&mut self.conns, index) {
+            conn.flags.set(ConnFlags::HANDOVER, false);
+            self.rearm.push(index);
+            self.touch(index);
+        }
+    }
+
+    /// The connection's socket has a descriptor of its own now: freeze the session
+    /// and send both; the connection is parked until the new process answers.
+    pub(super) fn on_detached(
+        &mut self,
+        index: u32,
+        result: Result<OwnedFd, i32>,
+    ) -> io::Result<()> {
+        let fd = match result {
+            Ok(fd) => fd,
+            Err(errno) => {
+                warn!(
+                    shard = self.index,
+                    errno, "handover: detaching a socket failed"
+                );
+                self.resume(index);
+                return Ok(());
+            }
+        };
+        let now_ms = self.now_ms;
+        let shard = self.index;
+        let outbox = self.handing.as_ref().and_then(|h| h.outbox.clone());
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            return Ok(());
+        };
+        let generation = conn.generation;
+        let id = conn_id(shard, index, generation);
+        let quiet = !conn.flags.has(ConnFlags::SENDING)
+            && conn
+                .live_session()
+                .is_some_and(|s| s.handover_readiness() == Readiness::Movable);
+        let frozen = match (&outbox, quiet) {
+            (Some(_), true) => conn
+                .session
+                .as_mut()
+                .and_then(|s| s.freeze(id, now_ms, &self.app, &mut self.regs)),
+            _ => None,
+        };
+        let (Some(outbox), Some(frozen)) = (outbox, frozen) else {
+            // Aborted meanwhile, or something came for it: it stays.
+            drop(fd);
+            self.resume(index);
+            return Ok(());
+        };
+        let holdings = (frozen.names.clone(), frozen.groups.clone());
+        if outbox.send(Moved { fd, conn: frozen }).is_err() {
+            // The handover thread gave up on this attempt at this moment.
+            if let Some(h) = self.handing.as_mut() {
+                h.outbox = None;
+            }
+            self.unpark(index, holdings);
+            return Ok(());
+        }
+        self.parked.insert(
+            index,
+            Parked {
+                generation,
+                holdings,
+            },
+        );
+        Ok(())
+    }
+
+    /// A parked connection stays here after all: its names and memberships come back
+    /// and it is read again.
+    fn unpark(&mut self, index: u32, (names, groups): (Vec<String>, Vec<String>)) {
+        let shard = self.index;
+        if let Some(conn) = conn_in(&mut self.conns, index) {
+            let id = conn_id(shard, index, conn.generation);
+            if let Some(session) = conn.session.as_mut() {
+                session.restore_holdings(id, &mut self.regs, &names, &groups);
+            }
+        }
+        self.resume(index);
+    }
+
+    /// Old process: the new process's answers about parked connections.
+    pub(super) fn take_acks(&mut self) {
+        if !self.shared.handover.has_acks(self.index) {
+            return;
+        }
+        let shard = self.index;
+        for (origin, taken) in self.shared.handover.take_acks(shard) {
+            let (index, generation) = conn_slot(ConnId::new((origin >> 56) as u8, origin));
+            let Some(parked) = self.parked.remove(&index) else {
+                continue;
+            };
+            if parked.generation != generation {
+                self.parked.insert(index, parked);
+                continue;
+            }
+            if taken {
+                let Some(conn) = conn_in(&mut self.conns, index) else {
+                    continue;
+                };
+                let id = conn_id(shard, index, generation);
+                if let Some(session) = conn.session.as_mut() {
+                    session.handed_over(id, &self.app, &self.regs);
+                }
+                conn.flags.set(ConnFlags::MOVED, true);
+                bump(&self.shared.stats[shard].handover_moved, 1);
+                // The session is finished: the flush closes this process's descriptor.
+                self.touch(index);
+            } else {
+                // The new build refused it: 1001 from here, `terminate` here.
+                self.unpark(index, parked.holdings);
+                let now_ms = self.now_ms;
+                if let Some(conn) = conn_in(&mut self.conns, index) {
+                    let id = conn_id(shard, index, generation);
+                    if let Some(session) = conn.live_session() {
+                        session.start_drain(id, now_ms, &self.app, &mut self.regs);
+                    }
+                }
+                bump(&self.shared.stats[shard].handover_closed, 1);
+            }
+        }
+    }
+
+    /// New process: thaws the connections the handover thread left for this shard and
+    /// asks the driver to adopt their sockets.
+    pub(super) fn take_incoming(&mut self) -> io::Result<()> {
+        if !self.shared.handover.has_incoming(self.index) {
+            return Ok(());
+        }
+        for moved in self.shared.handover.take_incoming(self.index) {
+            match Session::thaw_state(moved.conn, self.now_ms, &self.app) {
+                Ok(thawed) => {
+                    let token = self.next_adopt_token;
+                    self.next_adopt_token = self.next_adopt_token.wrapping_add(1);
+                    self.adopting.insert(token, thawed);
+                    self.driver.adopt(moved.fd, token)?;
+                }
+                Err(frozen) => {
+                    // The old process keeps it (and closes it with 1001).
+                    info!(gear = frozen.gear, peer = ?frozen.peer, "handover: this build refuses the connection's state");
+                    bump(&self.stats().handover_refused, 1);
+                    self.shared.handover.answer(frozen.origin, false);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// New process: a socket from the old process has a slot; its session opens.
+    pub(super) fn on_adopted(&mut self, token: u32, result: Result<u32, i32>) -> io::Result<()> {
+        let Some(thawed) = self.adopting.remove(&token) else {
+            return Ok(());
+        };
+        let origin = thawed.origin();
+        let index = match result {
+            Ok(index) => index,
+            Err(errno) => {
+                warn!(
+                    shard = self.index,
+                    errno, "handover: cannot adopt a socket; the old process keeps it"
+                );
+                bump(&self.stats().handover_failed, 1);
+                self.shared.handover.answer(origin, false);
+                return Ok(());
+            }
+        };
+        let generation = self.claim_slot(index);
+        let id = conn_id(self.index, index, generation);
+        let session = Session::adopted(thawed, id, self.now_ms, &self.app, &mut self.regs);
+        self.conns[index as usize] = Some(Conn {
+            session: Some(session),
+            generation,
+            flags: Default::default(),
+        });
+        self.open += 1;
+        // Counted as accepted here, so that open = accepted - closed holds.
+        bump(&self.stats().accepted, 1);
+        bump(&self.stats().handover_taken, 1);
+        self.release.churned(self.now_ms);
+        self.shared.handover.answer(origin, true);
+        self.touch(index);
+        self.arm_recv(index)
+    }
+}

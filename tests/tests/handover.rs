@@ -1,0 +1,207 @@
+//! Live handover between two servers (issue 20), through the engine's API: a gear's
+//! state (`freeze` / `thaw`), its names and its groups move to the new server with
+//! the connection; a gear that does not opt in gets 1001 and is terminated on the old
+//! server only; the old server's `run` returns once it holds nothing. Both drivers:
+//! the suite runs again with `KYTHERA_IO=epoll`. The binary's end-to-end scenarios
+//! (1,000 clients, a new process killed midway, permessage-deflate, a half-received
+//! frame, drivers mixed) are `tools/conformance/handover.py`.
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use kythera_engine::Server;
+use kythera_handler_api::{Conn, Context, Message, TerminateReason, Websocket};
+use tungstenite::{Message as WsMessage, WebSocket};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+static COUNTER_TERMINATED: AtomicUsize = AtomicUsize::new(0);
+static PLAIN_TERMINATED: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts each connection's messages and answers `count N`; `name:X` registers `X`
+/// and joins the group `all`; server messages come back as `srv:` and the text.
+struct Counter {
+    /// Answers start with this, to tell the two servers apart.
+    tag: &'static str,
+}
+
+impl Websocket for Counter {
+    type State = u64;
+    type Message = String;
+
+    fn init(&self, _conn: &mut Conn, _ctx: &mut Context<'_, String>) -> u64 {
+        0
+    }
+
+    fn handle_client_message(&self, n: &mut u64, msg: Message<'_>, ctx: &mut Context<'_, String>) {
+        let Message::Text(text) = msg else { return };
+        if let Some(name) = text.strip_prefix("name:") {
+            ctx.register(name).unwrap();
+            ctx.join("all").unwrap();
+        }
+        *n += 1;
+        ctx.send_text(&format!("{} count {n}", self.tag));
+    }
+
+    fn handle_server_message(&self, _n: &mut u64, msg: String, ctx: &mut Context<'_, String>) {
+        ctx.send_text(&format!("srv:{msg}"));
+    }
+
+    fn terminate(&self, _n: u64, _reason: &TerminateReason, _ctx: &mut Context<'_, String>) {
+        COUNTER_TERMINATED.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn freeze(&self, n: &u64) -> Option<Vec<u8>> {
+        let mut bytes = vec![1u8];
+        bytes.extend_from_slice(&n.to_le_bytes());
+        Some(bytes)
+    }
+
+    fn thaw(&self, frozen: &[u8]) -> Option<u64> {
+        match frozen {
+            [1, rest @ ..] => Some(u64::from_le_bytes(rest.try_into().ok()?)),
+            _ => None,
+        }
+    }
+}
+
+/// Echoes, and does not opt in to handover.
+struct Plain;
+
+impl Websocket for Plain {
+    type State = ();
+    type Message = ();
+
+    fn init(&self, _conn: &mut Conn, _ctx: &mut Context<'_, ()>) {}
+
+    fn handle_client_message(&self, _: &mut (), msg: Message<'_>, ctx: &mut Context<'_, ()>) {
+        if let Message::Text(t) = msg {
+            ctx.send_text(t);
+        }
+    }
+
+    fn handle_server_message(&self, _: &mut (), _: (), _: &mut Context<'_, ()>) {}
+
+    fn terminate(&self, _: (), _: &TerminateReason, _: &mut Context<'_, ()>) {
+        PLAIN_TERMINATED.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn client(addr: std::net::SocketAddr, path: &str) -> WebSocket<TcpStream> {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let (ws, _) = tungstenite::client(format!("ws://{addr}{path}"), stream).unwrap();
+    ws
+}
+
+fn ask(ws: &mut WebSocket<TcpStream>, text: &str) -> String {
+    ws.send(WsMessage::text(text)).unwrap();
+    read_text(ws)
+}
+
+fn read_text(ws: &mut WebSocket<TcpStream>) -> String {
+    match ws.read().unwrap() {
+        WsMessage::Text(t) => t.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+fn socket_path() -> PathBuf {
+    std::env::temp_dir().join(format!("kythera-handover-test-{}.sock", std::process::id()))
+}
+
+#[test]
+fn state_names_and_groups_move_and_a_gear_that_does_not_opt_in_gets_1001() {
+    let path = socket_path();
+    let old = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(2)
+        .handover_socket(&path)
+        .mount("/c", Counter { tag: "old" })
+        .mount("/p", Plain)
+        .build()
+        .unwrap()
+        .spawn();
+    let addr = old.addr();
+    let mut counters: Vec<_> = (0..4)
+        .map(|i| {
+            let mut ws = client(addr, "/c");
+            assert_eq!(ask(&mut ws, &format!("name:n{i}")), "old count 1");
+            assert_eq!(ask(&mut ws, "x"), "old count 2");
+            ws
+        })
+        .collect();
+    let mut plain = client(addr, "/p");
+    assert_eq!(ask(&mut plain, "hi"), "hi");
+
+    // The new server takes the listener at build time, the connections once it runs.
+    let new = Server::builder()
+        .listen(addr)
+        .shards(2)
+        .take_over(&path)
+        .mount("/c", Counter { tag: "new" })
+        .mount("/p", Plain)
+        .build()
+        .unwrap()
+        .spawn();
+
+    // The connection of the gear that does not opt in: 1001, terminated on the old
+    // server.
+    match plain.read() {
+        Ok(WsMessage::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("expected a 1001 close, got {other:?}"),
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    while PLAIN_TERMINATED.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "Plain's terminate did not run");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(plain);
+    // The old server holds nothing more: its run returns.
+    old.join().unwrap();
+    assert_eq!(
+        COUNTER_TERMINATED.load(Ordering::SeqCst),
+        0,
+        "moved, not terminated"
+    );
+
+    // The state moved: the count goes on, answered by the new server.
+    for ws in &mut counters {
+        assert_eq!(ask(ws, "y"), "new count 3");
+    }
+    // The names and the group moved.
+    let registry = new.handle().registry::<String>("/c").unwrap();
+    assert_eq!(registry.send_message("n2", "to n2".into()), Ok(true));
+    assert_eq!(read_text(&mut counters[2]), "srv:to n2");
+    assert_eq!(registry.publish("all", "to all".into()), Ok(4));
+    for ws in &mut counters {
+        assert_eq!(read_text(ws), "srv:to all");
+    }
+    // New connections go to the new server, on the same address.
+    let mut fresh = client(addr, "/c");
+    assert_eq!(ask(&mut fresh, "z"), "new count 1");
+
+    drop(counters);
+    drop(fresh);
+    new.stop().unwrap();
+    assert_eq!(
+        COUNTER_TERMINATED.load(Ordering::SeqCst),
+        5,
+        "terminated once, on the new server"
+    );
+    assert_eq!(PLAIN_TERMINATED.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn taking_over_from_nobody_fails_to_build() {
+    let path = std::env::temp_dir().join(format!("kythera-nobody-{}.sock", std::process::id()));
+    let err = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .take_over(&path)
+        .mount("/c", Counter { tag: "x" })
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("handover socket"), "{err}");
+}
