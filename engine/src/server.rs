@@ -794,11 +794,16 @@ impl Server {
                 std::thread::Builder::new()
                     .name("kythera-handover".into())
                     .spawn(move || {
-                        if let Some(taker) = taker {
-                            taker.run(Arc::clone(&shared));
-                        }
-                        if let Some(giver) = giver {
-                            giver.run(shared);
+                        // The path is the old process's until it is done (or gone).
+                        let free = taker.is_none_or(|t| t.run(Arc::clone(&shared)));
+                        match giver {
+                            Some(giver) if free => giver.run(shared),
+                            Some(giver) => tracing::warn!(
+                                path = %giver.path.display(),
+                                "the old process still listens on the handover socket; \
+                                 this one does not"
+                            ),
+                            None => {}
                         }
                     }),
             )
@@ -856,13 +861,12 @@ impl Server {
             };
             first_error.get_or_insert(result);
         }
-        // Handing over: the handover thread sends what the shards left it, then says
-        // done. (Without a handover under way it is waiting for a taker: not joined.)
-        if let Some(thread) = giver_thread {
-            shared.handover.finish();
-            if shared.handover.attempt() != 0 {
-                let _ = thread.join();
-            }
+        // Handed over: the handover thread has said done (it ends right after). Without
+        // a handover it is waiting for a taker: not joined.
+        if let Some(thread) = giver_thread
+            && shared.handover.committed()
+        {
+            let _ = thread.join();
         }
         // The shards have let go of every connection (and so given up their names and
         // memberships): the backplane sends that to Redis and leaves the cluster.

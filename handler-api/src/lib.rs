@@ -136,7 +136,9 @@ pub trait Websocket: Send + Sync + 'static {
     /// 1001 "please reconnect" on the old process and terminated there, as by a drain.
     ///
     /// Put a version in the bytes (a first byte, say, or a field of a serde struct),
-    /// so that a newer build's `thaw` can convert an older format or refuse it.
+    /// so that a newer build's `thaw` can convert an older format or refuse it. The
+    /// bytes travel in one message of at most 256 KiB with the connection's other
+    /// state: a larger state gets 1001 as if `None`.
     /// Names and group memberships are not part of the state: the engine moves them.
     fn freeze(&self, state: &Self::State) -> Option<Vec<u8>> {
         let _ = state;

@@ -373,19 +373,25 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
         }
     }
 
-    /// The names and groups `conn` holds (groups by name), then frees them as
-    /// [`ShardRegistry::remove_conn`] does: for a connection leaving the process in a
-    /// live handover, whose new process takes the same names and joins the same groups.
+    /// The names and groups `conn` holds (groups by name), then frees them: for a
+    /// connection leaving the process in a live handover, whose new process takes the
+    /// same names and joins the same groups. Unlike [`ShardRegistry::remove_conn`] its
+    /// connection handles stay open: should the connection stay after all, it gets
+    /// its names and groups back and its handles still reach it.
     pub fn take_holdings(&mut self, conn: ConnId) -> (Vec<Box<str>>, Vec<Box<str>>) {
-        let held = match self.holdings.get(&conn) {
-            Some(h) => (
-                h.names.clone(),
-                h.groups.iter().map(|g| g.name.clone()).collect(),
-            ),
-            None => (Vec::new(), Vec::new()),
+        let Some(h) = self.holdings.get_mut(&conn) else {
+            return (Vec::new(), Vec::new());
         };
-        self.remove_conn(conn);
-        held
+        let names = std::mem::take(&mut h.names);
+        let groups = std::mem::take(&mut h.groups);
+        for name in &names {
+            let _ = self.shared.unregister(conn, name);
+        }
+        let group_names = groups.iter().map(|g| g.name.clone()).collect();
+        for group in groups {
+            self.drop_membership(conn, &group);
+        }
+        (names, group_names)
     }
 
     /// Frees everything `conn` holds: its names and memberships. Called when the

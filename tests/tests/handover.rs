@@ -1,7 +1,8 @@
 //! Live handover between two servers (issue 20), through the engine's API: a gear's
 //! state (`freeze` / `thaw`), its names and its groups move to the new server with
 //! the connection; a gear that does not opt in gets 1001 and is terminated on the old
-//! server only; the old server's `run` returns once it holds nothing. Both drivers:
+//! server only; a state the new build refuses, or one too large to send, stays behind
+//! and gets 1001 there; the old server's `run` returns once it holds nothing. Both drivers:
 //! the suite runs again with `KYTHERA_IO=epoll`. The binary's end-to-end scenarios
 //! (1,000 clients, a new process killed midway, permessage-deflate, a half-received
 //! frame, drivers mixed) are `tools/conformance/handover.py`.
@@ -204,4 +205,129 @@ fn taking_over_from_nobody_fails_to_build() {
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("handover socket"), "{err}");
+}
+
+static REFUSED_TERMINATED: AtomicUsize = AtomicUsize::new(0);
+
+/// Opts in with a state of `size` bytes, which `thaw` refuses when `refuse` is set.
+struct Picky {
+    size: usize,
+    refuse: bool,
+}
+
+impl Websocket for Picky {
+    type State = ();
+    type Message = ();
+
+    fn init(&self, _conn: &mut Conn, _ctx: &mut Context<'_, ()>) {}
+
+    fn handle_client_message(&self, _: &mut (), msg: Message<'_>, ctx: &mut Context<'_, ()>) {
+        if let Message::Text(t) = msg {
+            ctx.send_text(t);
+        }
+    }
+
+    fn handle_server_message(&self, _: &mut (), _: (), _: &mut Context<'_, ()>) {}
+
+    fn terminate(&self, _: (), _: &TerminateReason, _: &mut Context<'_, ()>) {
+        REFUSED_TERMINATED.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn freeze(&self, _: &()) -> Option<Vec<u8>> {
+        Some(vec![1; self.size])
+    }
+
+    fn thaw(&self, _frozen: &[u8]) -> Option<()> {
+        (!self.refuse).then_some(())
+    }
+}
+
+#[test]
+fn a_state_refused_by_the_new_build_or_too_large_stays_behind_with_1001() {
+    let path = std::env::temp_dir().join(format!("kythera-picky-{}.sock", std::process::id()));
+    let old = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .handover_socket(&path)
+        .mount(
+            "/refused",
+            Picky {
+                size: 8,
+                refuse: false,
+            },
+        )
+        .mount(
+            "/large",
+            Picky {
+                size: 1 << 20,
+                refuse: false,
+            },
+        )
+        .mount(
+            "/fine",
+            Picky {
+                size: 8,
+                refuse: false,
+            },
+        )
+        .build()
+        .unwrap()
+        .spawn();
+    let addr = old.addr();
+    let mut refused = client(addr, "/refused");
+    let mut large = client(addr, "/large");
+    let mut fine = client(addr, "/fine");
+    for ws in [&mut refused, &mut large, &mut fine] {
+        assert_eq!(ask(ws, "a"), "a");
+    }
+    let new = Server::builder()
+        .listen(addr)
+        .shards(1)
+        .take_over(&path)
+        .mount(
+            "/refused",
+            Picky {
+                size: 8,
+                refuse: true,
+            },
+        )
+        .mount(
+            "/large",
+            Picky {
+                size: 1 << 20,
+                refuse: false,
+            },
+        )
+        .mount(
+            "/fine",
+            Picky {
+                size: 8,
+                refuse: false,
+            },
+        )
+        .build()
+        .unwrap()
+        .spawn();
+    // Both are closed by the old process, which terminates them there.
+    for ws in [&mut refused, &mut large] {
+        match ws.read() {
+            Ok(WsMessage::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1001),
+            other => panic!("expected a 1001 close, got {other:?}"),
+        }
+    }
+    drop(refused);
+    drop(large);
+    old.join().unwrap();
+    assert_eq!(
+        REFUSED_TERMINATED.load(Ordering::SeqCst),
+        2,
+        "terminated on the old server"
+    );
+    assert_eq!(ask(&mut fine, "b"), "b");
+    let stats = new.handle().stats();
+    assert_eq!(stats.iter().map(|s| s.handover_taken).sum::<u64>(), 1);
+    assert_eq!(stats.iter().map(|s| s.handover_refused).sum::<u64>(), 1);
+    drop(fine);
+    new.stop().unwrap();
+    assert_eq!(REFUSED_TERMINATED.load(Ordering::SeqCst), 3);
 }

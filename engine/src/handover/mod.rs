@@ -70,9 +70,34 @@ pub(crate) struct FrozenConn {
     pub state: Vec<u8>,
 }
 
-/// The new process's answer about a connection: its id in the old process, and
-/// whether it was taken.
-pub(crate) type Answer = (u64, bool);
+/// What becomes of a connection sent to the new process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Verdict {
+    /// The new process took it: the old one lets go of it.
+    Taken,
+    /// The new build refused its state: the old process closes it with 1001.
+    Refused,
+    /// It never reached the new process (its message could not be sent): the old
+    /// process keeps serving it.
+    Kept,
+}
+
+/// An answer about a connection: its id in the old process, and its fate.
+pub(crate) type Answer = (u64, Verdict);
+
+impl FrozenConn {
+    /// About how many bytes it takes on the handover socket (a bound: postcard
+    /// writes lengths as varints).
+    pub(crate) fn approximate_size(&self) -> usize {
+        let strings: usize = self
+            .names
+            .iter()
+            .chain(&self.groups)
+            .map(|s| s.len() + 10)
+            .sum();
+        self.state.len() + self.gear.len() + strings + 128
+    }
+}
 
 /// A connection with its socket.
 #[derive(Debug)]
@@ -91,7 +116,7 @@ enum Message {
     Conn(FrozenConn),
     /// New to old: the connection `origin` was taken (the old process lets go of it),
     /// or refused (the old process keeps it and closes it with 1001).
-    Ack { origin: u64, taken: bool },
+    Ack { origin: u64, verdict: Verdict },
     /// Old to new: the old process holds nothing more and exits.
     Done { moved: u64 },
     /// Old to new: refused (another format).
@@ -108,9 +133,16 @@ pub(crate) struct ListenerInfo {
 /// What the shards and the handover thread share, in both roles.
 #[derive(Debug)]
 pub(crate) struct HandoverState {
-    /// Old process: the handover under way (a count of attempts), 0 when none.
-    attempt: AtomicU64,
+    /// Old process: attempts so far (each gets the next number).
+    attempts: AtomicU64,
+    /// Old process: the number of the attempt under way, 0 when none.
+    active: AtomicU64,
     outbox: Mutex<Option<mpsc::Sender<Moved>>>,
+    /// Old process: per shard, it holds nothing (it stays up until `committed`, so
+    /// that it can take connections back should the attempt fail).
+    empty: Box<[AtomicBool]>,
+    /// Old process: the new process took everything; the shards may exit.
+    committed: AtomicBool,
     /// New process: connections received, per shard, for it to adopt.
     inbox: Box<[Mutex<Vec<Moved>>]>,
     inbox_any: Box<[AtomicBool]>,
@@ -124,8 +156,11 @@ pub(crate) struct HandoverState {
 impl HandoverState {
     pub(crate) fn new(shards: usize) -> HandoverState {
         HandoverState {
-            attempt: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
+            active: AtomicU64::new(0),
             outbox: Mutex::new(None),
+            empty: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            committed: AtomicBool::new(false),
             inbox: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
             inbox_any: (0..shards).map(|_| AtomicBool::new(false)).collect(),
             acks: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
@@ -147,10 +182,10 @@ impl HandoverState {
             .unwrap_or_default()
     }
 
-    fn push_ack(&self, shard: usize, origin: u64, taken: bool) {
+    fn push_ack(&self, shard: usize, origin: u64, verdict: Verdict) {
         if let Some(acks) = self.acks.get(shard) {
             if let Ok(mut v) = acks.lock() {
-                v.push((origin, taken));
+                v.push((origin, verdict));
             }
             self.acks_any[shard].store(true, Ordering::Release);
         }
@@ -159,19 +194,35 @@ impl HandoverState {
     /// New process: tells the old one whether connection `origin` was taken. A
     /// message of a few bytes on a socket with room for hundreds of kilobytes: it does
     /// not block the shard in practice.
-    pub(crate) fn answer(&self, origin: u64, taken: bool) {
+    pub(crate) fn answer(&self, origin: u64, verdict: Verdict) {
         let channel = self.answer.lock().ok().and_then(|a| a.clone());
         if let Some(channel) = channel
-            && let Ok(bytes) = encode(&Message::Ack { origin, taken })
+            && let Ok(bytes) = encode(&Message::Ack { origin, verdict })
             && let Err(err) = channel.send(&bytes, &[])
         {
             debug!(error = %err, "handover: the old process is gone; no answer");
         }
     }
 
-    /// The attempt under way (0: none), and where its connections go.
+    /// The number of the attempt under way (0: none). Every attempt has a number of
+    /// its own, so a shard that did not look between the end of one and the start of
+    /// the next still sees that the first ended.
     pub(crate) fn attempt(&self) -> u64 {
-        self.attempt.load(Ordering::Acquire)
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Old process: shard `shard` holds nothing (or holds something again).
+    pub(crate) fn set_empty(&self, shard: usize, empty: bool) {
+        self.empty[shard].store(empty, Ordering::Release);
+    }
+
+    fn all_empty(&self) -> bool {
+        self.empty.iter().all(|e| e.load(Ordering::Acquire))
+    }
+
+    /// Old process: the new process took everything; a shard that holds nothing exits.
+    pub(crate) fn committed(&self) -> bool {
+        self.committed.load(Ordering::Acquire)
     }
 
     pub(crate) fn outbox(&self) -> Option<mpsc::Sender<Moved>> {
@@ -182,7 +233,9 @@ impl HandoverState {
         if let Ok(mut o) = self.outbox.lock() {
             *o = Some(outbox);
         }
-        self.attempt.fetch_add(1, Ordering::AcqRel) + 1
+        let attempt = self.attempts.fetch_add(1, Ordering::AcqRel) + 1;
+        self.active.store(attempt, Ordering::Release);
+        attempt
     }
 
     fn abort(&self, attempt: u64) {
@@ -190,15 +243,8 @@ impl HandoverState {
             *o = None;
         }
         let _ = self
-            .attempt
+            .active
             .compare_exchange(attempt, 0, Ordering::AcqRel, Ordering::Acquire);
-    }
-
-    /// The shards are gone: the handover thread sends what they left and says done.
-    pub(crate) fn finish(&self) {
-        if let Ok(mut o) = self.outbox.lock() {
-            *o = None;
-        }
     }
 
     /// New process: whether shard `shard` has connections to adopt.
@@ -333,17 +379,38 @@ impl Giver {
         );
         let mut moved = 0u64;
         let outcome = loop {
-            match rx.recv_timeout(Duration::from_millis(50)) {
+            match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(m) => {
-                    let bytes = encode(&Message::Conn(m.conn))?;
-                    if let Err(err) = channel.send(&bytes, &[m.fd.as_fd()]) {
-                        break Err(err);
+                    let origin = m.conn.origin;
+                    let sent = encode(&Message::Conn(m.conn))
+                        .and_then(|bytes| channel.send(&bytes, &[m.fd.as_fd()]));
+                    match sent {
+                        Ok(()) => moved += 1,
+                        Err(err) if peer_gone(&err) => break Err(err),
+                        Err(err) => {
+                            // This one did not go (too large, say): its shard keeps it.
+                            warn!(error = %err, "handover: a connection could not be sent; kept here");
+                            let shard = (origin >> 56) as usize;
+                            shared.handover.push_ack(shard, origin, Verdict::Kept);
+                            shared.wakeup.notify_from_foreign(shard);
+                        }
                     }
-                    moved += 1;
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if gone.load(Ordering::Acquire) {
                         break Err(io::Error::other("the new process went away"));
+                    }
+                    // Every shard holds nothing, and nothing is on its way: done. (A
+                    // shard says so only once its last connection was answered for.)
+                    if shared.handover.all_empty() {
+                        match rx.try_recv() {
+                            Err(mpsc::TryRecvError::Empty) => break Ok(()),
+                            Ok(m) => {
+                                warn!("handover: a connection after the shards were done; dropped");
+                                drop(m);
+                            }
+                            Err(mpsc::TryRecvError::Disconnected) => break Ok(()),
+                        }
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
@@ -351,6 +418,8 @@ impl Giver {
         };
         match outcome {
             Ok(()) => {
+                shared.handover.committed.store(true, Ordering::Release);
+                wake_all(shared);
                 // Before `Done`: the new process binds the same path once it has it,
                 // and that socket must not be the one removed.
                 let _ = std::fs::remove_file(&self.path);
@@ -365,10 +434,11 @@ impl Giver {
                 Ok(true)
             }
             Err(err) => {
-                // The shards take back every connection without an answer.
-                shared.handover.abort(attempt);
+                // Every answer is in before the shards hear of the abort, so that
+                // they take back exactly the connections without one.
                 let _ = channel.shutdown();
                 let _ = reader.join();
+                shared.handover.abort(attempt);
                 wake_all(shared);
                 warn!(
                     sent = moved,
@@ -381,14 +451,23 @@ impl Giver {
     }
 }
 
+/// Whether a send failed because the other process is gone (rather than for this
+/// message alone).
+fn peer_gone(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ECONNREFUSED)
+    )
+}
+
 /// The old process's reader of the new one's answers, until the socket closes.
 fn read_acks(channel: &Channel, shared: &Shared, gone: &AtomicBool) {
     loop {
         match channel.recv(true) {
             Ok(Some((bytes, _))) => match decode(&bytes) {
-                Ok(Message::Ack { origin, taken }) => {
+                Ok(Message::Ack { origin, verdict }) => {
                     let shard = (origin >> 56) as usize;
-                    shared.handover.push_ack(shard, origin, taken);
+                    shared.handover.push_ack(shard, origin, verdict);
                     if shard < shared.event_fds.len() {
                         shared.wakeup.notify_from_foreign(shard);
                     }
@@ -441,7 +520,10 @@ impl Taker {
     }
 
     /// The thread that receives the connections and gives each to a shard in turn.
-    pub(crate) fn run(self, shared: Arc<Shared>) {
+    /// Returns whether the old process is done or gone (so the handover socket's path
+    /// is free for this process to listen on); on any other end the channel is shut
+    /// down, so that the old process sees this one go and keeps what it has.
+    pub(crate) fn run(self, shared: Arc<Shared>) -> bool {
         let shards = shared.event_fds.len();
         match self.channel.try_clone() {
             Ok(c) => {
@@ -461,11 +543,13 @@ impl Taker {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     warn!(taken, "handover: the old process went away");
-                    return;
+                    self.hang_up(&shared);
+                    return true;
                 }
                 Err(err) => {
-                    warn!(taken, error = %err, "handover: receiving failed");
-                    return;
+                    warn!(taken, error = %err, "handover: receiving failed; giving up");
+                    self.hang_up(&shared);
+                    return false;
                 }
             };
             match decode(&bytes) {
@@ -484,20 +568,26 @@ impl Taker {
                     }
                 }
                 Ok(Message::Done { moved }) => {
-                    if let Ok(mut a) = shared.handover.answer.lock() {
-                        *a = None;
-                    }
                     info!(
                         taken,
                         moved,
                         took_ms = self.started.elapsed().as_millis() as u64,
                         "handover complete: the old process exits"
                     );
-                    return;
+                    self.hang_up(&shared);
+                    return true;
                 }
                 Ok(_) => warn!("handover: unexpected message"),
                 Err(err) => warn!(error = %err, "handover: undecodable message"),
             }
         }
+    }
+
+    /// No more answers; the old process sees the channel close.
+    fn hang_up(&self, shared: &Shared) {
+        if let Ok(mut a) = shared.handover.answer.lock() {
+            *a = None;
+        }
+        let _ = self.channel.shutdown();
     }
 }

@@ -102,7 +102,11 @@ impl Session {
         names: &[String],
         groups: &[String],
     ) {
-        if let Some(gear) = self.gear() {
+        // A session that ended meanwhile must not hold names again.
+        if let Some(gear) = self.gear()
+            && !self.terminated
+            && matches!(self.phase, Phase::Open(_))
+        {
             regs.restore(gear, id, names, groups);
         }
     }
@@ -110,21 +114,27 @@ impl Session {
     /// The new process took the connection: its state is dropped here without
     /// `terminate` (the new process calls it when the connection ends there), which
     /// gives back its place in the gear's limit.
-    pub(crate) fn handed_over(&mut self, id: ConnId, app: &App, regs: &Registries) {
-        let Phase::Open(live) = &mut self.phase else {
-            return;
-        };
-        let meta = live.meta();
-        let (peer, frames_in, frames_out) = (meta.peer.get(), meta.frames_in, meta.frames_out);
-        // What was queued while the connection was parked (a message through a
-        // connection handle) is not written: the new process owns the socket now.
+    pub(crate) fn handed_over(&mut self, id: ConnId, app: &App, regs: &mut Registries) {
+        // Nothing more is written here, whatever was queued: the new process owns the
+        // socket now.
         if let Some(tx) = self.tx.as_mut() {
             tx.discard_queued();
         }
-        self.phase = Phase::Done;
-        self.terminated = true;
         self.finished = true;
-        if let Some(gear) = self.gear() {
+        let was_open = !self.terminated;
+        self.terminated = true;
+        let Phase::Open(live) = std::mem::replace(&mut self.phase, Phase::Done) else {
+            return;
+        };
+        let mut live = live;
+        let meta = live.meta();
+        let (peer, frames_in, frames_out) = (meta.peer.get(), meta.frames_in, meta.frames_out);
+        drop(live);
+        if let Some(gear) = self.gear()
+            && was_open
+        {
+            // Its connection handles answer `Closed` from now on.
+            regs.remove_conn(gear, id);
             if let Some(c) = regs.counters(Some(gear)) {
                 c.terminated.add(1);
             }

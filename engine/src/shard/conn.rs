@@ -25,48 +25,52 @@ pub(super) struct Conn {
     pub(super) flags: ConnFlags,
 }
 
-/// A connection's state bits (one `u16` rather than a `bool` each: memory per idle
+/// A connection's state bits (one `u32` rather than a `bool` each: memory per idle
 /// connection is counted in bytes).
 #[derive(Debug, Clone, Copy, Default)]
-pub(super) struct ConnFlags(u16);
+pub(super) struct ConnFlags(u32);
 
 impl ConnFlags {
-    pub(super) const RECV_ARMED: u16 = 1;
+    pub(super) const RECV_ARMED: u32 = 1;
     /// The recv saw end-of-file or an error: never re-armed.
-    pub(super) const RECV_ENDED: u16 = 1 << 1;
-    pub(super) const SHUTDOWN_SENT: u16 = 1 << 2;
-    pub(super) const SHUTDOWN_IN_FLIGHT: u16 = 1 << 3;
-    pub(super) const CLOSE_SENT: u16 = 1 << 4;
+    pub(super) const RECV_ENDED: u32 = 1 << 1;
+    pub(super) const SHUTDOWN_SENT: u32 = 1 << 2;
+    pub(super) const SHUTDOWN_IN_FLIGHT: u32 = 1 << 3;
+    pub(super) const CLOSE_SENT: u32 = 1 << 4;
     /// Stop waiting for sends: shut down and close.
-    pub(super) const FORCED: u16 = 1 << 5;
-    pub(super) const FORCE_SCHEDULED: u16 = 1 << 6;
+    pub(super) const FORCED: u32 = 1 << 5;
+    pub(super) const FORCE_SCHEDULED: u32 = 1 << 6;
     /// A timer entry stands for the session's next deadline.
-    pub(super) const TIMER_ARMED: u16 = 1 << 7;
+    pub(super) const TIMER_ARMED: u32 = 1 << 7;
     /// In the shard's list of connections to flush after this turn.
-    pub(super) const TOUCHED: u16 = 1 << 8;
+    pub(super) const TOUCHED: u32 = 1 << 8;
     /// Open when the drain started: the listeners stay open until every such
     /// connection is gone (or the drain window is over).
-    pub(super) const BEFORE_DRAIN: u16 = 1 << 9;
+    pub(super) const BEFORE_DRAIN: u32 = 1 << 9;
     /// The recv was cancelled (a slow consumer: nothing it sends is read any more).
-    pub(super) const RECV_CANCELLED: u16 = 1 << 10;
+    pub(super) const RECV_CANCELLED: u32 = 1 << 10;
     /// The peer address is being read (the session starts when it arrives).
-    pub(super) const PEER_PENDING: u16 = 1 << 11;
+    pub(super) const PEER_PENDING: u32 = 1 << 11;
     /// A send is in flight (the driver holds its output).
-    pub(super) const SENDING: u16 = 1 << 12;
+    pub(super) const SENDING: u32 = 1 << 12;
     /// The connection speaks TLS (its state is in the shard's `tls_conns`).
-    pub(super) const TLS: u16 = 1 << 13;
+    pub(super) const TLS: u32 = 1 << 13;
     /// Its recv was cancelled (or its socket is being detached) to hand it over to
     /// another process (`handover`).
-    pub(super) const HANDOVER: u16 = 1 << 14;
+    pub(super) const HANDOVER: u32 = 1 << 14;
     /// Handed over: the session is over here without `terminate`; only the close of
     /// this process's descriptor is left.
-    pub(super) const MOVED: u16 = 1 << 15;
+    pub(super) const MOVED: u32 = 1 << 15;
+    /// Sent to a new process, which has not answered yet (`handover`): nothing may
+    /// act on its session here (no timer, no delivery, no write), since the new
+    /// process may own it already.
+    pub(super) const PARKED: u32 = 1 << 16;
 
-    pub(super) fn has(self, bit: u16) -> bool {
+    pub(super) fn has(self, bit: u32) -> bool {
         self.0 & bit != 0
     }
 
-    pub(super) fn set(&mut self, bit: u16, on: bool) {
+    pub(super) fn set(&mut self, bit: u32, on: bool) {
         if on {
             self.0 |= bit;
         } else {
@@ -89,7 +93,7 @@ impl Conn {
 
     /// The session, while the shard still talks to it.
     pub(super) fn live_session(&mut self) -> Option<&mut Session> {
-        if self.flags.has(ConnFlags::FORCED) {
+        if self.flags.has(ConnFlags::FORCED) || self.flags.has(ConnFlags::PARKED) {
             return None;
         }
         self.session.as_mut().filter(|s| !s.should_close())

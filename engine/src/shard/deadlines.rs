@@ -49,6 +49,7 @@ impl<D: Driver> Shard<D> {
                 if conn.generation != generation
                     || conn.flags.has(ConnFlags::CLOSE_SENT)
                     || conn.flags.has(ConnFlags::FORCED)
+                    || conn.flags.has(ConnFlags::PARKED)
                 {
                     return Ok(());
                 }

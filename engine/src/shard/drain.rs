@@ -157,8 +157,12 @@ impl<D: Driver> Shard<D> {
     /// Whether the shard may stop: draining, and nothing left open or in flight (or
     /// the grace after forcing closes has run out).
     pub(super) fn drained(&self) -> bool {
-        if self.handing.is_some() && self.open == 0 && self.driver.in_flight() == 0 {
-            // Everything was handed over (or closed).
+        if self.handing.is_some()
+            && self.shared.handover.committed()
+            && self.open == 0
+            && self.driver.in_flight() == 0
+        {
+            // Everything was handed over (or closed), and the new process has it all.
             return true;
         }
         let Some(drain) = &self.drain else {

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::driver::{Driver, bump};
-use crate::handover::{DEADLINE, Moved};
+use crate::handover::{DEADLINE, Moved, Verdict, socket};
 use crate::session::{Readiness, Session};
 
 use kythera_handler_api::ConnId;
@@ -60,6 +60,12 @@ impl<D: Driver> Shard<D> {
                 self.abort_handover()?;
                 return Ok(());
             }
+        }
+        // Holding nothing, it says so, and stays up until the handover thread commits
+        // (it might yet have to take connections back).
+        if self.handing.is_some() {
+            let empty = self.open == 0 && self.driver.in_flight() == 0;
+            self.shared.handover.set_empty(self.index, empty);
         }
         let now_ms = self.now_ms;
         let Some(h) = self.handing.as_mut() else {
@@ -129,6 +135,10 @@ impl<D: Driver> Shard<D> {
             "handover aborted: serving the connections kept here, accepting again"
         );
         self.handing = None;
+        self.shared.handover.set_empty(self.index, false);
+        // Every answer the new process gave arrived before the abort was published:
+        // settle those first, then take back the rest.
+        self.take_acks();
         let parked: Vec<(u32, Parked)> = self.parked.drain().collect();
         for (index, parked) in parked {
             self.unpark(index, parked.holdings);
@@ -246,6 +256,17 @@ impl<D: Driver> Shard<D> {
     ) -> io::Result<()> {
         let fd = match result {
             Ok(fd) => fd,
+            Err(errno) if matches!(errno, libc::EINVAL | libc::EOPNOTSUPP) => {
+                // IORING_OP_FIXED_FD_INSTALL needs Linux 6.8: without it no direct
+                // descriptor can move, and asking again would only loop.
+                warn!(
+                    shard = self.index,
+                    errno, "handover: this kernel cannot detach a socket; closing with 1001"
+                );
+                self.resume(index);
+                self.close_with_1001(index);
+                return Ok(());
+            }
             Err(errno) => {
                 warn!(
                     shard = self.index,
@@ -281,6 +302,14 @@ impl<D: Driver> Shard<D> {
             return Ok(());
         };
         let holdings = (frozen.names.clone(), frozen.groups.clone());
+        if frozen.approximate_size() > socket::MAX_MESSAGE - 1024 {
+            // Too large for one message on the handover socket.
+            warn!(conn = %id, bytes = frozen.state.len(), "handover: the gear's frozen state is too large; closing with 1001");
+            drop(fd);
+            self.unpark(index, holdings);
+            self.close_with_1001(index);
+            return Ok(());
+        }
         if outbox.send(Moved { fd, conn: frozen }).is_err() {
             // The handover thread gave up on this attempt at this moment.
             if let Some(h) = self.handing.as_mut() {
@@ -288,6 +317,9 @@ impl<D: Driver> Shard<D> {
             }
             self.unpark(index, holdings);
             return Ok(());
+        }
+        if let Some(conn) = conn_in(&mut self.conns, index) {
+            conn.flags.set(ConnFlags::PARKED, true);
         }
         self.parked.insert(
             index,
@@ -299,11 +331,26 @@ impl<D: Driver> Shard<D> {
         Ok(())
     }
 
+    /// Closes a connection that cannot move with 1001, as a drain would (`terminate`
+    /// runs here).
+    fn close_with_1001(&mut self, index: u32) {
+        let (now_ms, shard) = (self.now_ms, self.index);
+        if let Some(conn) = conn_in(&mut self.conns, index) {
+            let id = conn_id(shard, index, conn.generation);
+            if let Some(session) = conn.live_session() {
+                session.start_drain(id, now_ms, &self.app, &mut self.regs);
+                bump(&self.shared.stats[shard].handover_closed, 1);
+            }
+        }
+        self.touch(index);
+    }
+
     /// A parked connection stays here after all: its names and memberships come back
     /// and it is read again.
     fn unpark(&mut self, index: u32, (names, groups): (Vec<String>, Vec<String>)) {
         let shard = self.index;
         if let Some(conn) = conn_in(&mut self.conns, index) {
+            conn.flags.set(ConnFlags::PARKED, false);
             let id = conn_id(shard, index, conn.generation);
             if let Some(session) = conn.session.as_mut() {
                 session.restore_holdings(id, &mut self.regs, &names, &groups);
@@ -318,7 +365,7 @@ impl<D: Driver> Shard<D> {
             return;
         }
         let shard = self.index;
-        for (origin, taken) in self.shared.handover.take_acks(shard) {
+        for (origin, verdict) in self.shared.handover.take_acks(shard) {
             let (index, generation) = conn_slot(ConnId::new((origin >> 56) as u8, origin));
             let Some(parked) = self.parked.remove(&index) else {
                 continue;
@@ -327,29 +374,29 @@ impl<D: Driver> Shard<D> {
                 self.parked.insert(index, parked);
                 continue;
             }
-            if taken {
-                let Some(conn) = conn_in(&mut self.conns, index) else {
-                    continue;
-                };
-                let id = conn_id(shard, index, generation);
-                if let Some(session) = conn.session.as_mut() {
-                    session.handed_over(id, &self.app, &self.regs);
-                }
-                conn.flags.set(ConnFlags::MOVED, true);
-                bump(&self.shared.stats[shard].handover_moved, 1);
-                // The session is finished: the flush closes this process's descriptor.
-                self.touch(index);
-            } else {
-                // The new build refused it: 1001 from here, `terminate` here.
-                self.unpark(index, parked.holdings);
-                let now_ms = self.now_ms;
-                if let Some(conn) = conn_in(&mut self.conns, index) {
+            match verdict {
+                Verdict::Taken => {
+                    let Some(conn) = conn_in(&mut self.conns, index) else {
+                        continue;
+                    };
+                    conn.flags.set(ConnFlags::PARKED, false);
+                    conn.flags.set(ConnFlags::MOVED, true);
                     let id = conn_id(shard, index, generation);
-                    if let Some(session) = conn.live_session() {
-                        session.start_drain(id, now_ms, &self.app, &mut self.regs);
+                    if let Some(session) = conn.session.as_mut() {
+                        session.handed_over(id, &self.app, &mut self.regs);
                     }
+                    bump(&self.shared.stats[shard].handover_moved, 1);
+                    // The session is finished: the flush closes this process's
+                    // descriptor (no shutdown: the socket is the new process's).
+                    self.touch(index);
                 }
-                bump(&self.shared.stats[shard].handover_closed, 1);
+                Verdict::Refused => {
+                    // The new build refused it: 1001 from here, `terminate` here.
+                    self.unpark(index, parked.holdings);
+                    self.close_with_1001(index);
+                }
+                // Its message never left: it stays, read again.
+                Verdict::Kept => self.unpark(index, parked.holdings),
             }
         }
     }
@@ -372,7 +419,7 @@ impl<D: Driver> Shard<D> {
                     // The old process keeps it (and closes it with 1001).
                     info!(gear = frozen.gear, peer = ?frozen.peer, "handover: this build refuses the connection's state");
                     bump(&self.stats().handover_refused, 1);
-                    self.shared.handover.answer(frozen.origin, false);
+                    self.shared.handover.answer(frozen.origin, Verdict::Refused);
                 }
             }
         }
@@ -393,7 +440,7 @@ impl<D: Driver> Shard<D> {
                     errno, "handover: cannot adopt a socket; the old process keeps it"
                 );
                 bump(&self.stats().handover_failed, 1);
-                self.shared.handover.answer(origin, false);
+                self.shared.handover.answer(origin, Verdict::Refused);
                 return Ok(());
             }
         };
@@ -410,7 +457,7 @@ impl<D: Driver> Shard<D> {
         bump(&self.stats().accepted, 1);
         bump(&self.stats().handover_taken, 1);
         self.release.churned(self.now_ms);
-        self.shared.handover.answer(origin, true);
+        self.shared.handover.answer(origin, Verdict::Taken);
         self.touch(index);
         self.arm_recv(index)
     }

@@ -382,8 +382,8 @@ impl<D: Driver> Shard<D> {
             self.drain_step();
             self.close_listeners_when_done()?;
         }
-        self.handover_step()?;
         self.take_acks();
+        self.handover_step()?;
         self.take_incoming()?;
         self.deliver_registry();
         if let Some(hook) = self.release.due(self.now_ms) {
@@ -504,7 +504,8 @@ impl<D: Driver> Shard<D> {
         let Some(socket) = &l.socket else {
             return Ok(());
         };
-        if l.armed || l.backing_off {
+        // Handing over: the new process accepts on these sockets.
+        if l.armed || l.backing_off || self.handing.is_some() {
             return Ok(());
         }
         l.armed = true;
@@ -704,7 +705,9 @@ impl<D: Driver> Shard<D> {
             }
             if !more {
                 conn.flags.set(ConnFlags::RECV_ARMED, false);
-                if paused {
+                // However it ended (cancelled, or out of buffers at the same moment),
+                // a recv of a connection being handed over is not armed again here.
+                if conn.flags.has(ConnFlags::HANDOVER) && !conn.flags.has(ConnFlags::RECV_ENDED) {
                     self.driver.release(token);
                     self.recv_paused(index);
                     self.touch(index);
@@ -954,6 +957,10 @@ impl<D: Driver> Drop for Shard<D> {
         // kernel may still use of their operations is the driver's to wait for or leak.
         for (index, slot) in self.conns.iter_mut().enumerate() {
             let Some(conn) = slot else { continue };
+            // Parked: the new process may own it, and terminates it there.
+            if conn.flags.has(ConnFlags::PARKED) {
+                continue;
+            }
             let id = conn_id(self.index, index as u32, conn.generation);
             if let Some(session) = conn.session.as_mut()
                 && !session.is_terminated()
