@@ -29,6 +29,10 @@ use super::{Shard, ms};
 /// while it hands over.
 const VISIT_PER_TURN: usize = 1024;
 
+/// Connections of a shard on their way to the new process at a time (recv cancelled,
+/// not yet answered for).
+const MAX_MOVING: usize = 64;
+
 /// A connection sent to the new process, kept until it answers.
 pub(super) struct Parked {
     generation: u32,
@@ -88,12 +92,27 @@ impl<D: Driver> Shard<D> {
         if len == 0 {
             return Ok(());
         }
-        let start = h.cursor.min(len);
-        let count = VISIT_PER_TURN.min(len);
-        h.cursor = (start + count) % len;
-        for k in 0..count {
-            let index = ((start + k) % len) as u32;
-            self.offer(index)?;
+        // A connection's pause runs from its recv's cancel until the new process
+        // reads it: with every connection cancelled at once, the last would wait for
+        // all the others to cross. A few in transit at a time keep each pause short.
+        let moving = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| c.flags.has(ConnFlags::HANDOVER) && !c.flags.has(ConnFlags::MOVED))
+            .count();
+        let mut budget = MAX_MOVING.saturating_sub(moving);
+        let mut cursor = h.cursor.min(len);
+        let mut visited = 0;
+        while budget > 0 && visited < VISIT_PER_TURN.min(len) {
+            if self.offer(cursor as u32)? {
+                budget -= 1;
+            }
+            cursor = (cursor + 1) % len;
+            visited += 1;
+        }
+        if let Some(h) = self.handing.as_mut() {
+            h.cursor = cursor;
         }
         Ok(())
     }
@@ -172,12 +191,12 @@ impl<D: Driver> Shard<D> {
         }
     }
 
-    /// Starts moving one connection if it can move now.
-    fn offer(&mut self, index: u32) -> io::Result<()> {
+    /// Starts moving one connection if it can move now (then `true`).
+    fn offer(&mut self, index: u32) -> io::Result<bool> {
         let now_ms = self.now_ms;
         let shard = self.index;
         let Some(conn) = conn_in(&mut self.conns, index) else {
-            return Ok(());
+            return Ok(false);
         };
         let busy = ConnFlags::HANDOVER
             | ConnFlags::MOVED
@@ -186,13 +205,13 @@ impl<D: Driver> Shard<D> {
             | ConnFlags::FORCED
             | ConnFlags::SENDING;
         if conn.flags.has(busy) || !conn.flags.has(ConnFlags::RECV_ARMED) {
-            return Ok(());
+            return Ok(false);
         }
         let tls = conn.flags.has(ConnFlags::TLS);
         let id = conn_id(shard, index, conn.generation);
         let slot = conn.slot(index);
         let Some(session) = conn.live_session() else {
-            return Ok(());
+            return Ok(false);
         };
         let readiness = match session.handover_readiness() {
             // rustls cannot carry a connection's keys and sequence numbers over.
@@ -210,9 +229,10 @@ impl<D: Driver> Shard<D> {
             Readiness::Movable => {
                 conn.flags.set(ConnFlags::HANDOVER, true);
                 self.driver.cancel_recv(slot)?;
+                return Ok(true);
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// The recv of a connection being handed over has ended: detach its socket if it
