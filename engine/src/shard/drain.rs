@@ -111,7 +111,7 @@ impl<D: Driver> Shard<D> {
         for (index, generation) in to_start {
             // Sent to a new process (`handover`): it is the new process's to close,
             // unless that one goes away, when it comes back here to be drained.
-            if self.parked.contains_key(&index) {
+            if conn_in(&mut self.conns, index).is_some_and(|c| c.flags.has(ConnFlags::PARKED)) {
                 if let Some(drain) = self.drain.as_mut() {
                     drain.queue.push_back((index, generation));
                 }
@@ -134,10 +134,10 @@ impl<D: Driver> Shard<D> {
                 .conns
                 .iter()
                 .enumerate()
-                .filter(|(i, c)| {
-                    c.as_ref()
-                        .is_some_and(|c| !c.flags.has(ConnFlags::CLOSE_SENT))
-                        && !self.parked.contains_key(&(*i as u32))
+                .filter(|(_, c)| {
+                    c.as_ref().is_some_and(|c| {
+                        !c.flags.has(ConnFlags::CLOSE_SENT) && !c.flags.has(ConnFlags::PARKED)
+                    })
                 })
                 .map(|(i, _)| i as u32)
                 .collect();

@@ -179,7 +179,7 @@ impl<D: Driver> Shard<D> {
                 continue;
             };
             // Parked ones wait for the new process's answer: it may have them.
-            if conn.flags.has(ConnFlags::MOVED) || self.parked.contains_key(&index) {
+            if conn.flags.has(ConnFlags::MOVED) || conn.flags.has(ConnFlags::PARKED) {
                 continue;
             }
             let id = conn_id(shard, index, conn.generation);

@@ -867,13 +867,10 @@ impl<D: Driver> Shard<D> {
             return Ok(());
         };
         conn.flags.set(ConnFlags::TOUCHED, false);
-        if conn.flags.has(ConnFlags::CLOSE_SENT) {
-            return Ok(());
-        }
-        // Sent to a new process (`handover`): until it answers, nothing is written
-        // here, where it could interleave with what the new process writes. Should it
-        // go away, what was queued meanwhile goes out then.
-        if self.parked.contains_key(&index) {
+        // Parked: sent to a new process (`handover`), which has not answered. Nothing
+        // is written here meanwhile, where it could interleave with what the new
+        // process writes; should it go away, what was queued goes out then.
+        if conn.flags.has(ConnFlags::CLOSE_SENT) || conn.flags.has(ConnFlags::PARKED) {
             return Ok(());
         }
         let slot = conn.slot(index);
