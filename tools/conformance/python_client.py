@@ -25,14 +25,22 @@ Exits 0 when all of that holds, 1 on the first mismatch, and stops the server
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import random
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
-from websockets.sync.client import ClientConnection, connect
+# The asyncio client, not the threaded sync one: the sync client reads on a background
+# thread while the caller writes, and an OpenSSL connection is not safe for that. Over
+# wss:// a request written while that thread reads the server's TLS 1.3 session tickets
+# now and then never reaches the wire (seen here: the client's socket had sent its
+# ClientHello and Finished, never the upgrade request; the same bug as CPython's
+# gh-137583 / websockets#1648).
+from websockets.asyncio.client import ClientConnection, connect
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,8 +105,8 @@ COMPRESSION: str | None = None
 SSL_CONTEXT = None
 
 
-def open_ws(url: str) -> ClientConnection:
-    ws = connect(
+async def open_ws(url: str) -> ClientConnection:
+    ws = await connect(
         url,
         ssl=SSL_CONTEXT if url.startswith("wss://") else None,
         max_size=None,
@@ -109,16 +117,20 @@ def open_ws(url: str) -> ClientConnection:
     )
     agreed = [e.name for e in ws.protocol.extensions]
     if COMPRESSION == "deflate" and agreed != ["permessage-deflate"]:
-        ws.close()
+        await ws.close()
         raise Mismatch(f"permessage-deflate was offered, the server agreed to {agreed}")
     if COMPRESSION is None and agreed:
-        ws.close()
+        await ws.close()
         raise Mismatch(f"no extension was offered, the server agreed to {agreed}")
     return ws
 
 
-def close_clean(ws: ClientConnection, what: str) -> None:
-    ws.close(1000, "done")
+async def recv(ws: ClientConnection) -> str | bytes:
+    return await asyncio.wait_for(ws.recv(), TIMEOUT)
+
+
+async def close_clean(ws: ClientConnection, what: str) -> None:
+    await ws.close(1000, "done")
     if ws.close_code != 1000:
         raise Mismatch(
             f"{what}: sent close 1000, the server closed with {ws.close_code} "
@@ -126,57 +138,61 @@ def close_clean(ws: ClientConnection, what: str) -> None:
         )
 
 
-def sequential(url: str, rng: random.Random, rounds: int) -> int:
+async def sequential(url: str, rng: random.Random, rounds: int) -> int:
     n = 0
-    with open_ws(url) as ws:
+    async with await open_ws(url) as ws:
         for r in range(rounds):
             for size in SIZES:
                 for kind in ("text", "binary"):
                     m = message(rng, kind, size)
-                    ws.send(m)
-                    check_echo(m, ws.recv(TIMEOUT), f"sequential round {r}")
+                    await ws.send(m)
+                    check_echo(m, await recv(ws), f"sequential round {r}")
                     n += 1
-        close_clean(ws, "sequential")
+        await close_clean(ws, "sequential")
     return n
 
 
-def pipelined(url: str, rng: random.Random, count: int) -> int:
+async def pipelined(url: str, rng: random.Random, count: int) -> int:
     sent = [
         message(rng, rng.choice(["text", "binary"]), rng.choice(SIZES[:-1])) for _ in range(count)
     ]
-    with open_ws(url) as ws:
+    async with await open_ws(url) as ws:
         for m in sent:
-            ws.send(m)
+            await ws.send(m)
         for i, m in enumerate(sent):
-            check_echo(m, ws.recv(TIMEOUT), f"pipelined message {i}")
-        close_clean(ws, "pipelined")
+            check_echo(m, await recv(ws), f"pipelined message {i}")
+        await close_clean(ws, "pipelined")
     return count
 
 
-def concurrent(url: str, rng: random.Random, conns: int, per_conn: int) -> int:
+async def concurrent(url: str, rng: random.Random, conns: int, per_conn: int) -> int:
     n = 0
-    with contextlib.ExitStack() as stack:
-        wss = [stack.enter_context(open_ws(url)) for _ in range(conns)]
+    async with contextlib.AsyncExitStack() as stack:
+        wss = [await stack.enter_async_context(await open_ws(url)) for _ in range(conns)]
         for i in range(per_conn):
             batch = []
             for ws in wss:
                 m = message(rng, rng.choice(["text", "binary"]), rng.choice(SIZES))
-                ws.send(m)
+                await ws.send(m)
                 batch.append((ws, m))
             for c, (ws, m) in enumerate(batch):
-                check_echo(m, ws.recv(TIMEOUT), f"connection {c}, message {i}")
+                check_echo(m, await recv(ws), f"connection {c}, message {i}")
                 n += 1
         for c, ws in enumerate(wss):
-            close_clean(ws, f"concurrent connection {c}")
+            await close_clean(ws, f"concurrent connection {c}")
     return n
 
 
 def run(url: str, rounds: int, seed: int) -> None:
     rng = random.Random(seed)
     t = time.monotonic()
-    n = sequential(url, rng, rounds)
-    n += pipelined(url, rng, 100)
-    n += concurrent(url, rng, 4, 25)
+
+    async def all_parts() -> int:
+        n = await sequential(url, rng, rounds)
+        n += await pipelined(url, rng, 100)
+        return n + await concurrent(url, rng, 4, 25)
+
+    n = asyncio.run(all_parts())
     print(
         f"python_client: {n} round trips on {url} matched, every close was 1000 "
         f"(compression: {COMPRESSION or 'none'}; {time.monotonic() - t:.1f} s, seed {seed})",
@@ -227,6 +243,8 @@ def main() -> int:
             f"python_client: FAILED (seed {seed}): {type(e).__name__}: {e}",
             file=sys.stderr,
         )
+        # Where it happened and what lay under it (an EOF, a reset, a timeout).
+        traceback.print_exc()
         return 1
     return 0
 
