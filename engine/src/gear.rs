@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use kythera_handler_api::{
-    CloseFrame, Conn, ConnId, Context, FrameSink, Message, NameTable, NoRegistry, RegistryOps,
-    Response, TerminateReason, Websocket,
+    CloseFrame, Conn, ConnId, Context, Frame, FrameSink, Message, NameTable, NoRegistry,
+    RegistryOps, Response, TerminateReason, Websocket,
 };
 use kythera_registry::cluster::{Backplane, MessageCodec};
 use kythera_registry::{
-    Inbound, Registry, RegistryConfig, RegistryHandle, RegistryStats, ShardRegistry, SharedFrame,
-    Wakeup,
+    Inbound, Registry, RegistryConfig, RegistryHandle, RegistryStats, RelaySink, ShardRegistry,
+    SharedFrame, Wakeup,
 };
 
 use crate::config::Limits;
@@ -357,12 +357,17 @@ impl<G: Websocket> DynGear for Arc<Mount<G>> {
     }
 }
 
+/// Makes a gear's relay sink for a live handover, given its mount pattern.
+pub(crate) type RelayFor<'a> = dyn Fn(&str) -> Arc<dyn RelaySink> + 'a;
+
 /// A gear's [`Registry`] without its message type.
 trait AnyRegistry: Send + Sync {
     fn shard(&self, index: usize) -> Option<Box<dyn GearShard>>;
     fn names(&self) -> Arc<dyn NameTable>;
     fn stats(&self) -> RegistryStats;
     fn as_any(&self) -> &dyn Any;
+    fn set_relay(&self, sink: Option<Arc<dyn RelaySink>>);
+    fn publish_relayed(&self, group: &str, frame: Frame) -> usize;
 }
 
 impl<M: Clone + Send + 'static> AnyRegistry for Registry<M> {
@@ -379,6 +384,12 @@ impl<M: Clone + Send + 'static> AnyRegistry for Registry<M> {
     }
     fn as_any(&self) -> &dyn Any {
         self
+    }
+    fn set_relay(&self, sink: Option<Arc<dyn RelaySink>>) {
+        Registry::set_relay(self, sink);
+    }
+    fn publish_relayed(&self, group: &str, frame: Frame) -> usize {
+        Registry::publish_relayed(self, group, frame)
     }
 }
 
@@ -945,6 +956,27 @@ impl App {
         let g = self.gears.iter().find(|g| g.pattern == pattern)?;
         let reg = g.registry.get()?.as_any().downcast_ref::<Registry<M>>()?;
         Some(reg.handle())
+    }
+
+    /// Live handover: hands every frame published from now on in each gear's registry
+    /// to the sink `sink_for` makes for that gear's pattern; `None` stops.
+    pub(crate) fn set_relays(&self, sink_for: Option<&RelayFor<'_>>) {
+        for g in &self.gears {
+            if let Some(reg) = g.registry.get() {
+                reg.set_relay(sink_for.map(|f| f(&g.pattern)));
+            }
+        }
+    }
+
+    /// Live handover: publishes a frame the other process relayed to this process's
+    /// members of `group` in the gear mounted on `pattern` (not relayed back).
+    pub(crate) fn publish_relayed(&self, pattern: &str, group: &str, frame: Frame) -> usize {
+        let Some(g) = self.gears.iter().find(|g| g.pattern == pattern) else {
+            return 0;
+        };
+        g.registry
+            .get()
+            .map_or(0, |reg| reg.publish_relayed(group, frame))
     }
 
     /// The registry figures of the gear mounted on `pattern`.

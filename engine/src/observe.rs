@@ -254,6 +254,16 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
         "registry_dropped_gone",
         "Registry messages whose connection had ended when they arrived",
     );
+    let relayed = counter_family::<GearLabel>(
+        &mut reg,
+        "registry_handover_relayed",
+        "Frames published during a live handover and relayed to the other process",
+    );
+    let unrelayed = counter_family::<GearLabel>(
+        &mut reg,
+        "registry_handover_unrelayed",
+        "Typed messages published during a live handover: they reached this process's members only",
+    );
     let io_driver = gauge_family::<DriverLabel>(
         &mut reg,
         "io_driver",
@@ -372,6 +382,8 @@ pub(crate) fn render_metrics(app: &App, shared: &Shared) -> String {
                 dropped_gone
                     .get_or_create(&label)
                     .inc_by(stats.dropped_gone);
+                relayed.get_or_create(&label).inc_by(stats.relayed);
+                unrelayed.get_or_create(&label).inc_by(stats.unrelayed);
                 if app.is_clustered(name) == Some(true) {
                     remote_names
                         .get_or_create(&label)

@@ -790,14 +790,16 @@ impl Server {
         // socket until it was done).
         let giver_thread = if giver.is_some() || taker.is_some() {
             let shared = Arc::clone(&shared);
+            let app = Arc::clone(&app);
             Some(
                 std::thread::Builder::new()
                     .name("kythera-handover".into())
                     .spawn(move || {
                         // The path is the old process's until it is done (or gone).
-                        let free = taker.is_none_or(|t| t.run(Arc::clone(&shared)));
+                        let free =
+                            taker.is_none_or(|t| t.run(Arc::clone(&shared), Arc::clone(&app)));
                         match giver {
-                            Some(giver) if free => giver.run(shared),
+                            Some(giver) if free => giver.run(shared, app),
                             Some(giver) => tracing::warn!(
                                 path = %giver.path.display(),
                                 "the old process still listens on the handover socket; \

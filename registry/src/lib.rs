@@ -62,6 +62,7 @@
 pub mod cluster;
 mod groups;
 mod names;
+mod relay;
 mod shard;
 mod wake;
 
@@ -84,6 +85,8 @@ pub use kythera_handler_api::{RegistryError, RegistryOps};
 pub use groups::Group;
 use groups::Groups;
 pub use names::{MAX_NAME_BYTES, Names};
+use relay::Relay;
+pub use relay::RelaySink;
 pub use shard::{Inbound, ShardRegistry};
 pub use wake::{ForeignWaker, Wakeup};
 
@@ -264,6 +267,11 @@ pub struct RegistryStats {
     pub remote_names: u64,
     /// Group memberships on other nodes, as this node knows them (clustered gears).
     pub remote_members: u64,
+    /// Frames published during a live handover and relayed to the other process.
+    pub relayed: u64,
+    /// Typed messages published during a live handover: they reach this process's
+    /// members only (see [`RelaySink`]).
+    pub unrelayed: u64,
 }
 
 /// What every shard's part of a gear's registry shares.
@@ -282,6 +290,8 @@ pub(crate) struct Shared<M> {
     /// Per shard: claim decisions coming back from the backplane. Unbounded, because
     /// none may be lost; at most one per name claim.
     pub(crate) decisions: Box<[SegQueue<Decision>]>,
+    /// Publishes relayed to another process during a live handover.
+    pub(crate) relay: Relay,
 }
 
 impl<M: Clone + Send + 'static> Shared<M> {
@@ -356,6 +366,20 @@ impl<M: Clone + Send + 'static> Shared<M> {
             Ok(()) => remote,
             Err(_) => 0,
         }
+    }
+
+    /// Publishes `frame` to this process's members of `group` only, from outside the
+    /// shards (a frame from another node, or relayed by another process in a live
+    /// handover); encoded once for all of them.
+    pub(crate) fn publish_frame_here(&self, group: &str, frame: Frame) -> usize {
+        let Some(g) = self.groups.get(group) else {
+            return 0;
+        };
+        let frame = Arc::new(self.prepare(frame));
+        to_each_shard(&g, frame, |shard, f| {
+            self.push_foreign(shard, Envelope::Frame(Arc::clone(&g), f))
+                .is_ok()
+        })
     }
 
     pub(crate) fn prepare(&self, frame: Frame) -> PublishedFrame {
@@ -584,6 +608,7 @@ impl<M: Clone + Send + 'static> Registry<M> {
                 encode,
                 cluster,
                 decisions: (0..shards).map(|_| SegQueue::new()).collect(),
+                relay: Relay::default(),
             }),
             endpoints: Mutex::new(endpoints),
         }
@@ -612,6 +637,19 @@ impl<M: Clone + Send + 'static> Registry<M> {
     /// The gear's names, for [`kythera_handler_api::Conn::with_names`].
     pub fn names(&self) -> Arc<dyn NameTable> {
         Arc::new(NamesRef(Arc::clone(&self.shared)))
+    }
+
+    /// Hands every frame published from now on to `sink` as well (`None`: stops), for a
+    /// live handover (see [`RelaySink`]).
+    pub fn set_relay(&self, sink: Option<Arc<dyn RelaySink>>) {
+        self.shared.relay.set(sink);
+    }
+
+    /// Publishes a frame relayed from another process to this process's members of
+    /// `group` only (it is not relayed back); returns for how many shards' members it
+    /// was queued.
+    pub fn publish_relayed(&self, group: &str, frame: Frame) -> usize {
+        self.shared.publish_frame_here(group, frame)
     }
 
     /// The figures, summed over shards.
@@ -728,18 +766,7 @@ impl<M: Clone + Send + 'static> ClusterGear for GearLink<M> {
                         .is_ok()
                 }))
             }
-            Incoming::Frame { group, frame } => {
-                let Some(g) = shared.groups.get(group) else {
-                    return Ok(0);
-                };
-                // Encoded once on this node for all of its members.
-                let frame = Arc::new(shared.prepare(frame));
-                Ok(to_each_shard(&g, frame, |shard, f| {
-                    shared
-                        .push_foreign(shard, Envelope::Frame(Arc::clone(&g), f))
-                        .is_ok()
-                }))
-            }
+            Incoming::Frame { group, frame } => Ok(shared.publish_frame_here(group, frame)),
         }
     }
 
@@ -838,6 +865,7 @@ impl<M: Clone + Send + 'static> RegistryHandle<M> {
         let remote = self
             .shared
             .publish_remote(group, || Out::Publish(group.into(), msg.clone()));
+        self.shared.relay.message();
         if remote > 0 {
             self.wake_backplane();
         }
@@ -858,6 +886,7 @@ impl<M: Clone + Send + 'static> RegistryHandle<M> {
         let remote = self
             .shared
             .publish_remote(group, || Out::Frame(group.into(), frame.clone()));
+        self.shared.relay.frame(group, &frame);
         if remote > 0 {
             self.wake_backplane();
         }
@@ -906,6 +935,8 @@ impl<M: Clone + Send + 'static> RegistryHandle<M> {
             groups: s.groups.len() as u64,
             remote_names: s.cluster.as_ref().map_or(0, |c| c.replica.names_len()) as u64,
             remote_members: s.cluster.as_ref().map_or(0, |c| c.replica.members_len()) as u64,
+            relayed: s.relay.relayed.load(Ordering::Relaxed),
+            unrelayed: s.relay.unrelayed.load(Ordering::Relaxed),
             ..RegistryStats::default()
         };
         for c in s.stats.iter() {

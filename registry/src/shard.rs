@@ -373,24 +373,25 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
         }
     }
 
-    /// The names and groups `conn` holds (groups by name), then frees them: for a
+    /// The names and groups `conn` holds (groups by name), freeing the names: for a
     /// connection leaving the process in a live handover, whose new process takes the
-    /// same names and joins the same groups. Unlike [`ShardRegistry::remove_conn`] its
-    /// connection handles stay open: should the connection stay after all, it gets
-    /// its names and groups back and its handles still reach it.
+    /// same names and joins the same groups. Its memberships stay here until
+    /// [`ShardRegistry::remove_conn`] (publishes meanwhile are counted as dropped for
+    /// it), and, unlike with `remove_conn`, its connection handles stay open: should
+    /// the connection stay after all, it gets its names back and its handles still
+    /// reach it.
     pub fn take_holdings(&mut self, conn: ConnId) -> (Vec<Box<str>>, Vec<Box<str>>) {
         let Some(h) = self.holdings.get_mut(&conn) else {
             return (Vec::new(), Vec::new());
         };
         let names = std::mem::take(&mut h.names);
-        let groups = std::mem::take(&mut h.groups);
         for name in &names {
             let _ = self.shared.unregister(conn, name);
         }
-        let group_names = groups.iter().map(|g| g.name.clone()).collect();
-        for group in groups {
-            self.drop_membership(conn, &group);
-        }
+        // Memberships stay until the connection is gone for good (`remove_conn`):
+        // meanwhile what is published to its groups finds it, and, as it cannot be
+        // delivered, is counted as dropped rather than missed without a trace.
+        let group_names = h.groups.iter().map(|g| g.name.clone()).collect();
         (names, group_names)
     }
 
@@ -540,6 +541,7 @@ impl<M: Clone + Send + 'static> RegistryOps<M> for ShardRegistry<M> {
             .shared
             .publish_remote(group, || Out::Publish(group.into(), msg.clone()));
         self.wake_backplane |= remote > 0;
+        self.shared.relay.message();
         let Some(g) = self.shared.groups.get(group) else {
             return Ok(remote);
         };
@@ -555,6 +557,7 @@ impl<M: Clone + Send + 'static> RegistryOps<M> for ShardRegistry<M> {
             .shared
             .publish_remote(group, || Out::Frame(group.into(), frame.clone()));
         self.wake_backplane |= remote > 0;
+        self.shared.relay.frame(group, &frame);
         let Some(g) = self.shared.groups.get(group) else {
             return Ok(remote);
         };

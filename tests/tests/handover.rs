@@ -13,19 +13,24 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use kythera_engine::Server;
-use kythera_handler_api::{Conn, Context, Message, TerminateReason, Websocket};
+use kythera_handler_api::{Conn, Context, Frame, Message, TerminateReason, Websocket};
+use kythera_testkit::raw::{RawClient, masked};
 use tungstenite::{Message as WsMessage, WebSocket};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 static COUNTER_TERMINATED: AtomicUsize = AtomicUsize::new(0);
 static PLAIN_TERMINATED: AtomicUsize = AtomicUsize::new(0);
+static RELAY_TERMINATED: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts each connection's messages and answers `count N`; `name:X` registers `X`
-/// and joins the group `all`; server messages come back as `srv:` and the text.
+/// and joins the group `all`; `all:X` publishes the frame `pub:X` to `all`; server
+/// messages come back as `srv:` and the text.
 struct Counter {
     /// Answers start with this, to tell the two servers apart.
     tag: &'static str,
+    /// Counts `terminate` calls (one counter per test: they run in parallel).
+    terminated: &'static AtomicUsize,
 }
 
 impl Websocket for Counter {
@@ -42,6 +47,10 @@ impl Websocket for Counter {
             ctx.register(name).unwrap();
             ctx.join("all").unwrap();
         }
+        if let Some(what) = text.strip_prefix("all:") {
+            ctx.publish_frame("all", Frame::text(format!("pub:{what}")))
+                .unwrap();
+        }
         *n += 1;
         ctx.send_text(&format!("{} count {n}", self.tag));
     }
@@ -51,7 +60,7 @@ impl Websocket for Counter {
     }
 
     fn terminate(&self, _n: u64, _reason: &TerminateReason, _ctx: &mut Context<'_, String>) {
-        COUNTER_TERMINATED.fetch_add(1, Ordering::SeqCst);
+        self.terminated.fetch_add(1, Ordering::SeqCst);
     }
 
     fn freeze(&self, n: &u64) -> Option<Vec<u8>> {
@@ -120,7 +129,13 @@ fn state_names_and_groups_move_and_a_gear_that_does_not_opt_in_gets_1001() {
         .listen("127.0.0.1:0".parse().unwrap())
         .shards(2)
         .handover_socket(&path)
-        .mount("/c", Counter { tag: "old" })
+        .mount(
+            "/c",
+            Counter {
+                tag: "old",
+                terminated: &COUNTER_TERMINATED,
+            },
+        )
         .mount("/p", Plain)
         .build()
         .unwrap()
@@ -142,7 +157,13 @@ fn state_names_and_groups_move_and_a_gear_that_does_not_opt_in_gets_1001() {
         .listen(addr)
         .shards(2)
         .take_over(&path)
-        .mount("/c", Counter { tag: "new" })
+        .mount(
+            "/c",
+            Counter {
+                tag: "new",
+                terminated: &COUNTER_TERMINATED,
+            },
+        )
         .mount("/p", Plain)
         .build()
         .unwrap()
@@ -195,13 +216,122 @@ fn state_names_and_groups_move_and_a_gear_that_does_not_opt_in_gets_1001() {
     assert_eq!(PLAIN_TERMINATED.load(Ordering::SeqCst), 1);
 }
 
+/// The text of the next frame `raw` gets.
+fn raw_text(raw: &mut RawClient) -> String {
+    let mut buf = [0u8; 256];
+    let (opcode, len) = raw.read_frame_into(&mut buf).unwrap();
+    assert_eq!(opcode, 1, "expected a text frame");
+    String::from_utf8(buf[..len].to_vec()).unwrap()
+}
+
+/// While a group's members are split between the two servers (one has moved, the
+/// other waits on the old server for the rest of a frame), what either publishes
+/// reaches both.
+#[test]
+fn frames_published_during_the_handover_reach_members_on_both_servers() {
+    let path = std::env::temp_dir().join(format!("kythera-relay-{}.sock", std::process::id()));
+    let old = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .shards(2)
+        .handover_socket(&path)
+        .mount(
+            "/c",
+            Counter {
+                tag: "old",
+                terminated: &RELAY_TERMINATED,
+            },
+        )
+        .build()
+        .unwrap()
+        .spawn();
+    let addr = old.addr();
+    let mut a = client(addr, "/c");
+    assert_eq!(ask(&mut a, "name:a"), "old count 1");
+    let mut b = RawClient::open(addr, "/c");
+    b.send(&masked(1, b"name:b"));
+    assert_eq!(raw_text(&mut b), "old count 1");
+    // Half of b's next frame: b cannot move before the rest arrives. Behind a ping, in
+    // one write: its pong says the server has read the half too.
+    let frame = masked(1, b"all:from-b");
+    let mut bytes = masked(9, b"p");
+    bytes.extend_from_slice(&frame[..8]);
+    b.send(&bytes);
+    let mut buf = [0u8; 16];
+    assert_eq!(b.read_frame_into(&mut buf).unwrap(), (10, 1), "a pong");
+
+    let new = Server::builder()
+        .listen(addr)
+        .shards(2)
+        .take_over(&path)
+        .mount(
+            "/c",
+            Counter {
+                tag: "new",
+                terminated: &RELAY_TERMINATED,
+            },
+        )
+        .build()
+        .unwrap()
+        .spawn();
+    // a moves; b stays behind.
+    let deadline = Instant::now() + TIMEOUT;
+    while !ask(&mut a, "x").starts_with("new") {
+        assert!(Instant::now() < deadline, "a did not move");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Published on the new server: a gets it there, b on the old server.
+    a.send(WsMessage::text("all:from-a")).unwrap();
+    let got: Vec<_> = (0..2).map(|_| read_text(&mut a)).collect();
+    assert!(got.contains(&"pub:from-a".to_string()), "{got:?}");
+    assert_eq!(raw_text(&mut b), "pub:from-a");
+    // Published on the old server (b's frame completes there): b gets it there, a on
+    // the new server.
+    b.send(&frame[8..]);
+    let got: Vec<_> = (0..2).map(|_| raw_text(&mut b)).collect();
+    assert!(got.contains(&"pub:from-b".to_string()), "{got:?}");
+    assert!(got.contains(&"old count 2".to_string()), "{got:?}");
+    assert_eq!(read_text(&mut a), "pub:from-b");
+    let old_stats = old.handle().registry_stats("/c").unwrap();
+    assert!(old_stats.relayed >= 1, "{old_stats:?}");
+
+    // Then b moves too, and the old server is done.
+    old.join().unwrap();
+    b.send(&masked(1, b"y"));
+    assert_eq!(raw_text(&mut b), "new count 3");
+    let new_stats = new.handle().registry_stats("/c").unwrap();
+    assert!(new_stats.relayed >= 1, "{new_stats:?}");
+    // Relaying ended with the handover.
+    a.send(WsMessage::text("all:after")).unwrap();
+    let got: Vec<_> = (0..2).map(|_| read_text(&mut a)).collect();
+    assert!(got.contains(&"pub:after".to_string()), "{got:?}");
+    assert_eq!(raw_text(&mut b), "pub:after");
+    assert_eq!(
+        new.handle().registry_stats("/c").unwrap().relayed,
+        new_stats.relayed
+    );
+    drop(a);
+    drop(b);
+    new.stop().unwrap();
+    assert_eq!(
+        RELAY_TERMINATED.load(Ordering::SeqCst),
+        2,
+        "once each, on the new server"
+    );
+}
+
 #[test]
 fn taking_over_from_nobody_fails_to_build() {
     let path = std::env::temp_dir().join(format!("kythera-nobody-{}.sock", std::process::id()));
     let err = Server::builder()
         .listen("127.0.0.1:0".parse().unwrap())
         .take_over(&path)
-        .mount("/c", Counter { tag: "x" })
+        .mount(
+            "/c",
+            Counter {
+                tag: "x",
+                terminated: &RELAY_TERMINATED,
+            },
+        )
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("handover socket"), "{err}");

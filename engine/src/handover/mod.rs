@@ -34,6 +34,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
+use kythera_handler_api::{CloseCode, CloseFrame, Frame};
+use kythera_registry::RelaySink;
+
+use crate::gear::App;
 use crate::protocol::deflate::Agreed;
 use crate::server::Shared;
 
@@ -106,6 +110,99 @@ pub(crate) struct Moved {
     pub conn: FrozenConn,
 }
 
+/// What the old process's shards and registries queue for the new process, in the
+/// order it happened: a connection, or a frame published meanwhile.
+#[derive(Debug)]
+pub(crate) enum ToNew {
+    Conn(Moved),
+    Publish(Relayed),
+}
+
+/// A frame published to a group in one process during a handover, for the members the
+/// other process holds (see `kythera_registry::RelaySink`).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Relayed {
+    /// The gear's mount pattern.
+    gear: String,
+    group: String,
+    frame: WireFrame,
+}
+
+/// A published frame as it crosses the handover socket.
+#[derive(Debug, Serialize, Deserialize)]
+enum WireFrame {
+    Text(String),
+    Binary(Vec<u8>),
+    Close(Option<(u16, String)>),
+}
+
+impl Relayed {
+    fn new(gear: &str, group: &str, frame: &Frame) -> Relayed {
+        let frame = match frame {
+            Frame::Text(t) => WireFrame::Text(t.as_str().to_owned()),
+            Frame::Binary(b) => WireFrame::Binary(b.to_vec()),
+            Frame::Close(c) => WireFrame::Close(
+                c.as_ref()
+                    .map(|c| (u16::from(c.code), c.reason.as_str().to_owned())),
+            ),
+        };
+        Relayed {
+            gear: gear.to_owned(),
+            group: group.to_owned(),
+            frame,
+        }
+    }
+
+    /// Publishes it to this process's members of its group.
+    fn publish_here(self, app: &App) {
+        let frame = match self.frame {
+            WireFrame::Text(t) => Frame::text(t),
+            WireFrame::Binary(b) => Frame::Binary(b.into()),
+            WireFrame::Close(None) => Frame::Close(None),
+            WireFrame::Close(Some((code, reason))) => match CloseCode::try_from(code) {
+                Ok(code) => Frame::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                })),
+                Err(_) => Frame::Close(None),
+            },
+        };
+        app.publish_relayed(&self.gear, &self.group, frame);
+    }
+}
+
+/// The old process's relay: frames go into the handover thread's queue, behind the
+/// connections queued before them.
+struct ToNewRelay {
+    gear: String,
+    tx: Mutex<mpsc::Sender<ToNew>>,
+}
+
+impl RelaySink for ToNewRelay {
+    fn frame(&self, group: &str, frame: &Frame) {
+        if let Ok(tx) = self.tx.lock() {
+            let _ = tx.send(ToNew::Publish(Relayed::new(&self.gear, group, frame)));
+        }
+    }
+}
+
+/// The new process's relay: frames go to the old process at once, on the socket its
+/// answers take (so a frame published before a connection was answered for arrives
+/// before that answer).
+struct ToOldRelay {
+    gear: String,
+    channel: Arc<Channel>,
+}
+
+impl RelaySink for ToOldRelay {
+    fn frame(&self, group: &str, frame: &Frame) {
+        let relayed = Relayed::new(&self.gear, group, frame);
+        if let Ok(bytes) = encode(&Message::Publish(relayed)) {
+            let _ = self.channel.send(&bytes, &[]);
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 enum Message {
     /// New to old: the format the new process speaks.
@@ -117,6 +214,8 @@ enum Message {
     /// New to old: the connection `origin` was taken (the old process lets go of it),
     /// or refused (the old process keeps it and closes it with 1001).
     Ack { origin: u64, verdict: Verdict },
+    /// Either way: a frame published to a group, for the members this side holds.
+    Publish(Relayed),
     /// Old to new: the old process holds nothing more and exits.
     Done { moved: u64 },
     /// Old to new: refused (another format).
@@ -137,7 +236,7 @@ pub(crate) struct HandoverState {
     attempts: AtomicU64,
     /// Old process: the number of the attempt under way, 0 when none.
     active: AtomicU64,
-    outbox: Mutex<Option<mpsc::Sender<Moved>>>,
+    outbox: Mutex<Option<mpsc::Sender<ToNew>>>,
     /// Old process: per shard, it holds nothing (it stays up until `committed`, so
     /// that it can take connections back should the attempt fail).
     empty: Box<[AtomicBool]>,
@@ -225,11 +324,11 @@ impl HandoverState {
         self.committed.load(Ordering::Acquire)
     }
 
-    pub(crate) fn outbox(&self) -> Option<mpsc::Sender<Moved>> {
+    pub(crate) fn outbox(&self) -> Option<mpsc::Sender<ToNew>> {
         self.outbox.lock().ok()?.clone()
     }
 
-    fn begin(&self, outbox: mpsc::Sender<Moved>) -> u64 {
+    fn begin(&self, outbox: mpsc::Sender<ToNew>) -> u64 {
         if let Ok(mut o) = self.outbox.lock() {
             *o = Some(outbox);
         }
@@ -315,7 +414,7 @@ impl Giver {
     }
 
     /// The handover thread: serves takers until one took everything.
-    pub(crate) fn run(mut self, shared: Arc<Shared>) {
+    pub(crate) fn run(mut self, shared: Arc<Shared>, app: Arc<App>) {
         let listener = match self.socket.take() {
             Some(s) => s,
             None => match socket::listen(&self.path) {
@@ -334,7 +433,10 @@ impl Giver {
                     return;
                 }
             };
-            match self.serve(&channel, &shared) {
+            let served = self.serve(&channel, &shared, &app);
+            // Relaying ends with the attempt, however it ended.
+            app.set_relays(None);
+            match served {
                 Ok(true) => break,
                 Ok(false) => continue,
                 Err(err) => warn!(error = %err, "handover failed"),
@@ -343,7 +445,7 @@ impl Giver {
     }
 
     /// One taker. `Ok(true)`: it took everything.
-    fn serve(&self, channel: &Channel, shared: &Arc<Shared>) -> io::Result<bool> {
+    fn serve(&self, channel: &Channel, shared: &Arc<Shared>, app: &Arc<App>) -> io::Result<bool> {
         let Some((hello, _)) = channel.recv(true)? else {
             return Ok(false);
         };
@@ -361,16 +463,30 @@ impl Giver {
         let infos = self.listeners.iter().map(|(i, _)| i.clone()).collect();
         let fds: Vec<_> = self.listeners.iter().map(|(_, l)| l.as_fd()).collect();
         channel.send(&encode(&Message::Listeners { listeners: infos })?, &fds)?;
-        let (tx, rx) = mpsc::channel::<Moved>();
+        let (tx, rx) = mpsc::channel::<ToNew>();
         // The answers come on the same socket: a thread of their own reads them.
         let gone = Arc::new(AtomicBool::new(false));
         let reader = {
-            let (channel, shared, gone) =
-                (channel.try_clone()?, Arc::clone(shared), Arc::clone(&gone));
+            let (channel, shared, gone, app) = (
+                channel.try_clone()?,
+                Arc::clone(shared),
+                Arc::clone(&gone),
+                Arc::clone(app),
+            );
             std::thread::Builder::new()
                 .name("kythera-handover-acks".into())
-                .spawn(move || read_acks(&channel, &shared, &gone))?
+                .spawn(move || read_acks(&channel, &shared, &gone, &app))?
         };
+        // From now on the groups' members are split between the two processes: what
+        // is published here goes to the new process too, in order with the
+        // connections (a frame published before a connection left is not delivered
+        // to it there).
+        app.set_relays(Some(&|gear: &str| {
+            Arc::new(ToNewRelay {
+                gear: gear.to_owned(),
+                tx: Mutex::new(tx.clone()),
+            }) as Arc<dyn RelaySink>
+        }));
         let attempt = shared.handover.begin(tx);
         wake_all(shared);
         info!(
@@ -380,7 +496,19 @@ impl Giver {
         let mut moved = 0u64;
         let outcome = loop {
             match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(m) => {
+                Ok(ToNew::Publish(relayed)) => {
+                    let sent = encode(&Message::Publish(relayed))
+                        .and_then(|bytes| channel.send(&bytes, &[]));
+                    match sent {
+                        Err(err) if peer_gone(&err) => break Err(err),
+                        // Too large for one message: its members there miss it.
+                        Err(err) => {
+                            warn!(error = %err, "handover: a published frame could not be relayed")
+                        }
+                        Ok(()) => {}
+                    }
+                }
+                Ok(ToNew::Conn(m)) => {
                     let origin = m.conn.origin;
                     let sent = encode(&Message::Conn(m.conn))
                         .and_then(|bytes| channel.send(&bytes, &[m.fd.as_fd()]));
@@ -405,9 +533,15 @@ impl Giver {
                     if shared.handover.all_empty() {
                         match rx.try_recv() {
                             Err(mpsc::TryRecvError::Empty) => break Ok(()),
-                            Ok(m) => {
+                            Ok(ToNew::Conn(m)) => {
                                 warn!("handover: a connection after the shards were done; dropped");
                                 drop(m);
+                            }
+                            // The members it was for moved: the new process has them.
+                            Ok(ToNew::Publish(relayed)) => {
+                                if let Ok(bytes) = encode(&Message::Publish(relayed)) {
+                                    let _ = channel.send(&bytes, &[]);
+                                }
                             }
                             Err(mpsc::TryRecvError::Disconnected) => break Ok(()),
                         }
@@ -461,7 +595,7 @@ fn peer_gone(err: &io::Error) -> bool {
 }
 
 /// The old process's reader of the new one's answers, until the socket closes.
-fn read_acks(channel: &Channel, shared: &Shared, gone: &AtomicBool) {
+fn read_acks(channel: &Channel, shared: &Shared, gone: &AtomicBool, app: &App) {
     loop {
         match channel.recv(true) {
             Ok(Some((bytes, _))) => match decode(&bytes) {
@@ -472,6 +606,7 @@ fn read_acks(channel: &Channel, shared: &Shared, gone: &AtomicBool) {
                         shared.wakeup.notify_from_foreign(shard);
                     }
                 }
+                Ok(Message::Publish(relayed)) => relayed.publish_here(app),
                 Ok(_) => warn!("handover: unexpected message from the new process"),
                 Err(err) => warn!(error = %err, "handover: undecodable answer"),
             },
@@ -523,13 +658,22 @@ impl Taker {
     /// Returns whether the old process is done or gone (so the handover socket's path
     /// is free for this process to listen on); on any other end the channel is shut
     /// down, so that the old process sees this one go and keeps what it has.
-    pub(crate) fn run(self, shared: Arc<Shared>) -> bool {
+    pub(crate) fn run(self, shared: Arc<Shared>, app: Arc<App>) -> bool {
         let shards = shared.event_fds.len();
         match self.channel.try_clone() {
             Ok(c) => {
+                let c = Arc::new(c);
                 if let Ok(mut a) = shared.handover.answer.lock() {
-                    *a = Some(Arc::new(c));
+                    *a = Some(Arc::clone(&c));
                 }
+                // The groups' members are split between the two processes until the
+                // old one is done: what is published here goes there too.
+                app.set_relays(Some(&|gear: &str| {
+                    Arc::new(ToOldRelay {
+                        gear: gear.to_owned(),
+                        channel: Arc::clone(&c),
+                    }) as Arc<dyn RelaySink>
+                }));
             }
             Err(err) => warn!(error = %err, "handover: cannot answer the old process"),
         }
@@ -543,12 +687,12 @@ impl Taker {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     warn!(taken, "handover: the old process went away");
-                    self.hang_up(&shared);
+                    self.hang_up(&shared, &app);
                     return true;
                 }
                 Err(err) => {
                     warn!(taken, error = %err, "handover: receiving failed; giving up");
-                    self.hang_up(&shared);
+                    self.hang_up(&shared, &app);
                     return false;
                 }
             };
@@ -574,9 +718,10 @@ impl Taker {
                         took_ms = self.started.elapsed().as_millis() as u64,
                         "handover complete: the old process exits"
                     );
-                    self.hang_up(&shared);
+                    self.hang_up(&shared, &app);
                     return true;
                 }
+                Ok(Message::Publish(relayed)) => relayed.publish_here(&app),
                 Ok(_) => warn!("handover: unexpected message"),
                 Err(err) => warn!(error = %err, "handover: undecodable message"),
             }
@@ -584,7 +729,8 @@ impl Taker {
     }
 
     /// No more answers; the old process sees the channel close.
-    fn hang_up(&self, shared: &Shared) {
+    fn hang_up(&self, shared: &Shared, app: &App) {
+        app.set_relays(None);
         if let Ok(mut a) = shared.handover.answer.lock() {
             *a = None;
         }

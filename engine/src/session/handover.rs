@@ -61,8 +61,10 @@ impl Session {
     }
 
     /// What the new process needs of a [`Readiness::Movable`] session: its gear's
-    /// frozen state, and its names and memberships, which leave this process's
-    /// registry now (so that nothing more is delivered here). The session stays
+    /// frozen state, and its names, which leave this process's registry now, and
+    /// memberships, which stay until the new process took it (what is published to
+    /// them meanwhile cannot be delivered while it is parked, and is counted as
+    /// dropped). The session stays
     /// until the new process says it took it ([`Session::handed_over`]) or not
     /// ([`Session::restore_holdings`]). `None` if the gear refused after all.
     pub(crate) fn freeze(

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::driver::{Driver, bump};
-use crate::handover::{DEADLINE, Moved, Verdict, socket};
+use crate::handover::{DEADLINE, Moved, ToNew, Verdict, socket};
 use crate::session::{Readiness, Session};
 
 use kythera_handler_api::ConnId;
@@ -45,7 +45,7 @@ pub(super) struct Handing {
     attempt: u64,
     started_ms: u64,
     /// Where frozen connections go (`None` once the attempt failed).
-    outbox: Option<mpsc::Sender<Moved>>,
+    outbox: Option<mpsc::Sender<ToNew>>,
     /// The next slot to look at.
     cursor: usize,
     /// The deadline passed: the rest were given 1001.
@@ -330,7 +330,10 @@ impl<D: Driver> Shard<D> {
             self.close_with_1001(index);
             return Ok(());
         }
-        if outbox.send(Moved { fd, conn: frozen }).is_err() {
+        if outbox
+            .send(ToNew::Conn(Moved { fd, conn: frozen }))
+            .is_err()
+        {
             // The handover thread gave up on this attempt at this moment.
             if let Some(h) = self.handing.as_mut() {
                 h.outbox = None;

@@ -64,7 +64,9 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use kythera_handler_api::{CloseCode, Conn, Context, Message, RegistryError, Response, Websocket};
+use kythera_handler_api::{
+    CloseCode, Conn, Context, Frame, Message, RegistryError, Response, Websocket,
+};
 use serde::{Deserialize, Serialize};
 
 /// The longest `name` or `room` accepted, in bytes.
@@ -249,7 +251,10 @@ impl Chat {
             to: None,
             room: Some(&state.room),
         });
-        if let Err(e) = ctx.publish(&state.group, ChatEvent(json.into())) {
+        // A frame, not a typed message: encoded once for every member on this node,
+        // with no callback per member, and, in a live handover, relayed to the members
+        // the other process holds (a typed message could not be).
+        if let Err(e) = ctx.publish_frame(&state.group, Frame::text(json)) {
             send_error(ctx, &e.to_string(), None);
         }
     }
@@ -349,7 +354,7 @@ impl Websocket for Chat {
 mod tests {
     use super::*;
     use kythera_handler_api::{
-        ConnHandle, ConnId, Frame, NameTable, RecordingSink, RegistryOps, RequestParts,
+        ConnHandle, ConnId, NameTable, RecordingSink, RegistryOps, RequestParts,
     };
     use serde_json::Value;
     use std::collections::HashMap;
@@ -479,8 +484,13 @@ mod tests {
             Ok(members.len())
         }
 
-        fn publish_frame(&mut self, _: &str, _: Frame) -> Result<usize, RegistryError> {
-            Err(RegistryError::Unavailable)
+        /// Delivered as the engine would: the frame's text, as if through
+        /// `handle_server_message`.
+        fn publish_frame(&mut self, group: &str, frame: Frame) -> Result<usize, RegistryError> {
+            let Frame::Text(text) = frame else {
+                return Err(RegistryError::Unavailable);
+            };
+            self.publish(group, ChatEvent(text.as_str().into()))
         }
 
         fn count(&mut self, group: &str) -> Result<usize, RegistryError> {
