@@ -959,13 +959,21 @@ impl App {
     }
 
     /// Live handover: hands every frame published from now on in each gear's registry
-    /// to the sink `sink_for` makes for that gear's pattern; `None` stops.
-    pub(crate) fn set_relays(&self, sink_for: Option<&RelayFor<'_>>) {
+    /// to the sink `sink_for` makes for that gear's pattern (clustered gears' only with
+    /// `clustered_too`: between two nodes Redis carries them already); `None` stops.
+    pub(crate) fn set_relays(&self, sink_for: Option<&RelayFor<'_>>, clustered_too: bool) {
         for g in &self.gears {
+            let clustered = self.backplane.get().is_some() && g.gear.crosses_nodes();
             if let Some(reg) = g.registry.get() {
-                reg.set_relay(sink_for.map(|f| f(&g.pattern)));
+                let sink = sink_for.filter(|_| clustered_too || !clustered);
+                reg.set_relay(sink.map(|f| f(&g.pattern)));
             }
         }
+    }
+
+    /// This process's cluster node id, if it is in a cluster.
+    pub(crate) fn node_id(&self) -> Option<String> {
+        self.backplane.get().map(|b| b.link().node_id().to_string())
     }
 
     /// Live handover: publishes a frame the other process relayed to this process's

@@ -484,8 +484,9 @@ impl ServerBuilder {
         // once we have them, so no connection waits for a listener meanwhile).
         let (taker, mut taken) = match &take_over {
             Some(path) => {
+                let node = backplane.as_ref().map(|b| b.link().node_id().to_string());
                 let (taker, taken) =
-                    Taker::connect(path).map_err(|source| StartError::Handover {
+                    Taker::connect(path, node).map_err(|source| StartError::Handover {
                         path: path.clone(),
                         source,
                     })?;

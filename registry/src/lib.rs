@@ -269,8 +269,8 @@ pub struct RegistryStats {
     pub remote_members: u64,
     /// Frames published during a live handover and relayed to the other process.
     pub relayed: u64,
-    /// Typed messages published during a live handover: they reach this process's
-    /// members only (see [`RelaySink`]).
+    /// Typed messages published during a live handover (they reach this process's
+    /// members only), and frames that could not be relayed (see [`RelaySink`]).
     pub unrelayed: u64,
 }
 

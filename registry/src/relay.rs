@@ -6,7 +6,8 @@
 //! a [`RelaySink`], which carries it to the other process; there it is published to
 //! the local members only ([`crate::Registry::publish_relayed`]), never relayed back.
 //! Typed `publish` messages cannot cross (a gear's message type has no wire form unless
-//! it is clustered): while relaying they are counted as not relayed.
+//! it is clustered): while relaying they are counted as not relayed, as are frames the
+//! sink could not take.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,8 +16,9 @@ use kythera_handler_api::Frame;
 
 /// Where a gear's registry hands the frames published while relaying.
 pub trait RelaySink: Send + Sync {
-    /// `frame` was published to `group` in this process.
-    fn frame(&self, group: &str, frame: &Frame);
+    /// `frame` was published to `group` in this process; false if it could not be
+    /// relayed (too large for the handover socket, the other side full or gone).
+    fn frame(&self, group: &str, frame: &Frame) -> bool;
 }
 
 /// A gear's relay: off (one relaxed load per publish) unless a sink is set.
@@ -43,12 +45,17 @@ impl Relay {
         }
         let sink = self.sink.lock().ok().and_then(|s| s.clone());
         if let Some(sink) = sink {
-            sink.frame(group, frame);
-            self.relayed.fetch_add(1, Ordering::Relaxed);
+            let counter = if sink.frame(group, frame) {
+                &self.relayed
+            } else {
+                &self.unrelayed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// A typed publish while relaying: it reaches this process's members only.
+    /// A typed publish while relaying: it reaches this process's members only (counted
+    /// as not relayed).
     pub(crate) fn message(&self) {
         if self.on.load(Ordering::Acquire) {
             self.unrelayed.fetch_add(1, Ordering::Relaxed);

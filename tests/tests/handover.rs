@@ -24,8 +24,8 @@ static PLAIN_TERMINATED: AtomicUsize = AtomicUsize::new(0);
 static RELAY_TERMINATED: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts each connection's messages and answers `count N`; `name:X` registers `X`
-/// and joins the group `all`; `all:X` publishes the frame `pub:X` to `all`; server
-/// messages come back as `srv:` and the text.
+/// and joins the group `all`; `all:X` publishes the frame `pub:X` to `all`, `big` a
+/// 300 KiB binary frame; server messages come back as `srv:` and the text.
 struct Counter {
     /// Answers start with this, to tell the two servers apart.
     tag: &'static str,
@@ -46,6 +46,11 @@ impl Websocket for Counter {
         if let Some(name) = text.strip_prefix("name:") {
             ctx.register(name).unwrap();
             ctx.join("all").unwrap();
+        }
+        if text == "big" {
+            // Larger than one message on the handover socket: never relayed.
+            ctx.publish_frame("all", Frame::Binary(vec![7; 300 * 1024].into()))
+                .unwrap();
         }
         if let Some(what) = text.strip_prefix("all:") {
             ctx.publish_frame("all", Frame::text(format!("pub:{what}")))
@@ -284,6 +289,15 @@ fn frames_published_during_the_handover_reach_members_on_both_servers() {
     let got: Vec<_> = (0..2).map(|_| read_text(&mut a)).collect();
     assert!(got.contains(&"pub:from-a".to_string()), "{got:?}");
     assert_eq!(raw_text(&mut b), "pub:from-a");
+    // Too large to relay: a gets it, b does not, it is counted, and the handover goes
+    // on (b's next frame is the next text below).
+    a.send(WsMessage::text("big")).unwrap();
+    let big = (0..2)
+        .map(|_| a.read().unwrap())
+        .filter(|m| matches!(m, WsMessage::Binary(b) if b.len() == 300 * 1024))
+        .count();
+    assert_eq!(big, 1);
+    assert!(new.handle().registry_stats("/c").unwrap().unrelayed >= 1);
     // Published on the old server (b's frame completes there): b gets it there, a on
     // the new server.
     b.send(&frame[8..]);

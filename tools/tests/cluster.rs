@@ -654,3 +654,88 @@ fn names_raced_for_from_every_node_have_one_holder() {
         }
     }
 }
+
+/// A node handed over to a new process (the same options, `--node-id` included, plus
+/// `--take-over`): its users' names and rooms stay reachable from the other nodes
+/// once the old process has left the cluster.
+#[test]
+fn a_node_handed_over_keeps_its_names_and_rooms_in_the_cluster() {
+    let _serial = serial();
+    let redis = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("kythera-cluster-ho-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("handover.sock");
+    let socket = socket.to_str().unwrap();
+    let url = redis.url();
+    let ttl = TTL.as_millis().to_string();
+    let node0 = |listen: &str, take_over: bool| {
+        let mut args = vec![
+            "--listen",
+            listen,
+            "--shards",
+            "1",
+            "--cluster-redis",
+            &url,
+            "--node-id",
+            "node-0",
+            "--cluster-ttl-ms",
+            &ttl,
+            "--handover-socket",
+            socket,
+        ];
+        if take_over {
+            args.extend(["--take-over", socket]);
+        }
+        Kythera::start(&args)
+    };
+    let old = node0("127.0.0.1:0", false);
+    let other = Kythera::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+        "--cluster-redis",
+        &url,
+        "--node-id",
+        "node-1",
+        "--cluster-ttl-ms",
+        &ttl,
+    ]);
+    let connect = |addr: SocketAddr, name: &str| {
+        kythera_testkit::connect(addr, &chat_url("h", name)).with_timeout(Duration::from_secs(10))
+    };
+    let mut users: Vec<_> = (0..3)
+        .map(|i| connect(old.addr, &format!("h{i}")))
+        .collect();
+    let mut x = connect(other.addr, "x");
+    let mut nodes = vec![old, other];
+    converge(&nodes, &[3, 1], &[3, 1]);
+
+    let addr = nodes[0].addr.to_string();
+    let new = node0(&addr, true);
+    let old = std::mem::replace(&mut nodes[0], new);
+    assert!(
+        old.wait(Duration::from_secs(15)).success(),
+        "the old process exits 0"
+    );
+    // Give the cluster a liveness period to settle, then the other node must still
+    // see the three users, their names and their room, on the new process.
+    std::thread::sleep(TTL);
+    converge(&nodes, &[3, 1], &[3, 1]);
+    x.send_text(r#"{"to":"h1","text":"direct"}"#);
+    assert_eq!(parse(&users[1].recv()), ("x".into(), "direct".into()));
+    x.send_text(r#"{"text":"room"}"#);
+    assert_eq!(parse(&x.recv()), ("x".into(), "room".into()));
+    for u in &mut users {
+        assert_eq!(parse(&u.recv()), ("x".into(), "room".into()));
+    }
+    users[2].send_text(r#"{"to":"x","text":"back"}"#);
+    assert_eq!(parse(&x.recv()), ("h2".into(), "back".into()));
+    drop(users);
+    drop(x);
+    for node in nodes {
+        node.signal(libc::SIGTERM);
+        assert!(node.wait(Duration::from_secs(15)).success());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

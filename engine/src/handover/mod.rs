@@ -48,7 +48,7 @@ use socket::Channel;
 /// The version of what crosses the socket. A process refuses a taker that speaks
 /// another (a newer build bumps it when the format changes, and may keep reading the
 /// older one).
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 /// How long an old process keeps handing over after the new one took the listeners:
 /// the connections that were never quiet meanwhile then get 1001, as in a drain.
@@ -137,7 +137,16 @@ enum WireFrame {
 }
 
 impl Relayed {
-    fn new(gear: &str, group: &str, frame: &Frame) -> Relayed {
+    /// `None` when it would not fit in one message on the handover socket.
+    fn new(gear: &str, group: &str, frame: &Frame) -> Option<Relayed> {
+        let payload = match frame {
+            Frame::Text(t) => t.as_str().len(),
+            Frame::Binary(b) => b.len(),
+            Frame::Close(_) => 0,
+        };
+        if payload + gear.len() + group.len() > socket::MAX_MESSAGE - 1024 {
+            return None;
+        }
         let frame = match frame {
             Frame::Text(t) => WireFrame::Text(t.as_str().to_owned()),
             Frame::Binary(b) => WireFrame::Binary(b.to_vec()),
@@ -146,11 +155,11 @@ impl Relayed {
                     .map(|c| (u16::from(c.code), c.reason.as_str().to_owned())),
             ),
         };
-        Relayed {
+        Some(Relayed {
             gear: gear.to_owned(),
             group: group.to_owned(),
             frame,
-        }
+        })
     }
 
     /// Publishes it to this process's members of its group.
@@ -179,36 +188,45 @@ struct ToNewRelay {
 }
 
 impl RelaySink for ToNewRelay {
-    fn frame(&self, group: &str, frame: &Frame) {
-        if let Ok(tx) = self.tx.lock() {
-            let _ = tx.send(ToNew::Publish(Relayed::new(&self.gear, group, frame)));
-        }
+    fn frame(&self, group: &str, frame: &Frame) -> bool {
+        let Some(relayed) = Relayed::new(&self.gear, group, frame) else {
+            return false;
+        };
+        self.tx
+            .lock()
+            .is_ok_and(|tx| tx.send(ToNew::Publish(relayed)).is_ok())
     }
 }
 
 /// The new process's relay: frames go to the old process at once, on the socket its
 /// answers take (so a frame published before a connection was answered for arrives
-/// before that answer).
+/// before that answer), without waiting: with the socket full, the frame is not
+/// relayed (and counted so) rather than a shard stalled.
 struct ToOldRelay {
     gear: String,
     channel: Arc<Channel>,
 }
 
 impl RelaySink for ToOldRelay {
-    fn frame(&self, group: &str, frame: &Frame) {
-        let relayed = Relayed::new(&self.gear, group, frame);
-        if let Ok(bytes) = encode(&Message::Publish(relayed)) {
-            let _ = self.channel.send(&bytes, &[]);
-        }
+    fn frame(&self, group: &str, frame: &Frame) -> bool {
+        let Some(relayed) = Relayed::new(&self.gear, group, frame) else {
+            return false;
+        };
+        encode(&Message::Publish(relayed)).is_ok_and(|bytes| self.channel.send_now(&bytes).is_ok())
     }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Message {
-    /// New to old: the format the new process speaks.
-    Hello { format: u32 },
-    /// Old to new: the listening sockets (attached in this order).
-    Listeners { listeners: Vec<ListenerInfo> },
+    /// New to old: the format the new process speaks, and its cluster node id.
+    Hello { format: u32, node: Option<String> },
+    /// Old to new: the listening sockets (attached in this order), and whether the two
+    /// processes are the same cluster node (then clustered gears' frames are relayed
+    /// too: Redis does not carry them between a node and itself).
+    Listeners {
+        listeners: Vec<ListenerInfo>,
+        same_node: bool,
+    },
     /// Old to new: a connection (its socket attached).
     Conn(FrozenConn),
     /// New to old: the connection `origin` was taken (the old process lets go of it),
@@ -435,7 +453,7 @@ impl Giver {
             };
             let served = self.serve(&channel, &shared, &app);
             // Relaying ends with the attempt, however it ended.
-            app.set_relays(None);
+            app.set_relays(None, true);
             match served {
                 Ok(true) => break,
                 Ok(false) => continue,
@@ -449,20 +467,26 @@ impl Giver {
         let Some((hello, _)) = channel.recv(true)? else {
             return Ok(false);
         };
-        match decode(&hello)? {
-            Message::Hello { format } if format == FORMAT => {}
-            Message::Hello { format } => {
+        let same_node = match decode(&hello)? {
+            Message::Hello { format, node } if format == FORMAT => {
+                node.is_some() && node == app.node_id()
+            }
+            Message::Hello { format, .. } => {
                 let reason = format!("this process speaks format {FORMAT}, not {format}");
                 warn!(format, "handover refused: {reason}");
                 channel.send(&encode(&Message::Refused { reason })?, &[])?;
                 return Ok(false);
             }
             _ => return Err(io::Error::other("expected a hello")),
-        }
+        };
         let started = Instant::now();
         let infos = self.listeners.iter().map(|(i, _)| i.clone()).collect();
         let fds: Vec<_> = self.listeners.iter().map(|(_, l)| l.as_fd()).collect();
-        channel.send(&encode(&Message::Listeners { listeners: infos })?, &fds)?;
+        let listeners = Message::Listeners {
+            listeners: infos,
+            same_node,
+        };
+        channel.send(&encode(&listeners)?, &fds)?;
         let (tx, rx) = mpsc::channel::<ToNew>();
         // The answers come on the same socket: a thread of their own reads them.
         let gone = Arc::new(AtomicBool::new(false));
@@ -481,12 +505,17 @@ impl Giver {
         // is published here goes to the new process too, in order with the
         // connections (a frame published before a connection left is not delivered
         // to it there).
-        app.set_relays(Some(&|gear: &str| {
-            Arc::new(ToNewRelay {
-                gear: gear.to_owned(),
-                tx: Mutex::new(tx.clone()),
-            }) as Arc<dyn RelaySink>
-        }));
+        // (A clustered gear's frames reach the other process through Redis, unless
+        // both are the same node.)
+        app.set_relays(
+            Some(&|gear: &str| {
+                Arc::new(ToNewRelay {
+                    gear: gear.to_owned(),
+                    tx: Mutex::new(tx.clone()),
+                }) as Arc<dyn RelaySink>
+            }),
+            same_node,
+        );
         let attempt = shared.handover.begin(tx);
         wake_all(shared);
         info!(
@@ -494,14 +523,16 @@ impl Giver {
             "handover: listeners handed over; moving connections"
         );
         let mut moved = 0u64;
+        let mut checked = Instant::now();
         let outcome = loop {
-            match rx.recv_timeout(Duration::from_millis(20)) {
+            let next = rx.recv_timeout(Duration::from_millis(20));
+            let timed_out = matches!(next, Err(mpsc::RecvTimeoutError::Timeout));
+            match next {
                 Ok(ToNew::Publish(relayed)) => {
                     let sent = encode(&Message::Publish(relayed))
                         .and_then(|bytes| channel.send(&bytes, &[]));
                     match sent {
                         Err(err) if peer_gone(&err) => break Err(err),
-                        // Too large for one message: its members there miss it.
                         Err(err) => {
                             warn!(error = %err, "handover: a published frame could not be relayed")
                         }
@@ -524,30 +555,39 @@ impl Giver {
                         }
                     }
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if gone.load(Ordering::Acquire) {
-                        break Err(io::Error::other("the new process went away"));
-                    }
-                    // Every shard holds nothing, and nothing is on its way: done. (A
-                    // shard says so only once its last connection was answered for.)
-                    if shared.handover.all_empty() {
-                        match rx.try_recv() {
-                            Err(mpsc::TryRecvError::Empty) => break Ok(()),
-                            Ok(ToNew::Conn(m)) => {
-                                warn!("handover: a connection after the shards were done; dropped");
-                                drop(m);
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
+            }
+            // Every 20 ms, however busy the queue is (a gear publishing all the time
+            // keeps it from ever timing out).
+            if !timed_out && checked.elapsed() < Duration::from_millis(20) {
+                continue;
+            }
+            checked = Instant::now();
+            if gone.load(Ordering::Acquire) {
+                break Err(io::Error::other("the new process went away"));
+            }
+            // Every shard holds nothing (a shard says so only once its last connection
+            // was answered for): what is queued goes out, then done. Connections cannot
+            // be queued any more; frames can, from threads outside the shards, for as
+            // long as this takes: a bounded number goes, so that a busy publisher
+            // cannot hold the handover open.
+            if shared.handover.all_empty() {
+                for _ in 0..100_000 {
+                    match rx.try_recv() {
+                        Ok(ToNew::Publish(relayed)) => {
+                            if let Ok(bytes) = encode(&Message::Publish(relayed)) {
+                                let _ = channel.send(&bytes, &[]);
                             }
-                            // The members it was for moved: the new process has them.
-                            Ok(ToNew::Publish(relayed)) => {
-                                if let Ok(bytes) = encode(&Message::Publish(relayed)) {
-                                    let _ = channel.send(&bytes, &[]);
-                                }
-                            }
-                            Err(mpsc::TryRecvError::Disconnected) => break Ok(()),
                         }
+                        Ok(ToNew::Conn(m)) => {
+                            warn!("handover: a connection after the shards were done; dropped");
+                            drop(m);
+                        }
+                        Err(_) => break,
                     }
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
+                break Ok(());
             }
         };
         match outcome {
@@ -610,6 +650,9 @@ fn read_acks(channel: &Channel, shared: &Shared, gone: &AtomicBool, app: &App) {
                 Ok(_) => warn!("handover: unexpected message from the new process"),
                 Err(err) => warn!(error = %err, "handover: undecodable answer"),
             },
+            Err(err) if Channel::too_large(&err) => {
+                warn!("handover: a message from the new process was too large; skipped");
+            }
             Ok(None) | Err(_) => {
                 gone.store(true, Ordering::Release);
                 return;
@@ -623,21 +666,36 @@ fn read_acks(channel: &Channel, shared: &Shared, gone: &AtomicBool, app: &App) {
 pub(crate) struct Taker {
     channel: Channel,
     started: Instant,
+    /// The old process is the same cluster node as this one.
+    same_node: bool,
 }
 
 impl Taker {
     /// Connects to the old process on `path` and takes its listening sockets.
-    pub(crate) fn connect(path: &Path) -> io::Result<(Taker, Vec<(ListenerInfo, TcpListener)>)> {
+    /// `node`: this process's cluster node id, if it is in a cluster.
+    pub(crate) fn connect(
+        path: &Path,
+        node: Option<String>,
+    ) -> io::Result<(Taker, Vec<(ListenerInfo, TcpListener)>)> {
         let channel = socket::connect(path)?;
         let started = Instant::now();
-        channel.send(&encode(&Message::Hello { format: FORMAT })?, &[])?;
+        channel.send(
+            &encode(&Message::Hello {
+                format: FORMAT,
+                node,
+            })?,
+            &[],
+        )?;
         let Some((bytes, fds)) = channel.recv(true)? else {
             return Err(io::Error::other(
                 "the old process closed the handover socket",
             ));
         };
-        let listeners = match decode(&bytes)? {
-            Message::Listeners { listeners } => listeners,
+        let (listeners, same_node) = match decode(&bytes)? {
+            Message::Listeners {
+                listeners,
+                same_node,
+            } => (listeners, same_node),
             Message::Refused { reason } => {
                 return Err(io::Error::other(format!("handover refused: {reason}")));
             }
@@ -651,7 +709,14 @@ impl Taker {
             .zip(fds)
             .map(|(info, fd)| (info, TcpListener::from(fd)))
             .collect();
-        Ok((Taker { channel, started }, listeners))
+        Ok((
+            Taker {
+                channel,
+                started,
+                same_node,
+            },
+            listeners,
+        ))
     }
 
     /// The thread that receives the connections and gives each to a shard in turn.
@@ -668,12 +733,15 @@ impl Taker {
                 }
                 // The groups' members are split between the two processes until the
                 // old one is done: what is published here goes there too.
-                app.set_relays(Some(&|gear: &str| {
-                    Arc::new(ToOldRelay {
-                        gear: gear.to_owned(),
-                        channel: Arc::clone(&c),
-                    }) as Arc<dyn RelaySink>
-                }));
+                app.set_relays(
+                    Some(&|gear: &str| {
+                        Arc::new(ToOldRelay {
+                            gear: gear.to_owned(),
+                            channel: Arc::clone(&c),
+                        }) as Arc<dyn RelaySink>
+                    }),
+                    self.same_node,
+                );
             }
             Err(err) => warn!(error = %err, "handover: cannot answer the old process"),
         }
@@ -689,6 +757,10 @@ impl Taker {
                     warn!(taken, "handover: the old process went away");
                     self.hang_up(&shared, &app);
                     return true;
+                }
+                Err(err) if Channel::too_large(&err) => {
+                    warn!("handover: a message from the old process was too large; skipped");
+                    continue;
                 }
                 Err(err) => {
                     warn!(taken, error = %err, "handover: receiving failed; giving up");
@@ -730,7 +802,7 @@ impl Taker {
 
     /// No more answers; the old process sees the channel close.
     fn hang_up(&self, shared: &Shared, app: &App) {
-        app.set_relays(None);
+        app.set_relays(None, true);
         if let Ok(mut a) = shared.handover.answer.lock() {
             *a = None;
         }

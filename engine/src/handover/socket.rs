@@ -53,6 +53,7 @@ pub(crate) fn connect(path: &Path) -> io::Result<Channel> {
     let fd = seqpacket()?;
     rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
     let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&fd, 2 * MAX_MESSAGE);
+    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&fd, 2 * MAX_MESSAGE);
     Ok(Channel(fd))
 }
 
@@ -60,17 +61,29 @@ impl Channel {
     /// Sends one message with `fds` attached (blocking; `EPIPE` once the other side
     /// is gone, never `SIGPIPE`).
     pub(crate) fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        self.send_with(bytes, fds, SendFlags::NOSIGNAL)
+    }
+
+    /// Sends one message without descriptors, or fails with `WouldBlock` at once if
+    /// the socket is full (a shard thread must not wait on the other process).
+    pub(crate) fn send_now(&self, bytes: &[u8]) -> io::Result<()> {
+        self.send_with(bytes, &[], SendFlags::NOSIGNAL | SendFlags::DONTWAIT)
+    }
+
+    fn send_with(&self, bytes: &[u8], fds: &[BorrowedFd<'_>], flags: SendFlags) -> io::Result<()> {
+        if bytes.len() > MAX_MESSAGE {
+            // The other side's receive buffer is this large: it could not take it.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "handover message too large",
+            ));
+        }
         let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
             return Err(io::Error::other("too many descriptors for one message"));
         }
-        let n = rustix::net::sendmsg(
-            &self.0,
-            &[IoSlice::new(bytes)],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        )?;
+        let n = rustix::net::sendmsg(&self.0, &[IoSlice::new(bytes)], &mut control, flags)?;
         if n != bytes.len() {
             return Err(io::Error::other("message cut short"));
         }
@@ -103,10 +116,20 @@ impl Channel {
             return Ok(None);
         }
         if msg.flags.contains(rustix::net::ReturnFlags::TRUNC) {
-            return Err(io::Error::other("handover message too large"));
+            // This message alone is lost, not the channel (see `too_large`).
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "handover message too large",
+            ));
         }
         buf.truncate(msg.bytes);
         Ok(Some((buf, fds)))
+    }
+
+    /// Whether a [`Channel::recv`] error was one message too large (the channel goes
+    /// on) rather than the channel failing.
+    pub(crate) fn too_large(err: &io::Error) -> bool {
+        err.kind() == io::ErrorKind::InvalidData
     }
 
     /// Another descriptor of the same socket (a reader thread beside a writer).
