@@ -430,6 +430,14 @@ impl<D: Driver> Shard<D> {
         if !self.shared.handover.has_incoming(self.index) {
             return Ok(());
         }
+        // Frames relayed from the old process ahead of these connections wait in the
+        // registry queues; a connection joins its groups only at a later turn
+        // (`on_adopted`), and this turn's delivery must have emptied the queues by
+        // then, or it could get a frame the old process already gave it. Under a
+        // backlog larger than one turn's batch, the connections wait.
+        if self.regs.inbound_len() > super::REGISTRY_BATCH {
+            return Ok(());
+        }
         for moved in self.shared.handover.take_incoming(self.index) {
             match Session::thaw_state(moved.conn, self.now_ms, &self.app) {
                 Ok(thawed) => {
