@@ -884,7 +884,12 @@ impl App {
     /// Whether the gear mounted on `pattern` spans the cluster (`None`: no such gear).
     pub fn is_clustered(&self, pattern: &str) -> Option<bool> {
         let g = self.gears.iter().find(|g| g.pattern == pattern)?;
-        Some(self.backplane.get().is_some() && g.gear.crosses_nodes())
+        Some(self.crosses_nodes(g))
+    }
+
+    /// Whether `g`'s names, groups and messages span the cluster.
+    fn crosses_nodes(&self, g: &Mounted) -> bool {
+        self.backplane.get().is_some() && g.gear.crosses_nodes()
     }
 
     /// Shard `index`'s parts of every gear's registry (each can be taken once), with
@@ -963,9 +968,8 @@ impl App {
     /// `clustered_too`: between two nodes Redis carries them already); `None` stops.
     pub(crate) fn set_relays(&self, sink_for: Option<&RelayFor<'_>>, clustered_too: bool) {
         for g in &self.gears {
-            let clustered = self.backplane.get().is_some() && g.gear.crosses_nodes();
             if let Some(reg) = g.registry.get() {
-                let sink = sink_for.filter(|_| clustered_too || !clustered);
+                let sink = sink_for.filter(|_| clustered_too || !self.crosses_nodes(g));
                 reg.set_relay(sink.map(|f| f(&g.pattern)));
             }
         }

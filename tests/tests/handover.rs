@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use kythera_engine::Server;
+use kythera_engine::{Server, ServerBuilder};
 use kythera_handler_api::{Conn, Context, Frame, Message, TerminateReason, Websocket};
 use kythera_testkit::raw::{RawClient, masked};
 use tungstenite::{Message as WsMessage, WebSocket};
@@ -386,6 +386,21 @@ impl Websocket for Picky {
     }
 }
 
+/// The three gears of the next test: `/refused` (whose `thaw` says no with `refuse`),
+/// `/large` (a 1 MiB state) and `/fine`.
+trait MountPicky {
+    fn mount_picky(self, refuse: bool) -> Self;
+}
+
+impl MountPicky for ServerBuilder {
+    fn mount_picky(self, refuse: bool) -> Self {
+        let picky = |size, refuse| Picky { size, refuse };
+        self.mount("/refused", picky(8, refuse))
+            .mount("/large", picky(1 << 20, false))
+            .mount("/fine", picky(8, false))
+    }
+}
+
 #[test]
 fn a_state_refused_by_the_new_build_or_too_large_stays_behind_with_1001() {
     let path = std::env::temp_dir().join(format!("kythera-picky-{}.sock", std::process::id()));
@@ -393,27 +408,7 @@ fn a_state_refused_by_the_new_build_or_too_large_stays_behind_with_1001() {
         .listen("127.0.0.1:0".parse().unwrap())
         .shards(1)
         .handover_socket(&path)
-        .mount(
-            "/refused",
-            Picky {
-                size: 8,
-                refuse: false,
-            },
-        )
-        .mount(
-            "/large",
-            Picky {
-                size: 1 << 20,
-                refuse: false,
-            },
-        )
-        .mount(
-            "/fine",
-            Picky {
-                size: 8,
-                refuse: false,
-            },
-        )
+        .mount_picky(false)
         .build()
         .unwrap()
         .spawn();
@@ -428,27 +423,7 @@ fn a_state_refused_by_the_new_build_or_too_large_stays_behind_with_1001() {
         .listen(addr)
         .shards(1)
         .take_over(&path)
-        .mount(
-            "/refused",
-            Picky {
-                size: 8,
-                refuse: true,
-            },
-        )
-        .mount(
-            "/large",
-            Picky {
-                size: 1 << 20,
-                refuse: false,
-            },
-        )
-        .mount(
-            "/fine",
-            Picky {
-                size: 8,
-                refuse: false,
-            },
-        )
+        .mount_picky(true)
         .build()
         .unwrap()
         .spawn();
