@@ -110,6 +110,17 @@ struct Driver {
     pushes: Option<UnboundedReceiver<PushInfo>>,
     drops_logged: Vec<u64>,
     drops_logged_at: Instant,
+    /// The node id this process takes over from a running process (a live handover),
+    /// while it runs under a temporary id: taken once that process has left.
+    succeeding: Option<String>,
+    /// The node whose names `M` claims (names that came with handed-over connections)
+    /// may take: the node taken over while this process runs under its temporary id,
+    /// the temporary id while the node is taken over.
+    alias: Option<String>,
+    /// The temporary id this process ran under before it took its node id over, and
+    /// that id's node channel while still subscribed: what was sent there meanwhile
+    /// is this process's own.
+    former: Option<(String, Option<String>)>,
 }
 
 /// An error of our own making, as redis-rs reports its own.
@@ -128,8 +139,13 @@ fn now_ms() -> u64 {
 
 impl Driver {
     fn new(shared: Arc<Shared>) -> Driver {
-        let node = shared.config.node_id.clone();
+        // The temporary id while taking over a node; the node id otherwise.
+        let node = shared.link.node_id().to_string();
+        let succeeding = (node != shared.config.node_id).then(|| shared.config.node_id.clone());
         Driver {
+            alias: succeeding.clone(),
+            succeeding,
+            former: None,
             node_channel: keys::node_channel(&node),
             alive: keys::alive_key(&node),
             started_ms: now_ms(),
@@ -148,6 +164,12 @@ impl Driver {
             drops_logged: Vec::new(),
             drops_logged_at: Instant::now(),
         }
+    }
+
+    /// Whether `node` is this process: its node id, or the temporary id it ran under
+    /// while it took the node over.
+    fn is_self(&self, node: &str) -> bool {
+        is_self(node, &self.node, &self.former)
     }
 
     fn stopping(&self) -> bool {
@@ -224,7 +246,7 @@ impl Driver {
             self.control.clear();
             gs.gear.take_control(&mut self.control);
             for c in self.control.drain(..) {
-                if let Control::Claim { name, conn } = c {
+                if let Control::Claim { name, conn, .. } = c {
                     gs.gear.claim_decided(&name, conn, true);
                 }
             }
@@ -274,6 +296,9 @@ impl Driver {
         };
         conn.subscribe(&self.node_channel).await?;
         // Subscriptions went with the old connection.
+        if let Some((_, channel)) = &mut self.former {
+            *channel = None;
+        }
         self.events.clear();
         self.group_channels.clear();
         for gs in &mut self.gears {
@@ -284,6 +309,7 @@ impl Driver {
         self.heartbeat(&mut conn, true).await?;
         self.sync_stale(&mut conn).await?;
         self.check_nodes(&mut conn).await?;
+        self.take_over_node(&mut conn).await?;
         self.shared.link.set_connected(true);
         info!(
             node = %self.node,
@@ -320,6 +346,7 @@ impl Driver {
                 Event::Tick => {
                     self.heartbeat(&mut conn, false).await?;
                     self.check_nodes(&mut conn).await?;
+                    self.take_over_node(&mut conn).await?;
                     self.log_drops();
                 }
             }
@@ -358,7 +385,9 @@ impl Driver {
                 };
                 Stats::add(&self.shared.stats.bytes_received, payload.len() as u64);
                 let channel = String::from_utf8_lossy(&channel);
-                if channel == self.node_channel {
+                if channel == self.node_channel
+                    || self.former.as_ref().and_then(|(_, c)| c.as_deref()) == Some(&*channel)
+                {
                     self.deliver_batch(&payload, false);
                 } else if let Some(&g) = self.events.get(&*channel) {
                     self.on_event(g, &payload);
@@ -379,7 +408,7 @@ impl Driver {
             link.dropped(DropCause::Undecodable, 1);
             return;
         };
-        if group && batch.from == self.node {
+        if group && self.is_self(batch.from) {
             return;
         }
         Stats::add(
@@ -439,12 +468,13 @@ impl Driver {
             return;
         }
         gs.seq = event.seq;
+        let is_self = |node: &str| is_self(node, &self.node, &self.former);
         let nodes = self.shared.link.nodes();
         let replica = gs.gear.replica();
         for change in event.changes {
             match change {
                 Change::Claim { name, node, conn } => {
-                    if node != self.node
+                    if !is_self(node)
                         && let Some(node) = nodes.intern(node)
                     {
                         replica.set_name(name, RemoteConn { node, conn });
@@ -452,12 +482,14 @@ impl Driver {
                 }
                 Change::Release { name } => replica.remove_name(name),
                 Change::Count { node, group, count } => {
-                    if node != self.node
+                    if !is_self(node)
                         && let Some(node) = nodes.intern(node)
                     {
                         replica.set_count(group, node, count);
                     }
                 }
+                // This process's temporary id, given up (`take_over_node`).
+                Change::Gone { node } if is_self(node) && node != self.node => {}
                 Change::Gone { node } if node == self.node => {
                     warn!(node = %self.node, gear = gs.gear.key(), "cluster: another node removed this node's names and memberships (its liveness key had expired); announcing them again");
                     gs.stale = true;
@@ -532,6 +564,7 @@ impl Driver {
         let names = flat(parts.next());
         let groups = flat(parts.next());
         let gs = &mut self.gears[g];
+        let is_self = |node: &str| is_self(node, &self.node, &self.former);
         let nodes = self.shared.link.nodes();
         let replica = gs.gear.replica();
         replica.clear();
@@ -544,8 +577,12 @@ impl Driver {
             ) else {
                 continue;
             };
-            if node == self.node {
-                own_names.push((name.into(), conn));
+            // The temporary id's entries are neither this node's to reconcile nor
+            // another node's: they are claimed again as this node's, or removed.
+            if is_self(node) {
+                if node == self.node {
+                    own_names.push((name.into(), conn));
+                }
             } else if let Some(node) = nodes.intern(node) {
                 replica.set_name(name, RemoteConn { node, conn });
             }
@@ -559,8 +596,10 @@ impl Driver {
             ) else {
                 continue;
             };
-            if node == self.node {
-                own_groups.push(group.into());
+            if is_self(node) {
+                if node == self.node {
+                    own_groups.push(group.into());
+                }
             } else if let Some(node) = nodes.intern(node) {
                 replica.set_count(group, node, count);
             }
@@ -592,8 +631,15 @@ impl Driver {
                 push_op(&mut args, "R", name, &c.to_string());
             }
         }
+        // Once the node is taken over, names go from the temporary id to the node id
+        // (`M` claims, see `scripts::APPLY`) until the temporary id's entries are gone.
+        let claim_op = if self.succeeding.is_none() && self.alias.is_some() {
+            "M"
+        } else {
+            "C"
+        };
         for (name, c) in &local {
-            push_op(&mut args, "C", name, &c.get().to_string());
+            push_op(&mut args, claim_op, name, &c.get().to_string());
             claims.push((name.clone(), *c));
         }
         let mut groups = Vec::new();
@@ -637,9 +683,12 @@ impl Driver {
                 .arg(&k.events)
                 .arg(self.publish)
                 .arg(&self.node);
+            if let Some(alias) = &self.alias {
+                cmd.arg("A").arg(alias).arg("-");
+            }
             let mut in_chunk = Vec::new();
             for op in chunk.chunks_exact(3) {
-                if op[0] == b"C" {
+                if op[0] == b"C" || op[0] == b"M" {
                     in_chunk.extend(claims.next());
                 }
                 cmd.arg(&op[0]).arg(&op[1]).arg(&op[2]);
@@ -686,8 +735,9 @@ impl Driver {
             let mut changed: Vec<Box<str>> = Vec::new();
             for c in std::mem::take(&mut self.control) {
                 match c {
-                    Control::Claim { name, conn } => {
-                        push_op(&mut args, "C", &name, &conn.get().to_string());
+                    Control::Claim { name, conn, moved } => {
+                        let op = if moved { "M" } else { "C" };
+                        push_op(&mut args, op, &name, &conn.get().to_string());
                         claims.push((name, conn));
                     }
                     Control::Release { name, conn } => {
@@ -991,6 +1041,57 @@ impl Driver {
         Ok(())
     }
 
+    /// While this process runs under a temporary id to take a node over from a running
+    /// process (a live handover), checks whether that process has left the cluster
+    /// (its liveness key is gone: it left, or it died and expired), and if so becomes
+    /// that node: subscribes to its channel, refreshes its liveness key, claims every
+    /// local name for it (taking them from the temporary id: `M` claims), announces
+    /// every count under it, then removes the temporary id's entries and liveness (tried
+    /// again at every tick until it succeeds). Other nodes see the names change holder
+    /// and the counts change node; what they sent to the temporary id meanwhile still
+    /// arrives, until the next reconnection. The old process's connection ids cannot
+    /// reach this one: the node's channel had no subscriber in between.
+    async fn take_over_node(&mut self, conn: &mut Connection) -> RedisResult<()> {
+        if let Some(node) = self.succeeding.clone() {
+            let exists = redis::cmd("EXISTS").arg(keys::alive_key(&node)).clone();
+            let alive = conn.run(&[exists]).await?;
+            Stats::add(&self.shared.stats.commands, 1);
+            if matches!(alive.first(), Some(Value::Int(1))) {
+                return Ok(());
+            }
+            // What the node's last process said before it left (its `X` event) first.
+            self.take_pushes()?;
+            let temp = std::mem::replace(&mut self.node, node.clone());
+            self.alive = keys::alive_key(&node);
+            let temp_channel = std::mem::replace(&mut self.node_channel, keys::node_channel(&node));
+            self.succeeding = None;
+            self.alias = Some(temp.clone());
+            self.former = Some((temp, Some(temp_channel)));
+            self.shared.link.nodes().rename_this(&node);
+            conn.subscribe(&self.node_channel).await?;
+            self.heartbeat(conn, true).await?;
+            for gs in &mut self.gears {
+                gs.stale = true;
+            }
+        }
+        let Some(temp) = self.alias.clone().filter(|_| self.succeeding.is_none()) else {
+            return Ok(());
+        };
+        self.sync_stale(conn).await?;
+        let mut cmds: Vec<Cmd> = self
+            .gears
+            .iter()
+            .map(|gs| self.gone_cmd(&gs.keys, &temp))
+            .collect();
+        cmds.push(redis::cmd("DEL").arg(keys::alive_key(&temp)).clone());
+        cmds.push(redis::cmd("HDEL").arg(keys::NODES).arg(&temp).clone());
+        conn.run(&cmds).await?;
+        Stats::add(&self.shared.stats.commands, cmds.len() as u64);
+        self.alias = None;
+        info!(node = %self.node, was = %temp, "cluster: took the node over from the process handed over from (it has left the cluster)");
+        Ok(())
+    }
+
     fn gone_cmd(&self, k: &GearKeys, node: &str) -> Cmd {
         redis::cmd("EVALSHA")
             .arg(&self.shas.gone)
@@ -1011,14 +1112,23 @@ impl Driver {
         if let Err(e) = self.flush(conn).await {
             debug!(error = %e, "cluster: last flush failed");
         }
-        let mut cmds: Vec<Cmd> = self
+        let gone: Vec<Cmd> = self
             .gears
             .iter()
             .map(|gs| self.gone_cmd(&gs.keys, &self.node))
             .collect();
-        cmds.push(redis::cmd("DEL").arg(&self.alive).clone());
-        cmds.push(redis::cmd("HDEL").arg(keys::NODES).arg(&self.node).clone());
-        match conn.run(&cmds).await {
+        // The liveness key last, in a round trip of its own: a process taking this
+        // node over waits for it to go (`take_over_node`), and on a Redis Cluster the
+        // commands of one pipeline may run on different Redis nodes in any order.
+        let alive = [
+            redis::cmd("DEL").arg(&self.alive).clone(),
+            redis::cmd("HDEL").arg(keys::NODES).arg(&self.node).clone(),
+        ];
+        let left = match conn.run(&gone).await {
+            Ok(_) => conn.run(&alive).await,
+            Err(e) => Err(e),
+        };
+        match left {
             Ok(_) => info!(node = %self.node, "cluster: left the cluster"),
             Err(e) => {
                 warn!(node = %self.node, error = %e, "cluster: could not leave cleanly; the others remove this node once its liveness key expires")
@@ -1090,6 +1200,12 @@ impl Batches {
         };
         self.list[at].1.push(item);
     }
+}
+
+/// Whether `node` is this process, whose node id is `this` and which may have run under
+/// a temporary id before (`former`: see [`Driver::take_over_node`]).
+fn is_self(node: &str, this: &str, former: &Option<(String, Option<String>)>) -> bool {
+    node == this || former.as_ref().is_some_and(|(id, _)| id == node)
 }
 
 /// Appends one `APPLY` operation.

@@ -126,6 +126,11 @@ pub struct ClusterConfig {
     /// How long a node's liveness key lives; it is refreshed every third of it, and the
     /// others remove what a silent node held within `ttl` plus one refresh. Default 3 s.
     pub ttl: Duration,
+    /// This process takes `node_id` over from a running process (a live handover to
+    /// a new process, `--take-over`): until that process has left the cluster, this
+    /// one is a node of its own under a temporary id ([`handover_node_id`]); then it
+    /// becomes `node_id`. Default `false`.
+    pub takes_over: bool,
 }
 
 impl ClusterConfig {
@@ -135,6 +140,7 @@ impl ClusterConfig {
             redis,
             node_id: default_node_id(),
             ttl: DEFAULT_TTL,
+            takes_over: false,
         }
     }
 }
@@ -157,6 +163,22 @@ pub fn default_node_id() -> String {
         .map_or(0, |d| d.as_millis() as u64);
     let host = if host.is_empty() { "node".into() } else { host };
     format!("{host}-{}-{}", std::process::id(), base36(ms))
+}
+
+/// The temporary id of a process taking `node` over from a running process while the
+/// two run side by side: `node` (cut so that the whole stays a valid id), `.next-`
+/// and this process's id and start time in base 36, so that it is unique too.
+pub fn handover_node_id(node: &str) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let suffix = format!(
+        ".next-{}-{}",
+        base36(u64::from(std::process::id())),
+        base36(ms)
+    );
+    let keep = node.len().min(64usize.saturating_sub(suffix.len()));
+    format!("{}{suffix}", &node[..keep])
 }
 
 fn base36(mut n: u64) -> String {
@@ -278,7 +300,11 @@ impl RedisBackplane {
             }
         }
         let shared = Arc::new(Shared {
-            link: Arc::new(ClusterLink::new(&config.node_id)),
+            link: Arc::new(ClusterLink::new(&if config.takes_over {
+                handover_node_id(&config.node_id)
+            } else {
+                config.node_id.clone()
+            })),
             config,
             gears: Mutex::new(Vec::new()),
             notify: tokio::sync::Notify::new(),
@@ -300,7 +326,8 @@ impl RedisBackplane {
         }))
     }
 
-    /// This node's id.
+    /// This node's id (with [`ClusterConfig::takes_over`], the id it takes over; it
+    /// runs under a temporary one until then).
     pub fn node_id(&self) -> &str {
         &self.shared.config.node_id
     }
@@ -345,7 +372,7 @@ impl Backplane for RedisBackplane {
             .map(|l| l.clone())
             .unwrap_or_default();
         if live.is_empty() {
-            vec![self.shared.config.node_id.clone()]
+            vec![self.shared.link.node_id().to_string()]
         } else {
             live
         }
@@ -361,7 +388,7 @@ impl Backplane for RedisBackplane {
             info.clone(),
         );
         info.get_or_create(&NodeLabel {
-            node: s.config.node_id.clone(),
+            node: s.link.node_id().to_string(),
         })
         .set(1);
         let gauge = |reg: &mut PromRegistry, name: &str, help: &str, v: i64| {
@@ -493,6 +520,12 @@ mod tests {
         assert!(keys::valid_node_id(&id), "{id}");
         assert_eq!(base36(0), "0");
         assert_eq!(base36(36 * 36 + 35), "10z");
+        for node in ["n", &"x".repeat(64)] {
+            let temp = handover_node_id(node);
+            assert!(keys::valid_node_id(&temp), "{temp}");
+            assert!(temp.starts_with(&node[..8.min(node.len())]), "{temp}");
+            assert_ne!(temp, node);
+        }
     }
 
     #[test]

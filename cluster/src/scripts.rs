@@ -24,23 +24,32 @@ const FIELD: &str = "local function f(s) return #s .. ':' .. s end\n";
 ///
 /// KEYS: names, groups, seq. ARGV: event channel, publish command (`PUBLISH` or
 /// `SPUBLISH`), node, then operations of three arguments each: `C name conn` (claim),
-/// `R name conn` (release), `G group count`. Returns one integer per claim, in order: 1
-/// won (the name was free or held by this node already), 0 lost.
+/// `M name conn` (claim of a name that came with a handed-over connection), `R name
+/// conn` (release), `G group count`, `A node -` (the node `M` claims may take names
+/// from, for the operations after it). Returns one integer per claim, in order: 1 won
+/// (the name was free or held by this node already), 0 lost.
 ///
 /// A claim of a name this node holds for another connection wins: a node never has two
 /// holders of a name (its own table sees to that), so such an entry is one this node
 /// released and Redis has not heard of yet, or one of an earlier process with the same
-/// node id.
+/// node id. An `M` claim also wins over the `A` node's entry: during a live handover
+/// that is the process the connection came from, whose release may not have reached
+/// Redis yet; once the new process takes the old one's node id, it is the temporary
+/// id it ran under meanwhile.
 pub const APPLY: &str = r#"
 local chan, pub, node = ARGV[1], ARGV[2], ARGV[3]
 local prefix = node .. '\t'
+local alias = nil
 local out, ev, i = {}, {}, 4
 while i + 2 <= #ARGV do
   local op, a, b = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if op == 'C' then
+  if op == 'A' then
+    alias = a .. '\t'
+  elseif op == 'C' or op == 'M' then
     local v = prefix .. b
     local cur = redis.call('HGET', KEYS[1], a)
-    if not cur or string.sub(cur, 1, #prefix) == prefix then
+    if not cur or string.sub(cur, 1, #prefix) == prefix
+      or (op == 'M' and alias and string.sub(cur, 1, #alias) == alias) then
       if cur ~= v then
         redis.call('HSET', KEYS[1], a, v)
         ev[#ev + 1] = f('C') .. f(a) .. f(node) .. f(b)
@@ -250,6 +259,65 @@ mod tests {
         for bad in [&b""[..], b"x", b"2:171:C", b"2:171:Z", b"5:1"] {
             assert!(parse_event(bad).is_none(), "{bad:?}");
         }
+    }
+
+    /// Runs `APPLY` for `node` with operations `ops` on a real Redis.
+    async fn apply(
+        c: &mut redis::aio::MultiplexedConnection,
+        node: &str,
+        ops: &[&str],
+    ) -> Vec<i64> {
+        let script = redis::Script::new(&source(APPLY));
+        let mut call = script.key("names");
+        call.key("groups")
+            .key("seq")
+            .arg("events")
+            .arg("PUBLISH")
+            .arg(node);
+        for op in ops {
+            call.arg(*op);
+        }
+        call.invoke_async(c).await.unwrap()
+    }
+
+    async fn holder(c: &mut redis::aio::MultiplexedConnection, name: &str) -> Option<String> {
+        redis::cmd("HGET")
+            .arg("names")
+            .arg(name)
+            .query_async(c)
+            .await
+            .unwrap()
+    }
+
+    /// A name that came with a handed-over connection (`M`) may be taken from the node
+    /// named by `A` (the process it came from), and only from that one; a plain claim
+    /// never takes a name from another node; a late release of the name's old holder
+    /// leaves the new holder alone.
+    #[test]
+    fn moved_claims_take_names_only_from_the_alias_node() {
+        let redis = kythera_testkit::redis::RedisServer::start();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = redis::Client::open(redis.url()).unwrap();
+            let c = &mut client.get_multiplexed_async_connection().await.unwrap();
+            assert_eq!(
+                apply(c, "old", &["C", "a", "1", "C", "b", "2"]).await,
+                [1, 1]
+            );
+            assert_eq!(apply(c, "new", &["C", "a", "7"]).await, [0]);
+            assert_eq!(apply(c, "new", &["M", "a", "7"]).await, [0], "no alias");
+            let ops = ["A", "elsewhere", "-", "M", "a", "7"];
+            assert_eq!(apply(c, "new", &ops).await, [0], "another alias");
+            let ops = ["A", "old", "-", "C", "b", "8", "M", "a", "7", "M", "z", "9"];
+            assert_eq!(apply(c, "new", &ops).await, [0, 1, 1]);
+            assert_eq!(holder(c, "a").await.as_deref(), Some("new\t7"));
+            assert_eq!(holder(c, "b").await.as_deref(), Some("old\t2"));
+            apply(c, "old", &["R", "a", "1"]).await;
+            assert_eq!(holder(c, "a").await.as_deref(), Some("new\t7"));
+        });
     }
 
     #[test]

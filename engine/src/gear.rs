@@ -453,7 +453,7 @@ impl<M: Clone + Send + 'static> GearShard for TypedShard<M> {
     fn restore(&mut self, conn: ConnId, names: &[String], groups: &[String]) -> usize {
         let mut failed = 0;
         for name in names {
-            failed += usize::from(self.reg.register(conn, name).is_err());
+            failed += usize::from(self.reg.register_moved(conn, name).is_err());
         }
         for group in groups {
             failed += usize::from(self.reg.join(conn, group).is_err());

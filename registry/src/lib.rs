@@ -296,9 +296,17 @@ pub(crate) struct Shared<M> {
 
 impl<M: Clone + Send + 'static> Shared<M> {
     /// Registers `name` for `conn`: refused if another node holds it as far as this
-    /// node knows; a new claim of a clustered gear goes to Redis.
-    pub(crate) fn register(&self, conn: ConnId, name: &str) -> Result<bool, RegistryError> {
-        if let Some(c) = &self.cluster
+    /// node knows (unless `moved`: the name comes with a connection handed over from
+    /// another process, which held it until now); a new claim of a clustered gear
+    /// goes to Redis.
+    pub(crate) fn register(
+        &self,
+        conn: ConnId,
+        name: &str,
+        moved: bool,
+    ) -> Result<bool, RegistryError> {
+        if !moved
+            && let Some(c) = &self.cluster
             && c.replica.holder(name).is_some()
         {
             names::check_name(name)?;
@@ -309,6 +317,7 @@ impl<M: Clone + Send + 'static> Shared<M> {
             c.control(Control::Claim {
                 name: name.into(),
                 conn,
+                moved,
             });
         }
         Ok(fresh)
@@ -663,7 +672,7 @@ struct NamesRef<M>(Arc<Shared<M>>);
 
 impl<M: Clone + Send + 'static> NameTable for NamesRef<M> {
     fn register(&self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
-        self.0.register(conn, name).map(|_| ())
+        self.0.register(conn, name, false).map(|_| ())
     }
     fn unregister(&self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
         self.0.unregister(conn, name)

@@ -373,6 +373,23 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
         }
     }
 
+    /// Registers `name` for `conn`, a connection handed over from another process in a
+    /// live handover, which held the name there until now: in a cluster the claim
+    /// wins over that process's entry even if its release has not reached Redis yet.
+    pub fn register_moved(&mut self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
+        self.claim(conn, name, true)
+    }
+
+    fn claim(&mut self, conn: ConnId, name: &str, moved: bool) -> Result<(), RegistryError> {
+        self.check_own(conn)?;
+        self.shared.register(conn, name, moved)?;
+        let holdings = self.holdings.entry(conn).or_default();
+        if !holdings.names.iter().any(|n| &**n == name) {
+            holdings.names.push(name.into());
+        }
+        Ok(())
+    }
+
     /// The names and groups `conn` holds (groups by name), freeing the names: for a
     /// connection leaving the process in a live handover, whose new process takes the
     /// same names and joins the same groups. Its memberships stay here until
@@ -465,13 +482,7 @@ impl<M: Clone + Send + 'static> ShardRegistry<M> {
 
 impl<M: Clone + Send + 'static> RegistryOps<M> for ShardRegistry<M> {
     fn register(&mut self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
-        self.check_own(conn)?;
-        self.shared.register(conn, name)?;
-        let holdings = self.holdings.entry(conn).or_default();
-        if !holdings.names.iter().any(|n| &**n == name) {
-            holdings.names.push(name.into());
-        }
-        Ok(())
+        self.claim(conn, name, false)
     }
 
     fn unregister(&mut self, conn: ConnId, name: &str) -> Result<(), RegistryError> {

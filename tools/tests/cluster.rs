@@ -655,11 +655,56 @@ fn names_raced_for_from_every_node_have_one_holder() {
     }
 }
 
+/// Waits until `node` sees `names` names and `members` memberships of `/chat` on
+/// other nodes.
+fn sees(node: &Kythera, names: usize, members: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = (
+            node.metric("kythera_registry_remote_names{gear=\"/chat\"}"),
+            node.metric("kythera_registry_remote_members{gear=\"/chat\"}"),
+        );
+        if got == (Some(names as f64), Some(members as f64)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} sees {got:?} remote names and members, expected {names} and {members}",
+            node.addr
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Who holds `name` in `/chat`, as Redis says: (node, connection id).
+fn holder(redis: &RedisServer, name: &str) -> Option<(String, u64)> {
+    let reply = kythera_testkit::redis::command(
+        redis.port(),
+        &format!("HGET kythera:{{/chat}}:names {name}"),
+    )
+    .unwrap();
+    let value = reply.lines().nth(1)?;
+    let (node, conn) = value.split_once('\t')?;
+    Some((node.to_owned(), conn.parse().ok()?))
+}
+
+/// How many nodes Redis lists as live.
+fn node_count(redis: &RedisServer) -> String {
+    kythera_testkit::redis::command(redis.port(), "HLEN kythera:nodes")
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
 /// A node handed over to a new process (the same options, `--node-id` included, plus
-/// `--take-over`): its users' names and rooms stay reachable from the other nodes
-/// once the old process has left the cluster.
+/// `--take-over`). While the two processes run side by side, the new one is a node of
+/// its own (a temporary id): a user held back on the old process keeps its name and
+/// room there, the users that moved are reachable on the new one, and a room whose
+/// members all moved still gets the other node's messages. Once the old process has
+/// left, the new one takes the node's id: Redis holds every name under it, the
+/// temporary id is gone, and messages cross both ways.
 #[test]
-fn a_node_handed_over_keeps_its_names_and_rooms_in_the_cluster() {
+fn a_node_handed_over_takes_over_its_node_id_in_the_cluster() {
     let _serial = serial();
     let redis = RedisServer::start();
     let dir = std::env::temp_dir().join(format!("kythera-cluster-ho-{}", std::process::id()));
@@ -708,22 +753,96 @@ fn a_node_handed_over_keeps_its_names_and_rooms_in_the_cluster() {
         .map(|i| connect(old.addr, &format!("h{i}")))
         .collect();
     let mut x = connect(other.addr, "x");
-    let mut nodes = vec![old, other];
-    converge(&nodes, &[3, 1], &[3, 1]);
+    // p, alone in room q, is held back on the old process by half a frame (behind a
+    // ping: its pong says the server has read the half too).
+    let mut p = kythera_testkit::raw::RawClient::open(old.addr, &chat_url("q", "p"));
+    let late = kythera_testkit::raw::masked(1, br#"{"text":"late"}"#);
+    let mut bytes = kythera_testkit::raw::masked(9, b"p");
+    bytes.extend_from_slice(&late[..8]);
+    p.send(&bytes);
+    let mut buf = [0u8; 256];
+    assert_eq!(p.read_frame_into(&mut buf).unwrap(), (10, 1), "a pong");
+    sees(&other, 4, 4);
+    let (_, p_conn) = holder(&redis, "p").unwrap();
 
-    let addr = nodes[0].addr.to_string();
+    let addr = old.addr.to_string();
     let new = node0(&addr, true);
-    let old = std::mem::replace(&mut nodes[0], new);
+    // The users move to the new process, which claims their names under its
+    // temporary id; p stays behind, its name still node-0's.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let temp = loop {
+        let held: Vec<_> = (0..3)
+            .filter_map(|i| holder(&redis, &format!("h{i}")))
+            .collect();
+        if held.len() == 3 && held.iter().all(|(n, _)| n != "node-0") {
+            break held[0].0.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the users' names moved: {held:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(temp.starts_with("node-0.next-"), "{temp}");
+    assert_eq!(holder(&redis, "p"), Some(("node-0".into(), p_conn)));
+    assert_eq!(node_count(&redis), ":3");
+    sees(&other, 4, 4);
+    sees(&new, 2, 2);
+    // Room h's members are all on the new process now: the other node still reaches
+    // them, and p's name is still known (a message to it is not refused).
+    x.send_text(r#"{"to":"p","text":"parked"}"#);
+    x.send_text(r#"{"text":"during"}"#);
+    assert_eq!(parse(&x.recv()), ("x".into(), "during".into()));
+    for u in &mut users {
+        assert_eq!(parse(&u.recv()), ("x".into(), "during".into()));
+    }
+    x.send_text(r#"{"to":"h1","text":"direct"}"#);
+    assert_eq!(parse(&users[1].recv()), ("x".into(), "direct".into()));
+
+    // The rest of p's frame: p answers for itself on the old process, then moves, and
+    // the old process leaves. What was sent to p meanwhile waited for it.
+    p.send(&late[8..]);
+    for want in [r#""text":"parked""#, r#""text":"late""#] {
+        let (op, len) = p.read_frame_into(&mut buf).unwrap();
+        assert_eq!(op, 1);
+        let text = std::str::from_utf8(&buf[..len]).unwrap();
+        assert!(text.contains(want), "{text}");
+    }
     assert!(
         old.wait(Duration::from_secs(15)).success(),
         "the old process exits 0"
     );
-    // Give the cluster a liveness period to settle, then the other node must still
-    // see the three users, their names and their room, on the new process.
-    std::thread::sleep(TTL);
-    converge(&nodes, &[3, 1], &[3, 1]);
+    // The new process takes node-0's id (within a liveness period): every name is
+    // node-0's again and the temporary id is gone.
+    let deadline = Instant::now() + 2 * TTL + Duration::from_secs(5);
+    loop {
+        let held: Vec<_> = ["h0", "h1", "h2", "p"]
+            .iter()
+            .filter_map(|n| holder(&redis, n))
+            .collect();
+        if held.len() == 4 && held.iter().all(|(n, _)| n == "node-0") && node_count(&redis) == ":2"
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node-0's names: {held:?}, {} live nodes",
+            node_count(&redis)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        new.metric("kythera_cluster_node{node=\"node-0\"}"),
+        Some(1.0)
+    );
+    let nodes = [new, other];
+    converge(&nodes, &[4, 1], &[4, 1]);
     x.send_text(r#"{"to":"h1","text":"direct"}"#);
     assert_eq!(parse(&users[1].recv()), ("x".into(), "direct".into()));
+    x.send_text(r#"{"to":"p","text":"to p"}"#);
+    let (_, len) = p.read_frame_into(&mut buf).unwrap();
+    let text = std::str::from_utf8(&buf[..len]).unwrap();
+    assert!(text.contains(r#""text":"to p""#), "{text}");
     x.send_text(r#"{"text":"room"}"#);
     assert_eq!(parse(&x.recv()), ("x".into(), "room".into()));
     for u in &mut users {
@@ -733,6 +852,7 @@ fn a_node_handed_over_keeps_its_names_and_rooms_in_the_cluster() {
     assert_eq!(parse(&x.recv()), ("h2".into(), "back".into()));
     drop(users);
     drop(x);
+    drop(p);
     for node in nodes {
         node.signal(libc::SIGTERM);
         assert!(node.wait(Duration::from_secs(15)).success());

@@ -104,6 +104,22 @@ impl NodeTable {
     pub fn find(&self, node: &str) -> Option<NodeIdx> {
         self.inner.read().ok()?.index.get(node).copied()
     }
+
+    /// This node (index 0) takes the id `node`: a process that ran under a temporary
+    /// id while it took over `node` from another process (a live handover). If `node`
+    /// was known as another node, its old index keeps the name for whatever still
+    /// refers to it, but the name now finds index 0.
+    pub fn rename_this(&self, node: &str) {
+        let Ok(mut inner) = self.inner.write() else {
+            return;
+        };
+        let name: Arc<str> = node.into();
+        if let Some(old) = inner.names.first().cloned() {
+            inner.index.remove(&old);
+            inner.names[0] = Arc::clone(&name);
+        }
+        inner.index.insert(name, 0);
+    }
 }
 
 /// Why a message between nodes was dropped (each cause is counted).
@@ -283,6 +299,10 @@ pub enum Control {
         name: Box<str>,
         /// Its holder here.
         conn: ConnId,
+        /// The name comes with a connection handed over from another process (a live
+        /// handover): the claim also wins over that process's entry, which it may
+        /// not have released in Redis yet.
+        moved: bool,
     },
     /// `conn` gave `name` up.
     Release {

@@ -114,6 +114,9 @@ fn main() -> ExitCode {
             let mut config = kythera_cluster::ClusterConfig::new(c.redis.clone());
             if let Some(id) = &c.node_id {
                 config.node_id = id.clone();
+                // Taking over a running process: its node id too, once it has left
+                // (a generated id is this process's own: there is none to take over).
+                config.takes_over = settings.take_over.is_some();
             }
             config.ttl = c.ttl;
             match kythera_cluster::RedisBackplane::start(config) {
