@@ -2,7 +2,8 @@
 //! state (`freeze` / `thaw`), its names and its groups move to the new server with
 //! the connection; a gear that does not opt in gets 1001 and is terminated on the old
 //! server only; a state the new build refuses, or one too large to send, stays behind
-//! and gets 1001 there; the old server's `run` returns once it holds nothing. Both drivers:
+//! and gets 1001 there; what was received of a message not whole yet moves along; the
+//! old server's `run` returns once it holds nothing. Both drivers:
 //! the suite runs again with `KYTHERA_IO=epoll`. The binary's end-to-end scenarios
 //! (1,000 clients, a new process killed midway, permessage-deflate, a half-received
 //! frame, drivers mixed) are `tools/conformance/handover.py`.
@@ -24,8 +25,9 @@ static PLAIN_TERMINATED: AtomicUsize = AtomicUsize::new(0);
 static RELAY_TERMINATED: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts each connection's messages and answers `count N`; `name:X` registers `X`
-/// and joins the group `all`; `all:X` publishes the frame `pub:X` to `all`, `big` a
-/// 300 KiB binary frame; server messages come back as `srv:` and the text.
+/// and joins the group `all`; `all:X` publishes the frame `pub:X` to `all` (trailing
+/// spaces cut), `big` a 300 KiB binary frame, `say:X` answers `said X` first; server
+/// messages come back as `srv:` and the text.
 struct Counter {
     /// Answers start with this, to tell the two servers apart.
     tag: &'static str,
@@ -53,8 +55,11 @@ impl Websocket for Counter {
                 .unwrap();
         }
         if let Some(what) = text.strip_prefix("all:") {
-            ctx.publish_frame("all", Frame::text(format!("pub:{what}")))
+            ctx.publish_frame("all", Frame::text(format!("pub:{}", what.trim_end())))
                 .unwrap();
+        }
+        if let Some(what) = text.strip_prefix("say:") {
+            ctx.send_text(&format!("{} said {what}", self.tag));
         }
         *n += 1;
         ctx.send_text(&format!("{} count {n}", self.tag));
@@ -255,12 +260,15 @@ fn frames_published_during_the_handover_reach_members_on_both_servers() {
     let mut b = RawClient::open(addr, "/c");
     b.send(&masked(1, b"name:b"));
     assert_eq!(raw_text(&mut b), "old count 1");
-    // Half of b's next frame: b cannot move before the rest arrives. Behind a ping, in
-    // one write: its pong says the server has read the half too.
-    let frame = masked(1, b"all:from-b");
-    let mut bytes = masked(9, b"p");
-    bytes.extend_from_slice(&frame[..8]);
-    b.send(&bytes);
+    // The first fragment of b's next message, more than a connection takes along: b
+    // cannot move before the message is whole. A ping behind it: its pong says the
+    // server has read the fragment.
+    let mut text = b"all:from-b".to_vec();
+    text.resize(140 * 1024, b' ');
+    let mut first = masked(1, &text);
+    first[0] &= 0x7f; // FIN clear
+    b.send(&first);
+    b.send(&masked(9, b"p"));
     let mut buf = [0u8; 16];
     assert_eq!(b.read_frame_into(&mut buf).unwrap(), (10, 1), "a pong");
 
@@ -298,9 +306,9 @@ fn frames_published_during_the_handover_reach_members_on_both_servers() {
         .count();
     assert_eq!(big, 1);
     assert!(new.handle().registry_stats("/c").unwrap().unrelayed >= 1);
-    // Published on the old server (b's frame completes there): b gets it there, a on
-    // the new server.
-    b.send(&frame[8..]);
+    // Published on the old server (b's message completes there): b gets it there, a
+    // on the new server.
+    b.send(&masked(0, b""));
     let got: Vec<_> = (0..2).map(|_| raw_text(&mut b)).collect();
     assert!(got.contains(&"pub:from-b".to_string()), "{got:?}");
     assert!(got.contains(&"old count 2".to_string()), "{got:?}");
@@ -331,6 +339,59 @@ fn frames_published_during_the_handover_reach_members_on_both_servers() {
         2,
         "once each, on the new server"
     );
+}
+
+static PARTIAL_TERMINATED: AtomicUsize = AtomicUsize::new(0);
+
+/// What was received of a message not whole yet moves with the connection: a first
+/// fragment whose text ends inside a character, and half of the last fragment. The new
+/// server completes the message with the rest, which only it receives.
+#[test]
+fn a_message_half_received_moves_with_its_connection() {
+    let path = std::env::temp_dir().join(format!("kythera-partial-{}.sock", std::process::id()));
+    let counter = |tag| Counter {
+        tag,
+        terminated: &PARTIAL_TERMINATED,
+    };
+    let old = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .handover_socket(&path)
+        .mount("/c", counter("old"))
+        .build()
+        .unwrap()
+        .spawn();
+    let addr = old.addr();
+    let mut c = RawClient::open(addr, "/c");
+    // "say:hé" with é cut in two, then "llo wörld" in the last fragment.
+    let mut first = masked(1, b"say:h\xc3");
+    first[0] &= 0x7f; // FIN clear
+    let last = masked(0, "\u{a9}llo w\u{f6}rld".as_bytes()[1..].as_ref());
+    // Half of the last fragment behind a ping, in one write: its pong says the server
+    // has read the half too.
+    let mut bytes = first;
+    bytes.extend_from_slice(&masked(9, b"p"));
+    bytes.extend_from_slice(&last[..9]);
+    c.send(&bytes);
+    let mut buf = [0u8; 64];
+    assert_eq!(c.read_frame_into(&mut buf).unwrap(), (10, 1), "a pong");
+
+    let new = Server::builder()
+        .listen(addr)
+        .take_over(&path)
+        .mount("/c", counter("new"))
+        .build()
+        .unwrap()
+        .spawn();
+    // The old server lets go of c, half message and all, and is done.
+    old.join().unwrap();
+    c.send(&last[9..]);
+    assert_eq!(raw_text(&mut c), "new said h\u{e9}llo w\u{f6}rld");
+    assert_eq!(raw_text(&mut c), "new count 1");
+    let taken: u64 = new.handle().stats().iter().map(|s| s.handover_taken).sum();
+    assert_eq!(taken, 1);
+    drop(c);
+    new.stop().unwrap();
+    assert_eq!(PARTIAL_TERMINATED.load(Ordering::SeqCst), 1);
 }
 
 #[test]

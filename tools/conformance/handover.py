@@ -17,8 +17,11 @@ Scenarios (all by default; `--scenario NAME` for one):
   echo connections move.
 - `deflate`: permessage-deflate without context takeover moves; with context takeover
   (the server allowing it) gets 1001.
-- `half_frame`: a client that has sent half a frame when the handover starts: the
-  frame is completed and answered by the old process, and the connection moves after.
+- `half_frame`: clients that have sent half a frame, or the first fragment and half
+  the last of a compressed message, when the handover starts: they move with what was
+  received, and the new process answers once the rest arrives; one that has sent
+  150 KB of a frame (more than a connection takes along) finishes it on the old
+  process and moves after.
 
 `--old-io` and `--new-io` pick the drivers of the two processes (a deploy from an
 io_uring host image to an epoll one, say).
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import websockets
@@ -423,13 +427,27 @@ async def scenario_deflate(args, tmp: Path) -> None:
                 p.stop()
 
 
-def frame(text: bytes, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
-    n = len(text)
-    head = bytes([0x81]) + (bytes([0x80 | 126]) + struct.pack(">H", n) if n >= 126 else bytes([0x80 | n]))
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+def frame(
+    payload: bytes,
+    opcode: int = 1,
+    fin: bool = True,
+    rsv1: bool = False,
+    mask: bytes = b"\x01\x02\x03\x04",
+) -> bytes:
+    n = len(payload)
+    first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
+    if n < 126:
+        length = bytes([0x80 | n])
+    elif n < 65536:
+        length = bytes([0x80 | 126]) + struct.pack(">H", n)
+    else:
+        length = bytes([0x80 | 127]) + struct.pack(">Q", n)
+    return bytes([first]) + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-def read_frame(s: socket.socket) -> bytes:
+def read_frame(s: socket.socket) -> tuple[int, bytes]:
+    """One server frame: its first byte and its payload."""
+
     def exact(n: int) -> bytes:
         out = b""
         while len(out) < n:
@@ -443,7 +461,30 @@ def read_frame(s: socket.socket) -> bytes:
     n = b1 & 0x7F
     if n == 126:
         (n,) = struct.unpack(">H", exact(2))
-    return exact(n)
+    elif n == 127:
+        (n,) = struct.unpack(">Q", exact(8))
+    return b0, exact(n)
+
+
+def read_text(s: socket.socket) -> bytes:
+    """A server text frame's payload, inflated if it is compressed (no context takeover)."""
+    b0, payload = read_frame(s)
+    if b0 & 0x40:
+        payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+    return payload
+
+
+def upgrade(port: int, extensions: str | None = None) -> tuple[socket.socket, bytes]:
+    s = socket.create_connection(("127.0.0.1", port))
+    ext = f"Sec-WebSocket-Extensions: {extensions}\r\n".encode() if extensions else b""
+    s.sendall(
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" + ext + b"\r\n"
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(4096)
+    return s, head
 
 
 async def scenario_half_frame(args, tmp: Path) -> None:
@@ -451,29 +492,50 @@ async def scenario_half_frame(args, tmp: Path) -> None:
     a = Proc("a", port, sock, args.old_io, [])
     procs = [a]
     try:
-        s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(
-            b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(4096)
+        # A frame half received: moves with its connection.
+        s1, head = upgrade(port)
         check(head.startswith(b"HTTP/1.1 101"), f"upgrade: {head[:40]!r}", procs)
         payload = b"x" * 1000
         whole = frame(payload)
-        s.sendall(whole[:500])
+        s1.sendall(whole[:500])
+        # A compressed message (no context takeover): its first fragment whole, half of
+        # its last one.
+        s2, head = upgrade(port, "permessage-deflate; client_no_context_takeover; server_no_context_takeover")
+        check(b"permessage-deflate" in head, f"deflate agreed: {head!r}", procs)
+        message = b"compressed and fragmented " * 40
+        c = zlib.compressobj(wbits=-15)
+        deflated = (c.compress(message) + c.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        half = len(deflated) // 2
+        first = frame(deflated[:half], fin=False, rsv1=True)
+        last = frame(deflated[half:], opcode=0)
+        s2.sendall(first + last[: len(last) // 2])
+        # More of a frame than a connection takes along: it waits on the old process.
+        s3, head = upgrade(port)
+        check(head.startswith(b"HTTP/1.1 101"), f"upgrade: {head[:40]!r}", procs)
+        large = b"y" * 200_000
+        big = frame(large)
+        s3.sendall(big[:150_000])
+        await asyncio.sleep(0.5)  # the old process reads all of it
         b = Proc("b", port, sock, args.new_io, ["--take-over", str(sock), "--echo-prefix", "B|"])
         procs.append(b)
         await asyncio.sleep(0.5)
-        check(a.proc.poll() is None, "the old process waits for the half frame", procs)
-        s.sendall(whole[500:])
-        check(read_frame(s) == payload, "the half frame answered by the old process", procs)
-        check(a.wait(20) == 0, "then the connection moves and the old process exits", procs)
-        s.sendall(frame(b"after"))
-        check(read_frame(s) == b"B|after", "the next message answered by the new process", procs)
-        s.close()
-        print(f"half_frame ({args.old_io} -> {args.new_io}): completed on the old process, then moved", flush=True)
+        check(a.proc.poll() is None, "the old process waits for the large frame", procs)
+        s1.sendall(whole[500:])
+        check(read_text(s1) == b"B|" + payload, "the half frame answered by the new process", procs)
+        s2.sendall(last[len(last) // 2 :])
+        check(read_text(s2) == b"B|" + message, "the half compressed message answered by the new process", procs)
+        s3.sendall(big[150_000:])
+        check(read_text(s3) == large, "the large frame answered by the old process", procs)
+        check(a.wait(20) == 0, "then that connection moves and the old process exits", procs)
+        s3.sendall(frame(b"after"))
+        check(read_text(s3) == b"B|after", "its next message answered by the new process", procs)
+        for s in (s1, s2, s3):
+            s.close()
+        print(
+            f"half_frame ({args.old_io} -> {args.new_io}): a half frame and a half compressed "
+            "message moved with their connections; 150 KB of a frame completed on the old process, then moved",
+            flush=True,
+        )
     finally:
         for p in procs:
             p.stop()

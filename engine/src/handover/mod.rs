@@ -48,7 +48,7 @@ use socket::Channel;
 /// The version of what crosses the socket. A process refuses a taker that speaks
 /// another (a newer build bumps it when the format changes, and may keep reading the
 /// older one).
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 3;
 
 /// How long an old process keeps handing over after the new one took the listeners:
 /// the connections that were never quiet meanwhile then get 1001, as in a drain.
@@ -72,6 +72,9 @@ pub(crate) struct FrozenConn {
     pub groups: Vec<String>,
     /// What the gear's `freeze` gave.
     pub state: Vec<u8>,
+    /// What was received of a frame or message not whole yet, as the client sent it
+    /// (see `session::handover`): read first by the new process.
+    pub input: Vec<u8>,
 }
 
 /// What becomes of a connection sent to the new process.
@@ -99,7 +102,7 @@ impl FrozenConn {
             .chain(&self.groups)
             .map(|s| s.len() + 10)
             .sum();
-        self.state.len() + self.gear.len() + strings + 128
+        self.state.len() + self.input.len() + self.gear.len() + strings + 128
     }
 }
 

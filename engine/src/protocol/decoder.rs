@@ -41,6 +41,11 @@ impl Decoder {
         &self.cfg
     }
 
+    /// The reassembler.
+    pub fn assembler(&self) -> &Assembler {
+        &self.assembler
+    }
+
     /// The reassembler (to see whether a message is in progress, or release memory).
     pub fn assembler_mut(&mut self) -> &mut Assembler {
         &mut self.assembler

@@ -71,6 +71,13 @@ impl Assembler {
             .then(|| self.utf8.tail(&self.buf))
     }
 
+    /// The fragmented message in progress, if any: whether it is binary, whether it is
+    /// compressed, and its payload so far (as received: still compressed if it is).
+    pub fn message_so_far(&self) -> Option<(bool, bool, &[u8])> {
+        let kind = self.kind.filter(|_| !self.delivered)?;
+        Some((kind == Kind::Binary, self.compressed, &self.buf))
+    }
+
     /// Bytes held for the message in progress.
     pub fn buffered_len(&self) -> usize {
         if self.delivered { 0 } else { self.buf.len() }

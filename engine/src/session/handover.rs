@@ -4,18 +4,54 @@
 use kythera_handler_api::ConnId;
 use tracing::info;
 
+use super::partial_frame::{Partial, unmask_started};
 use super::{Phase, Session, ms};
 use crate::gear::{App, LiveConn, Meta, Millis40, PeerAddr, Registries};
 use crate::handover::FrozenConn;
+use crate::protocol::codec::{OpCode, RSV1, encode_frame_into};
 use crate::protocol::deflate::ConnDeflate;
+
+/// The most received bytes a connection takes along to the new process (a frame half
+/// received, a fragmented message in progress). With more it waits for the frame or
+/// message to complete (or for the deadline): the handover socket carries one message
+/// of at most 256 KiB per connection, gear state included.
+pub(crate) const MAX_INPUT_MOVED: usize = 128 * 1024;
+
+/// What was received of a frame or message not whole yet, as the client sent it: the
+/// fragments of a message in progress as one frame (FIN clear, masked with a zero key,
+/// RSV1 if it is compressed: still compressed, it is inflated once whole), then the
+/// frame that is arriving, masked again. The new process reads these bytes first, as
+/// if it had received them, before what the socket holds; so its decoder, UTF-8 check
+/// and limits see the same message.
+fn received_so_far(partial: &Partial) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some((binary, compressed, so_far)) = partial.decoder.assembler().message_so_far() {
+        let opcode = if binary { OpCode::Binary } else { OpCode::Text };
+        let rsv = if compressed { RSV1 } else { 0 };
+        encode_frame_into(&mut out, false, rsv, opcode, so_far, Some([0; 4]));
+    }
+    let at = out.len();
+    out.extend_from_slice(&partial.pending);
+    // The payload there is unmasked already: unmasking is its own inverse.
+    unmask_started(&mut out[at..], partial.decoder.config());
+    out
+}
+
+/// How many received bytes [`received_so_far`] would carry.
+fn received_len(partial: &Partial) -> usize {
+    partial.pending.len() + partial.decoder.assembler().buffered_len()
+}
 
 /// Whether a session can be handed over now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Readiness {
-    /// Open, quiet (nothing half received, queued or closing) and its gear opts in.
+    /// Open, quiet (nothing queued or being sent, not closing; what was received of
+    /// a frame or message moves along, up to [`MAX_INPUT_MOVED`]) and its gear opts
+    /// in.
     Movable,
-    /// Not now: a handshake, a frame or message half received, output queued, a
-    /// closing handshake; ask again later (it finishes on this process if it closes).
+    /// Not now: a handshake, output queued or being sent, a closing handshake, more
+    /// than [`MAX_INPUT_MOVED`] of a frame or message received; ask again later (it
+    /// finishes on this process if it closes).
     Busy,
     /// Never: its gear does not opt in, or permessage-deflate with context takeover
     /// (the compressor windows do not move): it is closed with 1001 instead.
@@ -34,6 +70,12 @@ impl Thawed {
     pub(crate) fn origin(&self) -> u64 {
         self.frozen.origin
     }
+
+    /// What the old process had received of a frame or message not whole yet, for
+    /// [`Session::replay_input`].
+    pub(crate) fn take_input(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.frozen.input)
+    }
 }
 
 impl Session {
@@ -51,7 +93,13 @@ impl Session {
                 return Readiness::Never;
             }
         }
-        if self.tx.as_ref().is_some_and(|tx| !tx.is_quiet()) {
+        if let Some(tx) = &self.tx
+            && (!tx.output_done()
+                || tx
+                    .partial
+                    .as_deref()
+                    .is_some_and(|p| received_len(p) > MAX_INPUT_MOVED))
+        {
             return Readiness::Busy;
         }
         if live.freeze().is_none() {
@@ -80,6 +128,12 @@ impl Session {
         };
         let state = live.freeze()?;
         let meta = live.meta();
+        let input = self
+            .tx
+            .as_ref()
+            .and_then(|tx| tx.partial.as_deref())
+            .map(received_so_far)
+            .unwrap_or_default();
         let (names, groups) = regs.take_holdings(gear, id);
         Some(FrozenConn {
             gear: app.pattern(gear).to_owned(),
@@ -92,6 +146,7 @@ impl Session {
             names: names.into_iter().map(String::from).collect(),
             groups: groups.into_iter().map(String::from).collect(),
             state,
+            input,
         })
     }
 
@@ -167,6 +222,22 @@ impl Session {
         match app.thaw(gear, &frozen.state, meta, admission) {
             Some(live) => Ok(Thawed { gear, live, frozen }),
             None => Err(Box::new(frozen)),
+        }
+    }
+
+    /// New process: reads what the old process had received of a frame or message not
+    /// whole yet ([`Thawed::take_input`]), before anything the socket holds; the shard
+    /// then treats the session as after a receive.
+    pub(crate) fn replay_input(
+        &mut self,
+        id: ConnId,
+        input: &mut [u8],
+        now_ms: u64,
+        app: &App,
+        regs: &mut Registries,
+    ) {
+        if !input.is_empty() && !self.finished {
+            self.feed(id, input, now_ms, app, regs);
         }
     }
 

@@ -70,15 +70,12 @@ impl Tx {
 }
 
 impl Tx {
-    /// Nothing half received, queued or in flight, and no closing handshake: what a
-    /// connection handed over to another process must be (a ping awaiting its pong is
-    /// fine: the pong goes to the new process, which did not ask for it and ignores
-    /// it).
-    pub(super) fn is_quiet(&self) -> bool {
-        self.nothing_queued()
-            && self.partial.is_none()
-            && self.in_flight == 0
-            && self.closing.is_open()
+    /// Nothing queued or in flight, and no closing handshake: what a connection handed
+    /// over to another process must be as far as output goes (a ping awaiting its pong
+    /// is fine: the pong goes to the new process, which did not ask for it and ignores
+    /// it; what was received of a frame moves with it, see `Session::freeze`).
+    pub(super) fn output_done(&self) -> bool {
+        self.nothing_queued() && self.in_flight == 0 && self.closing.is_open()
     }
 
     /// No output waits to be handed to the shard.

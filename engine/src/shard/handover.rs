@@ -477,7 +477,11 @@ impl<D: Driver> Shard<D> {
         };
         let generation = self.claim_slot(index);
         let id = conn_id(self.index, index, generation);
-        let session = Session::adopted(thawed, id, self.now_ms, &self.app, &mut self.regs);
+        let mut thawed = thawed;
+        let mut input = thawed.take_input();
+        let mut session = Session::adopted(thawed, id, self.now_ms, &self.app, &mut self.regs);
+        // A frame half received there goes on here, ahead of what the socket holds.
+        session.replay_input(id, &mut input, self.now_ms, &self.app, &mut self.regs);
         self.conns[index as usize] = Some(Conn {
             session: Some(session),
             generation,
