@@ -2,12 +2,14 @@
 //! state (`freeze` / `thaw`), its names and its groups move to the new server with
 //! the connection; a gear that does not opt in gets 1001 and is terminated on the old
 //! server only; a state the new build refuses, or one too large to send, stays behind
-//! and gets 1001 there; what was received of a message not whole yet moves along; the
+//! and gets 1001 there; what was received of a message not whole yet, and output the
+//! client has not read, move along; the
 //! old server's `run` returns once it holds nothing. Both drivers:
 //! the suite runs again with `KYTHERA_IO=epoll`. The binary's end-to-end scenarios
 //! (1,000 clients, a new process killed midway, permessage-deflate, a half-received
 //! frame, drivers mixed) are `tools/conformance/handover.py`.
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,8 +28,9 @@ static RELAY_TERMINATED: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts each connection's messages and answers `count N`; `name:X` registers `X`
 /// and joins the group `all`; `all:X` publishes the frame `pub:X` to `all` (trailing
-/// spaces cut), `big` a 300 KiB binary frame, `say:X` answers `said X` first; server
-/// messages come back as `srv:` and the text.
+/// spaces cut), `big` a 300 KiB binary frame, `say:X` answers `said X` first,
+/// `flood:N` a 16 KiB binary frame of bytes N first; server messages come back as
+/// `srv:` and the text.
 struct Counter {
     /// Answers start with this, to tell the two servers apart.
     tag: &'static str,
@@ -57,6 +60,9 @@ impl Websocket for Counter {
         if let Some(what) = text.strip_prefix("all:") {
             ctx.publish_frame("all", Frame::text(format!("pub:{}", what.trim_end())))
                 .unwrap();
+        }
+        if let Some(n) = text.strip_prefix("flood:") {
+            ctx.send_binary(&[n.parse::<u8>().unwrap(); 16 * 1024]);
         }
         if let Some(what) = text.strip_prefix("say:") {
             ctx.send_text(&format!("{} said {what}", self.tag));
@@ -392,6 +398,91 @@ fn a_message_half_received_moves_with_its_connection() {
     drop(c);
     new.stop().unwrap();
     assert_eq!(PARTIAL_TERMINATED.load(Ordering::SeqCst), 1);
+}
+
+static UNSENT_TERMINATED: AtomicUsize = AtomicUsize::new(0);
+
+/// Output waiting for a client that does not read moves with its connection: the send
+/// in flight is stopped, and what it had not sent is sent by the new server, in order,
+/// before its own answers.
+#[test]
+fn output_a_client_has_not_read_moves_with_its_connection() {
+    let path = std::env::temp_dir().join(format!("kythera-unsent-{}.sock", std::process::id()));
+    let counter = |tag| Counter {
+        tag,
+        terminated: &UNSENT_TERMINATED,
+    };
+    let old = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .handover_socket(&path)
+        .mount("/c", counter("old"))
+        .build()
+        .unwrap()
+        .spawn();
+    let addr = old.addr();
+    // A client with a small receive buffer, which reads nothing for now.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream
+        .write_all(kythera_testkit::raw::upgrade_request("/c").as_bytes())
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let mut c = RawClient { stream };
+    // 16 KiB answers until the server's send waits for the client (a partial send).
+    let partial = |server: &kythera_engine::RunningServer| -> u64 {
+        server
+            .handle()
+            .stats()
+            .iter()
+            .map(|s| s.partial_sends)
+            .sum()
+    };
+    let before = partial(&old);
+    let mut floods = 0u8;
+    while partial(&old) == before {
+        assert!(floods < 200, "the server's send never had to wait");
+        c.send(&masked(1, format!("flood:{floods}").as_bytes()));
+        floods += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let new = Server::builder()
+        .listen(addr)
+        .take_over(&path)
+        .mount("/c", counter("new"))
+        .build()
+        .unwrap()
+        .spawn();
+    // The old server lets go of c, unsent output and all, and is done.
+    old.join().unwrap();
+    let taken: u64 = new.handle().stats().iter().map(|s| s.handover_taken).sum();
+    assert_eq!(taken, 1);
+    c.send(&masked(1, b"x"));
+    let mut buf = vec![0u8; 32 * 1024];
+    for i in 0..floods {
+        let (op, len) = c.read_frame_into(&mut buf).unwrap();
+        assert_eq!((op, len), (2, 16 * 1024), "flood {i}");
+        assert!(buf[..len].iter().all(|&b| b == i), "flood {i}");
+        let (op, len) = c.read_frame_into(&mut buf).unwrap();
+        assert_eq!(op, 1);
+        let text = std::str::from_utf8(&buf[..len]).unwrap();
+        assert_eq!(text, format!("old count {}", u64::from(i) + 1));
+    }
+    assert_eq!(
+        raw_text(&mut c),
+        format!("new count {}", u64::from(floods) + 1)
+    );
+    drop(c);
+    new.stop().unwrap();
+    assert_eq!(UNSENT_TERMINATED.load(Ordering::SeqCst), 1);
 }
 
 #[test]

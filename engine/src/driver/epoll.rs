@@ -561,6 +561,23 @@ impl Driver for EpollDriver {
         Ok(done)
     }
 
+    fn cancel_send(&mut self, slot: Slot) -> io::Result<()> {
+        let index = slot.index;
+        let Some(send) = self.sends.remove(&index) else {
+            return Ok(());
+        };
+        let want = self.wants(index);
+        self.set_interest(index, want & !WANT_WRITE)?;
+        // The send counts in `in_flight` already (it waited for EPOLLOUT): its last
+        // event is queued without counting it again.
+        self.queued.push_back(Event::Unsent {
+            index,
+            output: send.output,
+            sent: send.sent,
+        });
+        Ok(())
+    }
+
     fn shutdown(&mut self, slot: Slot) -> io::Result<()> {
         // SAFETY: shutdown(2) with integer arguments on the connection's descriptor.
         let res = unsafe { libc::shutdown(slot.index as RawFd, libc::SHUT_RDWR) };

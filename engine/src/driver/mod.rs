@@ -145,6 +145,13 @@ pub(crate) enum Event<R> {
         index: u32,
         result: Result<Output, i32>,
     },
+    /// The connection's send was stopped ([`Driver::cancel_send`]) before it was over:
+    /// the output comes back with how many of its bytes went out.
+    Unsent {
+        index: u32,
+        output: Output,
+        sent: usize,
+    },
     /// A shutdown completed (its result: 0 or a negative errno).
     Shutdown { index: u32, res: i32 },
     /// A close completed: the slot is free.
@@ -218,6 +225,10 @@ pub(crate) trait Driver {
     /// the send is already over (epoll, when the socket took every byte or failed):
     /// then no [`Event::Sent`] follows.
     fn send(&mut self, slot: Slot, output: Output) -> io::Result<Option<Result<Output, i32>>>;
+    /// Stops the send in flight (live handover: output waiting for a client that does
+    /// not read moves to the new process): its last event is [`Event::Unsent`], or
+    /// [`Event::Sent`] if it was over meanwhile.
+    fn cancel_send(&mut self, slot: Slot) -> io::Result<()>;
     /// `shutdown(SHUT_RDWR)`: the recv ends, a waiting send fails.
     fn shutdown(&mut self, slot: Slot) -> io::Result<()>;
     /// Closes the connection's descriptor ([`Event::Closed`] frees the slot).

@@ -75,6 +75,9 @@ pub(crate) struct FrozenConn {
     /// What was received of a frame or message not whole yet, as the client sent it
     /// (see `session::handover`): read first by the new process.
     pub input: Vec<u8>,
+    /// Output the old process had not sent (queued, or left by its send in flight):
+    /// sent first by the new process.
+    pub output: Vec<u8>,
 }
 
 /// What becomes of a connection sent to the new process.
@@ -102,7 +105,7 @@ impl FrozenConn {
             .chain(&self.groups)
             .map(|s| s.len() + 10)
             .sum();
-        self.state.len() + self.input.len() + self.gear.len() + strings + 128
+        self.state.len() + self.input.len() + self.output.len() + self.gear.len() + strings + 128
     }
 }
 

@@ -4,6 +4,7 @@
 use kythera_handler_api::ConnId;
 use tracing::info;
 
+use super::output::Tx;
 use super::partial_frame::{Partial, unmask_started};
 use super::{Phase, Session, ms};
 use crate::gear::{App, LiveConn, Meta, Millis40, PeerAddr, Registries};
@@ -15,7 +16,12 @@ use crate::protocol::deflate::ConnDeflate;
 /// received, a fragmented message in progress). With more it waits for the frame or
 /// message to complete (or for the deadline): the handover socket carries one message
 /// of at most 256 KiB per connection, gear state included.
-pub(crate) const MAX_INPUT_MOVED: usize = 128 * 1024;
+pub(crate) const MAX_INPUT_MOVED: usize = 96 * 1024;
+
+/// The most output a connection takes along to the new process (queued, or left
+/// unsent by the send in flight, which is stopped); with more it waits for the client
+/// to read.
+pub(crate) const MAX_OUTPUT_MOVED: usize = 96 * 1024;
 
 /// What was received of a frame or message not whole yet, as the client sent it: the
 /// fragments of a message in progress as one frame (FIN clear, masked with a zero key,
@@ -45,13 +51,12 @@ fn received_len(partial: &Partial) -> usize {
 /// Whether a session can be handed over now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Readiness {
-    /// Open, quiet (nothing queued or being sent, not closing; what was received of
-    /// a frame or message moves along, up to [`MAX_INPUT_MOVED`]) and its gear opts
-    /// in.
+    /// Open, not closing, and its gear opts in; what was received of a frame or
+    /// message and the output not sent yet move along (up to [`MAX_INPUT_MOVED`] and
+    /// [`MAX_OUTPUT_MOVED`]; a send in flight is stopped first).
     Movable,
-    /// Not now: a handshake, output queued or being sent, a closing handshake, more
-    /// than [`MAX_INPUT_MOVED`] of a frame or message received; ask again later (it
-    /// finishes on this process if it closes).
+    /// Not now: a handshake, a closing handshake, more input or output than moves;
+    /// ask again later (it finishes on this process if it closes).
     Busy,
     /// Never: its gear does not opt in, or permessage-deflate with context takeover
     /// (the compressor windows do not move): it is closed with 1001 instead.
@@ -94,7 +99,8 @@ impl Session {
             }
         }
         if let Some(tx) = &self.tx
-            && (!tx.output_done()
+            && (!tx.closing.is_open()
+                || tx.output_len() > MAX_OUTPUT_MOVED
                 || tx
                     .partial
                     .as_deref()
@@ -134,6 +140,11 @@ impl Session {
             .and_then(|tx| tx.partial.as_deref())
             .map(received_so_far)
             .unwrap_or_default();
+        let output = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.queued_copy())
+            .unwrap_or_default();
         let (names, groups) = regs.take_holdings(gear, id);
         Some(FrozenConn {
             gear: app.pattern(gear).to_owned(),
@@ -147,6 +158,7 @@ impl Session {
             groups: groups.into_iter().map(String::from).collect(),
             state,
             input,
+            output,
         })
     }
 
@@ -250,7 +262,18 @@ impl Session {
         app: &App,
         regs: &mut Registries,
     ) -> Session {
-        let Thawed { gear, live, frozen } = thawed;
+        let Thawed {
+            gear,
+            live,
+            mut frozen,
+        } = thawed;
+        // What the old process had not sent goes first.
+        let output = std::mem::take(&mut frozen.output);
+        let tx = (!output.is_empty()).then(|| {
+            let mut tx = Box::<Tx>::default();
+            tx.out = output;
+            tx
+        });
         let failed = regs.restore(gear, id, &frozen.names, &frozen.groups);
         if failed > 0 {
             tracing::warn!(conn = %id, failed, "handover: names or groups not taken again");
@@ -270,7 +293,7 @@ impl Session {
             pmd: frozen
                 .deflate
                 .map(|agreed| Box::new(ConnDeflate::new(agreed, &app.limits().deflate))),
-            tx: None,
+            tx,
         }
     }
 }

@@ -70,12 +70,21 @@ impl Tx {
 }
 
 impl Tx {
-    /// Nothing queued or in flight, and no closing handshake: what a connection handed
-    /// over to another process must be as far as output goes (a ping awaiting its pong
-    /// is fine: the pong goes to the new process, which did not ask for it and ignores
-    /// it; what was received of a frame moves with it, see `Session::freeze`).
-    pub(super) fn output_done(&self) -> bool {
-        self.nothing_queued() && self.in_flight == 0 && self.closing.is_open()
+    /// Output queued or being sent, in bytes.
+    pub(super) fn output_len(&self) -> usize {
+        self.queued() + self.in_flight
+    }
+
+    /// A copy of the output queued (nothing may be in flight), in order: what a
+    /// connection handed over to another process leaves for it to send.
+    pub(super) fn queued_copy(&self) -> Vec<u8> {
+        debug_assert_eq!(self.in_flight, 0, "a send in flight");
+        let mut all = Vec::with_capacity(self.queued());
+        for chunk in &self.chunks {
+            all.extend_from_slice(chunk.bytes());
+        }
+        all.extend_from_slice(&self.out[usize::from(self.out_start)..]);
+        all
     }
 
     /// No output waits to be handed to the shard.
@@ -298,6 +307,26 @@ impl Session {
             if tx.chunks.capacity() == 0 {
                 tx.chunks = rest;
             }
+        }
+    }
+
+    /// A send stopped before it was over (a live handover, [`crate::driver`]'s
+    /// `cancel_send`): what did not go out is queued again, ahead of what was queued
+    /// meanwhile.
+    pub fn unsent(&mut self, output: Output, sent: usize) {
+        let Some(tx) = self.tx.as_deref_mut() else {
+            return;
+        };
+        tx.in_flight = 0;
+        let rest = output.to_vec().split_off(sent.min(output.len()));
+        if !rest.is_empty() {
+            tx.chunks.insert(
+                0,
+                Chunk {
+                    buf: rest,
+                    start: 0,
+                },
+            );
         }
     }
 

@@ -65,6 +65,9 @@ impl ConnFlags {
     /// act on its session here (no timer, no delivery, no write), since the new
     /// process may own it already.
     pub(super) const PARKED: u32 = 1 << 16;
+    /// Its send in flight is being stopped to hand it over (`handover`): the
+    /// connection waits for the send's last event before it is detached.
+    pub(super) const SEND_STOPPING: u32 = 1 << 17;
 
     pub(super) fn has(self, bit: u32) -> bool {
         self.0 & bit != 0

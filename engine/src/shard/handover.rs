@@ -198,12 +198,13 @@ impl<D: Driver> Shard<D> {
         let Some(conn) = conn_in(&mut self.conns, index) else {
             return Ok(false);
         };
+        // A send in flight is no obstacle: it is stopped, and what it did not send
+        // moves with the connection.
         let busy = ConnFlags::HANDOVER
             | ConnFlags::MOVED
             | ConnFlags::PEER_PENDING
             | ConnFlags::CLOSE_SENT
-            | ConnFlags::FORCED
-            | ConnFlags::SENDING;
+            | ConnFlags::FORCED;
         if conn.flags.has(busy) || !conn.flags.has(ConnFlags::RECV_ARMED) {
             return Ok(false);
         }
@@ -228,6 +229,10 @@ impl<D: Driver> Shard<D> {
             }
             Readiness::Movable => {
                 conn.flags.set(ConnFlags::HANDOVER, true);
+                if conn.flags.has(ConnFlags::SENDING) {
+                    conn.flags.set(ConnFlags::SEND_STOPPING, true);
+                    self.driver.cancel_send(slot)?;
+                }
                 self.driver.cancel_recv(slot)?;
                 return Ok(true);
             }
@@ -242,6 +247,9 @@ impl<D: Driver> Shard<D> {
         let Some(conn) = conn_in(&mut self.conns, index) else {
             return;
         };
+        if conn.flags.has(ConnFlags::SEND_STOPPING) {
+            return; // `send_stopped` goes on once the send has stopped
+        }
         let movable = still
             && !conn.flags.has(ConnFlags::SENDING)
             && conn
@@ -256,6 +264,35 @@ impl<D: Driver> Shard<D> {
         } else {
             self.resume(index);
         }
+    }
+
+    /// A send is over (`Sent`) or stopped (`Unsent`): if it was being stopped to hand
+    /// the connection over and the recv has paused already, the handover goes on.
+    pub(super) fn send_stopped(&mut self, index: u32) {
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            return;
+        };
+        if !conn.flags.has(ConnFlags::SEND_STOPPING) {
+            return;
+        }
+        conn.flags.set(ConnFlags::SEND_STOPPING, false);
+        if conn.flags.has(ConnFlags::HANDOVER) && !conn.flags.has(ConnFlags::RECV_ARMED) {
+            self.recv_paused(index);
+        }
+    }
+
+    /// The send stopped to hand the connection over: what it did not send is queued
+    /// again, to move with it (or to go out here if it stays).
+    pub(super) fn on_unsent(&mut self, index: u32, output: crate::session::Output, sent: usize) {
+        let Some(conn) = conn_in(&mut self.conns, index) else {
+            return;
+        };
+        conn.flags.set(ConnFlags::SENDING, false);
+        if let Some(session) = conn.session.as_mut() {
+            session.unsent(output, sent);
+        }
+        self.send_stopped(index);
+        self.touch(index);
     }
 
     /// A connection stays: read it again.
@@ -323,11 +360,17 @@ impl<D: Driver> Shard<D> {
         };
         let holdings = (frozen.names.clone(), frozen.groups.clone());
         if frozen.approximate_size() > socket::MAX_MESSAGE - 1024 {
-            // Too large for one message on the handover socket.
-            warn!(conn = %id, bytes = frozen.state.len(), "handover: the gear's frozen state is too large; closing with 1001");
             drop(fd);
             self.unpark(index, holdings);
-            self.close_with_1001(index);
+            let carried = frozen.input.len() + frozen.output.len();
+            if frozen.approximate_size() - carried > socket::MAX_MESSAGE - 1024 {
+                // Too large for one message on the handover socket, however long it
+                // waits.
+                warn!(conn = %id, bytes = frozen.state.len(), "handover: the gear's frozen state is too large; closing with 1001");
+                self.close_with_1001(index);
+            }
+            // Else the input or output it carries makes it too large: it waits for
+            // them to shrink.
             return Ok(());
         }
         if outbox

@@ -62,6 +62,7 @@ use crate::driver::uring::UringDriver;
 use crate::driver::{ByIndex, Driver, DriverKind, Event, RecvEnd, bump};
 use crate::gear::{App, Registries};
 use crate::server::Shared;
+use crate::session::Readiness;
 use crate::session::Session;
 use crate::timer::{self, TimerWheel};
 use crate::tls::{Failure, TlsConfig, TlsConn};
@@ -431,6 +432,14 @@ impl<D: Driver> Shard<D> {
                 self.on_sent(index, result);
                 Ok(())
             }
+            Event::Unsent {
+                index,
+                output,
+                sent,
+            } => {
+                self.on_unsent(index, output, sent);
+                Ok(())
+            }
             Event::Shutdown { index, res } => self.on_shutdown(index, res),
             Event::Closed { index, res } => {
                 self.on_close(index, res);
@@ -748,6 +757,7 @@ impl<D: Driver> Shard<D> {
                 }
             }
         }
+        self.send_stopped(index);
         self.touch(index);
     }
 
@@ -874,9 +884,15 @@ impl<D: Driver> Shard<D> {
             return Ok(());
         }
         let slot = conn.slot(index);
+        // Being handed over: what is queued goes to the new process with it.
+        let holding = conn.flags.has(ConnFlags::HANDOVER)
+            && conn
+                .live_session()
+                .is_some_and(|s| s.handover_readiness() == Readiness::Movable);
         // Everything the session queued goes out in one send; a send that the driver
         // finished at once (epoll) lets the session queue more, which goes out too.
-        while !conn.flags.has(ConnFlags::FORCED) && !conn.flags.has(ConnFlags::SENDING) {
+        while !holding && !conn.flags.has(ConnFlags::FORCED) && !conn.flags.has(ConnFlags::SENDING)
+        {
             let Some(session) = conn.session.as_mut() else {
                 break;
             };
@@ -1039,6 +1055,7 @@ fn event_slot<R>(event: &Event<R>) -> Option<u32> {
         Event::Peer { index, .. }
         | Event::Recv { index, .. }
         | Event::Sent { index, .. }
+        | Event::Unsent { index, .. }
         | Event::Shutdown { index, .. }
         | Event::Closed { index, .. }
         | Event::Detached { index, .. } => Some(*index),

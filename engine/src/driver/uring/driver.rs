@@ -57,6 +57,9 @@ struct InFlightSend {
     done: bool,
     /// The send failed with this errno.
     failed: Option<i32>,
+    /// The shard asked to stop it ([`Driver::cancel_send`]): it ends at its next
+    /// completion, whatever that says, with what is left unsent.
+    cancelled: bool,
     generation: u32,
 }
 
@@ -267,7 +270,10 @@ impl UringDriver {
             if has_more(flags) {
                 send.zc_notifs += 1;
             }
-            if res <= 0 {
+            if res == -libc::ECANCELED && send.cancelled {
+                // Stopped while it waited for room: nothing more went out.
+                send.done = true;
+            } else if res <= 0 {
                 // EPIPE, ECONNRESET, or the shutdown of a forced close. (A send of a
                 // non-empty buffer never returns 0 on a stream socket; treat it as an
                 // error rather than loop on it.)
@@ -276,7 +282,7 @@ impl UringDriver {
             } else {
                 send.sent += res as usize;
                 bump(&stats.bytes_sent, res as u64);
-                if send.sent < send.len {
+                if send.sent < send.len && !send.cancelled {
                     bump(&stats.partial_sends, 1);
                     return self.submit_send(index);
                 }
@@ -289,11 +295,21 @@ impl UringDriver {
             && send.zc_notifs == 0
             && let Some(send) = self.sends.remove(&index)
         {
-            let result = match send.failed {
-                Some(errno) => Err(errno),
-                None => Ok(send.output),
-            };
-            events.push(Event::Sent { index, result });
+            events.push(match send.failed {
+                Some(errno) => Event::Sent {
+                    index,
+                    result: Err(errno),
+                },
+                None if send.sent < send.len => Event::Unsent {
+                    index,
+                    output: send.output,
+                    sent: send.sent,
+                },
+                None => Event::Sent {
+                    index,
+                    result: Ok(send.output),
+                },
+            });
         }
         Ok(())
     }
@@ -490,6 +506,16 @@ impl Driver for UringDriver {
         self.cancel(user_data(Op::Recv, slot))
     }
 
+    fn cancel_send(&mut self, slot: Slot) -> io::Result<()> {
+        let Some(send) = self.sends.get_mut(&slot.index) else {
+            return Ok(());
+        };
+        send.cancelled = true;
+        // If the send's completion is in the ring already, this finds nothing; the
+        // flag ends the send there instead of sending the rest.
+        self.cancel(user_data(Op::Send, slot))
+    }
+
     fn receive(&mut self, _index: u32, token: &UringRecv) -> Received<'_> {
         let len = usize::try_from(token.res).unwrap_or(0);
         let end = if token.res == -libc::ENOBUFS {
@@ -542,6 +568,7 @@ impl Driver for UringDriver {
                 zc_notifs: 0,
                 done: false,
                 failed: None,
+                cancelled: false,
                 generation: slot.generation,
             },
         );
