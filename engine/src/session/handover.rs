@@ -86,12 +86,24 @@ impl Thawed {
 impl Session {
     /// Whether the session can be handed over now.
     pub(crate) fn handover_readiness(&self) -> Readiness {
+        match (self.movable_state(), &self.phase) {
+            // The gear's consent last: `freeze` serializes the state to say it.
+            (Readiness::Movable, Phase::Open(live)) if live.freeze().is_none() => {
+                Readiness::Never
+            }
+            (r, _) => r,
+        }
+    }
+
+    /// [`Session::handover_readiness`] without asking the gear (which serializes its
+    /// state): what the shard checks on every flush of a connection being handed over.
+    pub(crate) fn movable_state(&self) -> Readiness {
         if self.handshaking || self.finished || self.terminated || self.abandoned {
             return Readiness::Busy;
         }
-        let Phase::Open(live) = &self.phase else {
+        if !matches!(self.phase, Phase::Open(_)) {
             return Readiness::Busy;
-        };
+        }
         if let Some(pmd) = &self.pmd {
             let agreed = pmd.agreed();
             if !(agreed.server_no_context_takeover && agreed.client_no_context_takeover) {
@@ -107,9 +119,6 @@ impl Session {
                     .is_some_and(|p| received_len(p) > MAX_INPUT_MOVED))
         {
             return Readiness::Busy;
-        }
-        if live.freeze().is_none() {
-            return Readiness::Never;
         }
         Readiness::Movable
     }

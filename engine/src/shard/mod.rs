@@ -888,7 +888,7 @@ impl<D: Driver> Shard<D> {
         let holding = conn.flags.has(ConnFlags::HANDOVER)
             && conn
                 .live_session()
-                .is_some_and(|s| s.handover_readiness() == Readiness::Movable);
+                .is_some_and(|s| s.movable_state() == Readiness::Movable);
         // Everything the session queued goes out in one send; a send that the driver
         // finished at once (epoll) lets the session queue more, which goes out too.
         while !holding && !conn.flags.has(ConnFlags::FORCED) && !conn.flags.has(ConnFlags::SENDING)
