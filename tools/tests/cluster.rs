@@ -801,16 +801,23 @@ fn a_node_handed_over_takes_over_its_node_id_in_the_cluster() {
     }
     x.send_text(r#"{"to":"h1","text":"direct"}"#);
     assert_eq!(parse(&users[1].recv()), ("x".into(), "direct".into()));
-
-    // The end of p's message: p answers for itself on the old process, then moves,
-    // and the old process leaves. What was sent to p meanwhile waited for it.
-    p.send(&kythera_testkit::raw::masked(0, b""));
-    for want in [r#""text":"parked""#, r#""text":"late""#] {
+    // A direct message (a typed server message) from a user on the new process to p,
+    // still on the old one: the two processes are two nodes, Redis carries it.
+    users[0].send_text(r#"{"to":"p","text":"from h0"}"#);
+    for want in [r#""text":"parked""#, r#""text":"from h0""#] {
         let (op, len) = p.read_frame_into(&mut buf).unwrap();
         assert_eq!(op, 1);
         let text = std::str::from_utf8(&buf[..len]).unwrap();
         assert!(text.contains(want), "{text}");
     }
+
+    // The end of p's message: p answers for itself on the old process, then moves,
+    // and the old process leaves.
+    p.send(&kythera_testkit::raw::masked(0, b""));
+    let (op, len) = p.read_frame_into(&mut buf).unwrap();
+    assert_eq!(op, 1);
+    let text = std::str::from_utf8(&buf[..len]).unwrap();
+    assert!(text.contains(r#""text":"late""#), "{text}");
     assert!(
         old.wait(Duration::from_secs(15)).success(),
         "the old process exits 0"

@@ -88,9 +88,7 @@ impl Session {
     pub(crate) fn handover_readiness(&self) -> Readiness {
         match (self.movable_state(), &self.phase) {
             // The gear's consent last: `freeze` serializes the state to say it.
-            (Readiness::Movable, Phase::Open(live)) if live.freeze().is_none() => {
-                Readiness::Never
-            }
+            (Readiness::Movable, Phase::Open(live)) if live.freeze().is_none() => Readiness::Never,
             (r, _) => r,
         }
     }
