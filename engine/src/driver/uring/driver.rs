@@ -707,6 +707,12 @@ impl Drop for UringDriver {
                         Op::Send if !has_more(cqe.flags()) => drop(self.sends.remove(&ud.index)),
                         Op::PeerName => drop(self.peer_bufs.remove(&ud.index)),
                         Op::FilesUpdate => drop(self.adopting.remove(&ud.index)),
+                        Op::FdInstall if cqe.result() >= 0 => {
+                            // SAFETY: the kernel installed this descriptor for us just
+                            // now (a detach nobody will read); nothing else owns it, so
+                            // it is closed here rather than leaked.
+                            drop(unsafe { OwnedFd::from_raw_fd(cqe.result()) });
+                        }
                         _ => {}
                     }
                 }
