@@ -121,6 +121,10 @@ struct Driver {
     /// that id's node channel while still subscribed: what was sent there meanwhile
     /// is this process's own.
     former: Option<(String, Option<String>)>,
+    /// The index the node taken over had while this process ran under its temporary
+    /// id: messages still addressed to it were meant for the old process's
+    /// connections, whose ids may be this process's too; they are dropped.
+    retired: Option<NodeIdx>,
 }
 
 /// An error of our own making, as redis-rs reports its own.
@@ -146,6 +150,7 @@ impl Driver {
             alias: succeeding.clone(),
             succeeding,
             former: None,
+            retired: None,
             node_channel: keys::node_channel(&node),
             alive: keys::alive_key(&node),
             started_ms: now_ms(),
@@ -474,9 +479,11 @@ impl Driver {
         for change in event.changes {
             match change {
                 Change::Claim { name, node, conn } => {
-                    if !is_self(node)
-                        && let Some(node) = nodes.intern(node)
-                    {
+                    if is_self(node) {
+                        // Ours now: a moved name's claim may have taken it from the
+                        // process it came from before that one's release.
+                        replica.remove_name(name);
+                    } else if let Some(node) = nodes.intern(node) {
                         replica.set_name(name, RemoteConn { node, conn });
                     }
                 }
@@ -797,7 +804,11 @@ impl Driver {
             }
             let key = gs.gear.key();
             let node_channels = &mut self.node_channels;
+            let retired = self.retired;
             gs.gear.take_outgoing(MAX_OUTGOING, &mut |out| match out {
+                Outgoing::To { node, .. } if Some(node) == retired => {
+                    link.dropped(DropCause::Unknown, 1);
+                }
                 Outgoing::To { node, conn, msg } => {
                     let channel = match node_channels.get(&node) {
                         Some(c) => c,
@@ -1043,7 +1054,9 @@ impl Driver {
 
     /// While this process runs under a temporary id to take a node over from a running
     /// process (a live handover), checks whether that process has left the cluster
-    /// (its liveness key is gone: it left, or it died and expired), and if so becomes
+    /// (the server said the handover is over, and the node's liveness key is gone: it
+    /// left, or it died and expired; the key alone could also go while the old
+    /// process is only cut off from Redis for longer than the TTL), and if so becomes
     /// that node: subscribes to its channel, refreshes its liveness key, claims every
     /// local name for it (taking them from the temporary id: `M` claims), announces
     /// every count under it, then removes the temporary id's entries and liveness (tried
@@ -1052,7 +1065,11 @@ impl Driver {
     /// arrives, until the next reconnection. The old process's connection ids cannot
     /// reach this one: the node's channel had no subscriber in between.
     async fn take_over_node(&mut self, conn: &mut Connection) -> RedisResult<()> {
-        if let Some(node) = self.succeeding.clone() {
+        if let Some(node) = self
+            .succeeding
+            .clone()
+            .filter(|_| self.shared.predecessor_done.load(Ordering::Acquire))
+        {
             let exists = redis::cmd("EXISTS").arg(keys::alive_key(&node)).clone();
             let alive = conn.run(&[exists]).await?;
             Stats::add(&self.shared.stats.commands, 1);
@@ -1067,7 +1084,10 @@ impl Driver {
             self.succeeding = None;
             self.alias = Some(temp.clone());
             self.former = Some((temp, Some(temp_channel)));
-            self.shared.link.nodes().rename_this(&node);
+            self.retired = self.shared.link.nodes().rename_this(&node);
+            if let Some(k) = self.retired {
+                self.node_channels.remove(&k);
+            }
             conn.subscribe(&self.node_channel).await?;
             self.heartbeat(conn, true).await?;
             for gs in &mut self.gears {

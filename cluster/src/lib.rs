@@ -129,7 +129,10 @@ pub struct ClusterConfig {
     /// This process takes `node_id` over from a running process (a live handover to
     /// a new process, `--take-over`): until that process has left the cluster, this
     /// one is a node of its own under a temporary id ([`handover_node_id`]); then it
-    /// becomes `node_id`. Default `false`.
+    /// becomes `node_id`. "Left" is both: the server said the handover is over
+    /// (`Backplane::predecessor_done`, which `ServerBuilder::take_over`'s server
+    /// calls), and the node's liveness key is gone (the old process deletes it when
+    /// it leaves; it expires if it died). Default `false`.
     pub takes_over: bool,
 }
 
@@ -254,6 +257,8 @@ pub(crate) struct Shared {
     pub gears: Mutex<Vec<Arc<dyn ClusterGear>>>,
     pub notify: tokio::sync::Notify,
     pub stop: AtomicBool,
+    /// The handover this process took over with is over (`Backplane::predecessor_done`).
+    pub predecessor_done: AtomicBool,
     pub live: Mutex<Vec<String>>,
     pub stats: Stats,
     /// Round trips of the flushes (one pipeline each), in seconds.
@@ -309,6 +314,7 @@ impl RedisBackplane {
             gears: Mutex::new(Vec::new()),
             notify: tokio::sync::Notify::new(),
             stop: AtomicBool::new(false),
+            predecessor_done: AtomicBool::new(false),
             live: Mutex::new(Vec::new()),
             stats: Stats::default(),
             roundtrip: Histogram::new([
@@ -498,6 +504,11 @@ impl Backplane for RedisBackplane {
             return;
         }
         out.push_str(text.strip_suffix("# EOF\n").unwrap_or(&text));
+    }
+
+    fn predecessor_done(&self) {
+        self.shared.predecessor_done.store(true, Ordering::Release);
+        self.shared.notify.notify_one();
     }
 
     fn shutdown(&self) {

@@ -797,8 +797,15 @@ impl Server {
                     .name("kythera-handover".into())
                     .spawn(move || {
                         // The path is the old process's until it is done (or gone).
-                        let free =
-                            taker.is_none_or(|t| t.run(Arc::clone(&shared), Arc::clone(&app)));
+                        let free = taker.is_none_or(|t| {
+                            let done = t.run(Arc::clone(&shared), Arc::clone(&app));
+                            // A cluster backplane that took the node over under a
+                            // temporary id may take the node's own id now.
+                            if done && let Some(b) = app.backplane() {
+                                b.predecessor_done();
+                            }
+                            done
+                        });
                         match giver {
                             Some(giver) if free => giver.run(shared, app),
                             Some(giver) => tracing::warn!(

@@ -788,6 +788,15 @@ fn a_node_handed_over_takes_over_its_node_id_in_the_cluster() {
     };
     assert!(temp.starts_with("node-0.next-"), "{temp}");
     assert_eq!(holder(&redis, "p"), Some(("node-0".into(), p_conn)));
+    // node-0's liveness key gone while the old process still serves p (as when it is
+    // cut off from Redis for longer than the TTL): the new process keeps its
+    // temporary id, since the handover is not over.
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        kythera_testkit::redis::command(redis.port(), "DEL kythera:alive:{node-0}").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(holder(&redis, "h0").map(|(n, _)| n), Some(temp.clone()));
     assert_eq!(node_count(&redis), ":3");
     sees(&other, 4, 4);
     sees(&new, 2, 2);

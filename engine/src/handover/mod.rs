@@ -272,9 +272,8 @@ pub(crate) struct HandoverState {
     /// Old process: the new process's answers, per shard.
     acks: Box<[Mutex<Vec<Answer>>]>,
     acks_any: Box<[AtomicBool]>,
-    /// New process: where the shards answer: a queue to the thread that writes the
-    /// answers (`Taker::run`), so that a shard never waits on a slow old process.
-    answer: Mutex<Option<mpsc::Sender<Answer>>>,
+    /// New process: where the shards answer.
+    answer: Mutex<Option<Arc<Channel>>>,
 }
 
 impl HandoverState {
@@ -317,11 +316,18 @@ impl HandoverState {
 
     /// New process: tells the old one whether connection `origin` was taken. A
     /// message of a few bytes on a socket with room for hundreds of kilobytes: it does
-    /// not block the shard in practice.
+    /// not block the shard in practice. Written here, before the shard does any I/O on
+    /// the adopted socket, and not from a queue: should this process die, the old one
+    /// must know of every connection this one has written to or read from (else it
+    /// would take back a connection whose stream this one has already used). An old
+    /// process that stops reading could stall the shard: the price of that order.
     pub(crate) fn answer(&self, origin: u64, verdict: Verdict) {
-        let queue = self.answer.lock().ok().and_then(|a| a.clone());
-        if queue.is_none_or(|q| q.send((origin, verdict)).is_err()) {
-            debug!("handover: the old process is gone; no answer");
+        let channel = self.answer.lock().ok().and_then(|a| a.clone());
+        if let Some(channel) = channel
+            && let Ok(bytes) = encode(&Message::Ack { origin, verdict })
+            && let Err(err) = channel.send(&bytes, &[])
+        {
+            debug!(error = %err, "handover: the old process is gone; no answer");
         }
     }
 
@@ -732,30 +738,8 @@ impl Taker {
         match self.channel.try_clone() {
             Ok(c) => {
                 let c = Arc::new(c);
-                // The answers go out from a thread of their own, in the order the
-                // shards gave them: a frame a shard relays (below, at once) before it
-                // adopts a connection is on the socket before that connection's answer.
-                let (queue, answers) = mpsc::channel::<Answer>();
-                let writer = Arc::clone(&c);
-                let spawned = std::thread::Builder::new()
-                    .name("kythera-handover-answers".into())
-                    .spawn(move || {
-                        for (origin, verdict) in answers {
-                            let sent = encode(&Message::Ack { origin, verdict })
-                                .and_then(|bytes| writer.send(&bytes, &[]));
-                            if let Err(err) = sent {
-                                debug!(error = %err, "handover: the old process is gone; no more answers");
-                                return;
-                            }
-                        }
-                    });
-                match spawned {
-                    Ok(_) => {
-                        if let Ok(mut a) = shared.handover.answer.lock() {
-                            *a = Some(queue);
-                        }
-                    }
-                    Err(err) => warn!(error = %err, "handover: cannot start the answers' thread"),
+                if let Ok(mut a) = shared.handover.answer.lock() {
+                    *a = Some(Arc::clone(&c));
                 }
                 // The groups' members are split between the two processes until the
                 // old one is done: what is published here goes there too.

@@ -23,6 +23,11 @@ pub(crate) const MAX_INPUT_MOVED: usize = 96 * 1024;
 /// to read.
 pub(crate) const MAX_OUTPUT_MOVED: usize = 96 * 1024;
 
+/// The most a connection's gear state, received bytes and output may take together on
+/// the handover socket: one message, less room for its names, groups and fields
+/// (checked again, exactly, once frozen).
+const MAX_CARRIED: usize = crate::handover::socket::MAX_MESSAGE - 16 * 1024;
+
 /// What was received of a frame or message not whole yet, as the client sent it: the
 /// fragments of a message in progress as one frame (FIN clear, masked with a zero key,
 /// RSV1 if it is compressed: still compressed, it is inflated once whole), then the
@@ -87,10 +92,26 @@ impl Session {
     /// Whether the session can be handed over now.
     pub(crate) fn handover_readiness(&self) -> Readiness {
         match (self.movable_state(), &self.phase) {
-            // The gear's consent last: `freeze` serializes the state to say it.
-            (Readiness::Movable, Phase::Open(live)) if live.freeze().is_none() => Readiness::Never,
+            // The gear's consent last: `freeze` serializes the state to say it. A state
+            // too large to send never moves; one that fits only without what the
+            // connection carries waits for that to shrink, before anything is taken
+            // from it (its names would leave Redis and come back each turn).
+            (Readiness::Movable, Phase::Open(live)) => match live.freeze() {
+                None => Readiness::Never,
+                Some(state) if state.len() > MAX_CARRIED => Readiness::Never,
+                Some(state) if state.len() + self.carried_len() > MAX_CARRIED => Readiness::Busy,
+                Some(_) => Readiness::Movable,
+            },
             (r, _) => r,
         }
+    }
+
+    /// The received bytes and output a connection would carry to the new process
+    /// (with room for the header of the frame its fragments become).
+    fn carried_len(&self) -> usize {
+        self.tx.as_ref().map_or(0, |tx| {
+            tx.output_len() + tx.partial.as_deref().map_or(0, |p| received_len(p) + 14)
+        })
     }
 
     /// [`Session::handover_readiness`] without asking the gear (which serializes its

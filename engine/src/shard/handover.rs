@@ -1,14 +1,16 @@
 //! A shard's part of a live handover ([`crate::handover`]): on the old process,
-//! moving its connections out one by one as each is quiet; on the new one, adopting
+//! moving its connections out one by one as each can move; on the new one, adopting
 //! the sockets that arrive and thawing their sessions.
 //!
 //! Out, per connection: the session says it can move ([`Readiness::Movable`]) → its
-//! recv is cancelled (bytes that arrive meanwhile wait in the socket) → at the recv's
-//! last event, if it is still quiet and nothing is being sent, the driver makes a
-//! plain descriptor of its socket → the session is frozen and the pair goes to the
-//! handover thread → this process's descriptor is closed as for any connection,
-//! without `terminate`. A connection that was not quiet after all is read again and
-//! tried later. One whose gear does not opt in gets 1001 as in a drain.
+//! recv is cancelled (bytes that arrive meanwhile wait in the socket), and its send in
+//! flight, if any, is stopped (what it did not send is queued again; nothing more is
+//! sent meanwhile) → once both have ended, if it can still move, the driver makes a
+//! plain descriptor of its socket → the session is frozen (with what it received of a
+//! frame not whole yet and the output not sent) and the pair goes to the handover
+//! thread → this process's descriptor is closed as for any connection, without
+//! `terminate`. A connection that cannot move after all is read again and tried
+//! later. One whose gear does not opt in gets 1001 as in a drain.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -240,8 +242,9 @@ impl<D: Driver> Shard<D> {
         Ok(false)
     }
 
-    /// The recv of a connection being handed over has ended: detach its socket if it
-    /// is still quiet, else read it again and try later.
+    /// The recv of a connection being handed over has ended (and its send, if one was
+    /// being stopped): detach its socket if it can still move, else read it again and
+    /// try later.
     pub(super) fn recv_paused(&mut self, index: u32) {
         let still = self.handing.as_ref().is_some_and(|h| h.outbox.is_some());
         let Some(conn) = conn_in(&mut self.conns, index) else {

@@ -107,18 +107,18 @@ impl NodeTable {
 
     /// This node (index 0) takes the id `node`: a process that ran under a temporary
     /// id while it took over `node` from another process (a live handover). If `node`
-    /// was known as another node, its old index keeps the name for whatever still
-    /// refers to it, but the name now finds index 0.
-    pub fn rename_this(&self, node: &str) {
-        let Ok(mut inner) = self.inner.write() else {
-            return;
-        };
+    /// was known as another node (the process taken over), its old index is returned:
+    /// it keeps the name for whatever still refers to it, but the name now finds
+    /// index 0, and what is still addressed to the old index is the old process's
+    /// (the caller drops it).
+    pub fn rename_this(&self, node: &str) -> Option<NodeIdx> {
+        let mut inner = self.inner.write().ok()?;
         let name: Arc<str> = node.into();
         if let Some(old) = inner.names.first().cloned() {
             inner.index.remove(&old);
             inner.names[0] = Arc::clone(&name);
         }
-        inner.index.insert(name, 0);
+        inner.index.insert(name, 0).filter(|&i| i != 0)
     }
 }
 
@@ -245,6 +245,12 @@ pub trait Backplane: Send + Sync + fmt::Debug {
     /// Sends what is still queued, gives up this node's names and memberships in Redis
     /// and stops the backplane. Called once the shards have stopped.
     fn shutdown(&self);
+    /// The live handover this process took over with is over: the old process is done
+    /// with it, or gone. A backplane that took the node over under a temporary id
+    /// (`kythera_cluster::ClusterConfig::takes_over`) may take the node's id once the
+    /// old process has also left the cluster. Called by the server; the default does
+    /// nothing.
+    fn predecessor_done(&self) {}
 }
 
 /// How a gear's server messages cross processes: written by the sending node's
