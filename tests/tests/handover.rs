@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use kythera_engine::{Server, ServerBuilder};
+use kythera_engine::{RunningServer, Server, ServerBuilder};
 use kythera_handler_api::{Conn, Context, Frame, Message, TerminateReason, Websocket};
 use kythera_testkit::raw::{RawClient, masked};
 use tungstenite::{Message as WsMessage, WebSocket};
@@ -347,6 +347,47 @@ fn frames_published_during_the_handover_reach_members_on_both_servers() {
     );
 }
 
+/// An old server of one shard with the `Counter` gear on `/c` (answers tagged `old`),
+/// listening for a successor on a socket named after `name`.
+fn old_counter(name: &str, terminated: &'static AtomicUsize) -> (PathBuf, RunningServer) {
+    let path = std::env::temp_dir().join(format!("kythera-{name}-{}.sock", std::process::id()));
+    let old = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .handover_socket(&path)
+        .mount(
+            "/c",
+            Counter {
+                tag: "old",
+                terminated,
+            },
+        )
+        .build()
+        .unwrap()
+        .spawn();
+    (path, old)
+}
+
+/// The new server that takes over from [`old_counter`]'s (answers tagged `new`).
+fn new_counter(
+    addr: std::net::SocketAddr,
+    path: &std::path::Path,
+    terminated: &'static AtomicUsize,
+) -> RunningServer {
+    Server::builder()
+        .listen(addr)
+        .take_over(path)
+        .mount(
+            "/c",
+            Counter {
+                tag: "new",
+                terminated,
+            },
+        )
+        .build()
+        .unwrap()
+        .spawn()
+}
+
 static PARTIAL_TERMINATED: AtomicUsize = AtomicUsize::new(0);
 
 /// What was received of a message not whole yet moves with the connection: a first
@@ -354,18 +395,7 @@ static PARTIAL_TERMINATED: AtomicUsize = AtomicUsize::new(0);
 /// server completes the message with the rest, which only it receives.
 #[test]
 fn a_message_half_received_moves_with_its_connection() {
-    let path = std::env::temp_dir().join(format!("kythera-partial-{}.sock", std::process::id()));
-    let counter = |tag| Counter {
-        tag,
-        terminated: &PARTIAL_TERMINATED,
-    };
-    let old = Server::builder()
-        .listen("127.0.0.1:0".parse().unwrap())
-        .handover_socket(&path)
-        .mount("/c", counter("old"))
-        .build()
-        .unwrap()
-        .spawn();
+    let (path, old) = old_counter("partial", &PARTIAL_TERMINATED);
     let addr = old.addr();
     let mut c = RawClient::open(addr, "/c");
     // "say:hé" with é cut in two, then "llo wörld" in the last fragment.
@@ -381,13 +411,7 @@ fn a_message_half_received_moves_with_its_connection() {
     let mut buf = [0u8; 64];
     assert_eq!(c.read_frame_into(&mut buf).unwrap(), (10, 1), "a pong");
 
-    let new = Server::builder()
-        .listen(addr)
-        .take_over(&path)
-        .mount("/c", counter("new"))
-        .build()
-        .unwrap()
-        .spawn();
+    let new = new_counter(addr, &path, &PARTIAL_TERMINATED);
     // The old server lets go of c, half message and all, and is done.
     old.join().unwrap();
     c.send(&last[9..]);
@@ -407,18 +431,7 @@ static UNSENT_TERMINATED: AtomicUsize = AtomicUsize::new(0);
 /// before its own answers.
 #[test]
 fn output_a_client_has_not_read_moves_with_its_connection() {
-    let path = std::env::temp_dir().join(format!("kythera-unsent-{}.sock", std::process::id()));
-    let counter = |tag| Counter {
-        tag,
-        terminated: &UNSENT_TERMINATED,
-    };
-    let old = Server::builder()
-        .listen("127.0.0.1:0".parse().unwrap())
-        .handover_socket(&path)
-        .mount("/c", counter("old"))
-        .build()
-        .unwrap()
-        .spawn();
+    let (path, old) = old_counter("unsent", &UNSENT_TERMINATED);
     let addr = old.addr();
     // A client with a small receive buffer, which reads nothing for now.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -438,7 +451,7 @@ fn output_a_client_has_not_read_moves_with_its_connection() {
     assert!(head.starts_with(b"HTTP/1.1 101"));
     let mut c = RawClient { stream };
     // 16 KiB answers until the server's send waits for the client (a partial send).
-    let partial = |server: &kythera_engine::RunningServer| -> u64 {
+    let partial = |server: &RunningServer| -> u64 {
         server
             .handle()
             .stats()
@@ -454,13 +467,7 @@ fn output_a_client_has_not_read_moves_with_its_connection() {
         floods += 1;
         std::thread::sleep(Duration::from_millis(5));
     }
-    let new = Server::builder()
-        .listen(addr)
-        .take_over(&path)
-        .mount("/c", counter("new"))
-        .build()
-        .unwrap()
-        .spawn();
+    let new = new_counter(addr, &path, &UNSENT_TERMINATED);
     // The old server lets go of c, unsent output and all, and is done.
     old.join().unwrap();
     let taken: u64 = new.handle().stats().iter().map(|s| s.handover_taken).sum();
