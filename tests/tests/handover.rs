@@ -245,21 +245,7 @@ fn raw_text(raw: &mut RawClient) -> String {
 /// reaches both.
 #[test]
 fn frames_published_during_the_handover_reach_members_on_both_servers() {
-    let path = std::env::temp_dir().join(format!("kythera-relay-{}.sock", std::process::id()));
-    let old = Server::builder()
-        .listen("127.0.0.1:0".parse().unwrap())
-        .shards(2)
-        .handover_socket(&path)
-        .mount(
-            "/c",
-            Counter {
-                tag: "old",
-                terminated: &RELAY_TERMINATED,
-            },
-        )
-        .build()
-        .unwrap()
-        .spawn();
+    let (path, old) = old_counter("relay", 2, &RELAY_TERMINATED);
     let addr = old.addr();
     let mut a = client(addr, "/c");
     assert_eq!(ask(&mut a, "name:a"), "old count 1");
@@ -278,20 +264,7 @@ fn frames_published_during_the_handover_reach_members_on_both_servers() {
     let mut buf = [0u8; 16];
     assert_eq!(b.read_frame_into(&mut buf).unwrap(), (10, 1), "a pong");
 
-    let new = Server::builder()
-        .listen(addr)
-        .shards(2)
-        .take_over(&path)
-        .mount(
-            "/c",
-            Counter {
-                tag: "new",
-                terminated: &RELAY_TERMINATED,
-            },
-        )
-        .build()
-        .unwrap()
-        .spawn();
+    let new = new_counter(addr, &path, 2, &RELAY_TERMINATED);
     // a moves; b stays behind.
     let deadline = Instant::now() + TIMEOUT;
     while !ask(&mut a, "x").starts_with("new") {
@@ -347,12 +320,17 @@ fn frames_published_during_the_handover_reach_members_on_both_servers() {
     );
 }
 
-/// An old server of one shard with the `Counter` gear on `/c` (answers tagged `old`),
-/// listening for a successor on a socket named after `name`.
-fn old_counter(name: &str, terminated: &'static AtomicUsize) -> (PathBuf, RunningServer) {
+/// An old server of `shards` shards with the `Counter` gear on `/c` (answers tagged
+/// `old`), listening for a successor on a socket named after `name`.
+fn old_counter(
+    name: &str,
+    shards: usize,
+    terminated: &'static AtomicUsize,
+) -> (PathBuf, RunningServer) {
     let path = std::env::temp_dir().join(format!("kythera-{name}-{}.sock", std::process::id()));
     let old = Server::builder()
         .listen("127.0.0.1:0".parse().unwrap())
+        .shards(shards)
         .handover_socket(&path)
         .mount(
             "/c",
@@ -367,14 +345,17 @@ fn old_counter(name: &str, terminated: &'static AtomicUsize) -> (PathBuf, Runnin
     (path, old)
 }
 
-/// The new server that takes over from [`old_counter`]'s (answers tagged `new`).
+/// The new server of `shards` shards that takes over from [`old_counter`]'s (answers
+/// tagged `new`).
 fn new_counter(
     addr: std::net::SocketAddr,
     path: &std::path::Path,
+    shards: usize,
     terminated: &'static AtomicUsize,
 ) -> RunningServer {
     Server::builder()
         .listen(addr)
+        .shards(shards)
         .take_over(path)
         .mount(
             "/c",
@@ -395,7 +376,7 @@ static PARTIAL_TERMINATED: AtomicUsize = AtomicUsize::new(0);
 /// server completes the message with the rest, which only it receives.
 #[test]
 fn a_message_half_received_moves_with_its_connection() {
-    let (path, old) = old_counter("partial", &PARTIAL_TERMINATED);
+    let (path, old) = old_counter("partial", 1, &PARTIAL_TERMINATED);
     let addr = old.addr();
     let mut c = RawClient::open(addr, "/c");
     // "say:hé" with é cut in two, then "llo wörld" in the last fragment.
@@ -411,7 +392,7 @@ fn a_message_half_received_moves_with_its_connection() {
     let mut buf = [0u8; 64];
     assert_eq!(c.read_frame_into(&mut buf).unwrap(), (10, 1), "a pong");
 
-    let new = new_counter(addr, &path, &PARTIAL_TERMINATED);
+    let new = new_counter(addr, &path, 1, &PARTIAL_TERMINATED);
     // The old server lets go of c, half message and all, and is done.
     old.join().unwrap();
     c.send(&last[9..]);
@@ -431,7 +412,7 @@ static UNSENT_TERMINATED: AtomicUsize = AtomicUsize::new(0);
 /// before its own answers.
 #[test]
 fn output_a_client_has_not_read_moves_with_its_connection() {
-    let (path, old) = old_counter("unsent", &UNSENT_TERMINATED);
+    let (path, old) = old_counter("unsent", 1, &UNSENT_TERMINATED);
     let addr = old.addr();
     // A client with a small receive buffer, which reads nothing for now.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -467,7 +448,7 @@ fn output_a_client_has_not_read_moves_with_its_connection() {
         floods += 1;
         std::thread::sleep(Duration::from_millis(5));
     }
-    let new = new_counter(addr, &path, &UNSENT_TERMINATED);
+    let new = new_counter(addr, &path, 1, &UNSENT_TERMINATED);
     // The old server lets go of c, unsent output and all, and is done.
     old.join().unwrap();
     let taken: u64 = new.handle().stats().iter().map(|s| s.handover_taken).sum();

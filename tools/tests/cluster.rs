@@ -50,30 +50,33 @@ fn start_nodes(redis: &str, n: usize) -> Vec<Kythera> {
         .collect()
 }
 
+/// Waits until `node` sees `names` names and `members` memberships of `/chat` on
+/// other nodes.
+fn sees(node: &Kythera, names: usize, members: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = (
+            node.metric("kythera_registry_remote_names{gear=\"/chat\"}"),
+            node.metric("kythera_registry_remote_members{gear=\"/chat\"}"),
+        );
+        if got == (Some(names as f64), Some(members as f64)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} sees {got:?} remote names and members, expected {names} and {members}",
+            node.addr
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits until node `i` sees `names - local_names[i]` names and `members -
 /// local_members[i]` memberships of `/chat` on the other nodes.
 fn converge(nodes: &[Kythera], local_names: &[usize], local_members: &[usize]) {
     let (names, members): (usize, usize) = (local_names.iter().sum(), local_members.iter().sum());
-    let deadline = Instant::now() + Duration::from_secs(10);
     for (i, node) in nodes.iter().enumerate() {
-        let want = (
-            (names - local_names[i]) as f64,
-            (members - local_members[i]) as f64,
-        );
-        loop {
-            let got = (
-                node.metric("kythera_registry_remote_names{gear=\"/chat\"}"),
-                node.metric("kythera_registry_remote_members{gear=\"/chat\"}"),
-            );
-            if got == (Some(want.0), Some(want.1)) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {i} sees {got:?} remote names and members, expected {want:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        sees(node, names - local_names[i], members - local_members[i]);
     }
 }
 
@@ -652,27 +655,6 @@ fn names_raced_for_from_every_node_have_one_holder() {
             assert!(Instant::now() < deadline, "{name}: {local} local holders");
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-}
-
-/// Waits until `node` sees `names` names and `members` memberships of `/chat` on
-/// other nodes.
-fn sees(node: &Kythera, names: usize, members: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = (
-            node.metric("kythera_registry_remote_names{gear=\"/chat\"}"),
-            node.metric("kythera_registry_remote_members{gear=\"/chat\"}"),
-        );
-        if got == (Some(names as f64), Some(members as f64)) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} sees {got:?} remote names and members, expected {names} and {members}",
-            node.addr
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

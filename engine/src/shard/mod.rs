@@ -739,6 +739,8 @@ impl<D: Driver> Shard<D> {
             return;
         };
         conn.flags.set(ConnFlags::SENDING, false);
+        // Rare (a live handover): looked up again only then.
+        let stopping = conn.flags.has(ConnFlags::SEND_STOPPING);
         match result {
             Ok(output) => {
                 let tls = self.tls_conns.get_mut(&index);
@@ -757,7 +759,9 @@ impl<D: Driver> Shard<D> {
                 }
             }
         }
-        self.send_stopped(index);
+        if stopping {
+            self.send_stopped(index);
+        }
         self.touch(index);
     }
 
