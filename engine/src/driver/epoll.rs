@@ -72,6 +72,10 @@ const OPEN: u8 = 1 << 3;
 pub(crate) enum EpollRecv {
     /// The socket is readable: [`Driver::receive`] reads it.
     Ready,
+    /// Readable, and the peer has shut its side (`EPOLLRDHUP`): a read that empties
+    /// the socket is followed by another, which sees the end of the stream. No edge
+    /// would come for it: it arrived with the last bytes.
+    ReadyToEnd,
     /// The recv was cancelled ([`Driver::cancel_recv`]).
     Cancelled,
 }
@@ -97,8 +101,9 @@ pub(crate) struct EpollDriver {
     /// Events of calls already made (peer address, shutdown, close, sends that went
     /// out at once, cancels): reported by the next wait.
     queued: VecDeque<Event<EpollRecv>>,
-    /// Connections whose last read filled the buffer: read again next turn.
-    read_again: Vec<u32>,
+    /// Connections whose last read filled the buffer, or whose peer has shut its side:
+    /// read again next turn (with whether the peer has shut its side).
+    read_again: Vec<(u32, bool)>,
     /// The listeners' descriptors by listener index, while armed.
     listeners: Vec<Option<RawFd>>,
     ready: Vec<libc::epoll_event>,
@@ -182,7 +187,7 @@ impl EpollDriver {
         let registered = old & REGISTERED != 0;
         let mut events = EPOLLET;
         if want & WANT_READ != 0 {
-            events |= libc::EPOLLIN as u32;
+            events |= (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
         }
         if want & WANT_WRITE != 0 {
             events |= libc::EPOLLOUT as u32;
@@ -368,11 +373,13 @@ impl Driver for EpollDriver {
             }
             events.push(event);
         }
-        for index in self.read_again.drain(..) {
-            events.push(Event::Recv {
-                index,
-                token: EpollRecv::Ready,
-            });
+        for (index, ending) in self.read_again.drain(..) {
+            let token = if ending {
+                EpollRecv::ReadyToEnd
+            } else {
+                EpollRecv::Ready
+            };
+            events.push(Event::Recv { index, token });
         }
         let ready = std::mem::take(&mut self.ready);
         for event in &ready {
@@ -397,10 +404,12 @@ impl Driver for EpollDriver {
                         events.push(Event::Sent { index, result });
                     }
                     if want & WANT_READ != 0 && (flags & libc::EPOLLIN as u32 != 0 || trouble) {
-                        events.push(Event::Recv {
-                            index,
-                            token: EpollRecv::Ready,
-                        });
+                        let token = if flags & libc::EPOLLRDHUP as u32 != 0 {
+                            EpollRecv::ReadyToEnd
+                        } else {
+                            EpollRecv::Ready
+                        };
+                        events.push(Event::Recv { index, token });
                     }
                 }
             }
@@ -505,8 +514,9 @@ impl Driver for EpollDriver {
         };
         let end = if res > 0 {
             bump(&self.stats().bytes_received, res as u64);
-            if res as usize == self.buf.len() {
-                self.read_again.push(index);
+            let ending = matches!(token, EpollRecv::ReadyToEnd);
+            if res as usize == self.buf.len() || ending {
+                self.read_again.push((index, ending));
             }
             return Received {
                 data: &mut self.buf[..res as usize],
@@ -634,7 +644,7 @@ impl Driver for EpollDriver {
             // EPOLLOUT, it ends here.
             self.in_flight -= 1;
         }
-        self.read_again.retain(|&i| i != index);
+        self.read_again.retain(|&(i, _)| i != index);
         self.set_interest(index, 0)?;
         self.interest[index as usize] = 0;
         // SAFETY: the connection's descriptor, accepted by this driver and closed only

@@ -1,0 +1,829 @@
+//! `wss://`: TLS on the engine's own listeners, with rustls (its default crypto
+//! provider, aws-lc-rs), on either driver.
+//!
+//! TLS sits between a shard's driver and its sessions: the shard feeds the ciphertext a
+//! recv brought to the connection's `TlsConn`, hands the plaintext to the session as
+//! if it had been received, and seals what the session queued into records before the
+//! send. The session (and the gear) cannot tell a TLS connection from a plain one, but
+//! for [`kythera_handler_api::TlsParts`] in the upgrade request.
+//!
+//! # Where bytes are copied
+//!
+//! rustls' unbuffered API (`UnbufferedServerConnection`): records are decrypted in
+//! place in the receive buffer (only a record cut by the end of a receive is copied, to
+//! `TlsConn::incoming`, and only that record), and the session's output goes from its
+//! buffers to `WriteTraffic::encrypt`, which writes records into the send buffer. Inside
+//! rustls 0.23 each way still copies twice, which cannot be avoided from here: a
+//! decrypted record is moved into a `Vec` of its own (`ReadTraffic::next_record` pops it
+//! from its plaintext queue; its source says in-place records are for later) and lent
+//! immutably, so it is copied once more into the shard's scratch buffer, where the
+//! session unmasks frames in place as in a receive buffer; and `encrypt` copies the
+//! plaintext into a record of its own, encrypts it there and copies the record into the
+//! send buffer. A plain connection copies none of these.
+//!
+//! # kTLS
+//!
+//! Handing the record layer to the kernel (`setsockopt(TCP_ULP, "tls")` after the
+//! handshake, then plain sends and recvs) needs the kernel's `tls` module, which these
+//! machines do not offer (`/proc/sys/net/ipv4/tcp_available_ulp` lists `mptcp` only).
+//! The seam for it is `TlsConn`: after the handshake it would export the traffic
+//! secrets (`dangerous_extract_secrets`) and step aside.
+//!
+//! # Memory
+//!
+//! An idle TLS connection holds rustls' connection state (keys, the record layer: about
+//! 2.3 KB measured with a counting allocator) and no buffer: `incoming` is empty
+//! between records, and the send buffer is given back by the shard's idle sweep. At
+//! 10,000 idle `wss://` connections the server's RSS grew by 4.0 KB per connection
+//! (136 B for `ws://`), README "Serving wss://".
+//!
+//! # Certificates
+//!
+//! [`TlsConfig`] holds the certificate chain and key, read from PEM. Every shard takes
+//! the current rustls configuration when it accepts a connection, so
+//! [`TlsConfig::reload`] (the `kythera` binary calls it on `SIGHUP`) changes what new
+//! handshakes present without touching established connections. Session tickets stay
+//! valid across reloads: the ticket keys and the session cache belong to the
+//! `TlsConfig`, not to one certificate.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use kythera_handler_api::TlsParts;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{
+    ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache,
+    StoresServerSessions, UnbufferedServerConnection,
+};
+use rustls::sign::CertifiedKey;
+use rustls::unbuffered::{ConnectionState, EncodeError};
+use rustls::{HandshakeKind, ProtocolVersion, ServerConfig};
+
+use crate::session::Output;
+
+mod record_layer;
+
+use record_layer::{MAX_PLAINTEXT, Opened, RecordError, RecordLayer};
+
+/// Sessions kept per server for resumption by session id (TLS 1.2 clients without
+/// tickets); tickets need no server memory.
+const SESSION_CACHE_ENTRIES: usize = 4096;
+
+/// Why a certificate or key could not be used.
+#[derive(Debug)]
+pub enum TlsError {
+    /// A file could not be read.
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// No certificate in the certificate file (or it is not PEM).
+    NoCertificate(String),
+    /// No private key in the key file (PKCS#8, PKCS#1 or SEC1 PEM).
+    NoKey(String),
+    /// rustls refused the pair (a key that does not match the certificate, say).
+    Rustls(rustls::Error),
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsError::Read { path, source } => {
+                write!(f, "cannot read {}: {source}", path.display())
+            }
+            TlsError::NoCertificate(from) => write!(f, "no PEM certificate in {from}"),
+            TlsError::NoKey(from) => write!(f, "no PEM private key in {from}"),
+            TlsError::Rustls(err) => write!(f, "TLS configuration refused: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for TlsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TlsError::Read { source, .. } => Some(source),
+            TlsError::Rustls(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+/// Where the certificate and key come from (what [`TlsConfig::reload`] reads again).
+#[derive(Debug, Clone)]
+enum Source {
+    Files { cert: PathBuf, key: PathBuf },
+    Pem { cert: Vec<u8>, key: Vec<u8> },
+}
+
+/// The TLS settings of a server's TLS listeners: a certificate chain and its key, TLS
+/// 1.3 and 1.2, ALPN `http/1.1`, session tickets. Cheap to clone (one `Arc`); all
+/// clones see a [`TlsConfig::reload`].
+#[derive(Clone)]
+pub struct TlsConfig {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    source: RwLock<Source>,
+    current: RwLock<Arc<ServerConfig>>,
+    /// Bumped by each reload, so that a shard sees a new configuration with one atomic
+    /// load per accept.
+    generation: AtomicU64,
+    ticketer: Arc<dyn ProducesTickets>,
+    sessions: Arc<dyn StoresServerSessions>,
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConfig {
+    /// Reads a PEM certificate chain (leaf first) and a PEM private key from files.
+    pub fn from_pem_files(
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Result<TlsConfig, TlsError> {
+        TlsConfig::new(Source::Files {
+            cert: cert.into(),
+            key: key.into(),
+        })
+    }
+
+    /// A PEM certificate chain (leaf first) and a PEM private key held in memory
+    /// (tests, or embedders with their own secret store).
+    pub fn from_pem(cert: &[u8], key: &[u8]) -> Result<TlsConfig, TlsError> {
+        TlsConfig::new(Source::Pem {
+            cert: cert.to_vec(),
+            key: key.to_vec(),
+        })
+    }
+
+    fn new(source: Source) -> Result<TlsConfig, TlsError> {
+        let ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Rustls)?;
+        let sessions: Arc<dyn StoresServerSessions> =
+            ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
+        let config = build(&source, &ticketer, &sessions)?;
+        Ok(TlsConfig {
+            shared: Arc::new(Shared {
+                source: RwLock::new(source),
+                current: RwLock::new(config),
+                generation: AtomicU64::new(0),
+                ticketer,
+                sessions,
+            }),
+        })
+    }
+
+    /// Reads the certificate and key again (from the same files) and makes them the
+    /// ones new handshakes present. On an error nothing changes: the old pair stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let source = read_lock(&self.shared.source).clone();
+        self.install(&source)
+    }
+
+    /// Replaces a pair held in memory (see [`TlsConfig::from_pem`]); from then on,
+    /// [`TlsConfig::reload`] rereads this one.
+    pub fn reload_from_pem(&self, cert: &[u8], key: &[u8]) -> Result<(), TlsError> {
+        let source = Source::Pem {
+            cert: cert.to_vec(),
+            key: key.to_vec(),
+        };
+        self.install(&source)?;
+        *write_lock(&self.shared.source) = source;
+        Ok(())
+    }
+
+    fn install(&self, source: &Source) -> Result<(), TlsError> {
+        let config = build(source, &self.shared.ticketer, &self.shared.sessions)?;
+        *write_lock(&self.shared.current) = config;
+        self.shared.generation.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// How many reloads took effect.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
+    }
+
+    /// The configuration new handshakes use, and its generation.
+    pub(crate) fn current(&self) -> (u64, Arc<ServerConfig>) {
+        let generation = self.generation();
+        let config = Arc::clone(&read_lock(&self.shared.current));
+        (generation, config)
+    }
+}
+
+fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // A panic while holding the lock cannot leave the value half written (each write
+    // is one assignment), so a poisoned lock is still good.
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// rustls' configuration for a certificate and key: TLS 1.3 and 1.2, ALPN `http/1.1`,
+/// the shared ticketer and session cache.
+fn build(
+    source: &Source,
+    ticketer: &Arc<dyn ProducesTickets>,
+    sessions: &Arc<dyn StoresServerSessions>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let (cert_pem, key_pem, cert_from, key_from) = match source {
+        Source::Files { cert, key } => (
+            read_file(cert)?,
+            read_file(key)?,
+            cert.display().to_string(),
+            key.display().to_string(),
+        ),
+        Source::Pem { cert, key } => (
+            cert.clone(),
+            key.clone(),
+            "the certificate PEM".to_owned(),
+            "the key PEM".to_owned(),
+        ),
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|_| TlsError::NoCertificate(cert_from.clone()))?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate(cert_from));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey(key_from))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Rustls)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(TlsError::Rustls)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // After the handshake the traffic keys go to kythera's record layer (record_layer.rs).
+    config.enable_secret_extraction = true;
+    config.cert_resolver = Arc::new(RecordServerName(Arc::clone(&config.cert_resolver)));
+    config.ticketer = Arc::clone(ticketer);
+    config.session_storage = Arc::clone(sessions);
+    Ok(Arc::new(config))
+}
+
+/// Why a TLS connection failed before or during its handshake (`/metrics`:
+/// `kythera_tls_handshakes_failed_total{cause}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The first bytes were not a TLS handshake record (a plain HTTP request gets a
+    /// plain 400 that says the port speaks TLS).
+    NotTls,
+    /// The client ended the handshake with an alert (it refused the certificate, say).
+    RefusedByClient,
+    /// Anything else rustls refused: a malformed record, no common version or cipher.
+    Protocol,
+}
+
+/// The plain answer to a plain HTTP request on a TLS port (as nginx answers one).
+const PLAIN_HTTP_ON_TLS_PORT: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+Content-Length: 46\r\n\
+Connection: close\r\n\r\n\
+This port speaks TLS: use https:// or wss://.\n";
+
+/// Who runs a connection's TLS: rustls for the handshake, then kythera's own record
+/// layer.
+enum Stage {
+    Handshake(UnbufferedServerConnection),
+    Records(RecordLayer),
+    /// Between the two for a moment, and after a failure to change over.
+    Gone,
+}
+
+/// A connection's TLS state, held by its shard beside the session: rustls' unbuffered
+/// connection during the handshake, then the record layer (neither holds buffers of its
+/// own between records), and the few bytes that must wait.
+pub(crate) struct TlsConn {
+    stage: Stage,
+    /// Received ciphertext not processed yet: a record (or handshake message) cut by the
+    /// end of a receive. Empty between records, which is almost always.
+    incoming: Vec<u8>,
+    /// Ciphertext to send (`out[..out_used]`): handshake messages, tickets, sealed
+    /// output; the bytes after `out_used` are a previous send's, kept as room to write
+    /// into without zeroing it first.
+    out: Vec<u8>,
+    out_used: usize,
+    /// The session's outputs whose bytes are sealed into the send in flight: they go
+    /// back to the session ([`crate::session::Session::sent`]) when that send
+    /// completes, so that its slow-consumer limit counts them until then.
+    pub(crate) held: Vec<Output>,
+    /// The name the client asked for (SNI), until the session is told.
+    server_name: Option<Box<str>>,
+    /// The version agreed, and whether the session was resumed (noted when the
+    /// handshake completes, for [`TlsConn::parts`]).
+    version: &'static str,
+    resumed: bool,
+    /// The handshake completed.
+    established: bool,
+    /// The connection failed (counted once); nothing more is read from it.
+    failed: bool,
+    close_notified: bool,
+    /// The peer's `close_notify` came: what follows it is not read.
+    peer_closed: bool,
+    /// The first byte was looked at (a TLS record or not).
+    saw_first: bool,
+}
+
+/// Room for rustls to write `estimate` bytes at `out[*used..]` (growing `out` only where
+/// it is shorter: what is beyond `used` is writable already), retried with the size
+/// rustls asks for; advances `used` by what was written.
+fn write_out<E>(
+    out: &mut Vec<u8>,
+    used: &mut usize,
+    estimate: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    required: impl Fn(&E) -> Option<usize>,
+) -> Result<(), E> {
+    let mut room = estimate;
+    loop {
+        if out.len() < *used + room {
+            out.resize(*used + room, 0);
+        }
+        match write(&mut out[*used..]) {
+            Ok(n) => {
+                *used += n;
+                return Ok(());
+            }
+            Err(e) => match required(&e) {
+                Some(r) if r > room => room = r,
+                _ => return Err(e),
+            },
+        }
+    }
+}
+
+fn encode_required(e: &EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
+}
+
+/// What a refused record counts as.
+fn record_failure(err: RecordError) -> Failure {
+    tracing::debug!(error = ?err, "TLS connection failed");
+    match err {
+        RecordError::Alert(_) => Failure::RefusedByClient,
+        RecordError::Protocol(_) => Failure::Protocol,
+    }
+}
+
+thread_local! {
+    /// The SNI name of the ClientHello a shard's thread processed last (see
+    /// [`RecordServerName`]).
+    static HELLO_SERVER_NAME: std::cell::RefCell<Option<Box<str>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Notes the client's SNI name on the way to the certificate: rustls' unbuffered server
+/// connection does not tell it, and the resolver runs on the shard's thread, inside the
+/// `process_tls_records` call that reads the ClientHello.
+#[derive(Debug)]
+struct RecordServerName(Arc<dyn ResolvesServerCert>);
+
+impl ResolvesServerCert for RecordServerName {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name().map(Box::from);
+        HELLO_SERVER_NAME.with(|n| *n.borrow_mut() = name);
+        self.0.resolve(hello)
+    }
+}
+
+impl TlsConn {
+    pub(crate) fn new(config: Arc<ServerConfig>) -> Result<TlsConn, rustls::Error> {
+        Ok(TlsConn {
+            stage: Stage::Handshake(UnbufferedServerConnection::new(config)?),
+            incoming: Vec::new(),
+            out: Vec::new(),
+            out_used: 0,
+            held: Vec::new(),
+            server_name: None,
+            version: "unknown",
+            resumed: false,
+            established: false,
+            failed: false,
+            close_notified: false,
+            peer_closed: false,
+            saw_first: false,
+        })
+    }
+
+    /// The handshake completed.
+    pub(crate) fn is_established(&self) -> bool {
+        self.established
+    }
+
+    /// The connection failed (and was counted).
+    pub(crate) fn has_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// What `connect` is told of this session.
+    pub(crate) fn parts(&mut self) -> TlsParts {
+        TlsParts {
+            server_name: self.server_name.take().map(String::from),
+            version: self.version,
+            resumed: self.resumed,
+        }
+    }
+
+    /// Takes received ciphertext. During the handshake, rustls takes it, and the
+    /// plaintext of records that came with the client's last flight is appended to
+    /// `plain`; `Ok(true)` when this completed the handshake (call again with no data
+    /// then: bytes that came behind the handshake wait in `incoming` until that call).
+    /// After it, records are opened in place in `data` and their plaintext is handed to
+    /// `deliver`, borrowed from `data` (or from `incoming` for a record cut by the end of
+    /// a receive). After an error the connection is to be closed (what
+    /// [`TlsConn::seal`] returns next is the 400 to a plain HTTP request, if that was
+    /// it).
+    pub(crate) fn receive(
+        &mut self,
+        data: &mut [u8],
+        plain: &mut Vec<u8>,
+        deliver: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<bool, Failure> {
+        if self.failed {
+            return Ok(false);
+        }
+        let result = if self.established {
+            self.receive_records(data, deliver).map(|()| false)
+        } else {
+            self.receive_handshake(data, plain)
+        };
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
+
+    fn receive_handshake(&mut self, data: &mut [u8], plain: &mut Vec<u8>) -> Result<bool, Failure> {
+        if !self.saw_first && !data.is_empty() {
+            self.saw_first = true;
+            // 22: a handshake record. Anything else cannot start a TLS connection.
+            if data[0] != 22 {
+                if data[0].is_ascii_uppercase() {
+                    self.out.truncate(self.out_used);
+                    self.out.extend_from_slice(PLAIN_HTTP_ON_TLS_PORT);
+                    self.out_used = self.out.len();
+                }
+                return Err(Failure::NotTls);
+            }
+        }
+        // A name noted for a connection that failed before taking it is not this one's.
+        HELLO_SERVER_NAME.with(|n| n.borrow_mut().take());
+        if self.incoming.is_empty() {
+            // Handshake records are processed where they arrived, and only a message
+            // cut by the end of the receive is kept.
+            let used = self.process(data, plain)?;
+            self.incoming.extend_from_slice(&data[used..]);
+        } else {
+            let mut buf = std::mem::take(&mut self.incoming);
+            buf.extend_from_slice(data);
+            let used = self.process(&mut buf, plain)?;
+            buf.drain(..used);
+            self.incoming = buf;
+        }
+        if self.server_name.is_none() {
+            self.server_name = HELLO_SERVER_NAME.with(|n| n.borrow_mut().take());
+        }
+        if self.established {
+            self.take_keys()?;
+        }
+        Ok(self.established)
+    }
+
+    /// The handshake is complete: notes what `connect` is told of it, takes what rustls
+    /// still has to send (TLS 1.3's tickets), and gives the keys to the record layer.
+    fn take_keys(&mut self) -> Result<(), Failure> {
+        let Stage::Handshake(mut conn) = std::mem::replace(&mut self.stage, Stage::Gone) else {
+            return Err(Failure::Protocol);
+        };
+        self.version = match conn.protocol_version() {
+            Some(ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "unknown",
+        };
+        self.resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
+        loop {
+            match conn.process_tls_records(&mut []).state {
+                Ok(ConnectionState::EncodeTlsData(mut message)) => {
+                    write_out(
+                        &mut self.out,
+                        &mut self.out_used,
+                        4096,
+                        |b| message.encode(b),
+                        encode_required,
+                    )
+                    .map_err(|_| Failure::Protocol)?;
+                }
+                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+                _ => break,
+            }
+        }
+        self.stage = Stage::Records(RecordLayer::new(conn).map_err(record_failure)?);
+        Ok(())
+    }
+
+    /// After the handshake: a record cut by the end of the last receive is completed
+    /// from `data` (its length is in its header) and opened alone, then the records in
+    /// `data` are opened where they are; a record cut by the end of `data` waits in
+    /// `incoming`.
+    fn receive_records(
+        &mut self,
+        mut data: &mut [u8],
+        deliver: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), Failure> {
+        while !self.incoming.is_empty() && !self.peer_closed {
+            let need = self.missing_from_cut_record()?;
+            if need > 0 {
+                let take = need.min(data.len());
+                if take == 0 {
+                    return Ok(());
+                }
+                self.incoming.extend_from_slice(&data[..take]);
+                data = &mut data[take..];
+                continue;
+            }
+            let mut buf = std::mem::take(&mut self.incoming);
+            let used = self.open_records(&mut buf, deliver)?;
+            buf.drain(..used);
+            self.incoming = buf;
+        }
+        if self.peer_closed {
+            self.incoming = Vec::new();
+            return Ok(());
+        }
+        let used = self.open_records(data, deliver)?;
+        if !self.peer_closed {
+            self.incoming.extend_from_slice(&data[used..]);
+        }
+        Ok(())
+    }
+
+    /// How many bytes the record at the start of `incoming` lacks (of its header, then of
+    /// its body).
+    fn missing_from_cut_record(&self) -> Result<usize, Failure> {
+        let Stage::Records(records) = &self.stage else {
+            return Err(Failure::Protocol);
+        };
+        Ok(match records.record_len(&self.incoming) {
+            None => record_layer::HEADER - self.incoming.len(),
+            Some(len) => len
+                .map_err(record_failure)?
+                .saturating_sub(self.incoming.len()),
+        })
+    }
+
+    /// Opens the whole records at the start of `buf` in place, moves the plaintext of
+    /// each behind the first's (one `deliver` for them all, so that a message sealed
+    /// over two records reaches the session in one piece), and returns how many bytes
+    /// of `buf` it is done with.
+    fn open_records(
+        &mut self,
+        buf: &mut [u8],
+        deliver: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<usize, Failure> {
+        let Stage::Records(records) = &mut self.stage else {
+            return Err(Failure::Protocol);
+        };
+        let mut at = 0;
+        let mut plain: Option<std::ops::Range<usize>> = None;
+        while let Some(len) = records.record_len(&buf[at..]) {
+            let len = len.map_err(record_failure)?;
+            if buf.len() - at < len {
+                break;
+            }
+            match records.open(&mut buf[at..at + len]).map_err(record_failure)? {
+                Opened::Data(range) if !range.is_empty() => {
+                    let range = at + range.start..at + range.end;
+                    match &mut plain {
+                        None => plain = Some(range),
+                        Some(p) => {
+                            buf.copy_within(range.clone(), p.end);
+                            p.end += range.len();
+                        }
+                    }
+                }
+                Opened::Data(_) | Opened::Nothing => {}
+                Opened::KeyUpdateRequested => {
+                    self.out.truncate(self.out_used);
+                    let answered = records.answer_key_update(&mut self.out);
+                    self.out_used = self.out.len();
+                    answered.map_err(record_failure)?;
+                }
+                Opened::Closed => {
+                    self.peer_closed = true;
+                    at = buf.len();
+                    break;
+                }
+            }
+            at += len;
+        }
+        if let Some(p) = plain {
+            deliver(&mut buf[p]);
+        }
+        Ok(at)
+    }
+
+    /// Drives rustls' handshake over `buf` (the records not processed yet, first byte
+    /// on): the plaintext of application-data records to `plain`, handshake messages to
+    /// `out`. Returns how many bytes of `buf` it is done with.
+    fn process(&mut self, buf: &mut [u8], plain: &mut Vec<u8>) -> Result<usize, Failure> {
+        let Stage::Handshake(conn) = &mut self.stage else {
+            return Err(Failure::Protocol);
+        };
+        let mut start = 0;
+        loop {
+            let status = conn.process_tls_records(&mut buf[start..]);
+            let mut discard = status.discard;
+            let state = status.state.map_err(|err| {
+                tracing::debug!(error = %err, "TLS connection failed");
+                match err {
+                    rustls::Error::AlertReceived(_) => Failure::RefusedByClient,
+                    _ => Failure::Protocol,
+                }
+            })?;
+            let done = match state {
+                ConnectionState::ReadTraffic(mut records) => {
+                    while let Some(record) = records.next_record() {
+                        let record = record.map_err(|_| Failure::Protocol)?;
+                        discard += record.discard;
+                        plain.extend_from_slice(record.payload);
+                    }
+                    false
+                }
+                ConnectionState::EncodeTlsData(mut message) => {
+                    write_out(
+                        &mut self.out,
+                        &mut self.out_used,
+                        4096,
+                        |b| message.encode(b),
+                        encode_required,
+                    )
+                    .map_err(|_| Failure::Protocol)?;
+                    false
+                }
+                // Sent at this turn's flush, after anything queued before it.
+                ConnectionState::TransmitTlsData(transmit) => {
+                    transmit.done();
+                    false
+                }
+                ConnectionState::WriteTraffic(_) => {
+                    self.established = true;
+                    true
+                }
+                // Need more bytes; or the peer's close_notify (its close frame, or the
+                // end of the connection, follows).
+                _ => true,
+            };
+            start += discard;
+            if done {
+                return Ok(start);
+            }
+        }
+    }
+
+    /// Seals `plain` (the session's output, kept in `held` until the send completes)
+    /// straight into records in the send buffer, with a `close_notify` once `closing`,
+    /// and returns what is to be sent: records (handshake messages among them), or the
+    /// 400 to a plain HTTP request. `None` when there is nothing to send. A record that
+    /// cannot be sealed fails the connection ([`TlsConn::has_failed`]).
+    pub(crate) fn seal(&mut self, plain: Option<Output>, closing: bool) -> Option<Output> {
+        let plain_bytes = plain.as_ref().map_or(0, Output::len);
+        if self.established
+            && !self.failed
+            && (plain_bytes > 0 || (closing && !self.close_notified))
+            && let Err(err) = self.encrypt(plain.as_ref(), closing)
+        {
+            tracing::warn!(error = ?err, "TLS output not sealed: the connection fails");
+            self.failed = true;
+        }
+        if let Some(plain) = plain {
+            self.held.push(plain);
+        }
+        if self.out_used == 0 {
+            return None;
+        }
+        let mut buf = std::mem::take(&mut self.out);
+        buf.truncate(std::mem::take(&mut self.out_used));
+        Some(Output {
+            first: buf,
+            start: 0,
+            rest: Vec::new(),
+        })
+    }
+
+    /// Seals `plain`'s bytes (and a `close_notify` once `closing`) at the end of `out`:
+    /// records as full as the bytes allow, whatever the output's pieces.
+    fn encrypt(&mut self, plain: Option<&Output>, closing: bool) -> Result<(), RecordError> {
+        let Stage::Records(records) = &mut self.stage else {
+            return Ok(());
+        };
+        self.out.truncate(self.out_used);
+        let result = (|| {
+            if let Some(p) = plain {
+                let mut left = p.len();
+                self.out
+                    .reserve(left + left.div_ceil(MAX_PLAINTEXT) * RecordLayer::OVERHEAD);
+                let mut pieces =
+                    std::iter::once(&p.first[p.start..]).chain(p.rest.iter().map(|c| c.bytes()));
+                let mut piece: &[u8] = &[];
+                while left > 0 {
+                    let len = left.min(MAX_PLAINTEXT);
+                    records.seal_data(len, &mut self.out, |out| {
+                        let mut need = len;
+                        while need > 0 {
+                            while piece.is_empty() {
+                                piece = pieces.next().expect("Output::len counts these bytes");
+                            }
+                            let n = need.min(piece.len());
+                            out.extend_from_slice(&piece[..n]);
+                            piece = &piece[n..];
+                            need -= n;
+                        }
+                    })?;
+                    left -= len;
+                }
+            }
+            if closing && !self.close_notified {
+                self.close_notified = true;
+                records.seal_close_notify(&mut self.out)?;
+            }
+            Ok(())
+        })();
+        self.out_used = self.out.len();
+        result
+    }
+
+    /// Gives back what an idle connection need not hold: its send buffer, and the room
+    /// of its receive state.
+    pub(crate) fn release_idle(&mut self) {
+        if self.out_used == 0 {
+            self.out = Vec::new();
+        }
+        if self.incoming.is_empty() {
+            self.incoming = Vec::new();
+        }
+        if self.held.is_empty() {
+            self.held = Vec::new();
+        }
+    }
+
+    /// A send of [`TlsConn::seal`]'s output completed (call it before giving `held`
+    /// back): its buffer is the next one written into, unless more was queued
+    /// meanwhile or it carried no output of the session.
+    pub(crate) fn recycle(&mut self, output: Output) {
+        // Only a send that carried the session's output is a sign of more to come: the
+        // handshake's own sends (its flight, the tickets) are followed by idle time.
+        // Whatever its size: the idle sweep gives it back once the connection is quiet,
+        // and dropping a large one after each send would allocate (and zero, and fault
+        // in) as much again for the next.
+        if self.out_used == 0 && !self.held.is_empty() {
+            self.out = output.first;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plain_http_answer_has_its_length() {
+        let text = std::str::from_utf8(PLAIN_HTTP_ON_TLS_PORT).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_pem_is_refused_with_its_name() {
+        let err = TlsConfig::from_pem(b"not a certificate", b"not a key").unwrap_err();
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+    }
+}
