@@ -1,8 +1,9 @@
 //! `wss://` on the engine's TLS listeners (issue 19), against a rustls client under
 //! tungstenite, with certificates made at test time (rcgen): echo of several sizes,
 //! what `connect` is told (SNI, version, resumption), resumption seen from the client,
-//! certificates a client must refuse, bad input counted by cause, and a certificate
-//! reload under traffic. Both drivers: the suite runs again with `KYTHERA_IO=epoll`.
+//! certificates a client must refuse, bad input counted by cause, a certificate reload
+//! under traffic, and the record layer after the handshake (every suite of both
+//! versions, key updates, an altered record, a `close_notify`). Both drivers: the suite runs again with `KYTHERA_IO=epoll`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -378,6 +379,137 @@ fn a_reload_under_traffic_drops_no_connection_and_new_handshakes_get_the_new_cer
         "second"
     );
     assert_eq!(tls.generation(), 1);
+}
+
+#[test]
+fn every_cipher_suite_of_both_versions_echoes_and_tls_1_3_keys_update() {
+    use rustls::crypto::aws_lc_rs::{cipher_suite as suite, default_provider};
+    let (ca, _tls, server) = setup(Limits::default());
+    let addr = server.handle_tls_addr();
+    for (version, suite) in [
+        (&rustls::version::TLS13, suite::TLS13_AES_128_GCM_SHA256),
+        (&rustls::version::TLS13, suite::TLS13_AES_256_GCM_SHA384),
+        (
+            &rustls::version::TLS13,
+            suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ),
+        (
+            &rustls::version::TLS12,
+            suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+        (
+            &rustls::version::TLS12,
+            suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        ),
+        (
+            &rustls::version::TLS12,
+            suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ),
+    ] {
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: vec![suite],
+            ..default_provider()
+        };
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der.clone()).unwrap();
+        let client = Arc::new(
+            ClientConfig::builder_with_provider(Arc::new(provider))
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let mut ws = wss(addr, &client, "/echo");
+        let name = format!("{:?}", suite.suite());
+        assert_eq!(
+            ws.get_ref().conn.negotiated_cipher_suite(),
+            Some(suite),
+            "{name}"
+        );
+        let tls13 = version == &rustls::version::TLS13;
+        for round in 0..3 {
+            if tls13 && round > 0 {
+                // The client's KeyUpdate asks for the server's: what follows in both
+                // directions is under new keys.
+                ws.get_mut().conn.refresh_traffic_keys().unwrap();
+            }
+            // Several records per message (over 16 KiB), and several messages per
+            // record.
+            for len in [0, 125, 16 * 1024, 100_000] {
+                let bytes: Vec<u8> = (0..len).map(|i| (i * 13 + round) as u8).collect();
+                ws.send(WsMessage::binary(bytes.clone())).unwrap();
+                assert_eq!(ws.read().unwrap(), WsMessage::binary(bytes), "{name} {len}");
+            }
+            for i in 0..20 {
+                ws.send(WsMessage::text(format!("{name} {round}/{i}")))
+                    .unwrap();
+            }
+            for i in 0..20 {
+                assert_eq!(
+                    ws.read().unwrap(),
+                    WsMessage::text(format!("{name} {round}/{i}"))
+                );
+            }
+        }
+    }
+    wait_counts(&server, "six handshakes, no failure", |c| {
+        c[0] == 6 && c[1..] == [0, 0, 0, 0]
+    });
+}
+
+#[test]
+fn an_altered_record_ends_its_connection_and_a_close_notify_ends_what_is_read() {
+    let (ca, _tls, server) = setup(Limits::default());
+    let addr = server.handle_tls_addr();
+    let client = ca.client();
+
+    // One bit of a record flipped: the record does not open, the connection is closed
+    // and counted; the server's other connections go on.
+    let mut other = wss(addr, &client, "/echo");
+    let mut s = tls_stream(addr, &client, "localhost").unwrap();
+    s.conn
+        .writer()
+        .write_all(b"GET /echo HTTP/1.1\r\n")
+        .unwrap();
+    let mut records = Vec::new();
+    s.conn.write_tls(&mut records).unwrap();
+    let last = records.len() - 1;
+    records[last - 20] ^= 1;
+    s.sock.write_all(&records).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.sock.read_to_end(&mut rest);
+    wait_counts(&server, "one protocol failure", |c| c[3] == 1);
+    other.send(WsMessage::text("still here")).unwrap();
+    assert_eq!(other.read().unwrap(), WsMessage::text("still here"));
+
+    // After the client's close_notify nothing it sends is read: bytes that are no
+    // records are not a failure then.
+    let mut ws = wss(addr, &client, "/echo");
+    ws.send(WsMessage::text("before")).unwrap();
+    assert_eq!(ws.read().unwrap(), WsMessage::text("before"));
+    let s = ws.get_mut();
+    s.conn.send_close_notify();
+    while s.conn.wants_write() {
+        s.conn.write_tls(&mut s.sock).unwrap();
+    }
+    s.sock.write_all(&[0xff; 100]).unwrap();
+    s.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    // The end of the stream came with the last bytes (one epoll edge for both): the
+    // server sees it and closes, rather than waiting for the idle timeout.
+    if let Err(err) = s.sock.read_to_end(&mut rest) {
+        assert!(
+            !matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the server did not close: {err}"
+        );
+    }
+    other.send(WsMessage::text("and here")).unwrap();
+    assert_eq!(other.read().unwrap(), WsMessage::text("and here"));
+    wait_counts(&server, "still one protocol failure", |c| {
+        c[0] == 3 && c[3] == 1
+    });
 }
 
 /// The first TLS address of a running server.

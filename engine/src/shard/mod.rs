@@ -905,7 +905,24 @@ impl<D: Driver> Shard<D> {
                 let Some(tls) = self.tls_conns.get_mut(&index) else {
                     break;
                 };
-                match tls.seal(plain, session.should_close()) {
+                let sealed = tls.seal(plain, session.should_close());
+                if tls.is_established() && tls.has_failed() {
+                    // A record that could not be sealed (a TLS 1.2 key worn out): the
+                    // connection ends as a broken one.
+                    tls.held.clear();
+                    let id = conn_id(self.index, index, conn.generation);
+                    if let Some(session) = conn.live_session() {
+                        session.on_peer_gone(
+                            id,
+                            Some(libc::EPROTO),
+                            now_ms,
+                            &self.app,
+                            &mut self.regs,
+                        );
+                    }
+                    break;
+                }
+                match sealed {
                     Some(records) => records,
                     None => {
                         // Nothing to send (an empty output): it goes straight back.
@@ -1022,28 +1039,33 @@ fn tls_receive(
     regs: &mut Registries,
 ) {
     plain.clear();
-    let result = tls.receive(data, plain);
-    let Some(session) = conn.live_session() else {
-        return;
-    };
-    match result {
-        Ok(established) => {
-            if established {
-                bump(&stats.tls_handshakes, 1);
-                let parts = tls.parts();
-                session.set_tls(parts);
-            }
-            if !plain.is_empty() {
-                session.on_recv(id, plain, now_ms, app, regs);
-            }
+    let mut deliver = |conn: &mut Conn, bytes: &mut [u8]| {
+        if let Some(session) = conn.live_session() {
+            session.on_recv(id, bytes, now_ms, app, regs);
         }
-        Err(failure) => {
-            let counter = match failure {
-                Failure::NotTls => &stats.tls_failed_not_tls,
-                Failure::RefusedByClient => &stats.tls_failed_refused,
-                Failure::Protocol => &stats.tls_failed_protocol,
-            };
-            bump(counter, 1);
+    };
+    let mut result = tls.receive(data, plain, &mut |bytes| deliver(conn, bytes));
+    if result == Ok(true) {
+        bump(&stats.tls_handshakes, 1);
+        let parts = tls.parts();
+        if let Some(session) = conn.live_session() {
+            session.set_tls(parts);
+        }
+        // The handshake's own plaintext (the upgrade request, if it came with the
+        // client's last flight), then the records that came behind it.
+        if !plain.is_empty() {
+            deliver(conn, plain);
+        }
+        result = tls.receive(&mut [], plain, &mut |bytes| deliver(conn, bytes));
+    }
+    if let Err(failure) = result {
+        let counter = match failure {
+            Failure::NotTls => &stats.tls_failed_not_tls,
+            Failure::RefusedByClient => &stats.tls_failed_refused,
+            Failure::Protocol => &stats.tls_failed_protocol,
+        };
+        bump(counter, 1);
+        if let Some(session) = conn.live_session() {
             session.on_peer_gone(id, Some(libc::EPROTO), now_ms, app, regs);
         }
     }

@@ -1,41 +1,47 @@
-//! `wss://`: TLS on the engine's own listeners, with rustls (its default crypto
-//! provider, aws-lc-rs), on either driver.
+//! `wss://`: TLS on the engine's own listeners, on either driver: rustls (its aws-lc-rs
+//! provider) for the handshake, then a record layer of kythera's own
+//! (`record_layer.rs`) with the keys rustls gives up.
 //!
 //! TLS sits between a shard's driver and its sessions: the shard feeds the ciphertext a
-//! recv brought to the connection's `TlsConn`, hands the plaintext to the session as
-//! if it had been received, and seals what the session queued into records before the
-//! send. The session (and the gear) cannot tell a TLS connection from a plain one, but
-//! for [`kythera_handler_api::TlsParts`] in the upgrade request.
+//! recv brought to the connection's `TlsConn`, which hands the plaintext to the session
+//! as if it had been received, and seals what the session queued into records before
+//! the send. The session (and the gear) cannot tell a TLS connection from a plain one,
+//! but for [`kythera_handler_api::TlsParts`] in the upgrade request.
 //!
 //! # Where bytes are copied
 //!
-//! rustls' unbuffered API (`UnbufferedServerConnection`): records are decrypted in
-//! place in the receive buffer (only a record cut by the end of a receive is copied, to
-//! `TlsConn::incoming`, and only that record), and the session's output goes from its
-//! buffers to `WriteTraffic::encrypt`, which writes records into the send buffer. Inside
-//! rustls 0.23 each way still copies twice, which cannot be avoided from here: a
-//! decrypted record is moved into a `Vec` of its own (`ReadTraffic::next_record` pops it
-//! from its plaintext queue; its source says in-place records are for later) and lent
-//! immutably, so it is copied once more into the shard's scratch buffer, where the
-//! session unmasks frames in place as in a receive buffer; and `encrypt` copies the
-//! plaintext into a record of its own, encrypts it there and copies the record into the
-//! send buffer. A plain connection copies none of these.
+//! - Receiving, after the handshake: records are opened in place in the receive buffer,
+//!   and the plaintext of each record after the first is moved down behind the first's,
+//!   in the same buffer, so that the session gets one slice of the receive buffer as
+//!   from a plain connection: a whole frame reaches the gear borrowed from where it
+//!   arrived. Only a record cut by the end of a receive is copied (into
+//!   `TlsConn::incoming`, and only that record).
+//! - Sending: a piece of the session's output of 1 KiB or more is sealed from where it
+//!   lies straight into the send buffer; smaller pieces are copied into a shared record
+//!   and sealed there.
+//! - During the handshake, rustls' unbuffered API: the plaintext that comes with the
+//!   client's last flight (its upgrade request, often) is copied twice.
+//!
+//! rustls' own record layer (`ReadTraffic`, `WriteTraffic::encrypt`) copies twice each
+//! way, which is why it is only used for the handshake.
 //!
 //! # kTLS
 //!
 //! Handing the record layer to the kernel (`setsockopt(TCP_ULP, "tls")` after the
 //! handshake, then plain sends and recvs) needs the kernel's `tls` module, which these
 //! machines do not offer (`/proc/sys/net/ipv4/tcp_available_ulp` lists `mptcp` only).
-//! The seam for it is `TlsConn`: after the handshake it would export the traffic
-//! secrets (`dangerous_extract_secrets`) and step aside.
+//! The seam for it is where `record_layer::RecordLayer` is made: the same secrets
+//! from the same rustls call would go to `setsockopt(SOL_TLS, TLS_TX/TLS_RX)`, and
+//! `TlsConn` would step aside.
 //!
 //! # Memory
 //!
-//! An idle TLS connection holds rustls' connection state (keys, the record layer: about
-//! 2.3 KB measured with a counting allocator) and no buffer: `incoming` is empty
+//! An idle TLS connection holds the record layer (two AEAD keys, their IVs and sequence
+//! numbers, rustls' key schedule for key updates) and no buffer: `incoming` is empty
 //! between records, and the send buffer is given back by the shard's idle sweep. At
-//! 10,000 idle `wss://` connections the server's RSS grew by 4.0 KB per connection
-//! (136 B for `ws://`), README "Serving wss://".
+//! 10,000 idle `wss://` connections the server's RSS grew by 3.1 KB per connection
+//! (4.0 KB with rustls' whole connection kept, before the record layer), README
+//! "Serving wss://".
 //!
 //! # Certificates
 //!
@@ -67,7 +73,7 @@ use crate::session::Output;
 
 mod record_layer;
 
-use record_layer::{MAX_PLAINTEXT, Opened, RecordError, RecordLayer};
+use record_layer::{MAX_PLAINTEXT, Opened, Plain, RecordError, RecordLayer, Sink};
 
 /// Sessions kept per server for resumption by session id (TLS 1.2 clients without
 /// tickets); tickets need no server memory.
@@ -240,6 +246,28 @@ fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
+/// The cipher suites, in the server's order of preference, which decides (as Go's TLS
+/// server and nginx's usual settings do): AES-128-GCM first. Clients (rustls, and
+/// OpenSSL's defaults) list AES-256-GCM-SHA384 first, and following them costs the
+/// server twice: SHA-384 has no instructions of its own on x86 (SHA-256 has SHA-NI), so
+/// the handshake's key schedule is slower, and AES-256 is 14 rounds against AES-128's
+/// 10 for every byte after it. AES-128-GCM is TLS 1.3's mandatory suite; the other
+/// two stay for clients that offer nothing else.
+const SUITES: [rustls::SupportedCipherSuite; 9] = {
+    use rustls::crypto::aws_lc_rs::cipher_suite::*;
+    [
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ]
+};
+
 /// rustls' configuration for a certificate and key: TLS 1.3 and 1.2, ALPN `http/1.1`,
 /// the shared ticketer and session cache.
 fn build(
@@ -268,7 +296,10 @@ fn build(
         return Err(TlsError::NoCertificate(cert_from));
     }
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey(key_from))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: SUITES.to_vec(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(TlsError::Rustls)?
@@ -276,6 +307,8 @@ fn build(
         .with_single_cert(chain, key)
         .map_err(TlsError::Rustls)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // The server's order of SUITES, not the client's: see there.
+    config.ignore_client_order = true;
     // After the handshake the traffic keys go to kythera's record layer (record_layer.rs).
     config.enable_secret_extraction = true;
     config.cert_resolver = Arc::new(RecordServerName(Arc::clone(&config.cert_resolver)));
@@ -306,8 +339,11 @@ This port speaks TLS: use https:// or wss://.\n";
 
 /// Who runs a connection's TLS: rustls for the handshake, then kythera's own record
 /// layer.
+// The record layer inline, as an open connection holds it for its life; rustls'
+// connection (1,088 bytes against 672) boxed, for the handshake only.
+#[allow(clippy::large_enum_variant)]
 enum Stage {
-    Handshake(UnbufferedServerConnection),
+    Handshake(Box<UnbufferedServerConnection>),
     Records(RecordLayer),
     /// Between the two for a moment, and after a failure to change over.
     Gone,
@@ -382,6 +418,11 @@ fn encode_required(e: &EncodeError) -> Option<usize> {
     }
 }
 
+/// Pieces of the session's output shorter than this are gathered into records shared
+/// with their neighbours (a copy of a few bytes); longer ones are sealed from where they
+/// are, in records of their own.
+const GATHER_BELOW: usize = 1024;
+
 /// What a refused record counts as.
 fn record_failure(err: RecordError) -> Failure {
     tracing::debug!(error = ?err, "TLS connection failed");
@@ -415,7 +456,7 @@ impl ResolvesServerCert for RecordServerName {
 impl TlsConn {
     pub(crate) fn new(config: Arc<ServerConfig>) -> Result<TlsConn, rustls::Error> {
         Ok(TlsConn {
-            stage: Stage::Handshake(UnbufferedServerConnection::new(config)?),
+            stage: Stage::Handshake(Box::new(UnbufferedServerConnection::new(config)?)),
             incoming: Vec::new(),
             out: Vec::new(),
             out_used: 0,
@@ -543,7 +584,7 @@ impl TlsConn {
                 _ => break,
             }
         }
-        self.stage = Stage::Records(RecordLayer::new(conn).map_err(record_failure)?);
+        self.stage = Stage::Records(RecordLayer::new(*conn).map_err(record_failure)?);
         Ok(())
     }
 
@@ -616,7 +657,10 @@ impl TlsConn {
             if buf.len() - at < len {
                 break;
             }
-            match records.open(&mut buf[at..at + len]).map_err(record_failure)? {
+            match records
+                .open(&mut buf[at..at + len])
+                .map_err(record_failure)?
+            {
                 Opened::Data(range) if !range.is_empty() => {
                     let range = at + range.start..at + range.end;
                     match &mut plain {
@@ -629,10 +673,13 @@ impl TlsConn {
                 }
                 Opened::Data(_) | Opened::Nothing => {}
                 Opened::KeyUpdateRequested => {
-                    self.out.truncate(self.out_used);
-                    let answered = records.answer_key_update(&mut self.out);
-                    self.out_used = self.out.len();
-                    answered.map_err(record_failure)?;
+                    let mut out = Sink {
+                        buf: &mut self.out,
+                        used: &mut self.out_used,
+                    };
+                    records
+                        .answer_key_update(&mut out)
+                        .map_err(record_failure)?;
                 }
                 Opened::Closed => {
                     self.peer_closed = true;
@@ -737,45 +784,79 @@ impl TlsConn {
     }
 
     /// Seals `plain`'s bytes (and a `close_notify` once `closing`) at the end of `out`:
-    /// records as full as the bytes allow, whatever the output's pieces.
+    /// records as full as the bytes allow, whatever the output's pieces. A record whose
+    /// bytes lie together (all but those that span two pieces) is sealed from where
+    /// they are straight into `out`.
     fn encrypt(&mut self, plain: Option<&Output>, closing: bool) -> Result<(), RecordError> {
         let Stage::Records(records) = &mut self.stage else {
             return Ok(());
         };
-        self.out.truncate(self.out_used);
-        let result = (|| {
-            if let Some(p) = plain {
-                let mut left = p.len();
-                self.out
-                    .reserve(left + left.div_ceil(MAX_PLAINTEXT) * RecordLayer::OVERHEAD);
-                let mut pieces =
-                    std::iter::once(&p.first[p.start..]).chain(p.rest.iter().map(|c| c.bytes()));
-                let mut piece: &[u8] = &[];
-                while left > 0 {
-                    let len = left.min(MAX_PLAINTEXT);
-                    records.seal_data(len, &mut self.out, |out| {
-                        let mut need = len;
-                        while need > 0 {
-                            while piece.is_empty() {
-                                piece = pieces.next().expect("Output::len counts these bytes");
-                            }
-                            let n = need.min(piece.len());
-                            out.extend_from_slice(&piece[..n]);
-                            piece = &piece[n..];
-                            need -= n;
-                        }
-                    })?;
-                    left -= len;
+        let mut out = Sink {
+            buf: &mut self.out,
+            used: &mut self.out_used,
+        };
+        if let Some(p) = plain {
+            let mut left = p.len();
+            // Room for all of it at once: a record per piece and per 16 KiB at most,
+            // and a KeyUpdate and a close_notify.
+            let records_at_most = p.rest.len() + 1 + left.div_ceil(MAX_PLAINTEXT) + 2;
+            out.reserve(left + records_at_most * RecordLayer::OVERHEAD);
+            let mut pieces = std::iter::once(&p.first[p.start..])
+                .chain(p.rest.iter().map(|c| c.bytes()))
+                .filter(|b| !b.is_empty());
+            let mut piece: &[u8] = &[];
+            while left > 0 {
+                if piece.is_empty() {
+                    piece = pieces.next().expect("Output::len counts these bytes");
                 }
+                if piece.len() >= GATHER_BELOW {
+                    // Records cut where the piece ends, so that none spans two pieces:
+                    // a 16 KiB echo (its header, then 16,384 bytes) is two records,
+                    // both sealed from where the bytes are.
+                    let (now, later) = piece.split_at(piece.len().min(MAX_PLAINTEXT));
+                    records.seal_data(Plain::Bytes(now), &mut out)?;
+                    left -= now.len();
+                    piece = later;
+                    continue;
+                }
+                // Small pieces in a row share a record (gathered into it, then sealed
+                // there), up to the next large piece.
+                let mut len = piece.len();
+                let mut ahead = pieces.clone();
+                while len < MAX_PLAINTEXT {
+                    match ahead.next() {
+                        Some(b) if b.len() < GATHER_BELOW => len += b.len(),
+                        _ => break,
+                    }
+                }
+                let len = len.min(MAX_PLAINTEXT);
+                let mut fill = |dst: &mut [u8]| {
+                    let mut at = 0;
+                    while at < dst.len() {
+                        while piece.is_empty() {
+                            piece = pieces.next().expect("Output::len counts these bytes");
+                        }
+                        let n = (dst.len() - at).min(piece.len());
+                        dst[at..at + n].copy_from_slice(&piece[..n]);
+                        piece = &piece[n..];
+                        at += n;
+                    }
+                };
+                records.seal_data(
+                    Plain::Pieces {
+                        len,
+                        fill: &mut fill,
+                    },
+                    &mut out,
+                )?;
+                left -= len;
             }
-            if closing && !self.close_notified {
-                self.close_notified = true;
-                records.seal_close_notify(&mut self.out)?;
-            }
-            Ok(())
-        })();
-        self.out_used = self.out.len();
-        result
+        }
+        if closing && !self.close_notified {
+            self.close_notified = true;
+            records.seal_close_notify(&mut out)?;
+        }
+        Ok(())
     }
 
     /// Gives back what an idle connection need not hold: its send buffer, and the room
