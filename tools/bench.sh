@@ -108,6 +108,10 @@
 #   CLUSTER=0     skip the cluster scenario (its settings: CLUSTER_* in tools/bench-cluster.sh;
 #                 quick: 1 repeat, 2 s windows, 3,000 members)
 #   HANDSHAKE_CONNECTIONS * connections per handshake run [10000; quick: 1000]
+#   HANDSHAKE_CPU_QUOTA  percent of one core each server may use in the handshake runs
+#                 (a cgroup CPU quota, v1 or v2), so that the server and not the
+#                 one-core client is the limit and handshakes/s compares the servers
+#                 (TLS: the client's handshake costs as much as the server's) [0: none]
 #   SERVER_CPU    core for the server [0]; CLIENT_CPU core for the client [1]
 #   FWS_HANDSHAKE hyper (as fastwebsockets documents) or raw (no hyper) [hyper]
 #   MAX_OTHER_LOAD  cores of other load in a window above which it warns [0.15]
@@ -187,6 +191,8 @@ for n in $CONNECTIONS $SIZES $INFLIGHT $MEMORY_CONNECTIONS; do posint "CONNECTIO
 posint REPEATS "$REPEATS"
 posint PER_CLIENT "$PER_CLIENT"
 posint HANDSHAKE_CONNECTIONS "$HANDSHAKE_CONNECTIONS"
+HANDSHAKE_CPU_QUOTA=${HANDSHAKE_CPU_QUOTA:-0}
+[[ $HANDSHAKE_CPU_QUOTA == 0 ]] || posint HANDSHAKE_CPU_QUOTA "$HANDSHAKE_CPU_QUOTA"
 [[ $SHARDS2_TARGET =~ ^[0-9]+$ ]] || die "SHARDS2_TARGET must be a number of connections"
 number WARMUP "$WARMUP"
 number DURATION "$DURATION"
@@ -245,8 +251,13 @@ cleanup() {
     trap - EXIT INT TERM
     for p in "${CLIENT_PIDS[@]}"; do stop_pid "$p" 2; done
     stop_pid "$SERVER_PID" 5
+    [[ -n $CGROUP ]] && rmdir "$CGROUP" 2>/dev/null
     exit "$rc"
 }
+CGROUP=""
+# Servers started while QUOTA_SERVERS=1 run in CGROUP, held to HANDSHAKE_CPU_QUOTA% of
+# a core.
+QUOTA_SERVERS=0
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
@@ -344,6 +355,10 @@ start_server() {
         ready="listening on"
         ;;
     esac
+    if ((QUOTA_SERVERS)); then
+        # Into the cgroup before it execs the server (its threads follow it there).
+        cmd=(sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CGROUP" "${cmd[@]}")
+    fi
     "${pin[@]}" "${cmd[@]}" >"$log" 2>&1 &
     SERVER_PID=$!
     for ((i = 0; i < 200; i++)); do
@@ -526,12 +541,27 @@ fi
 
 # --- handshake rate ----------------------------------------------------------------
 if [[ $HANDSHAKES == 1 ]]; then
+    if ((HANDSHAKE_CPU_QUOTA > 0)); then
+        # cgroup v2 (cpu.max) or v1 (the cpu controller's cfs quota).
+        if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then
+            CGROUP=/sys/fs/cgroup/kythera-bench-$$
+            mkdir "$CGROUP" || die "cannot make $CGROUP (HANDSHAKE_CPU_QUOTA needs root)"
+            echo "$((HANDSHAKE_CPU_QUOTA * 1000)) 100000" >"$CGROUP/cpu.max"
+        else
+            CGROUP=/sys/fs/cgroup/cpu/kythera-bench-$$
+            mkdir "$CGROUP" || die "cannot make $CGROUP (HANDSHAKE_CPU_QUOTA needs root)"
+            echo 100000 >"$CGROUP/cpu.cfs_period_us"
+            echo "$((HANDSHAKE_CPU_QUOTA * 1000))" >"$CGROUP/cpu.cfs_quota_us"
+        fi
+        QUOTA_SERVERS=1
+    fi
     for ((r = 1; r <= REPEATS; r++)); do
         for name in $SERVERS; do
             run_load handshake "$name" "$r" "handshake-$name-c$HANDSHAKE_CONNECTIONS-r$r" \
                 connect -c "$HANDSHAKE_CONNECTIONS" --connect-timeout 60
         done
     done
+    QUOTA_SERVERS=0
 fi
 # --- cluster -----------------------------------------------------------------------
 if [[ $CLUSTER == 1 ]]; then
@@ -552,7 +582,7 @@ echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 # --- results.json and table.md -----------------------------------------------------
 export QUICK SERVERS CONNECTIONS SIZES INFLIGHT KIND REPEATS WARMUP DURATION MEMORY_CONNECTIONS HOLD \
-    SHARDS2_TARGET HANDSHAKE_CONNECTIONS FWS_HANDSHAKE
+    SHARDS2_TARGET HANDSHAKE_CONNECTIONS HANDSHAKE_CPU_QUOTA FWS_HANDSHAKE
 python3 - "$OUT" "$REFERENCE" "$MAX_OTHER_LOAD" "$SERVERS" <<'EOF'
 import json, os, platform, statistics, subprocess, sys, time
 out, ref, max_other, servers = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4].split()
@@ -571,7 +601,8 @@ def get(j, k):
 
 env = {k: os.environ.get(k) for k in
        ("QUICK", "SERVERS", "CONNECTIONS", "SIZES", "INFLIGHT", "KIND", "REPEATS", "WARMUP", "DURATION",
-        "MEMORY_CONNECTIONS", "HOLD", "SHARDS2_TARGET", "HANDSHAKE_CONNECTIONS", "FWS_HANDSHAKE")}
+        "MEMORY_CONNECTIONS", "HOLD", "SHARDS2_TARGET", "HANDSHAKE_CONNECTIONS", "HANDSHAKE_CPU_QUOTA",
+        "FWS_HANDSHAKE")}
 def cmd(*a):
     try:
         return subprocess.run(a, capture_output=True, text=True, check=True).stdout.strip()
@@ -816,7 +847,10 @@ if memory:
         L.append("")
 if handshakes:
     L.append("### Handshakes\n")
-    L.append("`kythera-load connect` (256 connects + handshakes in flight), fresh server per run; medians.\n")
+    quota = int(env.get("HANDSHAKE_CPU_QUOTA") or 0)
+    L.append("`kythera-load connect` (256 connects + handshakes in flight), fresh server per run; medians" +
+             (f"; each server held to {quota}% of a core (a cgroup CPU quota), so the server is the limit"
+              if quota else "") + ".\n")
     L.append("| server | connections | handshakes/s | server CPU µs/handshake | p50 handshake latency µs |" +
              f" {sn(ref)}/other rate |")
     L.append("|---|---|---|---|---|---|")
