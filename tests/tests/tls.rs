@@ -512,6 +512,45 @@ fn an_altered_record_ends_its_connection_and_a_close_notify_ends_what_is_read() 
     });
 }
 
+#[test]
+fn a_request_and_a_close_notify_in_the_flight_of_the_finished_are_answered() {
+    let (ca, _tls, server) = setup(Limits::default());
+    let tcp = TcpStream::connect(server.handle_tls_addr()).unwrap();
+    tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut conn = ClientConnection::new(ca.client(), name).unwrap();
+    // Written before the handshake is done: rustls seals it right behind its Finished.
+    conn.writer()
+        .write_all(
+            b"GET /echo HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              Sec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let mut s = StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        if s.conn.wants_write() {
+            s.conn.write_tls(&mut s.sock).unwrap();
+        } else {
+            s.conn.read_tls(&mut s.sock).unwrap();
+            s.conn.process_new_packets().unwrap();
+        }
+    }
+    // Finished, the request and the close_notify leave together.
+    s.conn.send_close_notify();
+    let mut flight = Vec::new();
+    while s.conn.wants_write() {
+        s.conn.write_tls(&mut flight).unwrap();
+    }
+    s.sock.write_all(&flight).unwrap();
+    let mut answer = [0; 12];
+    s.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 101");
+    wait_counts(&server, "one handshake", |c| {
+        c[0] == 1 && c[1..] == [0, 0, 0, 0]
+    });
+}
+
 /// The first TLS address of a running server.
 trait TlsAddr {
     fn handle_tls_addr(&self) -> SocketAddr;

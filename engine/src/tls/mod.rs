@@ -672,6 +672,8 @@ impl TlsConn {
                     }
                 }
                 Opened::Data(_) | Opened::Nothing => {}
+                // Nothing goes after our close_notify.
+                Opened::KeyUpdateRequested if self.close_notified => {}
                 Opened::KeyUpdateRequested => {
                     let mut out = Sink {
                         buf: &mut self.out,
@@ -741,6 +743,13 @@ impl TlsConn {
                 ConnectionState::WriteTraffic(_) => {
                     self.established = true;
                     true
+                }
+                // The client's close_notify, maybe right behind its Finished and its
+                // request: nothing more is read, and the next state says whether the
+                // handshake is complete (WriteTraffic: its request is answered).
+                ConnectionState::PeerClosed => {
+                    self.peer_closed = true;
+                    false
                 }
                 // Need more bytes; or the peer's close_notify (its close frame, or the
                 // end of the connection, follows).

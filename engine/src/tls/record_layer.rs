@@ -21,7 +21,15 @@
 //! the version allows, a record that does not open (wrong key, altered), handshake
 //! messages other than `KeyUpdate` (a TLS 1.2 renegotiation among them), a handshake
 //! message split over two records (rustls would join them; no client splits a 5-byte
-//! `KeyUpdate`), and an empty TLS 1.3 record with no content type.
+//! `KeyUpdate`), an empty TLS 1.3 record with no content type, and more than 32 records
+//! in a row that carry no application data (key updates, empty records, warnings), as
+//! rustls refuses them.
+//!
+//! Not handled: a `KeyUpdate` the client sends in the same flight as its `Finished` is
+//! answered by rustls during the handshake, and that answer is lost in the hand-over
+//! (rustls keeps it outside what `dangerous_into_kernel_connection` checks), so that
+//! client cannot read what follows; no client is known to send one there. No alert is
+//! sent when a connection fails after the handshake: it is closed.
 
 use std::ops::Range;
 
@@ -151,9 +159,18 @@ pub(crate) struct RecordLayer {
     tx: Keys,
     /// Records sealed under one key before it must change.
     tx_limit: u64,
-    /// TLS 1.2 reached its limit: nothing more is sealed.
-    worn_out: bool,
+    /// Our `KeyUpdate` is sealed and no application data since: further requests are
+    /// answered by it (RFC 8446 4.6.3: one update for many requests while silent).
+    answered: bool,
+    /// Records with no application data in them (key updates, empty records, warning
+    /// alerts) since the last that had some: a peer that sends only those is refused
+    /// after [`IDLE_RECORDS_MAX`], as rustls refuses it, before it costs a key update
+    /// each for ever.
+    idle_records: u8,
 }
+
+/// See [`RecordLayer::idle_records`].
+const IDLE_RECORDS_MAX: u8 = 32;
 
 impl RecordLayer {
     /// Takes over from rustls once its handshake is complete and everything it had to
@@ -174,7 +191,8 @@ impl RecordLayer {
             rx: Keys::new(secrets.rx.0, secrets.rx.1)?,
             tx: Keys::new(secrets.tx.0, secrets.tx.1)?,
             tx_limit,
-            worn_out: false,
+            answered: false,
+            idle_records: 0,
         })
     }
 
@@ -214,6 +232,11 @@ impl RecordLayer {
                 .open_in_place(nonce, Aad::from(aad), body)
                 .map_err(|_| RecordError::Protocol("a record that does not open"))?;
             self.rx.seq += 1;
+            // The inner plaintext (data, content type, padding) has the same limit as
+            // the data plus its type byte (RFC 8446 5.4).
+            if plain.len() > MAX_PLAINTEXT + 1 {
+                return Err(RecordError::Protocol("a record over the size limit"));
+            }
             // The content type is the last byte that is not padding.
             let Some(end) = plain.iter().rposition(|&b| b != 0) else {
                 return Err(RecordError::Protocol("a record with no content type"));
@@ -253,8 +276,16 @@ impl RecordLayer {
             self.rx.seq += 1;
             (outer, HEADER + at..HEADER + at + len)
         };
+        if typ == APPLICATION_DATA && !content.is_empty() {
+            self.idle_records = 0;
+            return Ok(Opened::Data(content));
+        }
+        self.idle_records += 1;
+        if self.idle_records > IDLE_RECORDS_MAX {
+            return Err(RecordError::Protocol("too many records without data"));
+        }
         match typ {
-            APPLICATION_DATA => Ok(Opened::Data(content)),
+            APPLICATION_DATA => Ok(Opened::Nothing),
             ALERT => match record[content] {
                 [_, CLOSE_NOTIFY] => Ok(Opened::Closed),
                 [_, USER_CANCELED] if self.tls13 => Ok(Opened::Nothing),
@@ -287,7 +318,7 @@ impl RecordLayer {
                     RecordError::Protocol("a key update that failed")
                 })?;
                 self.rx = Keys::new(seq, secrets)?;
-                Ok(if *request == UPDATE_REQUESTED {
+                Ok(if *request == UPDATE_REQUESTED && !self.answered {
                     Opened::KeyUpdateRequested
                 } else {
                     Opened::Nothing
@@ -311,6 +342,7 @@ impl RecordLayer {
             RecordError::Protocol("a key update that failed")
         })?;
         self.tx = Keys::new(seq, secrets)?;
+        self.answered = true;
         Ok(())
     }
 
@@ -321,36 +353,28 @@ impl RecordLayer {
         plain: Plain<'_>,
         out: &mut Sink<'_>,
     ) -> Result<(), RecordError> {
-        self.seal_record(APPLICATION_DATA, plain, out)
+        // TLS 1.2 cannot change its key: at the limit, the connection fails (a
+        // close_notify may still go, under the last record number).
+        if !self.tls13 && self.tx.seq + 1 >= self.tx_limit {
+            return Err(RecordError::Protocol("the sending key is worn out"));
+        }
+        self.seal_one(APPLICATION_DATA, plain, out)?;
+        self.answered = false;
+        // TLS 1.3: one record under the key is left for the KeyUpdate that changes it.
+        if self.tls13 && self.tx.seq + 1 >= self.tx_limit {
+            self.answer_key_update(out)?;
+        }
+        Ok(())
     }
 
     /// Seals a `close_notify` alert at `out`'s end.
     pub(crate) fn seal_close_notify(&mut self, out: &mut Sink<'_>) -> Result<(), RecordError> {
-        self.seal_record(ALERT, Plain::Bytes(&[WARNING, CLOSE_NOTIFY]), out)
+        self.seal_one(ALERT, Plain::Bytes(&[WARNING, CLOSE_NOTIFY]), out)
     }
 
     /// The most a record adds to its plaintext (TLS 1.2 AES-GCM's header, explicit
     /// nonce and tag; TLS 1.3's header, content type and tag are 22 bytes).
     pub(crate) const OVERHEAD: usize = HEADER + EXPLICIT_NONCE + TAG;
-
-    /// Seals one record, then minds the confidentiality limit: one record under the
-    /// key is left for the `KeyUpdate` that changes it.
-    fn seal_record(
-        &mut self,
-        typ: u8,
-        plain: Plain<'_>,
-        out: &mut Sink<'_>,
-    ) -> Result<(), RecordError> {
-        self.seal_one(typ, plain, out)?;
-        if self.tx.seq + 1 >= self.tx_limit {
-            if self.tls13 {
-                self.answer_key_update(out)?;
-            } else {
-                self.worn_out = true;
-            }
-        }
-        Ok(())
-    }
 
     fn seal_one(
         &mut self,
@@ -358,11 +382,10 @@ impl RecordLayer {
         plain: Plain<'_>,
         out: &mut Sink<'_>,
     ) -> Result<(), RecordError> {
-        if self.worn_out {
-            return Err(RecordError::Protocol("the sending key is worn out"));
-        }
         let len = plain.len();
-        debug_assert!(len <= MAX_PLAINTEXT);
+        if len > MAX_PLAINTEXT {
+            return Err(RecordError::Protocol("a record over the size limit"));
+        }
         let explicit = if !self.tls13 && self.tx.is_gcm() {
             EXPLICIT_NONCE
         } else {
