@@ -335,6 +335,13 @@ impl Session {
         self.queued() + self.tx.as_ref().map_or(0, |t| t.in_flight)
     }
 
+    /// The connection still holds its output buffers: it has sent within the last
+    /// [`TX_QUIET_MS`] (or has something to send). The shard keeps a TLS connection's
+    /// send buffer as long.
+    pub fn holds_output_buffers(&self) -> bool {
+        self.tx.is_some()
+    }
+
     /// Bytes queued and not handed to the shard yet.
     fn queued(&self) -> usize {
         self.tx.as_ref().map_or(0, |t| t.queued())

@@ -109,10 +109,12 @@ impl<D: Driver> Shard<D> {
             let Some(session) = conn.live_session() else {
                 continue;
             };
-            // A TLS connection with nothing to send keeps no send buffer (a busy one
-            // allocates one again at its next send: once per pass of the sweep).
+            // A quiet TLS connection keeps no send buffer: once its session has given
+            // its own output buffers back (a second without output). Giving it back
+            // whenever nothing was queued at the sweep's pass cost a busy connection a
+            // new buffer (zeroed, its pages faulted in) once per pass.
             if tls
-                && session.queued_bytes() == 0
+                && !session.holds_output_buffers()
                 && let Some(state) = self.tls_conns.get_mut(&(index as u32))
             {
                 state.release_idle();
