@@ -62,11 +62,11 @@ use kythera_handler_api::TlsParts;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{
-    ClientHello, ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache,
-    StoresServerSessions, UnbufferedServerConnection,
+    ClientHello, ProducesTickets, ResolvesServerCert, ServerConnectionData,
+    ServerSessionMemoryCache, StoresServerSessions, UnbufferedServerConnection,
 };
 use rustls::sign::CertifiedKey;
-use rustls::unbuffered::{ConnectionState, EncodeError};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData};
 use rustls::{HandshakeKind, ProtocolVersion, ServerConfig};
 
 use crate::session::Output;
@@ -418,6 +418,16 @@ fn encode_required(e: &EncodeError) -> Option<usize> {
     }
 }
 
+/// Writes a handshake message rustls has to send at `out[*used..]`.
+fn encode_into(
+    out: &mut Vec<u8>,
+    used: &mut usize,
+    message: &mut EncodeTlsData<'_, ServerConnectionData>,
+) -> Result<(), Failure> {
+    write_out(out, used, 4096, |b| message.encode(b), encode_required)
+        .map_err(|_| Failure::Protocol)
+}
+
 /// Pieces of the session's output shorter than this are gathered into records shared
 /// with their neighbours (a copy of a few bytes); longer ones are sealed from where they
 /// are, in records of their own.
@@ -571,14 +581,7 @@ impl TlsConn {
         loop {
             match conn.process_tls_records(&mut []).state {
                 Ok(ConnectionState::EncodeTlsData(mut message)) => {
-                    write_out(
-                        &mut self.out,
-                        &mut self.out_used,
-                        4096,
-                        |b| message.encode(b),
-                        encode_required,
-                    )
-                    .map_err(|_| Failure::Protocol)?;
+                    encode_into(&mut self.out, &mut self.out_used, &mut message)?;
                 }
                 Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
                 _ => break,
@@ -725,14 +728,7 @@ impl TlsConn {
                     false
                 }
                 ConnectionState::EncodeTlsData(mut message) => {
-                    write_out(
-                        &mut self.out,
-                        &mut self.out_used,
-                        4096,
-                        |b| message.encode(b),
-                        encode_required,
-                    )
-                    .map_err(|_| Failure::Protocol)?;
+                    encode_into(&mut self.out, &mut self.out_used, &mut message)?;
                     false
                 }
                 // Sent at this turn's flush, after anything queued before it.
