@@ -61,12 +61,17 @@ impl Ca {
         (cert.pem(), key.serialize_pem())
     }
 
-    /// A client that trusts this CA only, with session resumption on (rustls' default).
-    fn client(&self) -> Arc<ClientConfig> {
+    /// A root store with this CA only.
+    fn roots(&self) -> RootCertStore {
         let mut roots = RootCertStore::empty();
         roots.add(self.der.clone()).unwrap();
+        roots
+    }
+
+    /// A client that trusts this CA only, with session resumption on (rustls' default).
+    fn client(&self) -> Arc<ClientConfig> {
         let mut config = ClientConfig::builder()
-            .with_root_certificates(roots)
+            .with_root_certificates(self.roots())
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Arc::new(config)
@@ -256,11 +261,9 @@ fn connect_sees_the_server_name_and_a_resumed_session() {
     );
 
     // A TLS 1.2 client is served too.
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.der.clone()).unwrap();
     let tls12 = Arc::new(
         ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
-            .with_root_certificates(roots)
+            .with_root_certificates(ca.roots())
             .with_no_client_auth(),
     );
     let mut old = wss(addr, &tls12, "/info");
@@ -410,13 +413,11 @@ fn every_cipher_suite_of_both_versions_echoes_and_tls_1_3_keys_update() {
             cipher_suites: vec![suite],
             ..default_provider()
         };
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.der.clone()).unwrap();
         let client = Arc::new(
             ClientConfig::builder_with_provider(Arc::new(provider))
                 .with_protocol_versions(&[version])
                 .unwrap()
-                .with_root_certificates(roots)
+                .with_root_certificates(ca.roots())
                 .with_no_client_auth(),
         );
         let mut ws = wss(addr, &client, "/echo");

@@ -905,11 +905,9 @@ impl<D: Driver> Shard<D> {
                 let Some(tls) = self.tls_conns.get_mut(&index) else {
                     break;
                 };
-                let sealed = tls.seal(plain, session.should_close());
-                if tls.is_established() && tls.has_failed() {
+                let Ok(sealed) = tls.seal(plain, session.should_close()) else {
                     // A record that could not be sealed (a TLS 1.2 key worn out): the
                     // connection ends as a broken one.
-                    tls.held.clear();
                     let id = conn_id(self.index, index, conn.generation);
                     if let Some(session) = conn.live_session() {
                         session.on_peer_gone(
@@ -921,7 +919,7 @@ impl<D: Driver> Shard<D> {
                         );
                     }
                     break;
-                }
+                };
                 match sealed {
                     Some(records) => records,
                     None => {

@@ -372,8 +372,6 @@ pub(crate) struct TlsConn {
     /// handshake completes, for [`TlsConn::parts`]).
     version: &'static str,
     resumed: bool,
-    /// The handshake completed.
-    established: bool,
     /// The connection failed (counted once); nothing more is read from it.
     failed: bool,
     close_notified: bool,
@@ -474,7 +472,6 @@ impl TlsConn {
             server_name: None,
             version: "unknown",
             resumed: false,
-            established: false,
             failed: false,
             close_notified: false,
             peer_closed: false,
@@ -484,7 +481,7 @@ impl TlsConn {
 
     /// The handshake completed.
     pub(crate) fn is_established(&self) -> bool {
-        self.established
+        matches!(self.stage, Stage::Records(_))
     }
 
     /// The connection failed (and was counted).
@@ -519,7 +516,7 @@ impl TlsConn {
         if self.failed {
             return Ok(false);
         }
-        let result = if self.established {
+        let result = if self.is_established() {
             self.receive_records(data, deliver).map(|()| false)
         } else {
             self.receive_handshake(data, plain)
@@ -545,25 +542,27 @@ impl TlsConn {
         }
         // A name noted for a connection that failed before taking it is not this one's.
         HELLO_SERVER_NAME.with(|n| n.borrow_mut().take());
-        if self.incoming.is_empty() {
+        let complete = if self.incoming.is_empty() {
             // Handshake records are processed where they arrived, and only a message
             // cut by the end of the receive is kept.
-            let used = self.process(data, plain)?;
+            let (used, complete) = self.process(data, plain)?;
             self.incoming.extend_from_slice(&data[used..]);
+            complete
         } else {
             let mut buf = std::mem::take(&mut self.incoming);
             buf.extend_from_slice(data);
-            let used = self.process(&mut buf, plain)?;
+            let (used, complete) = self.process(&mut buf, plain)?;
             buf.drain(..used);
             self.incoming = buf;
-        }
+            complete
+        };
         if self.server_name.is_none() {
             self.server_name = HELLO_SERVER_NAME.with(|n| n.borrow_mut().take());
         }
-        if self.established {
+        if complete {
             self.take_keys()?;
         }
-        Ok(self.established)
+        Ok(complete)
     }
 
     /// The handshake is complete: notes what `connect` is told of it, takes what rustls
@@ -702,8 +701,9 @@ impl TlsConn {
 
     /// Drives rustls' handshake over `buf` (the records not processed yet, first byte
     /// on): the plaintext of application-data records to `plain`, handshake messages to
-    /// `out`. Returns how many bytes of `buf` it is done with.
-    fn process(&mut self, buf: &mut [u8], plain: &mut Vec<u8>) -> Result<usize, Failure> {
+    /// `out`. Returns how many bytes of `buf` it is done with, and whether the handshake
+    /// is complete.
+    fn process(&mut self, buf: &mut [u8], plain: &mut Vec<u8>) -> Result<(usize, bool), Failure> {
         let Stage::Handshake(conn) = &mut self.stage else {
             return Err(Failure::Protocol);
         };
@@ -718,6 +718,7 @@ impl TlsConn {
                     _ => Failure::Protocol,
                 }
             })?;
+            // Some(complete): stop here.
             let done = match state {
                 ConnectionState::ReadTraffic(mut records) => {
                     while let Some(record) = records.next_record() {
@@ -725,35 +726,31 @@ impl TlsConn {
                         discard += record.discard;
                         plain.extend_from_slice(record.payload);
                     }
-                    false
+                    None
                 }
                 ConnectionState::EncodeTlsData(mut message) => {
                     encode_into(&mut self.out, &mut self.out_used, &mut message)?;
-                    false
+                    None
                 }
                 // Sent at this turn's flush, after anything queued before it.
                 ConnectionState::TransmitTlsData(transmit) => {
                     transmit.done();
-                    false
+                    None
                 }
-                ConnectionState::WriteTraffic(_) => {
-                    self.established = true;
-                    true
-                }
+                ConnectionState::WriteTraffic(_) => Some(true),
                 // The client's close_notify, maybe right behind its Finished and its
                 // request: nothing more is read, and the next state says whether the
                 // handshake is complete (WriteTraffic: its request is answered).
                 ConnectionState::PeerClosed => {
                     self.peer_closed = true;
-                    false
+                    None
                 }
-                // Need more bytes; or the peer's close_notify (its close frame, or the
-                // end of the connection, follows).
-                _ => true,
+                // Need more bytes.
+                _ => Some(false),
             };
             start += discard;
-            if done {
-                return Ok(start);
+            if let Some(complete) = done {
+                return Ok((start, complete));
             }
         }
     }
@@ -761,31 +758,35 @@ impl TlsConn {
     /// Seals `plain` (the session's output, kept in `held` until the send completes)
     /// straight into records in the send buffer, with a `close_notify` once `closing`,
     /// and returns what is to be sent: records (handshake messages among them), or the
-    /// 400 to a plain HTTP request. `None` when there is nothing to send. A record that
-    /// cannot be sealed fails the connection ([`TlsConn::has_failed`]).
-    pub(crate) fn seal(&mut self, plain: Option<Output>, closing: bool) -> Option<Output> {
+    /// 400 to a plain HTTP request. `Ok(None)` when there is nothing to send. An error
+    /// when a record could not be sealed (a TLS 1.2 key worn out): the connection fails.
+    pub(crate) fn seal(
+        &mut self,
+        plain: Option<Output>,
+        closing: bool,
+    ) -> Result<Option<Output>, Failure> {
         let plain_bytes = plain.as_ref().map_or(0, Output::len);
-        if self.established
-            && !self.failed
+        if !self.failed
             && (plain_bytes > 0 || (closing && !self.close_notified))
             && let Err(err) = self.encrypt(plain.as_ref(), closing)
         {
             tracing::warn!(error = ?err, "TLS output not sealed: the connection fails");
             self.failed = true;
+            return Err(Failure::Protocol);
         }
         if let Some(plain) = plain {
             self.held.push(plain);
         }
         if self.out_used == 0 {
-            return None;
+            return Ok(None);
         }
         let mut buf = std::mem::take(&mut self.out);
         buf.truncate(std::mem::take(&mut self.out_used));
-        Some(Output {
+        Ok(Some(Output {
             first: buf,
             start: 0,
             rest: Vec::new(),
-        })
+        }))
     }
 
     /// Seals `plain`'s bytes (and a `close_notify` once `closing`) at the end of `out`:
